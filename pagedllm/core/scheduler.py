@@ -1,0 +1,381 @@
+"""Phase-less continuous-batching scheduler with chunked prefill, prefix caching and
+preemption by recompute.
+
+Each step hands every scheduled request some tokens, within one token budget
+(`max_num_batched_tokens`) and a cap on running requests (`max_num_seqs`). Running requests go
+first, in order; when blocks run out, the newest running request is preempted (blocks freed,
+progress reset, back to the front of the waiting queue). Waiting requests are admitted FCFS,
+only in steps that preempted nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.scheduler_output import (
+    CachedRequestData,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+)
+from pagedllm.engine.protocol import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    LogprobsLists,
+    SchedulerStats,
+)
+
+if TYPE_CHECKING:
+    from pagedllm.config import CacheConfig, SchedulerConfig
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        num_blocks: int,
+        max_model_len: int | None = None,
+    ) -> None:
+        self.scheduler_config = scheduler_config
+        self.cache_config = cache_config
+        self.max_model_len = max_model_len or scheduler_config.max_model_len
+        self.max_num_batched_tokens = scheduler_config.max_num_batched_tokens
+        self.max_num_seqs = scheduler_config.max_num_seqs
+        self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
+        self.block_size = cache_config.block_size
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+        )
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        # Since the last schedule(): the worker must drop these requests' state.
+        self.finished_req_ids: set[str] = set()
+        self.preempted_req_ids: set[str] = set()
+        # Per-step stat deltas, reset by make_stats().
+        self._queries_base = 0
+        self._hits_base = 0
+        self._num_preemptions = 0
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self._num_scheduled_tokens = 0
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request, or raise ValueError (queueing nothing) if it can never run."""
+        rid = request.request_id
+        if rid in self.requests:
+            raise ValueError(f"request id {rid!r} is already in use")
+        num_prompt = request.num_prompt_tokens
+        if num_prompt == 0:
+            raise ValueError("The prompt cannot be empty.")
+        if request.pooling:
+            num_completion = 0
+        else:
+            if request.max_tokens is None:
+                request.max_tokens = max(1, self.max_model_len - num_prompt)
+            num_completion = request.max_tokens
+        total = num_prompt + num_completion
+        if total > self.max_model_len:
+            raise ValueError(
+                f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {total} tokens ({num_prompt} in the prompt, "
+                f"{num_completion} in the completion). "
+                "Please reduce the length of the prompt or completion."
+            )
+        # The last sampled token is never fed back, so its KV is never stored.
+        max_kv_tokens = num_prompt if request.pooling else total - 1
+        if not self.kv_cache_manager.can_ever_fit(max_kv_tokens):
+            raise ValueError(
+                f"Request {rid} needs {_cdiv(max_kv_tokens, self.block_size)} KV-cache blocks "
+                f"({max_kv_tokens} tokens) but the whole cache has "
+                f"{self.kv_cache_manager.num_blocks} blocks of {self.block_size} tokens. "
+                "Reduce the prompt or max_tokens, or give the KV cache more memory."
+            )
+        if (request.pooling or not self.enable_chunked_prefill) and (
+            num_prompt > self.max_num_batched_tokens
+        ):
+            raise ValueError(
+                f"The prompt ({num_prompt} tokens) must be computed in one step but exceeds "
+                f"max_num_batched_tokens ({self.max_num_batched_tokens})."
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[rid] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish (typically abort) requests wherever they are; unknown ids are ignored."""
+        if not status.is_finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status.name}")
+        ids = {request_ids} if isinstance(request_ids, str) else set(request_ids)
+        to_finish = [r for rid in ids if (r := self.requests.get(rid)) is not None]
+        if not to_finish:
+            return
+        gone = {r.request_id for r in to_finish}
+        self.running = [r for r in self.running if r.request_id not in gone]
+        if any(r.status != RequestStatus.RUNNING for r in to_finish):
+            self.waiting = deque(r for r in self.waiting if r.request_id not in gone)
+        for r in to_finish:
+            r.status = status
+            self._free_request(r)
+
+    def _free_request(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        self.finished_req_ids.add(request.request_id)
+        del self.requests[request.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.kv_cache_manager.reset_prefix_cache()
+
+    # ------------------------------------------------------------------ scheduling
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        cached_reqs: list[CachedRequestData] = []
+        new_reqs: list[NewRequestData] = []
+        new_block_ids: dict[str, list[int]] = {}
+        preempted_any = False
+
+        idx = 0
+        while idx < len(self.running) and budget > 0:
+            req = self.running[idx]
+            num_new = min(
+                req.num_tokens - req.num_computed_tokens,
+                budget,
+                self.max_model_len - req.num_computed_tokens,
+            )
+            if num_new <= 0:
+                idx += 1
+                continue
+            new_blocks = self.kv_cache_manager.allocate_slots(req, num_new)
+            while new_blocks is None:
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted_any = True
+                if victim is req:
+                    break
+                new_blocks = self.kv_cache_manager.allocate_slots(req, num_new)
+            if new_blocks is None:
+                break
+            num_scheduled[req.request_id] = num_new
+            new_block_ids[req.request_id] = [b.block_id for b in new_blocks]
+            budget -= num_new
+            idx += 1
+
+        if not preempted_any:
+            budget = self._schedule_waiting(budget, num_scheduled, new_reqs)
+
+        for rid, block_ids in new_block_ids.items():
+            cached_reqs.append(
+                CachedRequestData(rid, block_ids, self.requests[rid].num_computed_tokens)
+            )
+        total = sum(num_scheduled.values())
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=total,
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids=self.preempted_req_ids,
+        )
+        self.finished_req_ids = set()
+        self.preempted_req_ids = set()
+
+        for req in self.running:
+            n = num_scheduled.get(req.request_id)
+            if n:
+                start = req.num_computed_tokens
+                self._num_prompt_tokens += max(0, min(req.num_prompt_tokens, start + n) - start)
+                req.num_computed_tokens = start + n
+        self._num_scheduled_tokens = total
+        return out
+
+    def _schedule_waiting(
+        self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
+    ) -> int:
+        """Admit waiting requests FCFS until one does not fit; returns the budget left."""
+        kvm = self.kv_cache_manager
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[0]
+            hit_blocks, num_hit = kvm.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit
+            if num_new > budget and (req.pooling or not self.enable_chunked_prefill):
+                break
+            num_new = min(num_new, budget, self.max_model_len - num_hit)
+            if kvm.allocate_slots(req, num_new, num_hit, hit_blocks) is None:
+                break
+            self.waiting.popleft()
+            if req.num_cached_tokens < 0:
+                req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            new_reqs.append(
+                NewRequestData(
+                    req_id=req.request_id,
+                    prompt_token_ids=req.prompt_token_ids,
+                    output_token_ids=list(req.output_token_ids),
+                    sampling_params=req.sampling_params,
+                    block_ids=kvm.get_block_ids(req.request_id),
+                    num_computed_tokens=num_hit,
+                )
+            )
+            num_scheduled[req.request_id] = num_new
+            budget -= num_new
+        return budget
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self.preempted_req_ids.add(request.request_id)
+        self.waiting.appendleft(request)
+
+    # ------------------------------------------------------------------ results
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> EngineCoreOutputs:
+        """Append sampled tokens, apply stop checks, free finished requests, emit outputs."""
+        mro = model_runner_output
+        index = {rid: i for i, rid in enumerate(mro.req_ids)}
+        outputs: list[EngineCoreOutput] = []
+        finished: list[Request] = []
+        for rid in scheduler_output.num_scheduled_tokens:
+            req = self.requests.get(rid)
+            if req is None or req.is_finished or req.status != RequestStatus.RUNNING:
+                continue  # aborted (or preempted) since it was scheduled
+            if req.pooling:
+                out = self._update_pooling(req, mro)
+            else:
+                i = index.get(rid)
+                sampled = mro.sampled_token_ids[i] if i is not None else []
+                out = self._update_generation(req, sampled, mro)
+            if out is not None:
+                outputs.append(out)
+            if req.is_finished:
+                finished.append(req)
+        if finished:
+            done = {r.request_id for r in finished}
+            self.running = [r for r in self.running if r.request_id not in done]
+            for r in finished:
+                self._free_request(r)
+        return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
+
+    def _update_pooling(self, req: Request, mro: ModelRunnerOutput) -> EngineCoreOutput | None:
+        if req.num_computed_tokens < req.num_tokens:
+            return None  # more prompt chunks to go
+        req.status = RequestStatus.FINISHED_STOPPED
+        return EngineCoreOutput(
+            request_id=req.request_id,
+            new_token_ids=[],
+            finish_reason=req.finish_reason,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+            pooling_output=mro.pooler_output.get(req.request_id),
+        )
+
+    def _update_generation(
+        self, req: Request, sampled: list[int], mro: ModelRunnerOutput
+    ) -> EngineCoreOutput | None:
+        rid = req.request_id
+        if req.num_computed_tokens < req.num_tokens:
+            sampled = []  # a partial prefill chunk: any sample is meaningless
+        first_output = req.num_output_tokens == 0
+        new_token_ids: list[int] = []
+        for tok in sampled:
+            req.append_output_token_ids(tok)
+            new_token_ids.append(tok)
+            if self._check_stop(req):
+                break
+        self._num_generation_tokens += len(new_token_ids)
+        prompt_logprobs = mro.prompt_logprobs.get(rid) if first_output else None
+        if not new_token_ids and prompt_logprobs is None:
+            return None
+        logprobs = mro.logprobs.get(rid)
+        if logprobs is not None and len(logprobs.sampled_token_ranks) > len(new_token_ids):
+            n = len(new_token_ids)
+            logprobs = LogprobsLists(
+                logprobs.logprob_token_ids[:n],
+                logprobs.logprobs[:n],
+                logprobs.sampled_token_ranks[:n],
+            )
+        return EngineCoreOutput(
+            request_id=rid,
+            new_token_ids=new_token_ids,
+            new_logprobs=logprobs,
+            new_prompt_logprobs=prompt_logprobs,
+            finish_reason=req.finish_reason,
+            stop_reason=req.stop_reason,
+            num_cached_tokens=max(req.num_cached_tokens, 0),
+        )
+
+    def _check_stop(self, req: Request) -> bool:
+        """vLLM's order: length, then min_tokens, then EOS, then stop_token_ids."""
+        assert req.max_tokens is not None
+        if req.num_tokens >= self.max_model_len or req.num_output_tokens >= req.max_tokens:
+            req.status = RequestStatus.FINISHED_LENGTH_CAPPED
+            return True
+        sp = req.sampling_params
+        assert sp is not None
+        if req.num_output_tokens < sp.min_tokens:
+            return False
+        last = req.output_token_ids[-1]
+        if not sp.ignore_eos and req.eos_token_id is not None and last == req.eos_token_id:
+            req.status = RequestStatus.FINISHED_STOPPED
+            return True
+        if sp.stop_token_ids and last in sp.stop_token_ids:
+            req.status = RequestStatus.FINISHED_STOPPED
+            req.stop_reason = last
+            return True
+        return False
+
+    # ------------------------------------------------------------------ stats
+
+    def make_stats(self) -> SchedulerStats:
+        """Gauges now, counters as deltas since the previous call."""
+        kvm = self.kv_cache_manager
+        stats = SchedulerStats(
+            num_running_reqs=len(self.running),
+            num_waiting_reqs=len(self.waiting),
+            kv_cache_usage=kvm.usage,
+            prefix_cache_queries=kvm.prefix_cache_queries - self._queries_base,
+            prefix_cache_hits=kvm.prefix_cache_hits - self._hits_base,
+            num_preemptions=self._num_preemptions,
+            num_scheduled_tokens=self._num_scheduled_tokens,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_generation_tokens=self._num_generation_tokens,
+        )
+        self._queries_base = kvm.prefix_cache_queries
+        self._hits_base = kvm.prefix_cache_hits
+        self._num_preemptions = 0
+        self._num_prompt_tokens = 0
+        self._num_generation_tokens = 0
+        self._num_scheduled_tokens = 0
+        return stats

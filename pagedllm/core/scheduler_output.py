@@ -1,0 +1,55 @@
+"""What the scheduler hands the worker each step, and what the worker hands back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedllm.engine.protocol import LogprobsLists
+from pagedllm.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the worker has no state for: first schedule, or resumed after preemption."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # non-empty only when resumed after preemption
+    sampling_params: SamplingParams | None  # None for embedding (pooling) requests
+    block_ids: list[int]  # the request's whole block table
+    num_computed_tokens: int  # tokens already in the cache (prefix hit)
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request the worker already holds; only what changed since its last step."""
+
+    req_id: str
+    new_block_ids: list[int]  # appended to its block table
+    num_computed_tokens: int
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    # req_id -> tokens to compute this step. Order of iteration = batch order.
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    # Requests the worker must drop (finished, aborted or preempted since last step).
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class ModelRunnerOutput:
+    req_ids: list[str]
+    # Per request, the tokens sampled this step ([] for a prefill chunk that did not reach
+    # the end of the prompt).
+    sampled_token_ids: list[list[int]]
+    logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    prompt_logprobs: dict[str, LogprobsLists] = field(default_factory=dict)
+    pooler_output: dict[str, list[float]] = field(default_factory=dict)
+
+
+EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])

@@ -1,0 +1,1 @@
+"""Engine: front-end processing (tokenize, detokenize, outputs) and the engine core loop."""

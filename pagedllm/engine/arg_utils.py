@@ -1,0 +1,184 @@
+"""EngineArgs: user-facing engine options (vLLM names) turned into a frozen EngineConfig."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from pagedllm import envs
+from pagedllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "half": torch.float16,
+}
+
+
+@dataclass
+class EngineArgs:
+    model: str | None = None
+    tokenizer: str | None = None
+    served_model_name: str | list[str] | None = None
+    task: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
+    seed: int = 0
+    gpu_memory_utilization: float = 0.9
+    kv_cache_space: float | None = None  # CPU KV cache budget in GiB
+    num_gpu_blocks_override: int | None = None
+    tensor_parallel_size: int = 1
+    quantization: str | None = None
+    enforce_eager: bool = False
+    device: str = "auto"
+    max_logprobs: int = 20
+    trust_remote_code: bool = False
+    revision: str | None = None
+    disable_log_stats: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    def _resolve_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be one of auto, cpu, cuda; got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but no CUDA GPU is available")
+        return self.device
+
+    def _resolve_dtype(self, hf_config, device: str) -> torch.dtype:
+        if self.dtype == "auto":
+            if device == "cpu":
+                # fp32 on CPU: fastest on CPUs without bf16 matrix units, and exact.
+                return torch.float32
+            cfg = getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", None)
+            if isinstance(cfg, str):
+                cfg = _DTYPES.get(cfg)
+            return cfg if cfg in (torch.float16, torch.bfloat16) else torch.bfloat16
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype not in _DTYPES:
+            raise ValueError(
+                f"dtype must be one of auto, float32, bfloat16, float16; got {self.dtype!r}"
+            )
+        return _DTYPES[self.dtype]
+
+    def create_engine_config(self) -> EngineConfig:
+        from pagedllm.model_executor.loader import resolve_model
+
+        if self.tensor_parallel_size != 1:
+            raise NotImplementedError(
+                "tensor_parallel_size > 1 is not implemented yet in pagedllm; use 1"
+            )
+        if self.quantization is not None:
+            raise NotImplementedError(
+                f"quantization={self.quantization!r} is not implemented yet in pagedllm"
+            )
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
+        resolved = resolve_model(self.model)
+        hf_config = resolved.hf_config
+        device = self._resolve_device()
+        dtype = self._resolve_dtype(hf_config, device)
+        archs = list(getattr(hf_config, "architectures", None) or [])
+        task = self.task
+        if task == "auto":
+            from pagedllm.model_executor.models.registry import ModelRegistry
+
+            task = "embed" if ModelRegistry.is_embedding_model(archs) else "generate"
+        if task not in ("generate", "embed"):
+            raise ValueError(f"task must be one of auto, generate, embed; got {task!r}")
+        derived = _derive_max_model_len(hf_config)
+        max_model_len = self.max_model_len or derived
+        if max_model_len > derived:
+            raise ValueError(
+                f"max_model_len={max_model_len} is larger than the model's maximum context length "
+                f"({derived}, from its config)"
+            )
+        names = self.served_model_name
+        if isinstance(names, str):
+            names = [names]
+        served = tuple(names) if names else (self.model or _default_model_name(resolved),)
+        model_config = ModelConfig(
+            model=self.model or resolved.model_path,
+            model_path=resolved.model_path,
+            model_format=resolved.model_format,
+            hf_config=hf_config,
+            architecture=archs[0] if archs else "",
+            dtype=dtype,
+            max_model_len=max_model_len,
+            tokenizer=self.tokenizer or resolved.tokenizer_path,
+            served_model_name=served,
+            task=task,
+            seed=self.seed,
+            max_logprobs=self.max_logprobs,
+            trust_remote_code=self.trust_remote_code,
+        )
+        max_num_seqs = self.max_num_seqs or 256
+        max_batched = self.max_num_batched_tokens or (2048 if device == "cpu" else 8192)
+        if not self.enable_chunked_prefill:
+            max_batched = max(max_batched, max_model_len)
+        if max_batched < max_num_seqs:
+            max_num_seqs = max_batched
+        kv_space = self.kv_cache_space
+        if kv_space is None:
+            kv_space = envs.cpu_kvcache_space_gib()
+        cache_config = CacheConfig(
+            block_size=self.block_size,
+            enable_prefix_caching=self.enable_prefix_caching,
+            kv_cache_space_gib=kv_space,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            num_gpu_blocks_override=self.num_gpu_blocks_override,
+        )
+        scheduler_config = SchedulerConfig(
+            max_num_batched_tokens=max_batched,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill,
+        )
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=cache_config,
+            scheduler_config=scheduler_config,
+            parallel_config=ParallelConfig(self.tensor_parallel_size),
+            device_config=DeviceConfig(device),
+            enforce_eager=self.enforce_eager,
+        )
+
+
+def _default_model_name(resolved) -> str:
+    import os
+
+    base = os.path.basename(resolved.model_path.rstrip("/"))
+    return base[:-5] if base.endswith(".gguf") else base
+
+
+def _derive_max_model_len(hf_config) -> int:
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        value = getattr(hf_config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return 2048

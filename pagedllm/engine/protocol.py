@@ -1,0 +1,78 @@
+"""Typed messages between the front-end and the engine core (msgspec, never pickle).
+
+This module is a leaf: it imports nothing from pagedllm but SamplingParams, so `core/`
+may build these messages without depending on the rest of `engine/`.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+
+import msgspec
+
+from pagedllm.sampling_params import SamplingParams
+
+
+class FinishReason(enum.IntEnum):
+    STOP = 0
+    LENGTH = 1
+    ABORT = 2
+
+    def __str__(self) -> str:
+        return ("stop", "length", "abort")[self.value]
+
+
+class EngineCoreRequest(msgspec.Struct, omit_defaults=True):
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams | None
+    eos_token_id: int | None
+    arrival_time: float
+    # Embedding requests carry pooling instead of sampling parameters.
+    pooling: bool = False
+    priority: int = 0
+
+
+class LogprobsLists(msgspec.Struct, array_like=True):
+    """Per position: [sampled token, top-1 .. top-k] ids and their logprobs."""
+
+    logprob_token_ids: list[list[int]]
+    logprobs: list[list[float]]
+    sampled_token_ranks: list[int]  # rank of the sampled token (1 = most likely)
+
+
+class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: LogprobsLists | None = None
+    # For prompt positions 1..n-1 (position 0 has none); sent once, with the first token.
+    new_prompt_logprobs: LogprobsLists | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: int | str | None = None
+    num_cached_tokens: int = 0
+    pooling_output: list[float] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class SchedulerStats(msgspec.Struct, omit_defaults=True):
+    num_running_reqs: int = 0
+    num_waiting_reqs: int = 0
+    kv_cache_usage: float = 0.0  # fraction in [0, 1]
+    prefix_cache_queries: int = 0  # tokens queried this step (counters are deltas)
+    prefix_cache_hits: int = 0  # tokens hit this step
+    num_preemptions: int = 0  # preemptions this step
+    num_scheduled_tokens: int = 0
+    num_prompt_tokens: int = 0  # prompt tokens computed this step
+    num_generation_tokens: int = 0  # tokens sampled this step
+
+
+class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
+    outputs: list[EngineCoreOutput] = []
+    scheduler_stats: SchedulerStats | None = None
+    timestamp: float = msgspec.field(default_factory=time.monotonic)
+    # Set when the engine core failed; the front-end fails every in-flight request with it.
+    engine_error: str | None = None

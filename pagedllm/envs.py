@@ -1,0 +1,32 @@
+"""Every environment variable pagedllm reads, in one place."""
+
+from __future__ import annotations
+
+import os
+
+
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={value!r} is not a number") from e
+
+
+def cpu_kvcache_space_gib() -> float:
+    """KV cache budget on CPU in GiB (vLLM: VLLM_CPU_KVCACHE_SPACE)."""
+    return _float("PAGEDLLM_CPU_KVCACHE_SPACE", 4.0)
+
+
+def api_key() -> str | None:
+    return os.environ.get("PAGEDLLM_API_KEY") or None
+
+
+def logging_level() -> str:
+    return os.environ.get("PAGEDLLM_LOGGING_LEVEL", "INFO")
+
+
+def hf_hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

@@ -1,0 +1,1 @@
+"""Executors: drive one worker in-process, or one per tensor-parallel rank."""

@@ -1,0 +1,1 @@
+"""Model execution: layers, model families, weight loaders."""

@@ -1,0 +1,382 @@
+"""Linear layers: column/row tensor-parallel, with weights and matmul owned by a LinearMethod.
+
+A layer decides how its weight is split across tensor-parallel ranks; its `LinearMethod`
+decides what tensors hold the weight (plain, fp8, packed int4 ...) and how to multiply.
+Every parameter carries `weight_loader(param, loaded_weight, shard_id=None)` that copies this
+rank's slice of a full checkpoint tensor. Parameters mark the dimension split across output
+features with `output_dim` and the one split across input features with `input_dim`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedllm.distributed.parallel_state import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
+from pagedllm.model_executor.layers.utils import set_weight_attrs
+
+
+def _divide(numerator: int, denominator: int) -> int:
+    if numerator % denominator != 0:
+        raise ValueError(f"{numerator} is not divisible by {denominator}")
+    return numerator // denominator
+
+
+class LinearMethod:
+    """Creates a linear layer's weight tensors and applies the layer.
+
+    Invariant: `create_weights` registers parameters on `layer` with `output_dim`/`input_dim`
+    attributes where they are sharded; the layer then attaches its `weight_loader`.
+    """
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+    ) -> None:
+        raise NotImplementedError
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    """A dense weight [output_size_per_partition, input_size_per_partition] in params_dtype."""
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+    ) -> None:
+        weight = nn.Parameter(
+            torch.empty(sum(output_partition_sizes), input_size_per_partition, dtype=params_dtype),
+            requires_grad=False,
+        )
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0})
+        layer.register_parameter("weight", weight)
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    """Common state of every linear layer; subclasses define sharding and `weight_loader`."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype | None = None,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__()
+        self.input_size = input_size
+        self.output_size = output_size
+        self.params_dtype = params_dtype or torch.get_default_dtype()
+        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.tp_rank = get_tensor_model_parallel_rank()
+        self.tp_size = get_tensor_model_parallel_world_size()
+
+    def _attach_loader(self) -> None:
+        for param in self.parameters(recurse=False):
+            set_weight_attrs(param, {"weight_loader": self.weight_loader})
+
+    def _create_bias(self, size: int, output_dim: int | None) -> None:
+        bias = nn.Parameter(torch.empty(size, dtype=self.params_dtype), requires_grad=False)
+        if output_dim is not None:
+            set_weight_attrs(bias, {"output_dim": output_dim})
+        self.register_parameter("bias", bias)
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        raise NotImplementedError
+
+
+def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
+    if tuple(dst.shape) != tuple(src.shape):
+        raise ValueError(f"shape mismatch: parameter slice {tuple(dst.shape)} vs checkpoint "
+                         f"slice {tuple(src.shape)}")
+    dst.copy_(src)
+
+
+class ReplicatedLinear(LinearBase):
+    """The full weight on every rank."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        params_dtype: torch.dtype | None = None,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__(input_size, output_size, params_dtype, linear_method)
+        self.linear_method.create_weights(
+            self, input_size, [output_size], input_size, output_size, self.params_dtype
+        )
+        if bias:
+            self._create_bias(output_size, None)
+        else:
+            self.register_parameter("bias", None)
+        self._attach_loader()
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        _copy_checked(param.data, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_method.apply(self, x, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """Y = X A with A split by output columns: rank r holds A[:, r*n/tp:(r+1)*n/tp]."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        gather_output: bool = False,
+        params_dtype: torch.dtype | None = None,
+        linear_method: LinearMethod | None = None,
+        output_sizes: list[int] | None = None,
+    ) -> None:
+        super().__init__(input_size, output_size, params_dtype, linear_method)
+        self.gather_output = gather_output
+        self.output_size_per_partition = _divide(output_size, self.tp_size)
+        self.output_sizes = output_sizes if output_sizes is not None else [output_size]
+        self.output_partition_sizes = self._partition_sizes()
+        self.linear_method.create_weights(
+            self,
+            input_size,
+            self.output_partition_sizes,
+            input_size,
+            output_size,
+            self.params_dtype,
+        )
+        if bias:
+            self._create_bias(self.output_size_per_partition, 0)
+        else:
+            self.register_parameter("bias", None)
+        self._attach_loader()
+
+    def _partition_sizes(self) -> list[int]:
+        return [_divide(size, self.tp_size) for size in self.output_sizes]
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is not None:
+            shard_size = param.shape[output_dim]
+            loaded_weight = loaded_weight.narrow(output_dim, self.tp_rank * shard_size, shard_size)
+        _copy_checked(param.data, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # [num_tokens, output_size_per_partition]
+        out = self.linear_method.apply(self, x, self.bias)
+        if self.gather_output:
+            out = tensor_model_parallel_all_gather(out, dim=-1)
+        return out
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel matrices side by side (e.g. gate and up); shard_id = index."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_sizes: list[int],
+        bias: bool = False,
+        gather_output: bool = False,
+        params_dtype: torch.dtype | None = None,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__(
+            input_size,
+            sum(output_sizes),
+            bias=bias,
+            gather_output=gather_output,
+            params_dtype=params_dtype,
+            linear_method=linear_method,
+            output_sizes=list(output_sizes),
+        )
+
+    def _shard_range(self, shard_id: int) -> tuple[int, int, int]:
+        """(offset in the local parameter, size, start in the full checkpoint tensor)."""
+        sizes = self.output_partition_sizes
+        offset = sum(sizes[:shard_id])
+        size = sizes[shard_id]
+        return offset, size, self.tp_rank * size
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        output_dim = getattr(param, "output_dim", None)
+        if shard_id is None or output_dim is None:
+            # A pre-merged checkpoint tensor, or a parameter not split by output.
+            if output_dim is not None:
+                for i, size in enumerate(self.output_sizes):
+                    start = sum(self.output_sizes[:i])
+                    self.weight_loader(param, loaded_weight.narrow(output_dim, start, size), i)
+                return
+            _copy_checked(param.data, loaded_weight)
+            return
+        offset, size, start = self._shard_range(int(shard_id))
+        _copy_checked(
+            param.data.narrow(output_dim, offset, size),
+            loaded_weight.narrow(output_dim, start, size),
+        )
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q, k, v projections split by heads; shard_id is "q", "k" or "v".
+
+    With more ranks than KV heads each KV head is replicated on tp_size / total_num_kv_heads
+    ranks.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        head_size: int,
+        total_num_heads: int,
+        total_num_kv_heads: int | None = None,
+        bias: bool = False,
+        params_dtype: torch.dtype | None = None,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
+        total_num_kv_heads = total_num_kv_heads or total_num_heads
+        tp_size = get_tensor_model_parallel_world_size()
+        self.head_size = head_size
+        self.total_num_heads = total_num_heads
+        self.total_num_kv_heads = total_num_kv_heads
+        self.num_heads = _divide(total_num_heads, tp_size)
+        if tp_size >= total_num_kv_heads:
+            self.num_kv_heads = 1
+            self.num_kv_head_replicas = _divide(tp_size, total_num_kv_heads)
+        else:
+            self.num_kv_heads = _divide(total_num_kv_heads, tp_size)
+            self.num_kv_head_replicas = 1
+        q_size = self.num_heads * head_size
+        kv_size = self.num_kv_heads * head_size
+        self.q_size, self.kv_size = q_size, kv_size
+        output_size = (self.num_heads + 2 * self.num_kv_heads) * tp_size * head_size
+        super().__init__(
+            hidden_size,
+            output_size,
+            bias=bias,
+            gather_output=False,
+            params_dtype=params_dtype,
+            linear_method=linear_method,
+            output_sizes=[q_size * tp_size, kv_size * tp_size, kv_size * tp_size],
+        )
+
+    def _partition_sizes(self) -> list[int]:
+        return [self.q_size, self.kv_size, self.kv_size]
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        output_dim = getattr(param, "output_dim", None)
+        if output_dim is None:
+            _copy_checked(param.data, loaded_weight)
+            return
+        if shard_id is None:
+            # A pre-fused checkpoint tensor: [q; k; v] over all heads.
+            q_total = self.total_num_heads * self.head_size
+            kv_total = self.total_num_kv_heads * self.head_size
+            starts = {"q": 0, "k": q_total, "v": q_total + kv_total}
+            sizes = {"q": q_total, "k": kv_total, "v": kv_total}
+            for sid in ("q", "k", "v"):
+                part = loaded_weight.narrow(output_dim, starts[sid], sizes[sid])
+                self.weight_loader(param, part, sid)
+            return
+        if shard_id == "q":
+            offset, size, rank_index = 0, self.q_size, self.tp_rank
+        elif shard_id == "k":
+            offset, size = self.q_size, self.kv_size
+            rank_index = self.tp_rank // self.num_kv_head_replicas
+        elif shard_id == "v":
+            offset, size = self.q_size + self.kv_size, self.kv_size
+            rank_index = self.tp_rank // self.num_kv_head_replicas
+        else:
+            raise ValueError(f"unknown QKV shard id {shard_id!r}")
+        _copy_checked(
+            param.data.narrow(output_dim, offset, size),
+            loaded_weight.narrow(output_dim, rank_index * size, size),
+        )
+
+
+class RowParallelLinear(LinearBase):
+    """Y = X A with A split by input rows; partial results are summed over ranks."""
+
+    def __init__(
+        self,
+        input_size: int,
+        output_size: int,
+        bias: bool = False,
+        input_is_parallel: bool = True,
+        reduce_results: bool = True,
+        params_dtype: torch.dtype | None = None,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__(input_size, output_size, params_dtype, linear_method)
+        self.input_is_parallel = input_is_parallel
+        self.reduce_results = reduce_results
+        self.input_size_per_partition = _divide(input_size, self.tp_size)
+        self.linear_method.create_weights(
+            self,
+            self.input_size_per_partition,
+            [output_size],
+            input_size,
+            output_size,
+            self.params_dtype,
+        )
+        if bias:
+            self._create_bias(output_size, None)
+        else:
+            self.register_parameter("bias", None)
+        self._attach_loader()
+
+    def weight_loader(
+        self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+    ) -> None:
+        input_dim = getattr(param, "input_dim", None)
+        if input_dim is not None:
+            shard_size = param.shape[input_dim]
+            loaded_weight = loaded_weight.narrow(input_dim, self.tp_rank * shard_size, shard_size)
+        _copy_checked(param.data, loaded_weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.input_is_parallel and self.tp_size > 1:
+            x = x.chunk(self.tp_size, dim=-1)[self.tp_rank].contiguous()
+        # The bias is added once, after the reduction, not once per rank.
+        out = self.linear_method.apply(self, x, None)
+        if self.reduce_results and self.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        if self.bias is not None:
+            out = out + self.bias
+        return out

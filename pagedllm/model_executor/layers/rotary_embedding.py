@@ -1,0 +1,194 @@
+"""Rotary position embeddings (RoPE) and their frequency-scaling variants.
+
+The cos/sin table is a non-persistent buffer computed from Python scalars, so a model built
+on the meta device gets real values back from `init_cache()` after materialisation.
+Scaling variants subclass `RotaryEmbedding` and override `_compute_inv_freq`; `get_rope`
+picks one from a registry keyed by the HF `rope_type`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class RotaryEmbedding(nn.Module):
+    """Applies RoPE to the first `rotary_dim` dims of each head of q and k."""
+
+    def __init__(
+        self,
+        head_size: int,
+        rotary_dim: int,
+        max_position: int,
+        base: float,
+        is_neox_style: bool = True,
+    ) -> None:
+        super().__init__()
+        if rotary_dim % 2 != 0 or rotary_dim > head_size:
+            raise ValueError(f"bad rotary_dim {rotary_dim} for head_size {head_size}")
+        self.head_size = head_size
+        self.rotary_dim = rotary_dim
+        self.max_position = max_position
+        self.base = base
+        self.is_neox_style = is_neox_style
+        # [max_position, rotary_dim]: cos of the rotary_dim/2 frequencies, then sin.
+        self.register_buffer(
+            "cos_sin_cache", torch.empty(max_position, rotary_dim, dtype=torch.float32),
+            persistent=False,
+        )
+        if self.cos_sin_cache.device.type != "meta":
+            self.init_cache()
+
+    def _compute_inv_freq(self) -> torch.Tensor:
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.int64, device="cpu")
+        return 1.0 / (self.base ** (exponents.float() / self.rotary_dim))
+
+    def _attention_scaling(self) -> float:
+        return 1.0
+
+    @torch.no_grad()
+    def init_cache(self) -> None:
+        """(Re)computes the cos/sin table in place on the buffer's current device."""
+        inv_freq = self._compute_inv_freq()  # [rotary_dim // 2]
+        t = torch.arange(self.max_position, dtype=torch.float32, device="cpu")
+        freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim // 2]
+        scale = self._attention_scaling()
+        cache = torch.cat([freqs.cos() * scale, freqs.sin() * scale], dim=-1)
+        device = self.cos_sin_cache.device
+        if device.type == "meta":
+            return
+        self.cos_sin_cache = cache.to(device)
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # x: [num_tokens, num_heads, rotary_dim]; cos/sin: [num_tokens, 1, rotary_dim // 2]
+        if self.is_neox_style:
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [num_tokens] int64
+        query: torch.Tensor,  # [num_tokens, num_heads * head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        num_tokens = positions.shape[0]
+        cos_sin = self.cos_sin_cache.index_select(0, positions)
+        cos, sin = cos_sin.chunk(2, dim=-1)
+        cos = cos.unsqueeze(1).to(query.dtype)
+        sin = sin.unsqueeze(1).to(query.dtype)
+        out = []
+        for x in (query, key):
+            x = x.view(num_tokens, -1, self.head_size)
+            rot = self._rotate(x[..., : self.rotary_dim], cos, sin)
+            if self.rotary_dim < self.head_size:
+                rot = torch.cat([rot, x[..., self.rotary_dim :]], dim=-1)
+            out.append(rot.reshape(num_tokens, -1))
+        return out[0], out[1]
+
+
+class LinearScalingRotaryEmbedding(RotaryEmbedding):
+    """Positions divided by `factor` (HF rope_type "linear")."""
+
+    def __init__(self, *args: Any, factor: float, **kwargs: Any) -> None:
+        self.factor = factor
+        super().__init__(*args, **kwargs)
+
+    def _compute_inv_freq(self) -> torch.Tensor:
+        return super()._compute_inv_freq() / self.factor
+
+
+class Llama3RotaryEmbedding(RotaryEmbedding):
+    """Llama-3.1 scaling: low frequencies divided by `factor`, high ones kept, a smooth ramp
+    between (HF rope_type "llama3")."""
+
+    def __init__(
+        self,
+        *args: Any,
+        factor: float,
+        low_freq_factor: float,
+        high_freq_factor: float,
+        original_max_position: int,
+        **kwargs: Any,
+    ) -> None:
+        self.factor = factor
+        self.low_freq_factor = low_freq_factor
+        self.high_freq_factor = high_freq_factor
+        self.original_max_position = original_max_position
+        super().__init__(*args, **kwargs)
+
+    def _compute_inv_freq(self) -> torch.Tensor:
+        inv_freq = super()._compute_inv_freq()
+        low_freq_wavelen = self.original_max_position / self.low_freq_factor
+        high_freq_wavelen = self.original_max_position / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+
+
+_RopeFactory = Callable[[int, int, int, float, bool, dict[str, Any]], RotaryEmbedding]
+
+
+def _default(hs: int, rd: int, mp: int, base: float, neox: bool, _: dict) -> RotaryEmbedding:
+    return RotaryEmbedding(hs, rd, mp, base, neox)
+
+
+def _linear(hs: int, rd: int, mp: int, base: float, neox: bool, s: dict) -> RotaryEmbedding:
+    return LinearScalingRotaryEmbedding(hs, rd, mp, base, neox, factor=float(s["factor"]))
+
+
+def _llama3(hs: int, rd: int, mp: int, base: float, neox: bool, s: dict) -> RotaryEmbedding:
+    return Llama3RotaryEmbedding(
+        hs,
+        rd,
+        mp,
+        base,
+        neox,
+        factor=float(s["factor"]),
+        low_freq_factor=float(s.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(s.get("high_freq_factor", 4.0)),
+        original_max_position=int(s.get("original_max_position_embeddings", 8192)),
+    )
+
+
+_ROPE_TYPES: dict[str, _RopeFactory] = {"default": _default, "linear": _linear, "llama3": _llama3}
+
+
+def get_rope(
+    head_size: int,
+    rotary_dim: int,
+    max_position: int,
+    base: float,
+    rope_scaling: dict[str, Any] | None = None,
+    is_neox_style: bool = True,
+) -> RotaryEmbedding:
+    """Builds the rotary embedding named by `rope_scaling["rope_type"]` (or "type")."""
+    rope_type = "default"
+    if rope_scaling:
+        rope_type = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rope_type not in _ROPE_TYPES:
+        raise ValueError(f"unsupported rope_type {rope_type!r}; supported: {sorted(_ROPE_TYPES)}")
+    return _ROPE_TYPES[rope_type](
+        head_size, rotary_dim, max_position, float(base), is_neox_style, rope_scaling or {}
+    )
+
+
+def rope_params_from_config(hf_config: Any) -> tuple[float, dict[str, Any] | None]:
+    """(rope_theta, rope_scaling) from a transformers config, old or new (rope_parameters)."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if isinstance(params, dict) and params:
+        theta = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        return float(theta), scaling
+    theta = getattr(hf_config, "rope_theta", None) or 10000.0
+    return float(theta), getattr(hf_config, "rope_scaling", None)

@@ -1,0 +1,212 @@
+"""GGUF files: a transformers config from the metadata, and HF-named float weights.
+
+Tensors are memory-mapped by `gguf.GGUFReader` and dequantized one at a time, so peak
+host memory is one float32 tensor beyond the model itself. llama.cpp's converter reorders
+the rows of Q and K of "llama"-architecture models for its interleaved RoPE; that is undone
+here so the weights match HF's (neox-style) layout.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedllm.model_executor.loader.errors import ModelLoadError
+
+GGUF_MAGIC = b"GGUF"
+
+# GGUF general.architecture -> (transformers config class name, HF architecture name)
+_GGUF_ARCHS: dict[str, tuple[str, str]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+
+# Architectures whose Q/K rows llama.cpp permuted at conversion.
+_PERMUTED_QK_ARCHS = frozenset({"llama", "mistral"})
+
+_TOP_LEVEL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+# Tensors that carry nothing our models need (RoPE tables are recomputed).
+_SKIPPED = frozenset({"rope_freqs.weight"})
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """HF checkpoint name for a GGUF tensor name; None when the tensor is not used."""
+    if name in _SKIPPED:
+        return None
+    if name in _TOP_LEVEL_NAMES:
+        return _TOP_LEVEL_NAMES[name]
+    m = _BLOCK_RE.match(name)
+    if m is None or m.group(2) not in _BLOCK_NAMES:
+        raise ModelLoadError(f"GGUF tensor {name!r} has no known HF equivalent")
+    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+@functools.lru_cache(maxsize=2)
+def _open_reader(path: str, size: int, mtime: float) -> Any:
+    import gguf
+
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r})")
+    try:
+        return gguf.GGUFReader(path, "r")
+    except Exception as e:  # the reader raises many types on bad input
+        raise ModelLoadError(
+            f"corrupt or truncated GGUF file {path}: {type(e).__name__}: {e}"
+        ) from e
+
+
+def open_gguf(path: str) -> Any:
+    """A cached `gguf.GGUFReader` (parsing the metadata of a large vocabulary takes seconds)."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ModelLoadError(f"cannot open GGUF file {path}: {e}") from e
+    return _open_reader(os.path.abspath(path), st.st_size, st.st_mtime)
+
+
+def gguf_metadata(reader: Any, key: str, default: Any = None) -> Any:
+    """A scalar, string or array metadata value, or `default` when absent."""
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def gguf_architecture(reader: Any) -> str:
+    arch = gguf_metadata(reader, "general.architecture")
+    if not arch:
+        raise ModelLoadError("GGUF file has no general.architecture")
+    return str(arch)
+
+
+def build_hf_config_from_gguf(path: str) -> Any:
+    """A transformers config (LlamaConfig, Qwen2Config, ...) with `architectures` set."""
+    import transformers
+
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader)
+    if arch not in _GGUF_ARCHS:
+        raise ModelLoadError(
+            f"GGUF architecture {arch!r} is not supported; supported: {sorted(_GGUF_ARCHS)}"
+        )
+    config_cls_name, hf_arch = _GGUF_ARCHS[arch]
+
+    def get(key: str, default: Any = None) -> Any:
+        return gguf_metadata(reader, f"{arch}.{key}", default)
+
+    hidden = get("embedding_length")
+    num_heads = get("attention.head_count")
+    if hidden is None or num_heads is None or get("block_count") is None:
+        raise ModelLoadError(f"GGUF file {path} lacks {arch}.embedding_length/head_count/"
+                             "block_count metadata")
+    tensor_names = {t.name for t in reader.tensors}
+    vocab_size = get("vocab_size")
+    if vocab_size is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab_size = len(tokens.data) if tokens is not None else None
+    head_dim = get("attention.key_length") or hidden // num_heads
+    kwargs: dict[str, Any] = dict(
+        architectures=[hf_arch],
+        vocab_size=int(vocab_size),
+        hidden_size=int(hidden),
+        intermediate_size=int(get("feed_forward_length")),
+        num_hidden_layers=int(get("block_count")),
+        num_attention_heads=int(num_heads),
+        num_key_value_heads=int(get("attention.head_count_kv", num_heads)),
+        head_dim=int(head_dim),
+        max_position_embeddings=int(get("context_length", 2048)),
+        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        tie_word_embeddings="output.weight" not in tensor_names,
+    )
+    rope_theta = float(get("rope.freq_base", 10000.0))
+    rope_params: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
+    scaling_type = get("rope.scaling.type")
+    if scaling_type == "linear":
+        rope_params = {"rope_type": "linear", "rope_theta": rope_theta,
+                       "factor": float(get("rope.scaling.factor", 1.0))}
+    elif scaling_type not in (None, "none"):
+        raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported")
+    kwargs["rope_parameters"] = rope_params
+    kwargs["rope_theta"] = rope_theta
+    if arch == "qwen2":
+        kwargs["attention_bias"] = "blk.0.attn_q.bias" in tensor_names
+    window = get("attention.sliding_window")
+    if window:
+        kwargs["sliding_window"] = int(window)
+    for key, attr in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+                      ("padding_token_id", "pad_token_id")):
+        value = gguf_metadata(reader, f"tokenizer.ggml.{key}")
+        if value is not None:
+            kwargs[attr] = int(value)
+    config = getattr(transformers, config_cls_name)(**kwargs)
+    config.architectures = [hf_arch]
+    return config
+
+
+def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Inverse of llama.cpp's permute: per head, interleaved rotary halves back to blocks."""
+    rows = w.shape[0]
+    return (
+        w.reshape(num_heads, rows // num_heads // 2, 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
+
+
+def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time."""
+    from gguf.quants import dequantize
+
+    reader = open_gguf(path)
+    arch = gguf_architecture(reader)
+    permuted = arch in _PERMUTED_QK_ARCHS
+    num_heads = int(hf_config.num_attention_heads)
+    num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or num_heads)
+    for tensor in reader.tensors:
+        hf_name = gguf_to_hf_name(tensor.name)
+        if hf_name is None:
+            continue
+        try:
+            array = dequantize(tensor.data, tensor.tensor_type)
+        except Exception as e:
+            raise ModelLoadError(
+                f"cannot decode GGUF tensor {tensor.name} ({tensor.tensor_type.name}) in "
+                f"{path}: {e}"
+            ) from e
+        array = np.asarray(array, dtype=np.float32)
+        if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            array = _unpermute_qk(array, num_heads)
+        elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            array = _unpermute_qk(array, num_kv_heads)
+        yield hf_name, torch.from_numpy(np.ascontiguousarray(array))

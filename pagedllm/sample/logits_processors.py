@@ -1,0 +1,93 @@
+"""Logits processors applied before sampling: constraints, biases and penalties.
+
+Everything is batched over rows; no loop over the vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedllm.sample.metadata import SamplingMetadata
+
+
+def _token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[num_reqs, len] ids padded with vocab_size -> [num_reqs, vocab_size] counts."""
+    counts = torch.zeros(
+        token_ids.shape[0], vocab_size + 1, dtype=torch.int32, device=token_ids.device
+    )
+    counts.scatter_add_(1, token_ids, torch.ones_like(token_ids, dtype=torch.int32))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Repetition (HF: over prompt and output), presence and frequency (OpenAI: output only)."""
+    vocab_size = logits.shape[1]
+    output_counts = None
+    if md.output_token_ids is not None:
+        output_counts = _token_counts(md.output_token_ids, vocab_size)
+    if md.repetition_penalty is not None:
+        seen = torch.zeros_like(logits, dtype=torch.bool)
+        if md.prompt_token_ids is not None:
+            seen |= _token_counts(md.prompt_token_ids, vocab_size) > 0
+        if output_counts is not None:
+            seen |= output_counts > 0
+        penalty = md.repetition_penalty[:, None].expand_as(logits)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(seen, penalized, logits)
+    if output_counts is not None:
+        if md.frequency_penalty is not None:
+            logits = logits - md.frequency_penalty[:, None] * output_counts
+        if md.presence_penalty is not None:
+            logits = logits - md.presence_penalty[:, None] * (output_counts > 0)
+    return logits
+
+
+def apply_constraints(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """allowed_token_ids, banned tokens (min_tokens, bad words) and logit_bias."""
+    if md.allowed_token_mask is not None:
+        logits = logits.masked_fill(~md.allowed_token_mask, float("-inf"))
+    if md.logit_bias:
+        rows, cols, vals = zip(*md.logit_bias)
+        idx = (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device))
+        logits = logits.index_put(idx, torch.tensor(vals, dtype=logits.dtype, device=logits.device),
+                                  accumulate=True)
+    if md.banned:
+        rows, cols = zip(*md.banned)
+        logits = logits.index_put(
+            (torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)),
+            torch.tensor(float("-inf"), dtype=logits.dtype, device=logits.device),
+        )
+    return logits
+
+
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor,  # [num_reqs, vocab_size], already divided by temperature
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+) -> torch.Tensor:
+    """Masks (to -inf) every token outside each row's top-k / nucleus / min-p set."""
+    if min_p is not None:
+        probs = logits.softmax(dim=-1)
+        threshold = probs.amax(dim=-1, keepdim=True) * min_p[:, None]
+        logits = logits.masked_fill(probs < threshold, float("-inf"))
+    if top_k is None and top_p is None:
+        return logits
+    if top_p is None:
+        # top-k alone: threshold at each row's k-th largest value.
+        k_max = int(top_k.max())
+        top_vals = logits.topk(min(k_max, logits.shape[1]), dim=-1).values
+        kth = top_vals.gather(1, (top_k.clamp(max=top_vals.shape[1]) - 1)[:, None])
+        return logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True)
+    vocab_size = logits.shape[1]
+    if top_k is not None:
+        ranks = torch.arange(vocab_size, device=logits.device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(ranks >= top_k[:, None], float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    cum_before = probs.cumsum(dim=-1) - probs
+    # Keep a token while the mass before it is below top_p (the first token always stays).
+    drop = cum_before >= top_p[:, None]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)

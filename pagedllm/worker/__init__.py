@@ -1,0 +1,1 @@
+"""Worker: owns the device, the model, the KV cache tensors, and runs one step at a time."""
