@@ -25,6 +25,7 @@ class ModelConfig:
     seed: int = 0
     max_logprobs: int = 20
     trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False  # prompts must then be token ids; no text output
 
     @property
     def vocab_size(self) -> int:

@@ -52,6 +52,7 @@ class EngineArgs:
     device: str = "auto"
     max_logprobs: int = 20
     trust_remote_code: bool = False
+    skip_tokenizer_init: bool = False
     revision: str | None = None
     disable_log_stats: bool = False
     extra: dict = field(default_factory=dict)
@@ -108,7 +109,8 @@ class EngineArgs:
         if task == "auto":
             from pagedllm.model_executor.models.registry import ModelRegistry
 
-            task = "embed" if ModelRegistry.is_embedding_model(archs) else "generate"
+            is_embed = getattr(ModelRegistry, "is_embedding_model", lambda _: False)
+            task = "embed" if is_embed(archs) else "generate"
         if task not in ("generate", "embed"):
             raise ValueError(f"task must be one of auto, generate, embed; got {task!r}")
         derived = _derive_max_model_len(hf_config)
@@ -121,7 +123,12 @@ class EngineArgs:
         names = self.served_model_name
         if isinstance(names, str):
             names = [names]
-        served = tuple(names) if names else (self.model or _default_model_name(resolved),)
+        if names:
+            served = tuple(names)
+        elif self.model is None:
+            served = ("SmolLM2-135M-Instruct",)
+        else:
+            served = (self.model,)
         model_config = ModelConfig(
             model=self.model or resolved.model_path,
             model_path=resolved.model_path,
@@ -136,6 +143,7 @@ class EngineArgs:
             seed=self.seed,
             max_logprobs=self.max_logprobs,
             trust_remote_code=self.trust_remote_code,
+            skip_tokenizer_init=self.skip_tokenizer_init,
         )
         max_num_seqs = self.max_num_seqs or 256
         max_batched = self.max_num_batched_tokens or (2048 if device == "cpu" else 8192)
@@ -167,13 +175,6 @@ class EngineArgs:
             device_config=DeviceConfig(device),
             enforce_eager=self.enforce_eager,
         )
-
-
-def _default_model_name(resolved) -> str:
-    import os
-
-    base = os.path.basename(resolved.model_path.rstrip("/"))
-    return base[:-5] if base.endswith(".gguf") else base
 
 
 def _derive_max_model_len(hf_config) -> int:

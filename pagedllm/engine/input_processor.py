@@ -37,21 +37,33 @@ class InputProcessor:
         self.model_config = model_config
         self.tokenizer = tokenizer
         self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
+        if tokenizer is None:
+            eos = getattr(model_config.hf_config, "eos_token_id", None)
+            self.eos_token_id = eos[0] if isinstance(eos, (list, tuple)) and eos else eos
         self.extra_eos_ids = [
             e for e in _generation_config_eos_ids(model_config) if e != self.eos_token_id
         ]
         self.vocab_size = model_config.vocab_size
 
-    def tokenize(self, prompt: PromptType, add_special_tokens: bool = True) -> tuple[str | None, list[int]]:
+    def _encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if self.tokenizer is None:
+            raise ValueError(
+                "text prompts need a tokenizer (skip_tokenizer_init=True): pass prompt_token_ids"
+            )
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    def tokenize(
+        self, prompt: PromptType, add_special_tokens: bool = True
+    ) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+            return prompt, self._encode(prompt, add_special_tokens)
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 ids = prompt["prompt_token_ids"]
                 return prompt.get("prompt"), [int(t) for t in ids]
             if "prompt" in prompt:
                 text = prompt["prompt"]
-                return text, self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+                return text, self._encode(text, add_special_tokens)
             raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
         if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             return None, list(prompt)
@@ -80,7 +92,9 @@ class InputProcessor:
         if self.eos_token_id is not None and not params.ignore_eos:
             stops.add(self.eos_token_id)
         params.all_stop_token_ids = stops
-        if params.bad_words:
+        if self.tokenizer is None:
+            params.detokenize = False
+        if params.bad_words and self.tokenizer is not None:
             seqs: list[list[int]] = []
             for word in params.bad_words:
                 for variant in (word, " " + word.lstrip()):

@@ -20,7 +20,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_config = config.model_config
-        self.tokenizer = get_tokenizer(config.model_config)
+        self.tokenizer = (
+            None if config.model_config.skip_tokenizer_init else get_tokenizer(config.model_config)
+        )
         self.input_processor = InputProcessor(config.model_config, self.tokenizer)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore(config)

@@ -26,7 +26,9 @@ class TokenDecoder:
         self.tokenizer = tokenizer
         self._cache: dict[int, str] = {}
 
-    def __call__(self, token_id: int) -> str:
+    def __call__(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
         s = self._cache.get(token_id)
         if s is None:
             s = self.tokenizer.decode([token_id])

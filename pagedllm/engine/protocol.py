@@ -52,6 +52,9 @@ class EngineCoreOutput(msgspec.Struct, array_like=True, omit_defaults=True, gc=F
     stop_reason: int | str | None = None
     num_cached_tokens: int = 0
     pooling_output: list[float] | None = None
+    # Wall-clock time (time.time()) the request was first scheduled; set by the engine-core
+    # process on the request's first output, for the queue-time metric.
+    first_scheduled_time: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -76,3 +79,54 @@ class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     timestamp: float = msgspec.field(default_factory=time.monotonic)
     # Set when the engine core failed; the front-end fails every in-flight request with it.
     engine_error: str | None = None
+
+
+# ---- Front-end <-> engine-core process (ZMQ multipart frames: [tag, msgpack payload]) ----
+
+
+class EngineCoreRequestType(bytes, enum.Enum):
+    """First frame of every front-end -> engine-core message."""
+
+    ADD = b"\x00"  # payload: EngineCoreRequest
+    ABORT = b"\x01"  # payload: list[str] of engine-core request ids
+    UTILITY = b"\x02"  # payload: UtilityRequest
+    SHUTDOWN = b"\x03"  # payload: empty
+
+
+class EngineCoreOutputType(bytes, enum.Enum):
+    """First frame of every engine-core -> front-end message."""
+
+    READY = b"\x00"  # payload: EngineCoreReady
+    OUTPUTS = b"\x01"  # payload: EngineCoreOutputs
+    REJECTED = b"\x02"  # payload: RequestRejection
+    UTILITY = b"\x03"  # payload: UtilityResult
+
+
+class EngineCoreReady(msgspec.Struct):
+    """The engine core's start-up handshake: sent once, before any output."""
+
+    num_blocks: int
+    block_size: int
+    max_model_len: int
+    pid: int
+
+
+class RequestRejection(msgspec.Struct):
+    """A request the engine core refused in add_request (it can never run); never queued."""
+
+    request_id: str
+    error: str
+
+
+class UtilityRequest(msgspec.Struct):
+    """Calls a whitelisted EngineCore method (e.g. reset_prefix_cache) in the core process."""
+
+    call_id: int
+    method: str
+    args: list = []
+
+
+class UtilityResult(msgspec.Struct, omit_defaults=True):
+    call_id: int
+    result: int | float | str | bool | None = None
+    error: str | None = None

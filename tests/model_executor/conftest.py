@@ -43,21 +43,42 @@ def tiny_config(arch: str, **overrides: Any) -> Any:
     return config
 
 
-def prefill_metadata(num_tokens: int, block_size: int = BLOCK_SIZE) -> AttentionMetadata:
-    """Metadata for one request prefilling `num_tokens` tokens into blocks 0, 1, ..."""
-    num_blocks = math.ceil(num_tokens / block_size)
+def prefill_metadata(
+    num_tokens: int, start: int = 0, block_size: int = BLOCK_SIZE
+) -> AttentionMetadata:
+    """Metadata for one request computing positions start..start+num_tokens-1 in blocks
+    0, 1, ... (positions before `start` are already in the cache)."""
+    seq_len = start + num_tokens
+    num_blocks = math.ceil(seq_len / block_size)
     return AttentionMetadata(
         num_reqs=1,
         num_actual_tokens=num_tokens,
-        slot_mapping=torch.arange(num_tokens, dtype=torch.int64),
+        slot_mapping=torch.arange(start, seq_len, dtype=torch.int64),
         query_start_loc=torch.tensor([0, num_tokens], dtype=torch.int32),
-        seq_lens=torch.tensor([num_tokens], dtype=torch.int32),
+        seq_lens=torch.tensor([seq_len], dtype=torch.int32),
         block_table=torch.arange(num_blocks, dtype=torch.int32).unsqueeze(0),
         max_query_len=num_tokens,
-        max_seq_len=num_tokens,
+        max_seq_len=seq_len,
         query_start_loc_cpu=torch.tensor([0, num_tokens], dtype=torch.int32),
-        seq_lens_cpu=torch.tensor([num_tokens], dtype=torch.int32),
+        seq_lens_cpu=torch.tensor([seq_len], dtype=torch.int32),
     )
+
+
+def new_kv_caches(model: torch.nn.Module, num_tokens: int) -> list[torch.Tensor]:
+    num_blocks = math.ceil(num_tokens / BLOCK_SIZE) + 1
+    shape = kv_cache_shape(num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
+    return [torch.zeros(shape, dtype=model.dtype) for _ in range(model.num_layers)]
+
+
+@torch.no_grad()
+def run_step(
+    model: torch.nn.Module, input_ids: torch.Tensor, start: int, kv_caches: list[torch.Tensor]
+) -> torch.Tensor:
+    """Logits of positions start.. of one request whose earlier tokens are cached."""
+    n = input_ids.shape[0]
+    positions = torch.arange(start, start + n, dtype=torch.int64)
+    hidden = model(input_ids, positions, kv_caches, prefill_metadata(n, start))
+    return model.compute_logits(hidden)
 
 
 def load_ours(model: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -77,13 +98,7 @@ def load_ours(model: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module
 @torch.no_grad()
 def prefill_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """[num_tokens] ids -> [num_tokens, vocab_size] logits of one prefill through the paged path."""
-    num_tokens = input_ids.shape[0]
-    num_blocks = math.ceil(num_tokens / BLOCK_SIZE) + 1
-    shape = kv_cache_shape(num_blocks, BLOCK_SIZE, model.num_kv_heads, model.head_dim)
-    kv_caches = [torch.zeros(shape, dtype=model.dtype) for _ in range(model.num_layers)]
-    positions = torch.arange(num_tokens, dtype=torch.int64)
-    hidden = model(input_ids, positions, kv_caches, prefill_metadata(num_tokens))
-    return model.compute_logits(hidden)
+    return run_step(model, input_ids, 0, new_kv_caches(model, input_ids.shape[0]))
 
 
 @pytest.fixture

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
-from tests.model_executor.conftest import load_ours, prefill_logits, tiny_config
+from tests.model_executor.conftest import (
+    load_ours,
+    new_kv_caches,
+    prefill_logits,
+    run_step,
+    tiny_config,
+)
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -46,6 +52,9 @@ def test_prefill_logits_match_transformers(case: str, tmp_path) -> None:
                               generator=torch.Generator().manual_seed(2))
     ours = load_ours(model_dir)
     assert ours.num_layers == 2 and ours.num_kv_heads == 2 and ours.head_dim == 16
+    window = overrides.get("sliding_window")
+    assert all(layer.self_attn.attn.sliding_window == window for layer in ours.model.layers)
+    assert (ours.lm_head is ours.model.embed_tokens) == config.tie_word_embeddings
     expected = _hf_logits(model_dir, input_ids)
     actual = prefill_logits(ours, input_ids)
     assert actual.dtype == torch.float32
@@ -53,3 +62,19 @@ def test_prefill_logits_match_transformers(case: str, tmp_path) -> None:
     # Random logits must carry signal, or the comparison proves nothing.
     assert expected.std() > 0.05
     assert (actual - expected).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("case", ["llama3", "mistral_sliding", "qwen3"])
+def test_chunked_prefill_then_decode_matches_full_prefill(case: str, tmp_path) -> None:
+    """The KV cache carries context across steps: chunks + decodes == one prefill."""
+    arch, overrides = CASES[case]
+    config = tiny_config(arch, **overrides)
+    model_dir = build_random_hf_model_dir(str(tmp_path / case), config, seed=4, std=0.1)
+    ours = load_ours(model_dir)
+    input_ids = torch.randint(0, config.vocab_size, (40,),
+                              generator=torch.Generator().manual_seed(5))
+    full = prefill_logits(ours, input_ids)
+    kv_caches = new_kv_caches(ours, 40)
+    steps = [(0, 13), (13, 30), (30, 38), (38, 39), (39, 40)]  # chunks, then decodes
+    pieces = [run_step(ours, input_ids[a:b], a, kv_caches) for a, b in steps]
+    assert (torch.cat(pieces) - full).abs().max().item() < 1e-4

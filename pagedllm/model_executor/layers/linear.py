@@ -120,6 +120,16 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def _shard(
+    loaded_weight: torch.Tensor, dim: int, index: int, size: int, total: int
+) -> torch.Tensor:
+    """Slice `index` of `size` along `dim`, checking the checkpoint's full extent is `total`."""
+    if loaded_weight.dim() <= dim or loaded_weight.shape[dim] != total:
+        raise ValueError(f"shape mismatch: checkpoint tensor {tuple(loaded_weight.shape)} "
+                         f"should have {total} entries along dim {dim}")
+    return loaded_weight.narrow(dim, index * size, size)
+
+
 class ReplicatedLinear(LinearBase):
     """The full weight on every rank."""
 
@@ -190,8 +200,9 @@ class ColumnParallelLinear(LinearBase):
     ) -> None:
         output_dim = getattr(param, "output_dim", None)
         if output_dim is not None:
-            shard_size = param.shape[output_dim]
-            loaded_weight = loaded_weight.narrow(output_dim, self.tp_rank * shard_size, shard_size)
+            size = param.shape[output_dim]
+            loaded_weight = _shard(loaded_weight, output_dim, self.tp_rank, size,
+                                   size * self.tp_size)
         _copy_checked(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,12 +235,6 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             output_sizes=list(output_sizes),
         )
 
-    def _shard_range(self, shard_id: int) -> tuple[int, int, int]:
-        """(offset in the local parameter, size, start in the full checkpoint tensor)."""
-        sizes = self.output_partition_sizes
-        offset = sum(sizes[:shard_id])
-        size = sizes[shard_id]
-        return offset, size, self.tp_rank * size
 
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
@@ -244,10 +249,12 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
                 return
             _copy_checked(param.data, loaded_weight)
             return
-        offset, size, start = self._shard_range(int(shard_id))
+        index = int(shard_id)
+        sizes = self.output_partition_sizes
+        offset, size = sum(sizes[:index]), sizes[index]
         _copy_checked(
             param.data.narrow(output_dim, offset, size),
-            loaded_weight.narrow(output_dim, start, size),
+            _shard(loaded_weight, output_dim, self.tp_rank, size, self.output_sizes[index]),
         )
 
 
@@ -314,19 +321,21 @@ class QKVParallelLinear(ColumnParallelLinear):
                 part = loaded_weight.narrow(output_dim, starts[sid], sizes[sid])
                 self.weight_loader(param, part, sid)
             return
+        kv_rank = self.tp_rank // self.num_kv_head_replicas
+        kv_total = self.total_num_kv_heads * self.head_size
         if shard_id == "q":
-            offset, size, rank_index = 0, self.q_size, self.tp_rank
+            offset, size, index = 0, self.q_size, self.tp_rank
+            total = self.total_num_heads * self.head_size
         elif shard_id == "k":
-            offset, size = self.q_size, self.kv_size
-            rank_index = self.tp_rank // self.num_kv_head_replicas
+            offset, size, index, total = self.q_size, self.kv_size, kv_rank, kv_total
         elif shard_id == "v":
-            offset, size = self.q_size + self.kv_size, self.kv_size
-            rank_index = self.tp_rank // self.num_kv_head_replicas
+            offset, size, index = self.q_size + self.kv_size, self.kv_size, kv_rank
+            total = kv_total
         else:
             raise ValueError(f"unknown QKV shard id {shard_id!r}")
         _copy_checked(
             param.data.narrow(output_dim, offset, size),
-            loaded_weight.narrow(output_dim, rank_index * size, size),
+            _shard(loaded_weight, output_dim, index, size, total),
         )
 
 
@@ -366,8 +375,9 @@ class RowParallelLinear(LinearBase):
     ) -> None:
         input_dim = getattr(param, "input_dim", None)
         if input_dim is not None:
-            shard_size = param.shape[input_dim]
-            loaded_weight = loaded_weight.narrow(input_dim, self.tp_rank * shard_size, shard_size)
+            size = param.shape[input_dim]
+            loaded_weight = _shard(loaded_weight, input_dim, self.tp_rank, size,
+                                   size * self.tp_size)
         _copy_checked(param.data, loaded_weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

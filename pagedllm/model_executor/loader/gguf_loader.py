@@ -1,6 +1,6 @@
 """GGUF files: a transformers config from the metadata, and HF-named float weights.
 
-Tensors are memory-mapped by `gguf.GGUFReader` and dequantized one at a time, so peak
+Tensors are memory-mapped (see gguf_file.py) and dequantized one at a time, so peak
 host memory is one float32 tensor beyond the model itself. llama.cpp's converter reorders
 the rows of Q and K of "llama"-architecture models for its interleaved RoPE; that is undone
 here so the weights match HF's (neox-style) layout.
@@ -8,8 +8,6 @@ here so the weights match HF's (neox-style) layout.
 
 from __future__ import annotations
 
-import functools
-import os
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -18,8 +16,7 @@ import numpy as np
 import torch
 
 from pagedllm.model_executor.loader.errors import ModelLoadError
-
-GGUF_MAGIC = b"GGUF"
+from pagedllm.model_executor.loader.gguf_file import GGUFFile, open_gguf
 
 # GGUF general.architecture -> (transformers config class name, HF architecture name)
 _GGUF_ARCHS: dict[str, tuple[str, str]] = {
@@ -70,40 +67,12 @@ def gguf_to_hf_name(name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-@functools.lru_cache(maxsize=2)
-def _open_reader(path: str, size: int, mtime: float) -> Any:
-    import gguf
-
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != GGUF_MAGIC:
-        raise ModelLoadError(f"{path} is not a GGUF file (bad magic {magic!r})")
-    try:
-        return gguf.GGUFReader(path, "r")
-    except Exception as e:  # the reader raises many types on bad input
-        raise ModelLoadError(
-            f"corrupt or truncated GGUF file {path}: {type(e).__name__}: {e}"
-        ) from e
+def gguf_metadata(gguf_file: GGUFFile, key: str, default: Any = None) -> Any:
+    """A metadata value (scalar, string or list), or `default` when absent."""
+    return gguf_file.metadata.get(key, default)
 
 
-def open_gguf(path: str) -> Any:
-    """A cached `gguf.GGUFReader` (parsing the metadata of a large vocabulary takes seconds)."""
-    try:
-        st = os.stat(path)
-    except OSError as e:
-        raise ModelLoadError(f"cannot open GGUF file {path}: {e}") from e
-    return _open_reader(os.path.abspath(path), st.st_size, st.st_mtime)
-
-
-def gguf_metadata(reader: Any, key: str, default: Any = None) -> Any:
-    """A scalar, string or array metadata value, or `default` when absent."""
-    field = reader.fields.get(key)
-    if field is None:
-        return default
-    return field.contents()
-
-
-def gguf_architecture(reader: Any) -> str:
+def gguf_architecture(reader: GGUFFile) -> str:
     arch = gguf_metadata(reader, "general.architecture")
     if not arch:
         raise ModelLoadError("GGUF file has no general.architecture")
@@ -133,8 +102,10 @@ def build_hf_config_from_gguf(path: str) -> Any:
     tensor_names = {t.name for t in reader.tensors}
     vocab_size = get("vocab_size")
     if vocab_size is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        vocab_size = len(tokens.data) if tokens is not None else None
+        tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
+        vocab_size = len(tokens) if tokens is not None else None
+    if vocab_size is None:
+        raise ModelLoadError(f"GGUF file {path} has neither {arch}.vocab_size nor a vocabulary")
     head_dim = get("attention.key_length") or hidden // num_heads
     kwargs: dict[str, Any] = dict(
         architectures=[hf_arch],
@@ -186,8 +157,6 @@ def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time."""
-    from gguf.quants import dequantize
-
     reader = open_gguf(path)
     arch = gguf_architecture(reader)
     permuted = arch in _PERMUTED_QK_ARCHS
@@ -197,16 +166,12 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
         hf_name = gguf_to_hf_name(tensor.name)
         if hf_name is None:
             continue
-        try:
-            array = dequantize(tensor.data, tensor.tensor_type)
-        except Exception as e:
-            raise ModelLoadError(
-                f"cannot decode GGUF tensor {tensor.name} ({tensor.tensor_type.name}) in "
-                f"{path}: {e}"
-            ) from e
-        array = np.asarray(array, dtype=np.float32)
+        array = reader.dequantize(tensor)
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             array = _unpermute_qk(array, num_heads)
         elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _unpermute_qk(array, num_kv_heads)
-        yield hf_name, torch.from_numpy(np.ascontiguousarray(array))
+        if not array.flags.writeable or not array.flags.c_contiguous:
+            # F32 tensors come back as views of the read-only memory map.
+            array = np.array(array, dtype=np.float32, order="C", copy=True)
+        yield hf_name, torch.from_numpy(array)

@@ -1,0 +1,389 @@
+"""AsyncLLM: the asyncio front-end over the engine-core process (used by the API server).
+
+It tokenizes and validates in the caller's task, sends requests over ZMQ, and one background
+task reads the output socket: detokenization and stop strings (OutputProcessor), per-request
+queues, metrics. Invariants:
+- every request's queue ends with a finished RequestOutput or an exception, never silence:
+  engine death fails every in-flight request with EngineDeadError;
+- a generator that is closed or cancelled before its request finished aborts the request in
+  the engine core at once, freeing its KV blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.client import EngineCoreProcClient, EngineDeadError
+from pagedllm.engine.input_processor import InputProcessor, PromptType
+from pagedllm.engine.output_processor import OutputProcessor, ParentRequest, RequestState
+from pagedllm.engine.protocol import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    RequestRejection,
+    SchedulerStats,
+    UtilityResult,
+)
+from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.tokenizer import get_tokenizer
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AsyncLLM",
+    "EngineDeadError",
+    "FinishedRequestStats",
+    "IterationStats",
+    "RequestAbortedError",
+    "RequestRejectedError",
+    "StatLogger",
+]
+
+
+class RequestRejectedError(ValueError):
+    """The engine core refused the request (it can never run); a client error."""
+
+
+class RequestAbortedError(RuntimeError):
+    """The request was aborted (abort() was called for it) before it finished."""
+
+
+@dataclass(slots=True)
+class FinishedRequestStats:
+    finish_reason: str
+    e2e_latency: float
+    queue_time: float
+    num_prompt_tokens: int
+    num_generation_tokens: int
+
+
+@dataclass(slots=True)
+class IterationStats:
+    """What one batch of engine outputs changed, as seen by the front-end."""
+
+    num_generation_tokens: int = 0
+    time_to_first_tokens: list[float] = field(default_factory=list)
+    inter_token_latencies: list[float] = field(default_factory=list)
+    finished_requests: list[FinishedRequestStats] = field(default_factory=list)
+
+
+class StatLogger(Protocol):
+    def record(self, scheduler_stats: SchedulerStats | None, iteration: IterationStats) -> None: ...
+
+
+class AsyncLLM:
+    """Async generation over an engine core in its own process.
+
+    Construct (spawns the process), then `await start()` in the event loop that serves requests.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        stat_loggers: list[StatLogger] | None = None,
+        log_level: str = "INFO",
+    ) -> None:
+        self.config = config
+        self.model_config = config.model_config
+        self.client = EngineCoreProcClient(config, log_level=log_level)
+        self.client.start()
+        # Loaded while the child loads the model.
+        self.tokenizer = get_tokenizer(config.model_config)
+        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
+        self.last_scheduler_stats = SchedulerStats()
+        self.num_blocks = 0
+        self.block_size = config.cache_config.block_size
+        self.max_model_len = config.model_config.max_model_len
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._utility_futures: dict[int, asyncio.Future] = {}
+        self._call_ids = itertools.count()
+        self._output_task: asyncio.Task | None = None
+        self.dead_error: str | None = None
+        # Totals since start.
+        self.total_prompt_tokens = 0
+        self.total_generation_tokens = 0
+        self.total_prefix_cache_queries = 0
+        self.total_prefix_cache_hits = 0
+        self.total_num_preemptions = 0
+
+    @classmethod
+    async def from_engine_args(cls, args: EngineArgs, **kwargs) -> AsyncLLM:
+        engine = cls(args.create_engine_config(), **kwargs)
+        await engine.start()
+        return engine
+
+    async def start(self, timeout: float = 600.0) -> None:
+        try:
+            ready = await self.client.wait_ready(timeout)
+        except BaseException:
+            self.client.shutdown()
+            raise
+        self.num_blocks = ready.num_blocks
+        self.block_size = ready.block_size
+        self.max_model_len = ready.max_model_len
+        self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
+
+    def shutdown(self) -> None:
+        if self._output_task is not None:
+            self._output_task.cancel()
+        self.client.shutdown()
+
+    # ---- health ----
+    @property
+    def is_healthy(self) -> bool:
+        return self.dead_error is None and self.client.is_alive()
+
+    @property
+    def errored(self) -> bool:
+        return not self.is_healthy
+
+    async def check_health(self) -> None:
+        if not self.is_healthy:
+            raise EngineDeadError(self.dead_error or "engine core process is not running")
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
+
+    # ---- requests ----
+    def _add(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
+             add_special_tokens: bool, queue: asyncio.Queue) -> None:
+        if not self.is_healthy:
+            raise EngineDeadError(self.dead_error or "engine core process is not running")
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        arrival = time.time()
+        n = params.n if params is not None else 1
+        if n == 1:
+            req, text = self.input_processor.process(
+                request_id, prompt, params, arrival, add_special_tokens
+            )
+            self._check_fits_cache(len(req.prompt_token_ids))
+            self.output_processor.add_request(
+                request_id, request_id, text, req.prompt_token_ids, req.sampling_params,
+                arrival, queue=queue,
+            )
+            self._queues[request_id] = queue
+            self.client.add_request(req)
+            return
+        parent = ParentRequest(request_id, n, params.output_kind)
+        reqs = []
+        for i in range(n):
+            child = params.clone()
+            child.n = 1
+            if params.seed is not None:
+                child.seed = params.seed + i
+            req, text = self.input_processor.process(
+                parent.child_id(i), prompt, child, arrival, add_special_tokens
+            )
+            reqs.append((req, text))
+        self._check_fits_cache(len(reqs[0][0].prompt_token_ids))
+        for i, (req, text) in enumerate(reqs):
+            self.output_processor.add_request(
+                req.request_id, request_id, text, req.prompt_token_ids, req.sampling_params,
+                arrival, parent=parent, index=i, queue=queue,
+            )
+        self._queues[request_id] = queue
+        for req, _ in reqs:
+            self.client.add_request(req)
+
+    def _check_fits_cache(self, num_prompt_tokens: int) -> None:
+        capacity = self.num_blocks * self.block_size
+        if self.num_blocks and num_prompt_tokens > capacity:
+            raise ValueError(
+                f"The prompt ({num_prompt_tokens} tokens) does not fit in the KV cache "
+                f"({self.num_blocks} blocks of {self.block_size} tokens = {capacity} tokens)."
+            )
+
+    async def generate(
+        self,
+        prompt: PromptType,
+        params: SamplingParams,
+        request_id: str,
+        add_special_tokens: bool = True,
+    ) -> AsyncIterator[RequestOutput]:
+        """Yields RequestOutputs (per `params.output_kind`) until the finished one.
+
+        Raises ValueError for an invalid request (before yielding), RequestRejectedError if the
+        core refuses it, EngineDeadError if the engine dies, RequestAbortedError after abort().
+        """
+        queue: asyncio.Queue = asyncio.Queue()
+        self._add(request_id, prompt, params, add_special_tokens, queue)
+        finished = False
+        try:
+            while True:
+                item = queue.get_nowait() if not queue.empty() else await queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._abort_now(request_id)
+            self._queues.pop(request_id, None)
+
+    async def encode(
+        self, prompt: PromptType, request_id: str, add_special_tokens: bool = True
+    ) -> EmbeddingRequestOutput:
+        """Runs one pooling (embedding) request and returns its output."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._add(request_id, prompt, None, add_special_tokens, queue)
+        done = False
+        try:
+            item = await queue.get()
+            done = True
+            if isinstance(item, BaseException):
+                raise item
+            return item
+        finally:
+            if not done:
+                self._abort_now(request_id)
+            self._queues.pop(request_id, None)
+
+    def _abort_now(self, request_id: str) -> list[str]:
+        dropped = self.output_processor.abort_requests([request_id])
+        if dropped and self.is_healthy:
+            self.client.abort_requests(dropped)
+        return dropped
+
+    async def abort(self, request_id: str) -> None:
+        """Aborts a request: frees its KV blocks now; its generator raises RequestAbortedError."""
+        self._abort_now(request_id)
+        queue = self._queues.pop(request_id, None)
+        if queue is not None:
+            queue.put_nowait(RequestAbortedError(f"request {request_id} was aborted"))
+
+    async def reset_prefix_cache(self) -> None:
+        await self._utility("reset_prefix_cache")
+
+    async def _utility(self, method: str, *args):
+        await self.check_health()
+        call_id = next(self._call_ids)
+        fut = asyncio.get_running_loop().create_future()
+        self._utility_futures[call_id] = fut
+        self.client.call_utility(call_id, method, list(args))
+        return await fut
+
+    # ---- the output loop ----
+    async def _output_loop(self) -> None:
+        try:
+            while True:
+                msg = await self.client.get_output()
+                if isinstance(msg, EngineCoreOutputs):
+                    if msg.engine_error:
+                        raise EngineDeadError(msg.engine_error)
+                    self._handle_outputs(msg)
+                elif isinstance(msg, RequestRejection):
+                    self._handle_rejection(msg)
+                elif isinstance(msg, UtilityResult):
+                    self._handle_utility(msg)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            self._fail_everything(e)
+
+    def _fail_everything(self, e: BaseException) -> None:
+        err = e if isinstance(e, EngineDeadError) else EngineDeadError(f"{type(e).__name__}: {e}")
+        self.dead_error = str(err) or "engine core died"
+        logger.error("engine core is dead; failing %d in-flight requests: %s",
+                     len(self._queues), self.dead_error.splitlines()[0])
+        self.output_processor.fail_all(err)
+        for queue in self._queues.values():
+            queue.put_nowait(err)  # harmless duplicate for requests fail_all reached
+        self._queues.clear()
+        for fut in self._utility_futures.values():
+            if not fut.done():
+                fut.set_exception(err)
+        self._utility_futures.clear()
+        self.last_scheduler_stats = SchedulerStats()
+
+    def _handle_rejection(self, rej: RequestRejection) -> None:
+        state = self.output_processor.requests.get(rej.request_id)
+        if state is None:
+            return
+        dropped = self.output_processor.abort_requests([state.external_id])
+        self.client.abort_requests([d for d in dropped if d != rej.request_id])
+        queue = self._queues.pop(state.external_id, None)
+        if queue is not None:
+            queue.put_nowait(RequestRejectedError(rej.error))
+
+    def _handle_utility(self, res: UtilityResult) -> None:
+        fut = self._utility_futures.pop(res.call_id, None)
+        if fut is None or fut.done():
+            return
+        if res.error is not None:
+            fut.set_exception(RuntimeError(res.error))
+        else:
+            fut.set_result(res.result)
+
+    def _handle_outputs(self, outs: EngineCoreOutputs) -> None:
+        now = time.time()
+        op = self.output_processor
+        iteration = IterationStats()
+        states: list[tuple[EngineCoreOutput, RequestState]] = []
+        for eco in outs.outputs:
+            state = op.requests.get(eco.request_id)
+            if state is None:
+                continue
+            states.append((eco, state))
+            m = state.metrics
+            if eco.first_scheduled_time is not None and m.first_scheduled_time is None:
+                m.first_scheduled_time = eco.first_scheduled_time
+            if eco.new_token_ids:
+                iteration.num_generation_tokens += len(eco.new_token_ids)
+                if m.first_token_time is None:
+                    iteration.time_to_first_tokens.append(now - m.arrival_time)
+                elif m.last_token_time is not None:
+                    iteration.inter_token_latencies.append(now - m.last_token_time)
+        processed = op.process_outputs(outs.outputs, now)
+        if processed.reqs_to_abort:
+            self.client.abort_requests(processed.reqs_to_abort)
+        stopped_by_string = set(processed.reqs_to_abort)
+        for eco, state in states:
+            if state.request_id in op.requests:
+                continue  # still running
+            if eco.finish_reason is not None:
+                reason = str(eco.finish_reason)
+            elif state.request_id in stopped_by_string:
+                reason = "stop"
+            else:
+                continue
+            m = state.metrics
+            scheduled = m.first_scheduled_time or m.arrival_time
+            num_gen = len(state.detokenizer.token_ids) if state.detokenizer is not None else 0
+            iteration.finished_requests.append(
+                FinishedRequestStats(
+                    finish_reason=reason,
+                    e2e_latency=now - m.arrival_time,
+                    queue_time=max(0.0, scheduled - m.arrival_time),
+                    num_prompt_tokens=len(state.prompt_token_ids),
+                    num_generation_tokens=num_gen,
+                )
+            )
+        stats = outs.scheduler_stats
+        if stats is not None:
+            self.last_scheduler_stats = stats
+            self.total_prompt_tokens += stats.num_prompt_tokens
+            self.total_generation_tokens += stats.num_generation_tokens
+            self.total_prefix_cache_queries += stats.prefix_cache_queries
+            self.total_prefix_cache_hits += stats.prefix_cache_hits
+            self.total_num_preemptions += stats.num_preemptions
+        for sl in self.stat_loggers:
+            try:
+                sl.record(stats, iteration)
+            except Exception:
+                logger.exception("stat logger failed")
+

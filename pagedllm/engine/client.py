@@ -1,0 +1,187 @@
+"""The front-end's handle on the engine-core process: spawn, ZMQ sockets, messages, shutdown.
+
+`EngineCoreProcClient` owns the child process and both sockets. Sending never blocks (no
+high-water mark); receiving is async (zmq.asyncio) and reports the child's death as an
+EngineDeadError instead of waiting forever.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+import weakref
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.protocol import (
+    EngineCoreOutputs,
+    EngineCoreOutputType,
+    EngineCoreReady,
+    EngineCoreRequest,
+    EngineCoreRequestType,
+    RequestRejection,
+    UtilityRequest,
+    UtilityResult,
+)
+
+logger = logging.getLogger(__name__)
+
+_LIVENESS_POLL_MS = 200
+
+
+class EngineDeadError(RuntimeError):
+    """The engine-core process died or reported a fatal error; no request can run."""
+
+
+EngineMessage = EngineCoreOutputs | RequestRejection | UtilityResult
+
+
+class EngineCoreProcClient:
+    """Starts the engine core in a spawned child and talks to it over ipc:// sockets.
+
+    Call `start()` (sync, spawns at once so the caller can load its tokenizer meanwhile) and then
+    `await wait_ready()` inside the event loop that will read outputs.
+    """
+
+    def __init__(self, config: EngineConfig, log_level: str = "INFO") -> None:
+        self.config = config
+        self.log_level = log_level
+        self._tmpdir = tempfile.mkdtemp(prefix="pagedllm-")
+        self.input_address = f"ipc://{os.path.join(self._tmpdir, 'input.sock')}"
+        self.output_address = f"ipc://{os.path.join(self._tmpdir, 'output.sock')}"
+        self.proc: multiprocessing.process.BaseProcess | None = None
+        self.ready: EngineCoreReady | None = None
+        self.dead_error: str | None = None
+        self._ctx: zmq.asyncio.Context | None = None
+        self._sync_ctx: zmq.Context | None = None
+        self.input_socket: zmq.Socket | None = None
+        self.output_socket: zmq.asyncio.Socket | None = None
+        self._encoder = msgspec.msgpack.Encoder()
+        self._outputs_decoder = msgspec.msgpack.Decoder(EngineCoreOutputs)
+        self._decoders = {
+            EngineCoreOutputType.OUTPUTS: self._outputs_decoder,
+            EngineCoreOutputType.REJECTED: msgspec.msgpack.Decoder(RequestRejection),
+            EngineCoreOutputType.UTILITY: msgspec.msgpack.Decoder(UtilityResult),
+        }
+        self._closed = False
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        """Binds both sockets and spawns the engine-core process."""
+        from pagedllm.engine.core_proc import run_engine_core
+
+        self._sync_ctx = zmq.Context()
+        self.input_socket = self._sync_ctx.socket(zmq.PUSH)
+        self.input_socket.setsockopt(zmq.SNDHWM, 0)
+        self.input_socket.setsockopt(zmq.LINGER, 0)
+        self.input_socket.bind(self.input_address)
+        self._ctx = zmq.asyncio.Context()
+        self.output_socket = self._ctx.socket(zmq.PULL)
+        self.output_socket.setsockopt(zmq.RCVHWM, 0)
+        self.output_socket.setsockopt(zmq.LINGER, 0)
+        self.output_socket.bind(self.output_address)
+        mp = multiprocessing.get_context("spawn")
+        self.proc = mp.Process(
+            target=run_engine_core,
+            name="EngineCore",
+            args=(self.config, self.input_address, self.output_address, os.getpid(), self.log_level),
+        )
+        self.proc.start()
+        # Runs before multiprocessing's own atexit hook (LIFO), which would join forever.
+        atexit.register(_shutdown_ref, weakref.ref(self))
+
+    async def wait_ready(self, timeout: float = 600.0) -> EngineCoreReady:
+        """Waits for the handshake; raises EngineDeadError if the child dies or fails first."""
+        assert self.output_socket is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if await self.output_socket.poll(_LIVENESS_POLL_MS):
+                kind, payload = await self.output_socket.recv_multipart()
+                kind = EngineCoreOutputType(kind)
+                if kind is EngineCoreOutputType.READY:
+                    self.ready = msgspec.msgpack.decode(payload, type=EngineCoreReady)
+                    return self.ready
+                if kind is EngineCoreOutputType.OUTPUTS:
+                    outs = self._outputs_decoder.decode(payload)
+                    if outs.engine_error:
+                        self.dead_error = outs.engine_error
+                        raise EngineDeadError(outs.engine_error)
+                continue
+            if not self.is_alive():
+                self.dead_error = f"engine core process exited with code {self.proc.exitcode}"
+                raise EngineDeadError(self.dead_error + " during start-up")
+        raise EngineDeadError(f"engine core not ready after {timeout:.0f} s")
+
+    def is_alive(self) -> bool:
+        return self.proc is not None and self.proc.is_alive()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Asks the child to stop, then terminates and kills it if needed. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        proc = self.proc
+        if proc is not None and proc.is_alive():
+            try:
+                self._send(EngineCoreRequestType.SHUTDOWN, b"")
+            except zmq.ZMQError:
+                pass
+            proc.join(timeout)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2.0)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2.0)
+        for sock in (self.input_socket, self.output_socket):
+            if sock is not None:
+                sock.close(linger=0)
+        for ctx in (self._ctx, self._sync_ctx):
+            if ctx is not None:
+                ctx.term()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    # ---- messages to the core ----
+    def _send(self, kind: EngineCoreRequestType, payload: bytes) -> None:
+        assert self.input_socket is not None
+        self.input_socket.send_multipart([kind.value, payload], copy=False)
+
+    def add_request(self, request: EngineCoreRequest) -> None:
+        self._send(EngineCoreRequestType.ADD, self._encoder.encode(request))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        if request_ids and not self._closed:
+            self._send(EngineCoreRequestType.ABORT, self._encoder.encode(list(request_ids)))
+
+    def call_utility(self, call_id: int, method: str, args: list[Any]) -> None:
+        self._send(EngineCoreRequestType.UTILITY, self._encoder.encode(UtilityRequest(call_id, method, args)))
+
+    # ---- messages from the core ----
+    async def get_output(self) -> EngineMessage:
+        """The next message; raises EngineDeadError when the child is gone and nothing is left."""
+        sock = self.output_socket
+        assert sock is not None
+        while True:
+            if await sock.poll(_LIVENESS_POLL_MS):
+                frames = await sock.recv_multipart(copy=False)
+                kind = EngineCoreOutputType(frames[0].bytes)
+                return self._decoders[kind].decode(frames[1].buffer)
+            if not self.is_alive():
+                code = self.proc.exitcode if self.proc is not None else None
+                self.dead_error = self.dead_error or f"engine core process died (exit code {code})"
+                raise EngineDeadError(self.dead_error)
+
+
+def _shutdown_ref(ref: weakref.ref) -> None:
+    client = ref()
+    if client is not None:
+        client.shutdown(timeout=2.0)

@@ -1,0 +1,240 @@
+"""Layer units: norms, activations, RoPE variants, and weight sharding by tensor-parallel rank."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import pagedllm.model_executor.layers.linear as linear_mod
+import pagedllm.model_executor.layers.vocab_parallel_embedding as embed_mod
+from pagedllm.model_executor.layers.activation import SiluAndMul
+from pagedllm.model_executor.layers.layernorm import RMSNorm
+from pagedllm.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    ReplicatedLinear,
+    RowParallelLinear,
+)
+from pagedllm.model_executor.layers.rotary_embedding import get_rope
+from pagedllm.model_executor.layers.vocab_parallel_embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+    compute_logits,
+)
+
+gen = torch.Generator().manual_seed(0)
+
+
+def randn(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=gen)
+
+
+def test_rmsnorm_plain_and_fused_residual() -> None:
+    norm = RMSNorm(8, eps=1e-5)
+    norm.weight.data.copy_(randn(8))
+    x, residual = randn(3, 8), randn(3, 8)
+    expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+    normed, new_residual = norm(x, residual)
+    torch.testing.assert_close(new_residual, x + residual)
+    torch.testing.assert_close(normed, norm(x + residual))
+
+
+def test_silu_and_mul() -> None:
+    x = randn(5, 12)
+    out = SiluAndMul()(x)
+    assert out.shape == (5, 6)
+    torch.testing.assert_close(out, torch.nn.functional.silu(x[:, :6]) * x[:, 6:])
+
+
+def _reference_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
+                    rotary_dim: int) -> torch.Tensor:
+    # x: [num_tokens, num_heads, head_dim]; neox style on the first rotary_dim dims
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    cos, sin = freqs.cos()[:, None, :], freqs.sin()[:, None, :]
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 8])
+def test_rope_default_and_partial(rotary_dim: int) -> None:
+    rope = get_rope(16, rotary_dim, 64, 10000.0, None)
+    positions = torch.tensor([0, 5, 63, 1])
+    q, k = randn(4, 3 * 16), randn(4, 1 * 16)
+    q_out, k_out = rope(positions, q, k)
+    inv_freq = 1.0 / 10000.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
+    torch.testing.assert_close(
+        q_out.view(4, 3, 16), _reference_rope(q.view(4, 3, 16), positions, inv_freq, rotary_dim)
+    )
+    torch.testing.assert_close(
+        k_out.view(4, 1, 16), _reference_rope(k.view(4, 1, 16), positions, inv_freq, rotary_dim)
+    )
+    # Position 0 is the identity.
+    torch.testing.assert_close(q_out[0], q[0])
+
+
+def test_rope_gptj_style_is_interleaved_neox() -> None:
+    neox = get_rope(8, 8, 32, 10000.0, None, is_neox_style=True)
+    gptj = get_rope(8, 8, 32, 10000.0, None, is_neox_style=False)
+    positions = torch.tensor([3, 7])
+    q, k = randn(2, 8), randn(2, 8)
+    # GPT-J pairs (0,1),(2,3)...; neox pairs (0,4),(1,5)...: the same rotation up to a
+    # permutation of the head dims.
+    perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
+    q_gptj, _ = gptj(positions, q, k)
+    q_neox, _ = neox(positions, q[:, perm], k[:, perm])
+    torch.testing.assert_close(q_gptj[:, perm], q_neox)
+
+
+def test_rope_scaling_variants() -> None:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=2, head_dim=32,
+                         max_position_embeddings=256,
+                         rope_parameters={**scaling, "rope_theta": 500000.0})
+    hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    ours = get_rope(32, 32, 256, 500000.0, scaling)
+    torch.testing.assert_close(ours._compute_inv_freq(), hf_inv_freq.float())
+
+    linear = get_rope(16, 16, 64, 10000.0, {"type": "linear", "factor": 4.0})
+    plain = get_rope(16, 16, 64, 10000.0, {"rope_type": "default"})
+    torch.testing.assert_close(linear._compute_inv_freq() * 4.0, plain._compute_inv_freq())
+    with pytest.raises(ValueError, match="unsupported rope_type 'yarnx'"):
+        get_rope(16, 16, 64, 10000.0, {"rope_type": "yarnx"})
+
+
+def test_rope_cache_recomputed_after_meta() -> None:
+    with torch.device("meta"):
+        rope = get_rope(16, 16, 64, 10000.0, None)
+    assert rope.cos_sin_cache.is_meta
+    rope.to_empty(device="cpu")
+    rope.init_cache()
+    reference = get_rope(16, 16, 64, 10000.0, None)
+    torch.testing.assert_close(rope.cos_sin_cache, reference.cos_sin_cache)
+
+
+class _FakeTP:
+    """Patches the layer modules to see a given rank and world size."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.monkeypatch = monkeypatch
+
+    def set(self, rank: int, world: int) -> None:
+        for mod in (linear_mod, embed_mod):
+            self.monkeypatch.setattr(mod, "get_tensor_model_parallel_rank", lambda r=rank: r)
+            self.monkeypatch.setattr(
+                mod, "get_tensor_model_parallel_world_size", lambda w=world: w
+            )
+
+
+@pytest.fixture
+def fake_tp(monkeypatch) -> _FakeTP:
+    return _FakeTP(monkeypatch)
+
+
+def test_replicated_and_column_tp1() -> None:
+    w, b = randn(6, 4), randn(6)
+    x = randn(3, 4)
+    for layer in (ReplicatedLinear(4, 6, bias=True), ColumnParallelLinear(4, 6, bias=True)):
+        layer.weight.weight_loader(layer.weight, w)
+        layer.bias.weight_loader(layer.bias, b)
+        torch.testing.assert_close(layer(x), x @ w.T + b)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_column_and_row_parallel_shards(fake_tp: _FakeTP, world: int) -> None:
+    w_up, w_down, b_down = randn(8, 4), randn(4, 8), randn(4)
+    x = randn(3, 4)
+    partials = []
+    for rank in range(world):
+        fake_tp.set(rank, world)
+        up = ColumnParallelLinear(4, 8)
+        down = RowParallelLinear(8, 4, bias=True)
+        up.weight.weight_loader(up.weight, w_up)
+        down.weight.weight_loader(down.weight, w_down)
+        down.bias.weight_loader(down.bias, b_down)
+        assert up.weight.shape == (8 // world, 4) and down.weight.shape == (4, 8 // world)
+        partials.append(down(up(x)) - b_down)  # bias is added once after the reduction
+    torch.testing.assert_close(sum(partials) + b_down, (x @ w_up.T) @ w_down.T + b_down)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_merged_column_shards(fake_tp: _FakeTP, world: int) -> None:
+    gate, up = randn(6, 4), randn(6, 4)
+    x = randn(2, 4)
+    outs = []
+    for rank in range(world):
+        fake_tp.set(rank, world)
+        layer = MergedColumnParallelLinear(4, [6, 6])
+        layer.weight.weight_loader(layer.weight, gate, 0)
+        layer.weight.weight_loader(layer.weight, up, 1)
+        g, u = layer(x).chunk(2, dim=-1)
+        outs.append((g, u))
+    torch.testing.assert_close(torch.cat([g for g, _ in outs], -1), x @ gate.T)
+    torch.testing.assert_close(torch.cat([u for _, u in outs], -1), x @ up.T)
+
+
+@pytest.mark.parametrize("world,kv_heads", [(1, 2), (2, 2), (4, 2)])
+def test_qkv_shards_with_kv_replication(fake_tp: _FakeTP, world: int, kv_heads: int) -> None:
+    head, heads = 4, 4
+    wq, wk, wv = randn(heads * head, 8), randn(kv_heads * head, 8), randn(kv_heads * head, 8)
+    bq, bk, bv = randn(heads * head), randn(kv_heads * head), randn(kv_heads * head)
+    x = randn(2, 8)
+    for rank in range(world):
+        fake_tp.set(rank, world)
+        layer = QKVParallelLinear(8, head, heads, kv_heads, bias=True)
+        for sid, w, b in (("q", wq, bq), ("k", wk, bk), ("v", wv, bv)):
+            layer.weight.weight_loader(layer.weight, w, sid)
+            layer.bias.weight_loader(layer.bias, b, sid)
+        q, k, v = layer(x).split([layer.q_size, layer.kv_size, layer.kv_size], dim=-1)
+        q_rows = slice(rank * layer.q_size, (rank + 1) * layer.q_size)
+        kv_rank = rank // layer.num_kv_head_replicas
+        kv_rows = slice(kv_rank * layer.kv_size, (kv_rank + 1) * layer.kv_size)
+        torch.testing.assert_close(q, x @ wq[q_rows].T + bq[q_rows])
+        torch.testing.assert_close(k, x @ wk[kv_rows].T + bk[kv_rows])
+        torch.testing.assert_close(v, x @ wv[kv_rows].T + bv[kv_rows])
+
+
+def test_qkv_prefused_checkpoint_tensor() -> None:
+    layer = QKVParallelLinear(8, 4, 4, 2)
+    fused = randn(4 * 4 + 2 * 2 * 4, 8)
+    layer.weight.weight_loader(layer.weight, fused)
+    torch.testing.assert_close(layer.weight.data, fused)
+
+
+def test_shape_mismatch_is_reported() -> None:
+    layer = ColumnParallelLinear(4, 6)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        layer.weight.weight_loader(layer.weight, randn(5, 4))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_vocab_parallel_embedding_and_logits(fake_tp: _FakeTP, world: int) -> None:
+    vocab, dim = 10, 4  # 10 is not a multiple of 3: padded rows
+    table = randn(vocab, dim)
+    ids = torch.tensor([0, 9, 4, 5, 3])
+    hidden = randn(2, dim)
+    embeds, logits = [], []
+    for rank in range(world):
+        fake_tp.set(rank, world)
+        emb = VocabParallelEmbedding(vocab, dim)
+        head = ParallelLMHead(vocab, dim)
+        emb.weight.weight_loader(emb.weight, table)
+        head.weight.weight_loader(head.weight, table)
+        assert emb.weight.shape[0] == math.ceil(vocab / world)
+        embeds.append(emb(ids))  # all_reduce is the identity here: sum by hand
+        logits.append(torch.nn.functional.linear(hidden, head.weight))
+    torch.testing.assert_close(sum(embeds), table[ids])
+    full = torch.cat(logits, dim=-1)[:, :vocab]
+    torch.testing.assert_close(full, hidden @ table.T)
+    if world == 1:
+        out = compute_logits(head, hidden)
+        assert out.dtype == torch.float32 and out.shape == (2, vocab)
+        torch.testing.assert_close(out, hidden @ table.T)
