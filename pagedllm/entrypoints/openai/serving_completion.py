@@ -1,0 +1,214 @@
+"""POST /v1/completions: one or many prompts (text or token ids), echo, legacy logprobs, SSE.
+
+Choice index = prompt_index * n + sample_index, as in OpenAI's API.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from pagedllm.entrypoints.openai.errors import APIError, error_body
+from pagedllm.entrypoints.openai.protocol import CompletionRequest
+from pagedllm.entrypoints.openai.serving_engine import (
+    OpenAIServing,
+    legacy_logprobs,
+    prompt_logprobs_json,
+    usage,
+)
+from pagedllm.entrypoints.openai.streaming import (
+    SSE_DONE,
+    ClientDisconnected,
+    merge,
+    run_until_disconnected,
+    sse,
+)
+from pagedllm.outputs import RequestOutput
+
+
+def normalize_prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise APIError("prompt: must not be empty", 400, param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    if any(isinstance(p, list) and not p for p in prompt):
+        raise APIError("prompt: token-id lists must not be empty", 400, param="prompt")
+    return list(prompt)
+
+
+class OpenAIServingCompletion(OpenAIServing):
+    def _prepare(self, prompt: str | list[int], add_special_tokens: bool, truncate: int | None):
+        if isinstance(prompt, str):
+            text, ids = prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+        else:
+            text, ids = None, prompt
+        if truncate is not None:
+            ids = ids[-truncate:]
+        return text, ids
+
+    async def create(self, req: CompletionRequest, raw: Request) -> Response:
+        gens: list = []
+        try:
+            model = self.check_request(req.model)
+            req.check_supported()
+            if req.stream_options is not None and not req.stream:
+                raise ValueError("stream_options: only allowed when stream is true")
+            prompts = normalize_prompts(req.prompt)
+            params = req.to_sampling_params(default_max_tokens=None)
+            add_special = True if req.add_special_tokens is None else req.add_special_tokens
+            request_id = req.request_id or self.new_id("cmpl")
+            prepared = []
+            for p in prompts:
+                text, ids = self._prepare(p, add_special, params.truncate_prompt_tokens)
+                self.check_context_length(len(ids), params.max_tokens, "prompt")
+                prepared.append((text, ids))
+            for i, (text, ids) in enumerate(prepared):
+                rid = request_id if len(prepared) == 1 else f"{request_id}-{i}"
+                gens.append(self.engine.generate(
+                    {"prompt_token_ids": ids, "prompt": text}, params, rid,
+                    add_special_tokens=False,
+                ))
+            merged = merge(gens)
+            if req.stream:
+                first = await run_until_disconnected(raw, merged.__anext__())
+                return StreamingResponse(
+                    self.stream(req, model, request_id, merged, first, len(prepared)),
+                    media_type="text/event-stream",
+                )
+            finals = await run_until_disconnected(raw, _collect(merged, len(prepared)))
+            return JSONResponse(self.full_response(req, model, request_id, finals))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except Exception as e:
+            for g in gens:
+                await g.aclose()
+            err = self.to_api_error(e)
+            return JSONResponse(error_body(err.message, err.err_type, err.param, err.code),
+                                status_code=err.status)
+
+    def _prompt_text(self, out: RequestOutput) -> str:
+        if out.prompt is not None:
+            return out.prompt
+        return self.tokenizer.decode(out.prompt_token_ids)
+
+    def full_response(self, req: CompletionRequest, model: str, request_id: str,
+                      finals: list[RequestOutput]) -> dict:
+        choices = []
+        prompt_tokens = completion_tokens = 0
+        k = req.logprobs or 0
+        for pi, out in enumerate(finals):
+            prompt_tokens += len(out.prompt_token_ids)
+            prompt_text = self._prompt_text(out) if req.echo else ""
+            for c in out.outputs:
+                completion_tokens += len(c.token_ids)
+                logprobs = None
+                if req.logprobs is not None:
+                    token_ids, lps = list(c.token_ids), list(c.logprobs or [])
+                    if req.echo:
+                        plp = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+                        token_ids = list(out.prompt_token_ids) + token_ids
+                        lps = list(plp) + lps
+                    logprobs, _ = legacy_logprobs(self.tokenizer, token_ids, lps, k, 0)
+                choices.append({
+                    "index": pi * req.n + c.index,
+                    "text": prompt_text + c.text,
+                    "logprobs": logprobs,
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": c.stop_reason,
+                })
+                if req.prompt_logprobs is not None:
+                    choices[-1]["prompt_logprobs"] = prompt_logprobs_json(out.prompt_logprobs)
+        choices.sort(key=lambda c: c["index"])
+        return {
+            "id": request_id,
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage(prompt_tokens, completion_tokens),
+            "system_fingerprint": None,
+        }
+
+    async def stream(self, req: CompletionRequest, model: str, request_id: str,
+                     merged: AsyncIterator[tuple[int, RequestOutput]],
+                     first: tuple[int, RequestOutput], num_prompts: int) -> AsyncIterator[bytes]:
+        created = int(time.time())
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        k = req.logprobs or 0
+        prompt_tokens = 0
+        completion_tokens = 0
+        seen_prompts: set[int] = set()
+        echoed: set[int] = set()
+        offsets: dict[int, int] = {}
+
+        def chunk(choices: list) -> dict:
+            c = {"id": request_id, "object": "text_completion", "created": created,
+                 "model": model, "choices": choices}
+            if continuous:
+                c["usage"] = usage(prompt_tokens, completion_tokens)
+            return c
+
+        try:
+            item: tuple[int, RequestOutput] | None = first
+            while item is not None:
+                pi, out = item
+                if pi not in seen_prompts:
+                    seen_prompts.add(pi)
+                    prompt_tokens += len(out.prompt_token_ids)
+                for c in out.outputs:
+                    index = pi * req.n + c.index
+                    completion_tokens += len(c.token_ids)
+                    text, token_ids, lps = c.text, list(c.token_ids), list(c.logprobs or [])
+                    if req.echo and index not in echoed:
+                        echoed.add(index)
+                        text = self._prompt_text(out) + text
+                        if req.logprobs is not None:
+                            plp = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
+                            token_ids = list(out.prompt_token_ids) + token_ids
+                            lps = list(plp) + lps
+                    finished = c.finish_reason is not None
+                    if not text and not finished and not token_ids:
+                        continue
+                    logprobs = None
+                    if req.logprobs is not None:
+                        logprobs, offsets[index] = legacy_logprobs(
+                            self.tokenizer, token_ids, lps, k, offsets.get(index, 0)
+                        )
+                    elif not text and not finished:
+                        continue
+                    choice = {"index": index, "text": text, "logprobs": logprobs,
+                              "finish_reason": c.finish_reason}
+                    if finished:
+                        choice["stop_reason"] = c.stop_reason
+                    yield sse(chunk([choice]))
+                try:
+                    item = await merged.__anext__()
+                except StopAsyncIteration:
+                    item = None
+            if include_usage:
+                yield sse({"id": request_id, "object": "text_completion", "created": created,
+                           "model": model, "choices": [],
+                           "usage": usage(prompt_tokens, completion_tokens)})
+        except Exception as e:
+            err = self.to_api_error(e)
+            yield sse(error_body(err.message, err.err_type, err.param, err.code))
+        finally:
+            await merged.aclose()
+        yield SSE_DONE
+
+
+async def _collect(merged: AsyncIterator[tuple[int, RequestOutput]], n: int) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * n
+    async for i, out in merged:
+        if out.finished:
+            finals[i] = out
+    if any(f is None for f in finals):
+        raise RuntimeError("the engine returned no final output")
+    return finals  # type: ignore[return-value]

@@ -1,0 +1,186 @@
+"""What every generation endpoint shares: model check, engine health, prompt checks, errors.
+
+`OpenAIServing.run_errors(...)` maps engine-side exceptions to the OpenAI error shape:
+ValueError -> 400, EngineDeadError -> 503, everything else -> 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+
+from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
+from pagedllm.entrypoints.openai.errors import APIError, bad_request_from_value_error
+from pagedllm.outputs import Logprob
+
+logger = logging.getLogger(__name__)
+
+# JSON has no -inf; OpenAI clients expect a very negative float.
+_MIN_LOGPROB = -9999.0
+
+
+@dataclass
+class ServerConfig:
+    """Server-level options that shape request handling."""
+
+    served_model_names: list[str]
+    chat_template: str | None = None
+    trust_request_chat_template: bool = False
+    disable_log_requests: bool = False
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLM, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self.tokenizer = engine.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.config.served_model_names[0]
+
+    def check_request(self, model: str | None) -> str:
+        """Returns the model name to report; 404 for an unknown model, 503 if the engine died."""
+        if not self.engine.is_healthy:
+            raise APIError(
+                f"The engine is not running: {self.engine.dead_error or 'engine core exited'}",
+                503,
+            )
+        if model is None or model == "":
+            return self.model_name
+        if model not in self.config.served_model_names:
+            raise APIError(
+                f"The model `{model}` does not exist.", 404, param="model", code="model_not_found"
+            )
+        return model
+
+    def check_context_length(
+        self, num_prompt_tokens: int, max_tokens: int | None, what: str = "prompt"
+    ) -> None:
+        limit = self.engine.max_model_len
+        if max_tokens is None:
+            if num_prompt_tokens >= limit:
+                raise APIError(
+                    f"This model's maximum context length is {limit} tokens. However, your "
+                    f"{what} resulted in {num_prompt_tokens} tokens, which leaves no room for "
+                    "the completion. Please reduce the length of the input.",
+                    400, param="messages" if what == "messages" else "prompt",
+                    code="context_length_exceeded",
+                )
+            return
+        total = num_prompt_tokens + max_tokens
+        if total > limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{total} tokens ({num_prompt_tokens} in the {what}, {max_tokens} in the "
+                "completion). Please reduce the length of the input or completion.",
+                400, param="max_tokens", code="context_length_exceeded",
+            )
+
+    @staticmethod
+    def new_id(prefix: str) -> str:
+        return f"{prefix}-{uuid.uuid4().hex}"
+
+    @staticmethod
+    def to_api_error(e: BaseException) -> APIError:
+        if isinstance(e, APIError):
+            return e
+        if isinstance(e, EngineDeadError):
+            return APIError(f"The engine is not running: {str(e).splitlines()[0]}", 503)
+        if isinstance(e, ValueError):
+            return bad_request_from_value_error(e)
+        if isinstance(e, RequestAbortedError):
+            return APIError(str(e), 500)
+        logger.exception("request failed", exc_info=e)
+        return APIError(f"Internal server error: {type(e).__name__}: {e}", 500)
+
+
+# ---- logprob formatting ----
+def clamp(lp: float) -> float:
+    return max(lp, _MIN_LOGPROB)
+
+
+def top_entries(position: dict[int, Logprob], k: int) -> list[tuple[int, Logprob]]:
+    """The top-k entries of one position by rank (the sampled token may sit outside them)."""
+    ranked = [(t, lp) for t, lp in position.items() if lp.rank is not None and lp.rank <= k]
+    ranked.sort(key=lambda e: e[1].rank)
+    return ranked[:k]
+
+
+def token_str(tokenizer, token_id: int, lp: Logprob | None) -> str:
+    if lp is not None and lp.decoded_token is not None:
+        return lp.decoded_token
+    return tokenizer.decode([token_id])
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], logprobs, k: int) -> dict:
+    """OpenAI chat format: {"content": [{token, logprob, bytes, top_logprobs}], "refusal"}."""
+    content = []
+    for tid, pos in zip(token_ids, logprobs):
+        lp = pos.get(tid)
+        tok = token_str(tokenizer, tid, lp)
+        top = []
+        for t, e in top_entries(pos, k):
+            s = token_str(tokenizer, t, e)
+            top.append({"token": s, "logprob": clamp(e.logprob), "bytes": list(s.encode())})
+        content.append({
+            "token": tok,
+            "logprob": clamp(lp.logprob) if lp is not None else _MIN_LOGPROB,
+            "bytes": list(tok.encode()),
+            "top_logprobs": top,
+        })
+    return {"content": content, "refusal": None}
+
+
+def legacy_logprobs(
+    tokenizer, token_ids: list[int], logprobs, k: int, initial_offset: int
+) -> tuple[dict, int]:
+    """Completions format: tokens, token_logprobs, top_logprobs, text_offset; and the next offset.
+
+    `logprobs` entries may be None (the first prompt token has no logprob).
+    """
+    tokens, token_lps, tops, offsets = [], [], [], []
+    offset = initial_offset
+    for tid, pos in zip(token_ids, logprobs):
+        lp = pos.get(tid) if pos is not None else None
+        tok = token_str(tokenizer, tid, lp)
+        tokens.append(tok)
+        offsets.append(offset)
+        offset += len(tok)
+        if pos is None:
+            token_lps.append(None)
+            tops.append(None)
+            continue
+        token_lps.append(clamp(lp.logprob) if lp is not None else _MIN_LOGPROB)
+        top = {token_str(tokenizer, t, e): clamp(e.logprob) for t, e in top_entries(pos, k)}
+        if lp is not None and k > 0:
+            top.setdefault(tok, clamp(lp.logprob))
+        tops.append(top)
+    body = {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops,
+            "text_offset": offsets}
+    return body, offset
+
+
+def prompt_logprobs_json(prompt_logprobs) -> list | None:
+    """vLLM's `prompt_logprobs` field: per position {token_id: {logprob, rank, decoded_token}}."""
+    if prompt_logprobs is None:
+        return None
+    out: list = []
+    for pos in prompt_logprobs:
+        if pos is None:
+            out.append(None)
+            continue
+        out.append({
+            str(t): {"logprob": clamp(e.logprob), "rank": e.rank, "decoded_token": e.decoded_token}
+            for t, e in pos.items()
+        })
+    return out
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }

@@ -1,0 +1,35 @@
+"""GET /v1/models and /v1/models/{id}: the served model names (aliases of one model)."""
+
+from __future__ import annotations
+
+import time
+
+from pagedllm.entrypoints.openai.errors import APIError
+
+
+class OpenAIServingModels:
+    def __init__(self, served_model_names: list[str], root: str, max_model_len: int) -> None:
+        self.served_model_names = served_model_names
+        self.root = root
+        self.max_model_len = max_model_len
+        self.created = int(time.time())
+
+    def card(self, name: str) -> dict:
+        return {
+            "id": name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "pagedllm",
+            "root": self.root,
+            "parent": None,
+            "max_model_len": self.max_model_len,
+        }
+
+    def list_models(self) -> dict:
+        return {"object": "list", "data": [self.card(n) for n in self.served_model_names]}
+
+    def get_model(self, model_id: str) -> dict:
+        if model_id not in self.served_model_names:
+            raise APIError(f"The model `{model_id}` does not exist.", 404, param="model",
+                           code="model_not_found")
+        return self.card(model_id)
