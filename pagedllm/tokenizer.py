@@ -85,6 +85,19 @@ def _load_gguf_tokenizer(path: str, use_disk_cache: bool) -> Any:
     return tokenizer
 
 
+def _disable_builtin_padding(tokenizer: Any) -> None:
+    """Turns off padding and truncation baked into a tokenizer.json (sentence-transformers
+    models such as all-MiniLM-L6-v2 ship "pad to 128" and "truncate at 128"): a prompt is
+    tokenized whole, and length limits are the engine's to enforce."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return
+    if getattr(backend, "padding", None) is not None:
+        backend.no_padding()
+    if getattr(backend, "truncation", None) is not None:
+        backend.no_truncation()
+
+
 def get_tokenizer(
     path_or_model_config: Any,
     model_format: str | None = None,
@@ -116,6 +129,7 @@ def get_tokenizer(
                 tokenizer = AutoTokenizer.from_pretrained(
                     path, trust_remote_code=trust_remote_code
                 )
+                _disable_builtin_padding(tokenizer)
         except ModelLoadError:
             raise
         except Exception as e:

@@ -114,6 +114,9 @@ class EngineArgs:
         if task not in ("generate", "embed"):
             raise ValueError(f"task must be one of auto, generate, embed; got {task!r}")
         derived = _derive_max_model_len(hf_config)
+        cap = getattr(resolved, "max_model_len", None)
+        if cap is not None:
+            derived = min(derived, cap)
         max_model_len = self.max_model_len or derived
         if max_model_len > derived:
             raise ValueError(

@@ -134,8 +134,19 @@ class AsyncLLM:
         self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
 
     def shutdown(self) -> None:
+        """Stops the output loop and the engine-core process (blocks up to a few seconds)."""
         if self._output_task is not None:
             self._output_task.cancel()
+        self.client.shutdown()
+
+    async def shutdown_async(self) -> None:
+        if self._output_task is not None:
+            self._output_task.cancel()
+            try:
+                await self._output_task
+            except BaseException:
+                pass
+        # Sockets belong to this loop's thread: close them here (the join blocks a few seconds).
         self.client.shutdown()
 
     # ---- health ----

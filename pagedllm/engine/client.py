@@ -142,12 +142,9 @@ class EngineCoreProcClient:
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
-        for sock in (self.input_socket, self.output_socket):
-            if sock is not None:
-                sock.close(linger=0)
         for ctx in (self._ctx, self._sync_ctx):
             if ctx is not None:
-                ctx.term()
+                ctx.destroy(linger=0)
         shutil.rmtree(self._tmpdir, ignore_errors=True)
 
     # ---- messages to the core ----

@@ -10,8 +10,9 @@ Invariants:
   never waits on it.
 - When idle the loop blocks on the input socket; while work exists it drains input without
   blocking, then steps. No pickle crosses a socket.
-- The process exits on SHUTDOWN, on SIGTERM, on any engine error (after sending it), and when
-  its parent dies (a watchdog thread polls the parent pid), so no orphan survives the server.
+- The process exits on SHUTDOWN, on any engine error (after sending it), when its parent dies
+  (a watchdog thread polls the parent pid), and at the latest 60 s after a SIGTERM (which it
+  otherwise leaves to the front-end, so a group-wide SIGTERM does not cut off the drain).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 # How often the blocked idle loop and the parent watchdog wake up.
 _POLL_MS = 1000
 _PARENT_CHECK_S = 0.5
+# After SIGTERM, how long the core waits for the front-end's SHUTDOWN (its drain) before exiting.
+_SIGTERM_GRACE_S = 60.0
 
 # EngineCore methods the front-end may call through a UTILITY message.
 UTILITY_METHODS = frozenset({"reset_prefix_cache", "has_unfinished_requests"})
@@ -163,16 +166,18 @@ class EngineCoreProc:
     def run_busy_loop(self) -> None:
         was_busy = False
         while True:
-            busy = self.core.has_unfinished_requests()
-            self.process_input(block=not busy)
+            if self.core.has_unfinished_requests():
+                self.process_input(block=False)
+            else:
+                if was_busy or self._stats_dirty:
+                    # Going idle: one stats-only message first, so gauges drop to 0 at once
+                    # (the last step's stats were taken before its finished requests left).
+                    self.step()
+                    was_busy = False
+                self.process_input(block=True)
             if self.core.has_unfinished_requests():
                 self.step()
                 was_busy = True
-            elif was_busy or self._stats_dirty:
-                # Going idle: one stats-only message so gauges drop to 0 at once.
-                self.step()
-                was_busy = False
-
 
 def run_engine_core(
     config: EngineConfig,
@@ -190,7 +195,14 @@ def run_engine_core(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def on_sigterm(signum, frame) -> None:
-        raise _Shutdown
+        # A SIGTERM to the whole group (timeout, docker stop, systemd) must not cut off the
+        # front-end's drain: keep serving, the front-end sends SHUTDOWN when done. Exit on our
+        # own only if that never comes.
+        def fallback_exit() -> None:
+            time.sleep(_SIGTERM_GRACE_S)
+            os._exit(0)
+
+        threading.Thread(target=fallback_exit, name="sigterm-fallback", daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_sigterm)
     _start_parent_watchdog(parent_pid)

@@ -7,6 +7,7 @@ only sends what changed.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -16,7 +17,9 @@ from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.engine.protocol import LogprobsLists
 from pagedllm.sample.sampler import Sampler, compute_logprobs
-from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata
+from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
+from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs, build_sampling_metadata_async
+from pagedllm.worker.input_batch import CachedRequestState
 
 logger = logging.getLogger(__name__)
 
@@ -33,13 +36,33 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_caches: list[torch.Tensor] = []
         self.model: torch.nn.Module | None = None
+        self.pooling = None  # a worker.pooling.PoolingRunner when task == "embed"
         self.attn_backend = get_attn_backend("torch_ref" if device.type == "cpu" else "triton")
+        sc = config.scheduler_config
+        self.max_num_tokens = sc.max_num_batched_tokens
+        self.max_num_reqs = sc.max_num_seqs
+        self.max_blocks_per_req = -(-self.model_config.max_model_len // self.block_size)
+        self.buffers = InputBuffers(
+            self.max_num_tokens, self.max_num_reqs, self.max_blocks_per_req, self.block_size,
+            device,
+        )
+        self.graph_runner: CudaGraphRunner | None = None
+        self.use_cuda_graph = (
+            device.type == "cuda" and not config.enforce_eager and self.model_config.task == "generate"
+        )
+        self.timings: dict[str, float] = {}  # start-up stages, seconds
 
     def load_model(self) -> None:
         from pagedllm.model_executor.loader import load_model
 
+        t0 = time.perf_counter()
         self.model = load_model(self.model_config, self.device, self.attn_backend)
         self.vocab_size = self.model_config.vocab_size
+        if self.model_config.task == "embed":
+            from pagedllm.worker.pooling import PoolingRunner
+
+            self.pooling = PoolingRunner(self.model_config, self.model)
+        self.timings["load_model"] = time.perf_counter() - t0
 
     # ---- KV cache ----
     def kv_cache_bytes_per_block(self) -> int:
@@ -51,8 +74,106 @@ class ModelRunner:
         override = self.config.cache_config.num_gpu_blocks_override
         if override is not None:
             return override
+        if self.model_config.task == "embed":
+            from pagedllm.worker.pooling import pooling_num_blocks
+
+            return pooling_num_blocks(self.config)
+        if self.device.type == "cuda":
+            t0 = time.perf_counter()
+            num_blocks = self._profile_num_blocks()
+            self.timings["profile"] = time.perf_counter() - t0
+            return num_blocks
         budget = int(self.config.cache_config.kv_cache_space_gib * (1 << 30))
         return max(1, budget // self.kv_cache_bytes_per_block())
+
+    @torch.inference_mode()
+    def _profile_run(self) -> None:
+        """A forward at max_num_batched_tokens (and sampling of max_num_seqs rows) on dummy
+        inputs, to measure the activation peak. Nothing is written to any cache."""
+        m = self.model
+        num_tokens, num_reqs = self.max_num_tokens, min(self.max_num_reqs, self.max_num_tokens)
+        lens = [num_tokens // num_reqs] * num_reqs
+        lens[-1] += num_tokens - sum(lens)
+        dev = self.device
+        # One zeroed block per layer: every key read resolves to block 0; slots are -1.
+        shape = kv_cache_shape(1, self.block_size, m.num_kv_heads, m.head_dim)
+        caches = [torch.zeros(shape, dtype=self.cache_dtype, device=dev)] * m.num_layers
+        qsl = torch.tensor([0] + np.cumsum(lens).tolist(), dtype=torch.int32)
+        sl = torch.tensor(lens, dtype=torch.int32)
+        md = AttentionMetadata(
+            num_reqs=num_reqs,
+            num_actual_tokens=num_tokens,
+            slot_mapping=torch.full((num_tokens,), -1, dtype=torch.int64, device=dev),
+            query_start_loc=qsl.to(dev),
+            seq_lens=sl.to(dev),
+            block_table=torch.zeros((num_reqs, self.max_blocks_per_req), dtype=torch.int32,
+                                    device=dev),
+            max_query_len=max(lens),
+            max_seq_len=max(lens),
+            query_start_loc_cpu=qsl,
+            seq_lens_cpu=sl,
+        )  # fmt: skip
+        input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
+        hidden = m(input_ids, positions, caches, md)
+        if self.model_config.task == "generate":
+            logits = m.compute_logits(hidden[:num_reqs])
+            # The sampler's worst case: temperature, top-k/top-p (a sort) and a draw.
+            probs = logits.div(0.7).sort(dim=-1, descending=True).values.softmax(dim=-1)
+            probs.div(torch.empty_like(probs).exponential_()).argmax(dim=-1)
+        torch.cuda.synchronize(dev)
+
+    def _profile_num_blocks(self) -> int:
+        """KV blocks that fit in gpu_memory_utilization x total after weights and the
+        activation peak of a profiling forward; raises ValueError naming the flag to change."""
+        dev = self.device
+        cc = self.config.cache_config
+        gib = float(1 << 30)
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        weights = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        self._profile_run()
+        peak = torch.cuda.max_memory_allocated(dev)
+        activation_peak = peak - weights
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(dev)
+        # CUDA context, cuBLAS workspaces, NCCL: device memory torch's allocator does not own.
+        non_torch = max(0, total - free - torch.cuda.memory_reserved(dev))
+        # CUDA graphs keep their own pool; allow for it and for allocator fragmentation.
+        graph_reserve = 0 if not self.use_cuda_graph else min(int(2 * gib), total // 50)
+        budget = int(total * cc.gpu_memory_utilization) - peak - non_torch - graph_reserve
+        per_block = self.kv_cache_bytes_per_block()
+        num_blocks = max(0, budget // per_block)
+        max_len = self.model_config.max_model_len
+        logger.info(
+            "memory: total %.1f GiB x gpu_memory_utilization %.2f; weights %.2f GiB, activation "
+            "peak %.2f GiB (at %d tokens), non-torch %.2f GiB, graph reserve %.2f GiB; KV cache "
+            "%.2f GiB = %d blocks of %d tokens; max concurrency at max_model_len=%d: %.2fx",
+            total / gib, cc.gpu_memory_utilization, weights / gib, activation_peak / gib,
+            self.max_num_tokens, non_torch / gib, graph_reserve / gib,
+            num_blocks * per_block / gib, num_blocks, self.block_size, max_len,
+            num_blocks * self.block_size / max_len,
+        )  # fmt: skip
+        self.memory_profile = {
+            "total_gib": total / gib, "weights_gib": weights / gib,
+            "activation_peak_gib": activation_peak / gib, "non_torch_gib": non_torch / gib,
+            "kv_cache_gib": num_blocks * per_block / gib, "num_blocks": num_blocks,
+        }  # fmt: skip
+        if budget <= 0:
+            raise ValueError(
+                f"the model does not fit: weights {weights / gib:.2f} GiB + activations "
+                f"{activation_peak / gib:.2f} GiB + {non_torch / gib:.2f} GiB other exceed "
+                f"gpu_memory_utilization={cc.gpu_memory_utilization} x {total / gib:.1f} GiB; raise "
+                "--gpu-memory-utilization, lower --max-num-batched-tokens, or use a smaller model"
+            )
+        if num_blocks * self.block_size < max_len:
+            raise ValueError(
+                f"the KV cache has room for {num_blocks * self.block_size} tokens, fewer than "
+                f"max_model_len={max_len}; lower --max-model-len, raise "
+                "--gpu-memory-utilization, or lower --max-num-batched-tokens"
+            )
+        return num_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.model
@@ -62,6 +183,40 @@ class ModelRunner:
             torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(m.num_layers)
         ]
         self.num_blocks = num_blocks
+        if self.use_cuda_graph:
+            self.capture_model()
+
+    # ---- CUDA graphs ----
+    def _graph_metadata(self, size: int) -> AttentionMetadata:
+        b = self.buffers
+        # Dummy decode batch of `size` requests: one token each, nothing written to the cache.
+        b.query_start_loc[: size + 1].copy_(torch.arange(size + 1, dtype=torch.int32))
+        b.seq_lens[:size].fill_(1)
+        b.slot_mapping[:size].fill_(-1)
+        b.input_ids[:size].zero_()
+        b.positions[:size].zero_()
+        return AttentionMetadata(
+            num_reqs=size,
+            num_actual_tokens=size,
+            slot_mapping=b.slot_mapping[:size],
+            query_start_loc=b.query_start_loc[: size + 1],
+            seq_lens=b.seq_lens[:size],
+            block_table=b.block_table[:size],
+            max_query_len=1,
+            max_seq_len=self.model_config.max_model_len,
+        )
+
+    def _graph_forward(self, size: int, md: AttentionMetadata) -> torch.Tensor:
+        b = self.buffers
+        return self.model(b.input_ids[:size], b.positions[:size], self.kv_caches, md)
+
+    @torch.inference_mode()
+    def capture_model(self) -> None:
+        """Captures decode graphs at the padded batch sizes (skipped under enforce_eager)."""
+        sizes = capture_sizes(self.max_num_reqs)
+        self.graph_runner = CudaGraphRunner(sizes)
+        self.graph_runner.capture(self._graph_forward, self._graph_metadata)
+        self.timings["graph_capture"] = self.graph_runner.capture_seconds
 
     # ---- state ----
     def _update_states(self, so: SchedulerOutput) -> None:
@@ -92,71 +247,34 @@ class ModelRunner:
         req_ids = list(so.num_scheduled_tokens.keys())
         if not req_ids:
             return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
-        bs = self.block_size
-        num_reqs = len(req_ids)
         states = [self.requests[r] for r in req_ids]
         counts = [so.num_scheduled_tokens[r] for r in req_ids]
-        total = sum(counts)
-        input_ids = np.empty(total, dtype=np.int64)
-        positions = np.empty(total, dtype=np.int64)
-        slot_mapping = np.empty(total, dtype=np.int64)
-        query_start_loc = np.zeros(num_reqs + 1, dtype=np.int32)
-        seq_lens = np.empty(num_reqs, dtype=np.int32)
-        max_blocks = max(len(s.block_ids) for s in states)
-        block_table = np.zeros((num_reqs, max_blocks), dtype=np.int32)
-        sample_rows: list[int] = []  # request index
-        sample_token_idx: list[int] = []  # flat token index of the last token
-        prompt_lp: list[tuple[int, int, int]] = []  # (request index, first pos, last pos excl)
-        offset = 0
-        for i, (state, n) in enumerate(zip(states, counts)):
-            start = state.num_computed_tokens
-            end = start + n
-            input_ids[offset : offset + n] = state.token_slice(start, end)
-            pos = np.arange(start, end, dtype=np.int64)
-            positions[offset : offset + n] = pos
-            blocks = np.asarray(state.block_ids, dtype=np.int64)
-            block_table[i, : len(blocks)] = blocks
-            slot_mapping[offset : offset + n] = blocks[pos // bs] * bs + pos % bs
-            query_start_loc[i + 1] = offset + n
-            seq_lens[i] = end
-            if end == state.num_tokens:
-                sample_rows.append(i)
-                sample_token_idx.append(offset + n - 1)
-            if state.want_prompt_logprobs:
-                last = min(end, len(state.prompt_token_ids) - 1)
-                if start < last:
-                    prompt_lp.append((i, start, last))
-            offset += n
-        dev = self.device
-        qsl_cpu = torch.from_numpy(query_start_loc)
-        sl_cpu = torch.from_numpy(seq_lens)
-        md = AttentionMetadata(
-            num_reqs=num_reqs,
-            num_actual_tokens=total,
-            slot_mapping=torch.from_numpy(slot_mapping).to(dev, non_blocking=True),
-            query_start_loc=qsl_cpu.to(dev, non_blocking=True),
-            seq_lens=sl_cpu.to(dev, non_blocking=True),
-            block_table=torch.from_numpy(block_table).to(dev, non_blocking=True),
-            max_query_len=max(counts),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_cpu=qsl_cpu,
-            seq_lens_cpu=sl_cpu,
-        )
-        hidden = self.model(
-            torch.from_numpy(input_ids).to(dev, non_blocking=True),
-            torch.from_numpy(positions).to(dev, non_blocking=True),
-            self.kv_caches,
-            md,
-        )
+        num_reqs = len(req_ids)
+        graph_size = None
+        if self.graph_runner is not None and so.total_num_scheduled_tokens == num_reqs:
+            graph_size = self.graph_runner.size_for(num_reqs)
+        step = self.buffers.prepare(states, counts, pad_to=graph_size)
+        hidden = self._run_model(step, graph_size)
+        if self.pooling is not None:
+            return ModelRunnerOutput(
+                req_ids=req_ids, sampled_token_ids=[[] for _ in req_ids],
+                pooler_output=self.pooling.pool(hidden, states, counts),
+            )
+        sample_rows = step.sample_rows.tolist()
+        prompt_lp = self._prompt_logprob_ranges(states, counts)
         out = ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=[[] for _ in req_ids])
         if prompt_lp:
-            self._prompt_logprobs(hidden, states, query_start_loc, prompt_lp, out)
+            self._prompt_logprobs(hidden, states, step.query_start_loc_np, prompt_lp, out)
         if not sample_rows:
             return out
-        idx = torch.tensor(sample_token_idx, dtype=torch.int64, device=dev)
-        logits = self.model.compute_logits(hidden.index_select(0, idx))
+        num_sampling = len(sample_rows)
+        if num_sampling == hidden.shape[0] and num_sampling == step.num_tokens:
+            sample_hidden = hidden  # decode-only: every row samples, in order
+        else:
+            sample_hidden = hidden.index_select(0, self.buffers.sample_idx[:num_sampling])
+        logits = self.model.compute_logits(sample_hidden)
         sample_states = [states[i] for i in sample_rows]
-        smd = build_sampling_metadata(sample_states, self.vocab_size, dev)
+        smd = build_sampling_metadata_async(sample_states, self.vocab_size, self.device)
         result = self.sampler(logits, smd)
         sampled = result.sampled_token_ids.tolist()  # the one host sync of the step
         lp = result.logprobs
@@ -177,6 +295,41 @@ class ModelRunner:
                 )
                 state.want_prompt_logprobs = False
         return out
+
+    def _run_model(self, step: StepInputs, graph_size: int | None) -> torch.Tensor:
+        """Runs the model on the uploaded buffers -> hidden [num_tokens, hidden_size]."""
+        b = self.buffers
+        if graph_size is not None:
+            return self.graph_runner.replay(graph_size)[: step.num_tokens]
+        n, r = step.num_tokens, step.num_reqs
+        md = AttentionMetadata(
+            num_reqs=r,
+            num_actual_tokens=n,
+            slot_mapping=b.slot_mapping[:n],
+            query_start_loc=b.query_start_loc[: r + 1],
+            seq_lens=b.seq_lens[:r],
+            block_table=b.block_table[:r],
+            max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len,
+            query_start_loc_cpu=b.query_start_loc_cpu[: r + 1],
+            seq_lens_cpu=b.seq_lens_cpu[:r],
+            causal=getattr(self.model, "is_causal", True),
+        )
+        return self.model(b.input_ids[:n], b.positions[:n], self.kv_caches, md)
+
+    @staticmethod
+    def _prompt_logprob_ranges(
+        states: list[CachedRequestState], counts: list[int]
+    ) -> list[tuple[int, int, int]]:
+        """(request index, first pos, last pos excl) of prompt logprobs computed this step."""
+        ranges = []
+        for i, (state, n) in enumerate(zip(states, counts)):
+            if state.want_prompt_logprobs:
+                start = state.num_computed_tokens
+                last = min(start + n, len(state.prompt_token_ids) - 1)
+                if start < last:
+                    ranges.append((i, start, last))
+        return ranges
 
     def _prompt_logprobs(self, hidden, states, query_start_loc, prompt_lp, out) -> None:
         """Logprobs of prompt tokens 1..P-1 over this chunk's positions (raw logits)."""

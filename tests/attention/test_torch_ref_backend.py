@@ -31,7 +31,7 @@ def _run_mixed_batch(sliding_window=None, seed=0):
     reqs = [(0, 7), (5, 6), (9, 1), (3, 1), (0, 1), (12, 4)]
     cache = torch.randn(kv_cache_shape(num_blocks, bs, nkv, hd), generator=g)
     perm = torch.randperm(num_blocks, generator=g).tolist()
-    tables, slots, qs, ks, vs, refs = [], [], [], [], [], []
+    tables, slots, qs, ks, vs = [], [], [], [], []
     qsl, seq_lens = [0], []
     full_k, full_v = [], []
     for cached, new in reqs:

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from pagedllm import LLM, SamplingParams
-
 from pagedllm.model_executor.loader.resolve import default_model_path as smollm2_path
 
 MAX_TOKENS = 12

@@ -10,13 +10,23 @@ from __future__ import annotations
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as PROMETHEUS_CONTENT_TYPE
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 
 from pagedllm.engine.async_llm import IterationStats
 from pagedllm.engine.protocol import SchedulerStats
 
 logger = logging.getLogger("pagedllm.metrics")
+
+# vLLM's exposition has no `*_created` series; keep the output to the documented names.
+disable_created_metrics()
 
 __all__ = ["LoggingStatLogger", "PrometheusStatLogger", "PROMETHEUS_CONTENT_TYPE"]
 

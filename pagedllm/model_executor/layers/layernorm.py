@@ -44,6 +44,13 @@ class RMSNorm(nn.Module):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.is_cuda:
+            # Triton kernels; the fused variant writes x + residual into `residual` in place.
+            from pagedllm.model_executor.layers.ops import rms_norm as ops
+
+            if residual is None:
+                return ops.rms_norm(x, self.weight, self.eps)
+            return ops.fused_add_rms_norm(x, residual.contiguous(), self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         summed = x + residual

@@ -78,6 +78,14 @@ class RotaryEmbedding(nn.Module):
         key: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         num_tokens = positions.shape[0]
+        if query.is_cuda:
+            # Triton kernel: rotates q and k in place (they may be views into the QKV output).
+            from pagedllm.model_executor.layers.ops.rotary import rotary_embedding
+
+            rotary_embedding(
+                positions, query, key, self.head_size, self.cos_sin_cache, self.is_neox_style
+            )
+            return query, key
         cos_sin = self.cos_sin_cache.index_select(0, positions)
         cos, sin = cos_sin.chunk(2, dim=-1)
         cos = cos.unsqueeze(1).to(query.dtype)

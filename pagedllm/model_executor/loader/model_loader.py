@@ -76,6 +76,11 @@ def load_model(
         model_cls = ModelRegistry.resolve(getattr(hf_config, "architectures", None))
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
+    if model_config.task == "generate" and not getattr(model_cls, "is_causal", True):
+        raise ModelLoadError(
+            f"{model_cls.__name__} is an encoder-only embedding model and cannot generate text; "
+            "load it with task='embed' (--task embed)"
+        )
     with torch.device("meta"):
         model = model_cls(hf_config, attn_backend, model_config.dtype)
     # One allocation on the target device; values come from the checkpoint next.

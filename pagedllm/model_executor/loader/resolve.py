@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,57 @@ class ResolvedModel:
     model_format: str  # "hf" | "gguf"
     hf_config: Any  # transformers PretrainedConfig with `architectures` set
     tokenizer_path: str  # directory or .gguf file the tokenizer is read from
+    # A cap on the context length from the model's files (sentence-transformers
+    # max_seq_length); None when they set none. The engine uses min(this, config's).
+    max_model_len: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SentenceTransformersConfig:
+    """What a sentence-transformers model directory says about turning hidden states into
+    embeddings (modules.json, the Pooling module's config.json, sentence_bert_config.json)."""
+
+    module_types: tuple[str, ...]  # e.g. ("sentence_transformers.models.Transformer", ...)
+    pooling: dict[str, Any] | None  # the Pooling module's config.json; None without one
+    normalize: bool  # a Normalize module follows pooling
+    max_seq_length: int | None
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"unreadable sentence-transformers file {path}: {e}") from e
+
+
+def read_sentence_transformers_config(model_dir: str) -> SentenceTransformersConfig | None:
+    """The sentence-transformers settings of `model_dir`, or None if it has no modules.json."""
+    modules_path = os.path.join(model_dir, "modules.json")
+    if not os.path.isdir(model_dir) or not os.path.isfile(modules_path):
+        return None
+    modules = _read_json(modules_path)
+    if not isinstance(modules, list):
+        raise ModelLoadError(f"{modules_path} should hold a list of modules")
+    types: list[str] = []
+    pooling: dict[str, Any] | None = None
+    normalize = False
+    for module in modules:
+        kind = str(module.get("type", ""))
+        types.append(kind)
+        if kind.endswith(".Pooling"):
+            cfg = os.path.join(model_dir, str(module.get("path", "")), "config.json")
+            if os.path.isfile(cfg):
+                pooling = _read_json(cfg)
+        elif kind.endswith(".Normalize"):
+            normalize = True
+    max_seq_length = None
+    st_path = os.path.join(model_dir, "sentence_bert_config.json")
+    if os.path.isfile(st_path):
+        value = _read_json(st_path).get("max_seq_length")
+        if isinstance(value, int) and value > 0:
+            max_seq_length = value
+    return SentenceTransformersConfig(tuple(types), pooling, normalize, max_seq_length)
 
 
 def default_model_path() -> str:
@@ -90,6 +142,22 @@ def check_architecture(hf_config: Any, where: str) -> None:
         raise ModelLoadError(f"{where}: {e}") from e
 
 
+def _max_len_cap(model_dir: str, hf_config: Any) -> int | None:
+    """min(sentence-transformers max_seq_length, the model class's own cap), None if neither."""
+    caps: list[int] = []
+    st = read_sentence_transformers_config(model_dir)
+    if st is not None and st.max_seq_length is not None:
+        caps.append(st.max_seq_length)
+    try:
+        model_cls = ModelRegistry.resolve(getattr(hf_config, "architectures", None))
+    except ValueError:
+        model_cls = None
+    class_cap = getattr(model_cls, "max_model_len_cap", None)
+    if class_cap is not None:
+        caps.append(int(class_cap(hf_config)))
+    return min(caps) if caps else None
+
+
 def resolve_model(
     model: str | None, trust_remote_code: bool = False, check_arch: bool = True
 ) -> ResolvedModel:
@@ -120,7 +188,7 @@ def resolve_model(
             config = _hf_dir_config(path, trust_remote_code)
             if check_arch:
                 check_architecture(config, path)
-            return ResolvedModel(path, "hf", config, path)
+            return ResolvedModel(path, "hf", config, path, max_model_len=_max_len_cap(path, config))
 
     if not path.endswith(".gguf"):
         raise ModelLoadError(

@@ -12,7 +12,12 @@ _MODELS: dict[str, tuple[str, str]] = {
     "MistralForCausalLM": ("llama", "MistralForCausalLM"),
     "Qwen2ForCausalLM": ("qwen2", "Qwen2ForCausalLM"),
     "Qwen3ForCausalLM": ("qwen3", "Qwen3ForCausalLM"),
+    "BertModel": ("bert", "BertModel"),
+    "RobertaModel": ("bert", "RobertaModel"),
+    "XLMRobertaModel": ("bert", "XLMRobertaModel"),
 }
+# Encoder-only architectures: they only embed, so task="auto" means "embed" for them.
+_EMBEDDING_ARCHS: set[str] = {"BertModel", "RobertaModel", "XLMRobertaModel"}
 
 
 class ModelRegistry:
@@ -23,8 +28,20 @@ class ModelRegistry:
         return sorted(_MODELS)
 
     @staticmethod
-    def register(architecture: str, module: str, class_name: str) -> None:
+    def register(
+        architecture: str, module: str, class_name: str, is_embedding: bool = False
+    ) -> None:
         _MODELS[architecture] = (module, class_name)
+        if is_embedding:
+            _EMBEDDING_ARCHS.add(architecture)
+
+    @staticmethod
+    def is_embedding_model(architectures: list[str] | None) -> bool:
+        """True when the first supported name in `architectures` is an embedding-only model."""
+        for name in architectures or []:
+            if name in _MODELS:
+                return name in _EMBEDDING_ARCHS
+        return False
 
     @staticmethod
     def is_supported(architecture: str) -> bool:

@@ -1,0 +1,125 @@
+"""Command-line flags of `pagedllm serve` / `python -m pagedllm.entrypoints.openai.api_server`.
+
+Names, defaults and meaning follow vLLM. A flag we accept but cannot honour yet fails at
+start-up (`validate_args` or EngineArgs.create_engine_config), never silently.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from pagedllm import envs
+from pagedllm.engine.arg_utils import EngineArgs
+
+
+def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    if model_positional:
+        parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
+                            help="model path, .gguf file or name (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", default=None, help="model path, .gguf file or name")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path (default: the model's)")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--served-model-name", nargs="+", default=None,
+                        help="one or more names the API accepts for the model; the first is reported")
+    parser.add_argument("--api-key", default=None,
+                        help="require `Authorization: Bearer KEY` (also env PAGEDLLM_API_KEY)")
+    parser.add_argument("--dtype", default="auto",
+                        choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=None)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction,
+                        default=True)
+    parser.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
+                        default=True)
+    parser.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--quantization", "-q", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--chat-template", default=None,
+                        help="a chat template file, or the template itself")
+    parser.add_argument("--trust-request-chat-template", action="store_true",
+                        help="allow requests to carry their own chat_template")
+    parser.add_argument("--max-logprobs", type=int, default=20)
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="never capture CUDA graphs (the only mode today)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["debug", "info", "warning", "error", "critical", "trace"])
+    parser.add_argument("--disable-log-requests", action="store_true")
+    parser.add_argument("--disable-log-stats", action="store_true")
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+
+
+def make_arg_parser(prog: str = "pagedllm.entrypoints.openai.api_server") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="pagedllm OpenAI-compatible server")
+    add_server_args(parser)
+    return parser
+
+
+def resolve_model(args: argparse.Namespace) -> str | None:
+    tag = getattr(args, "model_tag", None)
+    if tag is not None and args.model is not None and tag != args.model:
+        raise ValueError(f"model given twice: positional {tag!r} and --model {args.model!r}")
+    return tag or args.model
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Checks that need no model; raises ValueError/NotImplementedError with a message."""
+    if args.tensor_parallel_size != 1:
+        raise NotImplementedError(
+            f"--tensor-parallel-size {args.tensor_parallel_size} is not implemented yet; use 1"
+        )
+    if args.quantization is not None:
+        raise NotImplementedError(f"--quantization {args.quantization} is not implemented yet")
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 1..65535, got {args.port}")
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise ValueError("--gpu-memory-utilization must be in (0, 1]")
+    if args.max_logprobs < -1:
+        raise ValueError("--max-logprobs must be >= -1")
+
+
+def load_chat_template(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a jinja template")
+    return value
+
+
+def api_key_from_args(args: argparse.Namespace) -> str | None:
+    return args.api_key or envs.api_key()
+
+
+def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
+    return EngineArgs(
+        model=resolve_model(args),
+        tokenizer=args.tokenizer,
+        served_model_name=args.served_model_name,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        enable_prefix_caching=args.enable_prefix_caching,
+        enable_chunked_prefill=args.enable_chunked_prefill,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        seed=args.seed,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        num_gpu_blocks_override=args.num_gpu_blocks_override,
+        tensor_parallel_size=args.tensor_parallel_size,
+        quantization=args.quantization,
+        enforce_eager=args.enforce_eager,
+        device=args.device,
+        max_logprobs=args.max_logprobs,
+        trust_remote_code=args.trust_remote_code,
+        disable_log_stats=args.disable_log_stats,
+    )

@@ -1,0 +1,93 @@
+"""CUDA graphs for decode-only steps at padded batch sizes.
+
+A decode step at batch size n replays the graph captured for the smallest padded size >= n
+(1, 2, 4, 8, then multiples of 8 up to `max_num_seqs`). Every graph reads the runner's
+persistent device input buffers (`InputBuffers`), so a replay needs only those refilled; the
+padding requests (one token, slot -1, seq_len 1) compute garbage rows that nobody reads.
+
+Attention metadata in a graph is frozen at capture: num_reqs = the padded size, max_query_len
+= 1, and max_seq_len = max_model_len, so the split-KV decision and partition length hold for
+any context the step can have (splits past a request's end are empty and weigh nothing).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+
+from pagedllm.attention.backend import AttentionMetadata
+
+logger = logging.getLogger(__name__)
+
+
+def capture_sizes(max_num_seqs: int) -> list[int]:
+    """Padded decode batch sizes: 1, 2, 4, 8, 16, 24, ... up to max_num_seqs (included)."""
+    sizes = [s for s in (1, 2, 4) if s <= max_num_seqs]
+    sizes += list(range(8, max_num_seqs + 1, 8))
+    if max_num_seqs not in sizes:
+        sizes.append(max_num_seqs)
+    return sorted(sizes)
+
+
+def padded_size(sizes: list[int], n: int) -> int | None:
+    """The smallest captured size >= n, or None when n is past the largest."""
+    for s in sizes:
+        if s >= n:
+            return s
+    return None
+
+
+class CudaGraphRunner:
+    """Captures and replays `forward(num_tokens, metadata) -> hidden [num_tokens, hidden]`."""
+
+    def __init__(self, sizes: list[int]) -> None:
+        self.sizes = sizes
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.metadata: dict[int, AttentionMetadata] = {}
+        self.pool = None
+        self.capture_seconds = 0.0
+
+    def capture(
+        self,
+        forward: Callable[[int, AttentionMetadata], torch.Tensor],
+        make_metadata: Callable[[int], AttentionMetadata],
+    ) -> None:
+        """Captures one graph per size, largest first so smaller ones reuse its memory pool."""
+        t0 = time.perf_counter()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for size in sorted(self.sizes, reverse=True):
+                md = make_metadata(size)
+                # Warm-up outside the graph: compiles the Triton kernels, sets up cuBLAS.
+                for _ in range(2):
+                    forward(size, md)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    out = forward(size, md)
+                if self.pool is None:
+                    self.pool = graph.pool()
+                self.graphs[size] = graph
+                self.outputs[size] = out
+                self.metadata[size] = md
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        self.capture_seconds = time.perf_counter() - t0
+        logger.info(
+            "captured %d CUDA graphs (decode batch sizes %d..%d) in %.2f s",
+            len(self.graphs), min(self.sizes), max(self.sizes), self.capture_seconds,
+        )
+
+    def size_for(self, num_reqs: int) -> int | None:
+        if not self.graphs:
+            return None
+        return padded_size(self.sizes, num_reqs)
+
+    def replay(self, size: int) -> torch.Tensor:
+        """Runs the graph of `size`; returns its static output [size, hidden_size]."""
+        self.graphs[size].replay()
+        return self.outputs[size]

@@ -1,0 +1,243 @@
+"""Persistent input buffers for one step, and the vectorized step-input preparation.
+
+Every per-step model input lives in a buffer allocated once at the largest size a step can have
+(`max_num_batched_tokens` tokens, `max_num_seqs` requests): a host staging copy (pinned on CUDA,
+so the upload is asynchronous) and a device copy. A step fills the host arrays with numpy (one
+Python iteration per request, none per token), uploads the used prefix non-blocking, and hands
+out views of the device buffers. CUDA graphs capture those same device buffers, so replaying a
+graph only needs the buffers refilled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pagedllm.sample.metadata import SamplingMetadata
+from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, step_seed
+
+
+@dataclass(slots=True)
+class StepInputs:
+    """Host-side description of one step, produced by `InputBuffers.prepare`."""
+
+    num_reqs: int
+    num_tokens: int  # real tokens of the step
+    num_padded_tokens: int  # tokens the model runs (>= num_tokens; graph padding)
+    max_query_len: int
+    max_seq_len: int
+    sample_rows: np.ndarray  # [num_sampling] request index of each sampling request
+    sample_token_idx: np.ndarray  # [num_sampling] flat token index of its last token
+    query_start_loc_np: np.ndarray  # [num_reqs + 1] int32 (a copy)
+
+
+class InputBuffers:
+    """Host (pinned on CUDA) and device buffers for input ids, positions, slots and metadata."""
+
+    def __init__(
+        self,
+        max_num_tokens: int,
+        max_num_reqs: int,
+        max_blocks_per_req: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.max_num_tokens = max_num_tokens
+        self.max_num_reqs = max_num_reqs
+        self.max_blocks_per_req = max_blocks_per_req
+        self.block_size = block_size
+        self.device = device
+        pin = device.type == "cuda"
+
+        def host(*shape: int, dtype: torch.dtype) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+
+        def dev(t: torch.Tensor) -> torch.Tensor:
+            # On CPU the host buffer is the model's input: nothing to upload.
+            return t.to(device) if device.type != "cpu" else t
+
+        self.input_ids_cpu = host(max_num_tokens, dtype=torch.int64)
+        self.positions_cpu = host(max_num_tokens, dtype=torch.int64)
+        self.slot_mapping_cpu = host(max_num_tokens, dtype=torch.int64)
+        self.query_start_loc_cpu = host(max_num_reqs + 1, dtype=torch.int32)
+        self.seq_lens_cpu = host(max_num_reqs, dtype=torch.int32)
+        self.block_table_cpu = host(max_num_reqs, max_blocks_per_req, dtype=torch.int32)
+        self.sample_idx_cpu = host(max_num_reqs, dtype=torch.int64)
+        # numpy views share memory with the host tensors.
+        self.input_ids_np = self.input_ids_cpu.numpy()
+        self.positions_np = self.positions_cpu.numpy()
+        self.slot_mapping_np = self.slot_mapping_cpu.numpy()
+        self.query_start_loc_np = self.query_start_loc_cpu.numpy()
+        self.seq_lens_np = self.seq_lens_cpu.numpy()
+        self.block_table_np = self.block_table_cpu.numpy()
+        self.sample_idx_np = self.sample_idx_cpu.numpy()
+        self.input_ids = dev(self.input_ids_cpu)
+        self.positions = dev(self.positions_cpu)
+        self.slot_mapping = dev(self.slot_mapping_cpu)
+        self.query_start_loc = dev(self.query_start_loc_cpu)
+        self.seq_lens = dev(self.seq_lens_cpu)
+        self.block_table = dev(self.block_table_cpu)
+        self.sample_idx = dev(self.sample_idx_cpu)
+        self._arange = np.arange(max(max_num_tokens, max_num_reqs) + 1, dtype=np.int64)
+        # Marks the end of the last upload: the host buffers are not rewritten before it, even
+        # on steps that never sync (prefill chunks that sample nothing).
+        self._uploaded = torch.cuda.Event() if device.type == "cuda" else None
+
+    def prepare(
+        self,
+        states: list[CachedRequestState],
+        counts: list[int],
+        pad_to: int | None = None,
+    ) -> StepInputs:
+        """Fills the host buffers for `states` (batch order) and uploads them to the device.
+
+        `pad_to` (decode-only batches replayed by a CUDA graph) pads the batch with dummy
+        requests of one token each: input id 0, position 0, slot -1 (never written), seq_len 1.
+        """
+        if self._uploaded is not None:
+            self._uploaded.synchronize()
+        num_reqs = len(states)
+        counts_np = np.asarray(counts, dtype=np.int64)
+        total = int(counts_np.sum())
+        bs = self.block_size
+        ids_np = self.input_ids_np
+        bt = self.block_table_np
+        starts = np.empty(num_reqs, dtype=np.int64)
+        num_tokens = np.empty(num_reqs, dtype=np.int64)
+        offset = 0
+        for i, state in enumerate(states):
+            start = state.num_computed_tokens
+            n = counts[i]
+            starts[i] = start
+            num_tokens[i] = state.num_tokens
+            if n == 1:
+                # Decode (or the last prompt token): one element, no list slicing.
+                p = len(state.prompt_token_ids)
+                ids_np[offset] = (
+                    state.prompt_token_ids[start] if start < p else state.output_token_ids[start - p]
+                )
+            else:
+                ids_np[offset : offset + n] = state.token_slice(start, start + n)
+            blocks = state.block_ids
+            bt[i, : len(blocks)] = blocks
+            offset += n
+        ends = starts + counts_np
+        qsl = self.query_start_loc_np
+        qsl[0] = 0
+        np.cumsum(counts_np, out=qsl[1 : num_reqs + 1])
+        # positions: start of each request repeated over its tokens, plus the offset inside it.
+        req_of_token = np.repeat(self._arange[:num_reqs], counts_np)
+        pos = self.positions_np[:total]
+        np.subtract(self._arange[:total], qsl[:num_reqs].astype(np.int64)[req_of_token], out=pos)
+        pos += starts[req_of_token]
+        block_idx = pos // bs
+        self.slot_mapping_np[:total] = bt[req_of_token, block_idx].astype(np.int64) * bs + pos % bs
+        self.seq_lens_np[:num_reqs] = ends
+        padded_reqs, padded_tokens = num_reqs, total
+        if pad_to is not None and pad_to > num_reqs:
+            pad = pad_to - num_reqs
+            ids_np[total : total + pad] = 0
+            self.positions_np[total : total + pad] = 0
+            self.slot_mapping_np[total : total + pad] = -1
+            qsl[num_reqs + 1 : pad_to + 1] = total + self._arange[1 : pad + 1]
+            self.seq_lens_np[num_reqs:pad_to] = 1
+            padded_reqs, padded_tokens = pad_to, total + pad
+        sampling = ends == num_tokens
+        sample_rows = np.nonzero(sampling)[0]
+        sample_token_idx = qsl[1 : num_reqs + 1][sample_rows].astype(np.int64) - 1
+        self.sample_idx_np[: len(sample_rows)] = sample_token_idx
+        self._upload(padded_tokens, padded_reqs, len(sample_rows))
+        return StepInputs(
+            num_reqs=num_reqs,
+            num_tokens=total,
+            num_padded_tokens=padded_tokens,
+            max_query_len=int(counts_np.max()) if num_reqs else 0,
+            max_seq_len=int(ends.max()) if num_reqs else 0,
+            sample_rows=sample_rows,
+            sample_token_idx=sample_token_idx,
+            query_start_loc_np=qsl[: num_reqs + 1].copy(),
+        )
+
+    def _upload(self, num_tokens: int, num_reqs: int, num_sampling: int) -> None:
+        if self.device.type == "cpu":
+            return
+        nb = True
+        self.input_ids[:num_tokens].copy_(self.input_ids_cpu[:num_tokens], non_blocking=nb)
+        self.positions[:num_tokens].copy_(self.positions_cpu[:num_tokens], non_blocking=nb)
+        self.slot_mapping[:num_tokens].copy_(self.slot_mapping_cpu[:num_tokens], non_blocking=nb)
+        self.query_start_loc[: num_reqs + 1].copy_(
+            self.query_start_loc_cpu[: num_reqs + 1], non_blocking=nb
+        )
+        self.seq_lens[:num_reqs].copy_(self.seq_lens_cpu[:num_reqs], non_blocking=nb)
+        self.block_table[:num_reqs].copy_(self.block_table_cpu[:num_reqs], non_blocking=nb)
+        if num_sampling:
+            self.sample_idx[:num_sampling].copy_(
+                self.sample_idx_cpu[:num_sampling], non_blocking=nb
+            )
+        self._uploaded.record()
+
+
+def _is_simple(state: CachedRequestState) -> bool:
+    p = state.sampling_params
+    return (
+        p.repetition_penalty == 1.0
+        and p.frequency_penalty == 0.0
+        and p.presence_penalty == 0.0
+        and not p.logit_bias
+        and not p.allowed_token_ids
+        and not p.bad_words_token_ids
+        and len(state.output_token_ids) >= p.min_tokens
+    )
+
+
+def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def build_sampling_metadata_async(
+    states: list[CachedRequestState],
+    vocab_size: int,
+    device: torch.device,
+) -> SamplingMetadata:
+    """Like `build_sampling_metadata`, but uploads through pinned memory without a host sync.
+
+    Batches that need penalties, biases, allowed/banned tokens or min_tokens suppression take
+    the general builder (which copies synchronously); the common case never blocks.
+    """
+    if not all(_is_simple(s) for s in states):
+        return build_sampling_metadata(states, vocab_size, device)
+    params = [s.sampling_params for s in states]
+    temps = [p.temperature for p in params]
+    greedy = [t < 1e-5 for t in temps]
+    all_greedy = all(greedy)
+    top_p = top_k = min_p = None
+    if not all_greedy:
+        if any(p.top_p < 1.0 for p in params):
+            top_p = _to_device([p.top_p for p in params], torch.float32, device)
+        if any(p.top_k > 0 for p in params):
+            top_k = _to_device(
+                [p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device
+            )
+        if any(p.min_p > 0 for p in params):
+            min_p = _to_device([p.min_p for p in params], torch.float32, device)
+    step_seeds = {
+        i: step_seed(p.seed, len(s.output_token_ids))
+        for i, (s, p) in enumerate(zip(states, params))
+        if p.seed is not None and not greedy[i]
+    }
+    lp_counts = [p.logprobs for p in params if p.logprobs is not None]
+    return SamplingMetadata(
+        temperature=_to_device(temps, torch.float32, device),
+        all_greedy=all_greedy,
+        all_random=not any(greedy),
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        step_seeds=step_seeds,
+        max_num_logprobs=max(lp_counts) if lp_counts else None,
+    )
