@@ -78,7 +78,9 @@ class SamplingParams:
             self.top_p = 1.0
             self.top_k = 0
             self.min_p = 0.0
-        self.all_stop_token_ids = set(self.stop_token_ids)
+        # Union, not assignment: decoding from msgspec runs __post_init__ again and must keep
+        # the EOS id the input processor added.
+        self.all_stop_token_ids = set(self.all_stop_token_ids or ()) | set(self.stop_token_ids)
 
     def _verify(self) -> None:
         def bad(field_name: str, msg: str) -> ValueError:

@@ -32,6 +32,9 @@ class AttentionMetadata:
     query_start_loc_cpu: torch.Tensor | None = None
     seq_lens_cpu: torch.Tensor | None = None
     causal: bool = True
+    # Per-step scratch a backend may fill on the first layer and reuse on the others
+    # (index tensors, masks). Built fresh with each metadata object.
+    backend_cache: dict | None = None
 
 
 class AttentionBackend:

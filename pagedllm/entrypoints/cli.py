@@ -31,7 +31,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 # Add a module's register function here to add a subcommand (e.g. bench).
-SUBCOMMANDS: list[Callable] = [_register_serve]
+SUBCOMMANDS: list[Callable] = [
+    _register_serve,
+    __import__("pagedllm.entrypoints.bench").entrypoints.bench.register_subcommand,
+]
 
 
 def make_parser() -> argparse.ArgumentParser:

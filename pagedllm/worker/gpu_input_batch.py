@@ -80,6 +80,8 @@ class InputBuffers:
         self.seq_lens = dev(self.seq_lens_cpu)
         self.block_table = dev(self.block_table_cpu)
         self.sample_idx = dev(self.sample_idx_cpu)
+        # req_id -> its block table as an array, for the requests of the last step.
+        self._block_arrays: dict[str, tuple[CachedRequestState, np.ndarray]] = {}
         self._arange = np.arange(max(max_num_tokens, max_num_reqs) + 1, dtype=np.int64)
         # Marks the end of the last upload: the host buffers are not rewritten before it, even
         # on steps that never sync (prefill chunks that sample nothing).
@@ -106,6 +108,8 @@ class InputBuffers:
         bt = self.block_table_np
         starts = np.empty(num_reqs, dtype=np.int64)
         num_tokens = np.empty(num_reqs, dtype=np.int64)
+        bt_cache = self._block_arrays
+        new_cache: dict[str, tuple[CachedRequestState, np.ndarray]] = {}
         offset = 0
         for i, state in enumerate(states):
             start = state.num_computed_tokens
@@ -120,9 +124,17 @@ class InputBuffers:
                 )
             else:
                 ids_np[offset : offset + n] = state.token_slice(start, start + n)
-            blocks = state.block_ids
+            cached = bt_cache.get(state.req_id)
+            if cached is not None and cached[0] is state and len(cached[1]) == len(state.block_ids):
+                blocks = cached[1]
+            else:
+                # A state's block table only grows (a resumed request gets a new state), so
+                # the list is converted again only when its length changed.
+                blocks = np.asarray(state.block_ids, dtype=np.int32)
+            new_cache[state.req_id] = (state, blocks)
             bt[i, : len(blocks)] = blocks
             offset += n
+        self._block_arrays = new_cache
         ends = starts + counts_np
         qsl = self.query_start_loc_np
         qsl[0] = 0

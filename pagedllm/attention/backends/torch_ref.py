@@ -1,10 +1,14 @@
 """Plain-PyTorch attention over the paged KV cache: the CPU backend and the reference.
 
-Decodes (one query token) are batched into one padded gather + SDPA call; prefills and
-prefill chunks (with or without a cached prefix) run one request at a time.
+Decodes (one query token) are batched: one gather of their blocks and two batched matmuls per
+layer, with the gather indices and the length mask built once per step. Prefills without a
+cached prefix attend to their fresh K/V directly; prefill chunks with a cached prefix gather
+their blocks. Both run one request at a time through SDPA.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -56,6 +60,47 @@ def _prefill_mask(
     return mask
 
 
+@dataclass(slots=True)
+class _StepPlan:
+    """What every layer of one step shares: which rows are decodes and how to gather them."""
+
+    prefills: list[tuple[int, int, int, int]]  # (request index, start, end, seq_len)
+    decode_rows: torch.Tensor | None  # [num_decodes] flat query rows
+    decode_blocks: torch.Tensor | None  # [num_decodes * max_blocks] block ids
+    num_decode_blocks: int
+    decode_bias: torch.Tensor | None  # [num_decodes, 1, 1, max_len] 0 / -inf
+
+
+def _plan(md: AttentionMetadata, block_size: int, sliding_window: int | None) -> _StepPlan:
+    qsl = (md.query_start_loc_cpu if md.query_start_loc_cpu is not None
+           else md.query_start_loc.cpu()).tolist()
+    sl = (md.seq_lens_cpu if md.seq_lens_cpu is not None else md.seq_lens.cpu()).tolist()
+    prefills, decodes = [], []
+    for i in range(md.num_reqs):
+        start, end = qsl[i], qsl[i + 1]
+        if end == start:
+            continue
+        if end - start == 1 and md.causal:
+            decodes.append(i)
+        else:
+            prefills.append((i, start, end, sl[i]))
+    if not decodes:
+        return _StepPlan(prefills, None, None, 0, None)
+    device = md.block_table.device
+    lens = torch.tensor([sl[i] for i in decodes], device=device)
+    max_blocks = (max(sl[i] for i in decodes) + block_size - 1) // block_size
+    idx = torch.tensor(decodes, device=device)
+    blocks = md.block_table.index_select(0, idx)[:, :max_blocks].long().reshape(-1)
+    k_pos = torch.arange(max_blocks * block_size, device=device)[None, :]
+    allowed = k_pos < lens[:, None]
+    if sliding_window is not None:
+        allowed &= k_pos >= (lens[:, None] - sliding_window)
+    bias = torch.zeros(allowed.shape, dtype=torch.float32, device=device)
+    bias.masked_fill_(~allowed, float("-inf"))
+    rows = torch.tensor([qsl[i] for i in decodes], device=device)
+    return _StepPlan(prefills, rows, blocks, max_blocks, bias[:, None, None, :])
+
+
 class TorchRefBackend(AttentionBackend):
     name = "torch_ref"
 
@@ -70,33 +115,28 @@ class TorchRefBackend(AttentionBackend):
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         write_to_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        if metadata.backend_cache is None:
+            metadata.backend_cache = {}
+        plan_key = ("torch_ref", sliding_window)
+        plan = metadata.backend_cache.get(plan_key)
+        if plan is None:
+            plan = _plan(metadata, kv_cache.shape[2], sliding_window)
+            metadata.backend_cache[plan_key] = plan
         out = torch.zeros_like(query)
-        qsl = metadata.query_start_loc_cpu
-        sl = metadata.seq_lens_cpu
-        if qsl is None:
-            qsl = metadata.query_start_loc.cpu()
-        if sl is None:
-            sl = metadata.seq_lens.cpu()
-        qsl_list = qsl.tolist()
-        sl_list = sl.tolist()
-        num_heads, num_kv_heads = query.shape[1], key.shape[1]
-        gqa = num_heads != num_kv_heads
-        decode_idx: list[int] = []
-        for i in range(metadata.num_reqs):
-            start, end = qsl_list[i], qsl_list[i + 1]
-            q_len, seq_len = end - start, sl_list[i]
-            if q_len == 0:
-                continue
-            if q_len == 1 and metadata.causal:
-                decode_idx.append(i)
-                continue
-            k, v = gather_kv(kv_cache, metadata.block_table[i], seq_len)
-            q = query[start:end].transpose(0, 1)  # [num_heads, q_len, head_dim]
-            k = k.transpose(0, 1).to(query.dtype)
-            v = v.transpose(0, 1).to(query.dtype)
+        gqa = query.shape[1] != key.shape[1]
+        for i, start, end, seq_len in plan.prefills:
+            q_len = end - start
+            if q_len == seq_len:
+                k, v = key[start:end], value[start:end]  # nothing cached before: no gather
+            else:
+                k, v = gather_kv(kv_cache, metadata.block_table[i], seq_len)
+            # 4-D inputs ([1, heads, len, head_dim]) take PyTorch's fused CPU kernel; 3-D ones
+            # fall back to the slow math path.
+            q = query[start:end].transpose(0, 1)[None]
+            k = k.transpose(0, 1).to(query.dtype)[None]
+            v = v.transpose(0, 1).to(query.dtype)[None]
             if not metadata.causal:
-                mask = None
-                is_causal = False
+                mask, is_causal = None, False
             elif q_len == seq_len and sliding_window is None:
                 mask, is_causal = None, True
             else:
@@ -105,50 +145,33 @@ class TorchRefBackend(AttentionBackend):
             o = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
             )
-            out[start:end] = o.transpose(0, 1)
-        if decode_idx:
-            self._batched_decode(
-                query, kv_cache, metadata, qsl_list, sl_list, decode_idx, scale, sliding_window, out
-            )
+            out[start:end] = o[0].transpose(0, 1)
+        if plan.decode_rows is not None:
+            out.index_copy_(0, plan.decode_rows, self._decode(query, kv_cache, plan, scale))
         return out
 
     @staticmethod
-    def _batched_decode(
-        query: torch.Tensor,
-        kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-        qsl_list: list[int],
-        sl_list: list[int],
-        decode_idx: list[int],
-        scale: float,
-        sliding_window: int | None,
-        out: torch.Tensor,
-    ) -> None:
-        block_size = kv_cache.shape[2]
-        device = query.device
-        rows = torch.tensor([qsl_list[i] for i in decode_idx], device=device)
-        lens = torch.tensor([sl_list[i] for i in decode_idx], device=device)
-        max_len = int(max(sl_list[i] for i in decode_idx))
-        max_blocks = (max_len + block_size - 1) // block_size
-        idx = torch.tensor(decode_idx, device=device)
-        tables = metadata.block_table.index_select(0, idx)[:, :max_blocks].long()
-        # [num_decodes, max_blocks * block_size, num_kv_heads, head_dim]
-        k = kv_cache[0][tables].flatten(1, 2)
-        v = kv_cache[1][tables].flatten(1, 2)
-        k_pos = torch.arange(k.shape[1], device=device)[None, :]
-        mask = k_pos < lens[:, None]
-        if sliding_window is not None:
-            mask &= k_pos >= (lens[:, None] - sliding_window)
-        q = query.index_select(0, rows).unsqueeze(2)  # [num_decodes, num_heads, 1, head_dim]
-        o = F.scaled_dot_product_attention(
-            q,
-            k.transpose(1, 2).to(query.dtype),
-            v.transpose(1, 2).to(query.dtype),
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-            enable_gqa=query.shape[1] != k.shape[2],
-        )
-        out.index_copy_(0, rows, o.squeeze(2))
+    def _decode(
+        query: torch.Tensor, kv_cache: torch.Tensor, plan: _StepPlan, scale: float
+    ) -> torch.Tensor:
+        """[num_decodes, num_heads, head_dim] for the step's single-token queries."""
+        n = plan.decode_rows.shape[0]
+        _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+        num_heads = query.shape[1]
+        group = num_heads // num_kv_heads
+        length = plan.num_decode_blocks * block_size
+        # [n, num_kv_heads, length, head_dim]
+        k = kv_cache[0].index_select(0, plan.decode_blocks).view(n, length, num_kv_heads, head_dim)
+        v = kv_cache[1].index_select(0, plan.decode_blocks).view(n, length, num_kv_heads, head_dim)
+        k = k.transpose(1, 2).to(query.dtype)
+        v = v.transpose(1, 2).to(query.dtype)
+        # [n, num_kv_heads, group, head_dim]
+        q = query.index_select(0, plan.decode_rows).view(n, num_kv_heads, group, head_dim)
+        scores = torch.matmul(q, k.transpose(2, 3)).float() * scale  # [n, kvh, group, length]
+        scores += plan.decode_bias.view(n, 1, 1, length)
+        probs = scores.softmax(dim=-1).to(query.dtype)
+        o = torch.matmul(probs, v)  # [n, num_kv_heads, group, head_dim]
+        return o.reshape(n, num_heads, head_dim)
 
 
 @register_backend("torch_ref")

@@ -49,6 +49,8 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="never capture CUDA graphs (the only mode today)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
+                        help="generate text or embed (default: auto, embed for encoder models)")
     parser.add_argument("--uvicorn-log-level", default="info",
                         choices=["debug", "info", "warning", "error", "critical", "trace"])
     parser.add_argument("--disable-log-requests", action="store_true")
@@ -122,4 +124,5 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         max_logprobs=args.max_logprobs,
         trust_remote_code=args.trust_remote_code,
         disable_log_stats=args.disable_log_stats,
+        task=args.task,
     )

@@ -58,6 +58,7 @@ class OpenAIServingChat(OpenAIServing):
                 ids = ids[-params.truncate_prompt_tokens:]
             self.check_context_length(len(ids), params.max_tokens, "messages")
             request_id = req.request_id or self.new_id("chatcmpl")
+            self.log_request(request_id, params)
             gen = self.engine.generate(
                 {"prompt_token_ids": ids, "prompt": text}, params, request_id,
                 add_special_tokens=False,

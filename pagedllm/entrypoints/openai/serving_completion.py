@@ -62,6 +62,7 @@ class OpenAIServingCompletion(OpenAIServing):
             params = req.to_sampling_params(default_max_tokens=None)
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             request_id = req.request_id or self.new_id("cmpl")
+            self.log_request(request_id, params)
             prepared = []
             for p in prompts:
                 text, ids = self._prepare(p, add_special, params.truncate_prompt_tokens)

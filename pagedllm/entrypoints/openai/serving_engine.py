@@ -78,6 +78,11 @@ class OpenAIServing:
                 400, param="max_tokens", code="context_length_exceeded",
             )
 
+    def log_request(self, request_id: str, params) -> None:
+        if not self.config.disable_log_requests:
+            logger.info("Received request %s: n=%d max_tokens=%s temperature=%s", request_id,
+                        params.n, params.max_tokens, params.temperature)
+
     @staticmethod
     def new_id(prefix: str) -> str:
         return f"{prefix}-{uuid.uuid4().hex}"

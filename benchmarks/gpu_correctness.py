@@ -1,0 +1,171 @@
+"""GPU correctness of the whole engine against HF transformers (run on the device machine).
+
+1. A small random Llama in fp32: pagedllm's greedy tokens equal HF's, for a request alone and
+   for the same requests in one batch of 64 (CUDA graphs on, the default).
+2. The random Llama-3.1-8B configuration in bf16: last-position prefill logits vs HF (cosine),
+   and how far greedy outputs agree between batch size 1 and batch size 64 (first divergence).
+
+Usage: python benchmarks/gpu_correctness.py [--skip-8b] [--json OUT.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pagedllm import LLM, SamplingParams  # noqa: E402
+from pagedllm.entrypoints.bench import (  # noqa: E402
+    LLAMA_3_1_8B,
+    TINY_LLAMA,
+    build_random_llama,
+)
+
+
+def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
+    ids = torch.tensor([prompt], device="cuda")
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+            min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+    return out[0, len(prompt) :].tolist()
+
+
+def _hf_last_logits(model, prompts: list[list[int]]) -> torch.Tensor:
+    with torch.inference_mode():
+        rows = [model(torch.tensor([p], device="cuda")).logits[0, -1].float().cpu() for p in prompts]
+    return torch.stack(rows)
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> list[float]:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).tolist()
+
+
+def _greedy(llm: LLM, prompts: list[list[int]], n: int) -> list[list[int]]:
+    sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def _first_divergence(a: list[int], b: list[int]) -> int | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def check_tiny_fp32(report: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    d = build_random_llama("/tmp/pagedllm_models/tiny-correctness", TINY_LLAMA, "float32",
+                           seed=1, std=0.05)  # fmt: skip
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 1000, int(n)).tolist() for n in rng.integers(4, 200, 64)]
+    n_out = 48
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).cuda().eval()
+    ref = [_hf_greedy(hf, p, n_out) for p in prompts]
+    del hf
+    llm = LLM(model=d, dtype="float32", skip_tokenizer_init=True, max_model_len=1024,
+              gpu_memory_utilization=0.3)  # fmt: skip
+    alone = _greedy(llm, prompts[:1], n_out)[0]
+    batch = _greedy(llm, prompts, n_out)
+    mism = [i for i in range(64) if batch[i] != ref[i]]
+    report["tiny_fp32"] = {
+        "alone_equals_hf": alone == ref[0],
+        "batch64_equal_hf": 64 - len(mism),
+        "batch64_mismatches": {i: _first_divergence(batch[i], ref[i]) for i in mism},
+    }
+    print("tiny fp32:", report["tiny_fp32"], flush=True)
+    del llm
+    torch.cuda.empty_cache()
+
+
+def check_8b_bf16(report: dict, model_dir: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    rng = np.random.default_rng(2)
+    vocab = LLAMA_3_1_8B["vocab_size"]
+    prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(16, 512, 64)]
+    llm = LLM(model=model_dir, dtype="bfloat16", skip_tokenizer_init=True, max_model_len=4096,
+              gpu_memory_utilization=0.5)  # fmt: skip
+    runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    captured: list[torch.Tensor] = []
+    orig = runner.model.compute_logits
+
+    def capture(hidden: torch.Tensor) -> torch.Tensor:
+        logits = orig(hidden)
+        captured.append(logits.float().cpu())
+        return logits
+
+    runner.model.compute_logits = capture
+    n_logit = 8
+    _greedy(llm, prompts[:n_logit], 1)  # one prefill step: the last-position logits
+    runner.model.compute_logits = orig
+    ours = torch.cat(captured)[:n_logit]
+    n_out = 128
+    alone = [_greedy(llm, [p], n_out)[0] for p in prompts[:8]]
+    batch = _greedy(llm, prompts, n_out)
+    del llm, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).cuda().eval()
+    hf_logits = _hf_last_logits(hf, prompts[:n_logit])
+    cos = _cosines(ours, hf_logits)
+    hf_greedy = [_hf_greedy(hf, p, n_out) for p in prompts[:4]]
+    del hf
+    torch.cuda.empty_cache()
+    # The bf16 noise floor: both bf16 logits against an fp32 evaluation of the same weights.
+    hf32 = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).cuda().eval()
+    fp32_logits = _hf_last_logits(hf32, prompts[:n_logit])
+    del hf32
+    torch.cuda.empty_cache()
+    report["llama8b_bf16"] = {
+        "prefill_logits_cosine_min": min(cos),
+        "prefill_logits_cosine": cos,
+        "pagedllm_bf16_vs_hf_fp32_cosine_min": min(_cosines(ours, fp32_logits)),
+        "hf_bf16_vs_hf_fp32_cosine_min": min(_cosines(hf_logits, fp32_logits)),
+        "batch1_vs_batch64_first_divergence": [
+            _first_divergence(alone[i], batch[i]) for i in range(8)
+        ],
+        "batch1_vs_hf_first_divergence": [
+            _first_divergence(alone[i], hf_greedy[i]) for i in range(4)
+        ],
+        "output_len": n_out,
+    }
+    print("llama 8B bf16:", report["llama8b_bf16"], flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--skip-8b", action="store_true")
+    ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--model-dir", default="/tmp/pagedllm_models/llama-3.1-8b-bfloat16")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    report: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_tiny:
+        check_tiny_fp32(report)
+    if not args.skip_8b:
+        build_random_llama(args.model_dir, LLAMA_3_1_8B, "bfloat16")
+        check_8b_bf16(report, args.model_dir)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    tiny = report.get("tiny_fp32", {"alone_equals_hf": True, "batch64_equal_hf": 64})
+    ok = tiny["alone_equals_hf"] and tiny["batch64_equal_hf"] == 64
+    if "llama8b_bf16" in report:
+        ok = ok and report["llama8b_bf16"]["prefill_logits_cosine_min"] >= 0.999
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

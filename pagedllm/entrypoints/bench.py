@@ -1,0 +1,392 @@
+"""`pagedllm bench throughput`: offline throughput on the BENCHMARKS.md workloads.
+
+Workloads are seeded token-id prompts (`make_workload`); the model is either a path or
+`random:llama-3.1-8b` / `random:tiny`, a Llama of that configuration with seeded random weights
+built directly on the device and saved as safetensors (`build_random_llama`), then loaded
+through the normal loader. Optionally HF transformers `generate` runs on the first N requests
+in static batches (the naive-serving peer), and pagedllm on the same N for the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+# Llama-3.1-8B's configuration (hidden 4096, 32 layers, GQA 32/8, llama3 rope scaling).
+LLAMA_3_1_8B: dict = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "rope_scaling": {
+        "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_type": "llama3",
+    },
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "torch_dtype": "bfloat16",
+}
+
+TINY_LLAMA: dict = {
+    **LLAMA_3_1_8B, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1000,
+    "max_position_embeddings": 8192, "bos_token_id": 1, "eos_token_id": 2,
+    "torch_dtype": "float32",
+}  # fmt: skip
+
+RANDOM_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "tiny": TINY_LLAMA}
+
+WORKLOADS = ("sharegpt-shaped", "prefill-heavy", "decode-heavy", "single-stream")
+
+# Ceilings measured on the H200 (docs/BENCHMARKS.md): copy bandwidth and dense bf16 matmul.
+H200_BANDWIDTH = 4.2e12
+H200_BF16_FLOPS = 785e12
+
+
+def _param_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    h, inter, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,)}
+    if not cfg.get("tie_word_embeddings"):
+        shapes["lm_head.weight"] = (v, h)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "mlp.gate_proj.weight": (inter, h), p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+        })  # fmt: skip
+    return shapes
+
+
+def build_random_llama(
+    out_dir: str,
+    config: dict,
+    dtype: str = "bfloat16",
+    seed: int = 0,
+    std: float = 0.02,
+    device: str | None = None,
+) -> str:
+    """Writes config.json + model.safetensors of a seeded random Llama; returns out_dir.
+
+    Tensors are drawn on `device` (the GPU when present: seconds for 8B) with one seeded
+    generator; norm weights are 1. Skips the work when the directory already holds the model.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    path = os.path.join(out_dir, "model.safetensors")
+    if os.path.exists(path) and os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tdtype = getattr(torch, dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tensors = {}
+    for name, shape in _param_shapes(config).items():
+        if name.endswith("norm.weight"):
+            t = torch.ones(shape, dtype=tdtype, device=device)
+        else:
+            t = torch.randn(shape, generator=gen, dtype=torch.float32, device=device)
+            t = t.mul_(std).to(tdtype)
+        tensors[name] = t.cpu()
+    save_file(tensors, path, metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**config, "torch_dtype": dtype}, f, indent=1)
+    return out_dir
+
+
+def resolve_model_arg(model: str, dtype: str, cache_dir: str = "/tmp/pagedllm_models") -> str:
+    """`random:NAME` -> a built random model directory; anything else is returned as is."""
+    if not model.startswith("random:"):
+        return model
+    name = model.split(":", 1)[1]
+    if name not in RANDOM_MODELS:
+        raise SystemExit(f"unknown random model {name!r}; known: {sorted(RANDOM_MODELS)}")
+    d = dtype if dtype != "auto" else RANDOM_MODELS[name]["torch_dtype"]
+    return build_random_llama(os.path.join(cache_dir, f"{name}-{d}"), RANDOM_MODELS[name], d)
+
+
+@dataclass(slots=True)
+class Workload:
+    name: str
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+
+def make_workload(name: str, vocab_size: int, num_requests: int | None = None) -> Workload:
+    """The BENCHMARKS.md workloads: seeded lengths, then seeded random token ids."""
+    rng = np.random.default_rng(0)
+    if name == "sharegpt-shaped":
+        n = 1000
+        ins = rng.lognormal(math.log(215) - 0.5, 1.0, n)
+        outs = rng.lognormal(math.log(198) - 0.5, 1.0, n)
+        in_lens = np.clip(np.rint(ins), 4, 2048).astype(int)
+        out_lens = np.clip(np.rint(outs), 4, 2048).astype(int)
+    elif name == "prefill-heavy":
+        in_lens, out_lens = np.full(1000, 1024), np.full(1000, 128)
+    elif name == "decode-heavy":
+        in_lens, out_lens = np.full(1000, 128), np.full(1000, 1024)
+    elif name == "single-stream":
+        in_lens, out_lens = np.full(1, 512), np.full(1, 256)
+    else:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(WORKLOADS)}")
+    prompts = [rng.integers(0, vocab_size, int(n)).tolist() for n in in_lens]
+    n = num_requests or len(prompts)
+    return Workload(name, prompts[:n], [int(x) for x in out_lens[:n]])
+
+
+class StageTimer:
+    """Wall time per engine stage (host), and GPU time of the model forward (CUDA events).
+
+    Wraps bound methods of one engine in place; `report()` reads the events (one sync at the
+    end, none per step).
+    """
+
+    def __init__(self, llm) -> None:
+        import torch
+
+        self.wall: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self.events: list[tuple[object, object, bool, int]] = []
+        self._restore: list[tuple[object, str, bool, object]] = []
+        engine = llm.llm_engine
+        core = engine.engine_core
+        runner = core.executor.worker.model_runner
+        for obj, name in ((core.scheduler, "schedule"), (core.executor, "execute_model"),
+                          (core.scheduler, "update_from_output"),
+                          (engine.output_processor, "process_outputs")):  # fmt: skip
+            self._wrap_wall(obj, name)
+        orig = runner._run_model
+        cuda = runner.device.type == "cuda"
+
+        def run_model(step, graph_size):
+            if not cuda:
+                return orig(step, graph_size)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            out = orig(step, graph_size)
+            e1.record()
+            self.events.append((e0, e1, graph_size is not None, step.num_tokens))
+            return out
+
+        self._restore.append((runner, "_run_model", "_run_model" in vars(runner), orig))
+        runner._run_model = run_model
+
+    def _wrap_wall(self, obj, name: str) -> None:
+        orig = getattr(obj, name)
+        self._restore.append((obj, name, name in vars(obj), orig))
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - t0
+                self.calls[name] = self.calls.get(name, 0) + 1
+
+        setattr(obj, name, timed)
+
+    def report(self) -> dict:
+        """Unwraps the engine and returns the totals."""
+        import torch
+
+        for obj, name, had, orig in reversed(self._restore):
+            if had:
+                setattr(obj, name, orig)
+            else:
+                delattr(obj, name)
+        if self.events:
+            torch.cuda.synchronize()
+        graph = [e0.elapsed_time(e1) / 1e3 for e0, e1, g, _ in self.events if g]
+        eager = [e0.elapsed_time(e1) / 1e3 for e0, e1, g, _ in self.events if not g]
+        return {
+            "host_wall_s": self.wall, "calls": self.calls,
+            "forward_gpu_s_graph": sum(graph), "steps_graph": len(graph),
+            "forward_gpu_s_eager": sum(eager), "steps_eager": len(eager),
+            "tokens_eager": sum(n for _, _, g, n in self.events if not g),
+        }  # fmt: skip
+
+
+def run_pagedllm(llm, wl: Workload) -> dict:
+    """Submits every request at once (greedy, ignore_eos); returns timing and token counts."""
+    from pagedllm import SamplingParams
+
+    params = [SamplingParams(max_tokens=o, temperature=0.0, ignore_eos=True) for o in wl.output_lens]
+    prompts = [{"prompt_token_ids": p} for p in wl.prompts]
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - t0
+    out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return _rates(wl, elapsed, out_tokens)
+
+
+def _rates(wl: Workload, elapsed: float, out_tokens: int) -> dict:
+    in_tokens = sum(len(p) for p in wl.prompts)
+    return {
+        "requests": len(wl.prompts), "seconds": elapsed, "output_tokens": out_tokens,
+        "req_per_s": len(wl.prompts) / elapsed, "output_tok_per_s": out_tokens / elapsed,
+        "total_tok_per_s": (in_tokens + out_tokens) / elapsed,
+    }  # fmt: skip
+
+
+def run_hf(model_dir: str, wl: Workload, batch_size: int, dtype: str = "bfloat16") -> dict:
+    """HF `generate` in static batches (left-padded); a batch runs to its longest output."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = model.to("cuda").eval()
+    total_out = 0
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for s in range(0, len(wl.prompts), batch_size):
+        batch = wl.prompts[s : s + batch_size]
+        outs = wl.output_lens[s : s + batch_size]
+        width = max(len(p) for p in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.int64)
+        mask = torch.zeros(len(batch), width, dtype=torch.int64)
+        for i, p in enumerate(batch):
+            ids[i, width - len(p) :] = torch.tensor(p)
+            mask[i, width - len(p) :] = 1
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids.cuda(), attention_mask=mask.cuda(), max_new_tokens=max(outs),
+                min_new_tokens=max(outs), do_sample=False, eos_token_id=None, pad_token_id=0,
+            )  # fmt: skip
+        total_out += sum(outs)  # useful tokens: what each request asked for
+    torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    del model
+    torch.cuda.empty_cache()
+    return _rates(wl, elapsed, total_out)
+
+
+def roofline(wl: Workload, cfg: dict, max_num_seqs: int, elem_bytes: int = 2) -> dict:
+    """Lower bounds on the workload's time: matmul FLOPs at the measured bf16 rate, and bytes
+    (weights once per decode step at full batch, plus every KV read) at the copy bandwidth."""
+    h, inter, v, layers = (cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"],
+                           cfg["num_hidden_layers"])  # fmt: skip
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    params = layers * (h * (q + 2 * kv) + q * h + 3 * h * inter) + 2 * v * h
+    ins = np.array([len(p) for p in wl.prompts], dtype=np.float64)
+    outs = np.array(wl.output_lens, dtype=np.float64)
+    flops = 2.0 * params * float(ins.sum() + outs.sum())
+    kv_per_token = 2 * layers * kv * elem_bytes
+    kv_reads = float((outs * ins + outs * (outs - 1) / 2).sum()) * kv_per_token
+    steps = math.ceil(outs.sum() / min(max_num_seqs, len(wl.prompts)))
+    t_bytes = (steps * params * elem_bytes + kv_reads) / H200_BANDWIDTH
+    t_flops = flops / H200_BF16_FLOPS
+    t = max(t_bytes, t_flops)
+    return {
+        "params": params, "t_flops_s": t_flops, "t_bytes_s": t_bytes, "t_floor_s": t,
+        "output_tok_per_s_bound": outs.sum() / t, "req_per_s_bound": len(wl.prompts) / t,
+    }  # fmt: skip
+
+
+def add_throughput_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=WORKLOADS, default="sharegpt-shaped")
+    p.add_argument("--model", default="random:llama-3.1-8b",
+                   help="model path, or random:llama-3.1-8b / random:tiny (built on the device)")
+    p.add_argument("--num-prompts", type=int, default=None, help="first N requests only")
+    p.add_argument("--hf-compare", type=int, default=0,
+                   help="also run HF generate and pagedllm on the first N requests (0 = off)")
+    p.add_argument("--hf-batch-size", type=int, default=32)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=None)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output-json", default=None)
+    p.add_argument("--profile-stages", action="store_true",
+                   help="report host time per engine stage and GPU time of the forward")
+    p.add_argument("--llm", default=None, help=argparse.SUPPRESS)  # reuse an engine (scripts)
+
+
+def make_llm(args: argparse.Namespace, model_dir: str):
+    from pagedllm import LLM
+
+    t0 = time.perf_counter()
+    llm = LLM(
+        model=model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+        device=args.device, skip_tokenizer_init=True, seed=0,
+    )  # fmt: skip
+    startup = time.perf_counter() - t0
+    runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    timings = dict(runner.timings)
+    timings["startup_total"] = startup
+    timings["startup_excl_weights"] = startup - timings.get("load_model", 0.0)
+    return llm, timings, getattr(runner, "memory_profile", {})
+
+
+def run_throughput(args: argparse.Namespace) -> dict:
+    model_dir = resolve_model_arg(args.model, args.dtype)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    wl = make_workload(args.dataset, cfg["vocab_size"], args.num_prompts)
+    llm, timings, memory = args.llm or make_llm(args, model_dir)
+    warm = wl.prompts[:2]
+    run_pagedllm(llm, Workload(wl.name, warm, [4] * len(warm)))  # warm-up (Triton compiles)
+    result: dict = {"dataset": wl.name, "startup": timings, "memory": memory}
+    timer = StageTimer(llm) if getattr(args, "profile_stages", False) else None
+    result["pagedllm"] = run_pagedllm(llm, wl)
+    if timer is not None:
+        result["stages"] = timer.report()
+    result["roofline"] = roofline(wl, cfg, args.max_num_seqs)
+    rl = result["roofline"]
+    result["pagedllm"]["roofline_fraction"] = rl["t_floor_s"] / result["pagedllm"]["seconds"]
+    if args.hf_compare:
+        n = args.hf_compare
+        sub = Workload(wl.name, wl.prompts[:n], wl.output_lens[:n])
+        result["pagedllm_first_n"] = run_pagedllm(llm, sub)
+        hf_dtype = cfg.get("torch_dtype", "bfloat16") if args.dtype == "auto" else args.dtype
+        result["hf_first_n"] = run_hf(model_dir, sub, args.hf_batch_size, hf_dtype)
+        result["ratio_vs_hf"] = (
+            result["hf_first_n"]["seconds"] / result["pagedllm_first_n"]["seconds"]
+        )
+    return result
+
+
+def _cmd_throughput(args: argparse.Namespace) -> int:
+    result = run_throughput(args)
+    text = json.dumps(result, indent=1, default=float)
+    print(text)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            f.write(text)
+    return 0
+
+
+def register_subcommand(subparsers) -> None:
+    """Adds `bench` with its `throughput` subcommand to the `pagedllm` parser."""
+    bench = subparsers.add_parser("bench", help="benchmarks (throughput)")
+    sub = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    tp = sub.add_parser("throughput", help="offline throughput on a BENCHMARKS.md workload")
+    add_throughput_args(tp)
+    tp.set_defaults(func=_cmd_throughput)

@@ -1,0 +1,112 @@
+"""InputBuffers.prepare against a per-token reference; graph sizes; bench workloads."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from pagedllm.entrypoints.bench import TINY_LLAMA, make_workload, roofline
+from pagedllm.sampling_params import SamplingParams
+from pagedllm.worker.cuda_graph import capture_sizes, padded_size
+from pagedllm.worker.gpu_input_batch import InputBuffers, build_sampling_metadata_async
+from pagedllm.worker.input_batch import CachedRequestState
+
+
+def _state(rng, i: int, prompt_len: int, out_len: int, computed: int, bs: int):
+    total = prompt_len + out_len
+    blocks = rng.permutation(200)[: -(-(total + 1) // bs)].tolist()
+    return CachedRequestState(
+        req_id=str(i),
+        prompt_token_ids=rng.integers(0, 1000, prompt_len).tolist(),
+        output_token_ids=rng.integers(0, 1000, out_len).tolist(),
+        sampling_params=SamplingParams(temperature=0.0),
+        block_ids=blocks,
+        num_computed_tokens=computed,
+    )
+
+
+def test_prepare_matches_per_token_reference():
+    rng = np.random.default_rng(0)
+    bs = 16
+    buf = InputBuffers(512, 8, 16, bs, torch.device("cpu"))
+    for _ in range(5):
+        states, counts = [], []
+        for i in range(6):
+            p, o = int(rng.integers(1, 60)), int(rng.integers(0, 20))
+            if o > 0:  # decode of the last token
+                computed, n = p + o - 1, 1
+            else:  # a prefill chunk, maybe not reaching the end of the prompt
+                computed = int(rng.integers(0, p))
+                n = int(rng.integers(1, p - computed + 1))
+            states.append(_state(rng, i, p, o, computed, bs))
+            counts.append(n)
+        step = buf.prepare(states, counts)
+        ids, pos, slots, sample_idx = [], [], [], []
+        off = 0
+        for s, n in zip(states, counts):
+            start = s.num_computed_tokens
+            for t in range(start, start + n):
+                ids.append(s.token_slice(t, t + 1)[0])
+                pos.append(t)
+                slots.append(s.block_ids[t // bs] * bs + t % bs)
+            off += n
+            if start + n == s.num_tokens:
+                sample_idx.append(off - 1)
+        total = sum(counts)
+        assert step.num_tokens == total
+        assert buf.input_ids[:total].tolist() == ids
+        assert buf.positions[:total].tolist() == pos
+        assert buf.slot_mapping[:total].tolist() == slots
+        assert buf.query_start_loc[: 7].tolist() == [0, *np.cumsum(counts).tolist()]
+        assert buf.seq_lens[:6].tolist() == [s.num_computed_tokens + n
+                                             for s, n in zip(states, counts)]
+        assert step.sample_token_idx.tolist() == sample_idx
+        assert step.max_seq_len == max(s.num_computed_tokens + n for s, n in zip(states, counts))
+        for i, s in enumerate(states):
+            assert buf.block_table[i, : len(s.block_ids)].tolist() == s.block_ids
+
+
+def test_prepare_pads_decode_batch_for_graphs():
+    rng = np.random.default_rng(1)
+    buf = InputBuffers(64, 8, 8, 16, torch.device("cpu"))
+    states = [_state(rng, i, 5, 3, 7, 16) for i in range(3)]
+    step = buf.prepare(states, [1, 1, 1], pad_to=4)
+    assert step.num_tokens == 3 and step.num_padded_tokens == 4
+    assert buf.slot_mapping[3].item() == -1
+    assert buf.query_start_loc[:5].tolist() == [0, 1, 2, 3, 4]
+    assert buf.seq_lens[:4].tolist() == [8, 8, 8, 1]
+    assert buf.input_ids[:3].tolist() == [s.output_token_ids[-1] for s in states]
+
+
+def test_capture_sizes():
+    assert capture_sizes(256)[:6] == [1, 2, 4, 8, 16, 24] and capture_sizes(256)[-1] == 256
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(3) == [1, 2, 3]
+    sizes = capture_sizes(64)
+    assert padded_size(sizes, 3) == 4 and padded_size(sizes, 9) == 16
+    assert padded_size(sizes, 64) == 64 and padded_size(sizes, 65) is None
+
+
+def test_async_sampling_metadata_matches_general_builder():
+    from pagedllm.worker.input_batch import build_sampling_metadata
+
+    rng = np.random.default_rng(2)
+    states = [_state(rng, i, 5, 2, 6, 16) for i in range(3)]
+    states[0].sampling_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=3)
+    fast = build_sampling_metadata_async(states, 1000, torch.device("cpu"))
+    ref = build_sampling_metadata(states, 1000, torch.device("cpu"))
+    assert torch.equal(fast.temperature, ref.temperature)
+    assert torch.equal(fast.top_p, ref.top_p) and torch.equal(fast.top_k, ref.top_k)
+    assert fast.step_seeds == ref.step_seeds and fast.all_greedy == ref.all_greedy
+
+
+def test_workloads_follow_benchmarks_md():
+    wl = make_workload("sharegpt-shaped", 128256)
+    lens_in = np.array([len(p) for p in wl.prompts])
+    assert len(wl.prompts) == 1000 and lens_in.min() >= 4 and lens_in.max() <= 2048
+    assert 150 < lens_in.mean() < 280 and 140 < np.mean(wl.output_lens) < 260
+    assert make_workload("sharegpt-shaped", 128256).prompts[7] == wl.prompts[7]  # seeded
+    ss = make_workload("single-stream", 1000)
+    assert len(ss.prompts) == 1 and len(ss.prompts[0]) == 512 and ss.output_lens == [256]
+    r = roofline(ss, TINY_LLAMA, 256)
+    assert r["t_bytes_s"] > r["t_flops_s"] > 0  # one stream is bandwidth-bound
