@@ -30,3 +30,16 @@ def logging_level() -> str:
 
 def hf_hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def cache_root() -> str:
+    """Where pagedllm caches converted artefacts (e.g. GGUF tokenizers)."""
+    explicit = os.environ.get("PAGEDLLM_CACHE_ROOT")
+    if explicit:
+        return explicit
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "pagedllm")
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

@@ -22,8 +22,9 @@ _LOCK = threading.Lock()
 
 
 def _disk_cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pagedllm", "gguf_tokenizers")
+    from pagedllm import envs
+
+    return os.path.join(envs.cache_root(), "gguf_tokenizers")
 
 
 def _resolve_args(path_or_model_config: Any, model_format: str | None) -> tuple[str, str]:

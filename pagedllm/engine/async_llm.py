@@ -190,10 +190,7 @@ class AsyncLLM:
         parent = ParentRequest(request_id, n, params.output_kind)
         reqs = []
         for i in range(n):
-            child = params.clone()
-            child.n = 1
-            if params.seed is not None:
-                child.seed = params.seed + i
+            child = ParentRequest.child_params(params, i)
             req, text = self.input_processor.process(
                 parent.child_id(i), prompt, child, arrival, add_special_tokens
             )

@@ -65,10 +65,7 @@ class LLMEngine:
         added: list[str] = []
         try:
             for i in range(n):
-                child = params.clone()
-                child.n = 1
-                if params.seed is not None:
-                    child.seed = params.seed + i
+                child = ParentRequest.child_params(params, i)
                 cid = parent.child_id(i)
                 req, text = self.input_processor.process(
                     cid, prompt, child, arrival_time, add_special_tokens

@@ -49,6 +49,15 @@ class ParentRequest:
     def child_id(self, index: int) -> str:
         return f"{index}_{self.request_id}"
 
+    @staticmethod
+    def child_params(params: SamplingParams, index: int) -> SamplingParams:
+        """Child `index` samples once; a seeded request gives each child its own seed."""
+        child = params.clone()
+        child.n = 1
+        if params.seed is not None:
+            child.seed = params.seed + index
+        return child
+
 
 @dataclass
 class RequestState:

@@ -80,8 +80,8 @@ class InputBuffers:
         self.seq_lens = dev(self.seq_lens_cpu)
         self.block_table = dev(self.block_table_cpu)
         self.sample_idx = dev(self.sample_idx_cpu)
-        # req_id -> its block table as an array, for the requests of the last step.
-        self._block_arrays: dict[str, tuple[CachedRequestState, np.ndarray]] = {}
+        # req_id -> (state, number of blocks, row) as written into block_table_np last step.
+        self._block_arrays: dict[str, tuple[CachedRequestState, int, int]] = {}
         self._arange = np.arange(max(max_num_tokens, max_num_reqs) + 1, dtype=np.int64)
         # Marks the end of the last upload: the host buffers are not rewritten before it, even
         # on steps that never sync (prefill chunks that sample nothing).
@@ -109,7 +109,7 @@ class InputBuffers:
         starts = np.empty(num_reqs, dtype=np.int64)
         num_tokens = np.empty(num_reqs, dtype=np.int64)
         bt_cache = self._block_arrays
-        new_cache: dict[str, tuple[CachedRequestState, np.ndarray]] = {}
+        new_cache: dict[str, tuple[CachedRequestState, int, int]] = {}
         offset = 0
         for i, state in enumerate(states):
             start = state.num_computed_tokens
@@ -124,15 +124,15 @@ class InputBuffers:
                 )
             else:
                 ids_np[offset : offset + n] = state.token_slice(start, start + n)
+            # A state's block table only grows (a resumed request gets a new state object):
+            # the row is rewritten only when the request moved rows or got a new block.
             cached = bt_cache.get(state.req_id)
-            if cached is not None and cached[0] is state and len(cached[1]) == len(state.block_ids):
-                blocks = cached[1]
-            else:
-                # A state's block table only grows (a resumed request gets a new state), so
-                # the list is converted again only when its length changed.
-                blocks = np.asarray(state.block_ids, dtype=np.int32)
-            new_cache[state.req_id] = (state, blocks)
-            bt[i, : len(blocks)] = blocks
+            num_blocks = len(state.block_ids)
+            if cached is None or cached[0] is not state or cached[1] != num_blocks or (
+                cached[2] != i
+            ):
+                bt[i, :num_blocks] = state.block_ids
+            new_cache[state.req_id] = (state, num_blocks, i)
             offset += n
         self._block_arrays = new_cache
         ends = starts + counts_np

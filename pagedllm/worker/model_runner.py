@@ -82,18 +82,34 @@ class ModelRunner:
             t0 = time.perf_counter()
             num_blocks = self._profile_num_blocks()
             self.timings["profile"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self._warmup_kernels()
+            self.timings["kernel_warmup"] = time.perf_counter() - t0
             return num_blocks
         budget = int(self.config.cache_config.kv_cache_space_gib * (1 << 30))
         return max(1, budget // self.kv_cache_bytes_per_block())
 
-    @torch.inference_mode()
     def _profile_run(self) -> None:
         """A forward at max_num_batched_tokens (and sampling of max_num_seqs rows) on dummy
         inputs, to measure the activation peak. Nothing is written to any cache."""
-        m = self.model
         num_tokens, num_reqs = self.max_num_tokens, min(self.max_num_reqs, self.max_num_tokens)
         lens = [num_tokens // num_reqs] * num_reqs
         lens[-1] += num_tokens - sum(lens)
+        self._dummy_forward(lens, sample=True)
+
+    def _warmup_kernels(self) -> None:
+        """Compiles the Triton kernel variants real steps will pick (query-length tiers x the
+        num_reqs specialisations 1 / multiple of 16 / other) at start-up, not on a request."""
+        cap = min(self.max_num_tokens, self.model_config.max_model_len)
+        for q_len in (1, 32, 128):
+            for num_reqs in (1, 3, 16):
+                if q_len <= cap and q_len * num_reqs <= self.max_num_tokens:
+                    self._dummy_forward([q_len] * min(num_reqs, self.max_num_reqs), sample=False)
+
+    @torch.inference_mode()
+    def _dummy_forward(self, lens: list[int], sample: bool) -> None:
+        m = self.model
+        num_tokens, num_reqs = sum(lens), len(lens)
         dev = self.device
         # One zeroed block per layer: every key read resolves to block 0; slots are -1.
         shape = kv_cache_shape(1, self.block_size, m.num_kv_heads, m.head_dim)
@@ -116,7 +132,7 @@ class ModelRunner:
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
         hidden = m(input_ids, positions, caches, md)
-        if self.model_config.task == "generate":
+        if sample and self.model_config.task == "generate":
             logits = m.compute_logits(hidden[:num_reqs])
             # The sampler's worst case: temperature, top-k/top-p (a sort) and a draw.
             probs = logits.div(0.7).sort(dim=-1, descending=True).values.softmax(dim=-1)
