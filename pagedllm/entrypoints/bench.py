@@ -393,3 +393,6 @@ def register_subcommand(subparsers) -> None:
     tp = sub.add_parser("throughput", help="offline throughput on a BENCHMARKS.md workload")
     add_throughput_args(tp)
     tp.set_defaults(func=_cmd_throughput)
+    from pagedllm.entrypoints.bench_serve import register_subcommand as register_serve
+
+    register_serve(sub)  # `pagedllm bench serve` (issue #7)
