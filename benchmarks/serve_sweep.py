@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--num-prompts", type=int, default=200)
     p.add_argument("--prompts-at", nargs="*", default=[], metavar="C=N",
-                   help="use the first N prompts at concurrency C (long single-stream runs)")
+                   help="run N prompts at concurrency C instead (the workload drawn for N "
+                   "prompts, as `bench serve --num-prompts N` would)")
     p.add_argument("--bench-args", default="", help="extra `bench serve` flags (one string)")
     p.add_argument("--out-dir", default="serve_sweep_results")
     a = p.parse_args(argv)
