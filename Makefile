@@ -35,7 +35,7 @@ lint: venv-test
 
 test: venv-test
 	$(VENV)/bin/ruff check pagedllm tests benchmarks
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -x tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs tests
 
 bench: venv
 	$(PY) benchmarks/offline_throughput.py

@@ -18,6 +18,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -113,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(a.out_dir, exist_ok=True)
     proc = None
     base_url = a.base_url
+    # SIGTERM (timeout, kill) must still stop the server we started: run the `finally` below.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if base_url is None:
         proc = start_server(a.port, shlex.split(a.server_args),
                             os.path.join(a.out_dir, "server.log"))
