@@ -1,7 +1,11 @@
 """pagedllm: a paged-KV-cache LLM inference engine and OpenAI-compatible server."""
 
+from pagedllm import envs as _envs
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+
+# Before anything imports torch (none of the imports above does).
+_envs.apply_openmp_defaults()
 
 __version__ = "0.1.0"
 

@@ -43,3 +43,13 @@ def cache_root() -> str:
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def apply_openmp_defaults() -> None:
+    """Sleep, don't spin, in OpenMP waits unless the user chose otherwise.
+
+    With spinning waits, torch's CPU threads burn both cores of a small machine between
+    parallel regions, and any other busy process (the API server, a client) slows each
+    engine step by an order of magnitude. Must run before torch is imported to take effect.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

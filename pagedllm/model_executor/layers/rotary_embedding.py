@@ -9,11 +9,17 @@ picks one from a registry keyed by the HF `rope_type`.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
+
+# Every layer of a model has the same table: share one tensor per (variant, parameters, device)
+# instead of one per layer (2 GiB on Llama-3.1-8B at 131k positions). Weak values: a table
+# lives as long as some model uses it.
+_SHARED_TABLES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 class RotaryEmbedding(nn.Module):
@@ -52,16 +58,23 @@ class RotaryEmbedding(nn.Module):
 
     @torch.no_grad()
     def init_cache(self) -> None:
-        """(Re)computes the cos/sin table in place on the buffer's current device."""
-        inv_freq = self._compute_inv_freq()  # [rotary_dim // 2]
-        t = torch.arange(self.max_position, dtype=torch.float32, device="cpu")
-        freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim // 2]
-        scale = self._attention_scaling()
-        cache = torch.cat([freqs.cos() * scale, freqs.sin() * scale], dim=-1)
+        """(Re)computes the cos/sin table on the buffer's current device (shared across layers)."""
         device = self.cos_sin_cache.device
         if device.type == "meta":
             return
-        self.cos_sin_cache = cache.to(device)
+        scalars = tuple(
+            sorted((k, v) for k, v in vars(self).items() if isinstance(v, (int, float, str)))
+        )
+        key = (type(self).__name__, scalars, str(device))
+        shared = _SHARED_TABLES.get(key)
+        if shared is None:
+            inv_freq = self._compute_inv_freq()  # [rotary_dim // 2]
+            t = torch.arange(self.max_position, dtype=torch.float32, device="cpu")
+            freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim // 2]
+            scale = self._attention_scaling()
+            shared = torch.cat([freqs.cos() * scale, freqs.sin() * scale], dim=-1).to(device)
+            _SHARED_TABLES[key] = shared
+        self.cos_sin_cache = shared
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, num_heads, rotary_dim]; cos/sin: [num_tokens, 1, rotary_dim // 2]
