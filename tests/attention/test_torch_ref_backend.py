@@ -24,11 +24,11 @@ def _dense_reference(q, k, v, q_pos, scale, sliding_window=None):
     return out
 
 
-def _run_mixed_batch(sliding_window=None, seed=0):
+def _run_mixed_batch(sliding_window=None, seed=0, reqs=None):
     g = torch.Generator().manual_seed(seed)
-    nh, nkv, hd, bs, num_blocks = 4, 2, 8, 4, 64
+    nh, nkv, hd, bs, num_blocks = 4, 2, 8, 4, 256
     # (cached prefix length, new tokens): prefill, chunk with prefix, decode, decode, prefill
-    reqs = [(0, 7), (5, 6), (9, 1), (3, 1), (0, 1), (12, 4)]
+    reqs = reqs or [(0, 7), (5, 6), (9, 1), (3, 1), (0, 1), (12, 4)]
     cache = torch.randn(kv_cache_shape(num_blocks, bs, nkv, hd), generator=g)
     perm = torch.randperm(num_blocks, generator=g).tolist()
     tables, slots, qs, ks, vs = [], [], [], [], []
@@ -89,6 +89,13 @@ def _run_mixed_batch(sliding_window=None, seed=0):
 
 def test_mixed_batch_matches_dense_attention():
     _run_mixed_batch()
+
+
+def test_many_decodes_in_length_groups():
+    # 40 decodes of very different lengths are split into several length groups
+    lengths = [(L * 7) % 45 + 1 for L in range(40)]
+    _run_mixed_batch(seed=2, reqs=[(L, 1) for L in lengths] + [(3, 5)])
+    _run_mixed_batch(sliding_window=5, seed=3, reqs=[(L, 1) for L in lengths])
 
 
 def test_sliding_window():
