@@ -167,3 +167,23 @@ def test_invalid_requests_raise_value_error(smol_llm):
         smol_llm.generate(["hi"], SamplingParams(logprobs=50), use_tqdm=False)
     with pytest.raises(ValueError, match="empty"):
         smol_llm.generate([{"prompt_token_ids": []}], SamplingParams(), use_tqdm=False)
+
+
+def test_stop_string_with_multibyte_characters(smol_llm):
+    tok = smol_llm.get_tokenizer()
+    text = "Grüße aus 東京 🎉 und mehr"
+    ids = tok.encode(text, add_special_tokens=False)
+    for stop, include, expected in [("東京", False, "Grüße aus "), ("京 🎉", True, "Grüße aus 東京 🎉"),
+                                    ("ße a", False, "Grü")]:
+        params = SamplingParams(stop=[stop], include_stop_str_in_output=include)
+        detok = IncrementalDetokenizer(tok, [1], params)
+        hit, streamed = None, []
+        for t in ids:
+            hit = detok.update([t])
+            streamed.append(detok.get_next_output_text(finished=hit is not None, delta=True))
+            if hit is not None:
+                break
+        assert hit == stop
+        assert detok.output_text == expected
+        # nothing past (or, without include, inside) the stop string was ever streamed
+        assert "".join(streamed) == expected
