@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def set_weight_attrs(param: torch.Tensor, attrs: dict[str, Any] | None) -> None:
@@ -27,3 +30,38 @@ def default_weight_loader(
             f"{tuple(loaded_weight.shape)}"
         )
     param.data.copy_(loaded_weight)
+
+
+class WeightLoadTracker:
+    """Feeds checkpoint tensors to parameters through their `weight_loader` and records which
+    parameters are complete: a fused parameter (QKV, gate/up) once all its shards arrived."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.params = dict(module.named_parameters())
+        self.loaded: set[str] = set()
+        self._seen_shards: dict[str, set] = {}
+
+    def load(
+        self,
+        target: str,
+        tensor: torch.Tensor,
+        shard_id=None,
+        expected_shards: set | None = None,
+        source_name: str | None = None,
+    ) -> None:
+        param = self.params.get(target)
+        if param is None:
+            logger.warning(
+                "checkpoint tensor %s has no matching parameter; skipped", source_name or target
+            )
+            return
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        with torch.no_grad():
+            loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
+        if shard_id is None:
+            self.loaded.add(target)
+            return
+        seen = self._seen_shards.setdefault(target, set())
+        seen.add(shard_id)
+        if seen == expected_shards:
+            self.loaded.add(target)

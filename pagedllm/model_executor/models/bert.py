@@ -28,7 +28,7 @@ from pagedllm.model_executor.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
 )
-from pagedllm.model_executor.layers.utils import default_weight_loader
+from pagedllm.model_executor.layers.utils import WeightLoadTracker
 from pagedllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
 logger = logging.getLogger(__name__)
@@ -256,28 +256,13 @@ class BertModel(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads HF-named tensors; returns the names of the parameters that got loaded."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
-        seen_shards: dict[str, set[str]] = {}
+        tracker = WeightLoadTracker(self)
         for hf_name, tensor in weights:
             name, shard_id = self._our_name(hf_name)
             if name is None:
                 continue
-            param = params.get(name)
-            if param is None:
-                logger.warning("checkpoint tensor %s has no matching parameter; skipped", hf_name)
-                continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            with torch.no_grad():
-                loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
-            if shard_id is None:
-                loaded.add(name)
-                continue
-            seen = seen_shards.setdefault(name, set())
-            seen.add(shard_id)
-            if seen == {"q", "k", "v"}:
-                loaded.add(name)
-        return loaded
+            tracker.load(name, tensor, shard_id, {"q", "k", "v"}, source_name=hf_name)
+        return tracker.loaded
 
 
 class RobertaModel(BertModel):

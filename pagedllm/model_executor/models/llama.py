@@ -26,7 +26,7 @@ from pagedllm.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from pagedllm.model_executor.layers.rotary_embedding import get_rope, rope_params_from_config
-from pagedllm.model_executor.layers.utils import default_weight_loader
+from pagedllm.model_executor.layers.utils import WeightLoadTracker
 from pagedllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
@@ -271,13 +271,11 @@ class LlamaForCausalLM(nn.Module):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads HF-named tensors; returns the names of the parameters that got loaded."""
-        params = dict(self.named_parameters())
-        loaded: set[str] = set()
+        tracker = WeightLoadTracker(self)
         # A fused parameter counts as loaded once every one of its shards arrived.
         expected_shards: dict[str, set[Any]] = {}
         for ours, _, sid in _STACKED_PARAMS:
             expected_shards.setdefault(ours, set()).add(sid)
-        seen_shards: dict[str, set[Any]] = {}
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name:
                 continue
@@ -290,20 +288,8 @@ class LlamaForCausalLM(nn.Module):
                 if theirs in name:
                     target, shard_id, fused = name.replace(theirs, ours), sid, ours
                     break
-            param = params.get(target)
-            if param is None:
-                logger.warning("checkpoint tensor %s has no matching parameter; skipped", name)
-                continue
-            loader = getattr(param, "weight_loader", default_weight_loader)
-            with torch.no_grad():
-                loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
-            if fused is None:
-                loaded.add(target)
-                continue
-            seen = seen_shards.setdefault(target, set())
-            seen.add(shard_id)
-            if seen == expected_shards[fused]:
-                loaded.add(target)
+            tracker.load(target, tensor, shard_id, expected_shards.get(fused), source_name=name)
+        params, loaded = tracker.params, tracker.loaded
         if "lm_head.weight" in params and "lm_head.weight" not in loaded:
             embed = "model.embed_tokens.weight"
             if embed in loaded:
