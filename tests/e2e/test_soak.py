@@ -173,9 +173,10 @@ def learn_stop_string(url: str) -> tuple[str, str]:
     }, timeout=120)
     r.raise_for_status()
     text = r.json()["choices"][0]["text"]
-    cut = max(1, len(text) // 3)
-    stop = text[cut:cut + 2]
-    assert stop.strip(), f"greedy text {text!r} has no usable stop string"
+    # A 2-character window from the middle of the text that is not pure whitespace.
+    starts = [i for i in range(max(1, len(text) // 3), len(text) - 1) if text[i:i + 2].strip()]
+    assert starts, f"greedy text {text!r} has no usable stop string"
+    stop = text[starts[0]:starts[0] + 2]
     return stop, text[:text.index(stop)]
 
 
