@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--out", default="serve_results")
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0, help="workload seed of the first rate (+1 each)")
+    ap.add_argument("--server-args", default="", help="extra `pagedllm serve` flags")
     args = ap.parse_args()
     from pagedllm.entrypoints.bench import resolve_model_arg
 
@@ -75,7 +77,7 @@ def main() -> None:
         [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", model_dir, "--port",
          str(args.port), "--served-model-name", "llama-3.1-8b-random", "--max-model-len", "4096",
          "--max-num-seqs", str(args.max_num_seqs), "--disable-log-requests",
-         "--disable-uvicorn-access-log"],
+         "--disable-uvicorn-access-log", *args.server_args.split()],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )
     rows = []
@@ -83,12 +85,14 @@ def main() -> None:
         t1 = time.time()
         wait_ready(url, 300, server)
         print(f"server ready in {time.time() - t1:.1f} s", flush=True)
-        for rate in args.rates.split(","):
+        for i, rate in enumerate(args.rates.split(",")):
             result = os.path.join(args.out, f"rate_{rate}.json")
+            # A new seed per rate: random token-id prompts never hit the prefix cache that
+            # the previous rate's run left behind, so every rate starts cold.
             cmd = [sys.executable, "-m", "pagedllm.entrypoints.cli", "bench", "serve",
                    "--base-url", url, "--model", "llama-3.1-8b-random", "--dataset",
                    "sharegpt-shaped", "--num-prompts", str(args.num_prompts), "--request-rate",
-                   rate, "--seed", "0", "--result-file", result, "--disable-tqdm"]
+                   rate, "--seed", str(args.seed + i), "--result-file", result, "--disable-tqdm"]
             subprocess.run(cmd, cwd=ROOT, check=False)
             if os.path.exists(result):
                 with open(result) as f:

@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--hf-datasets", default="sharegpt-shaped",
                     help="datasets that also run the HF peer (with --hf-compare N)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--ab-async", action="store_true",
+                    help="run each dataset twice on the same engine: async scheduling on, then off")
     args = ap.parse_args()
     import logging
 
@@ -42,17 +44,25 @@ def main() -> int:
     hf_n = args.hf_compare
     results = {"model_build_s": build_s, "startup": timings, "memory": memory, "runs": {}}
     print(json.dumps({"startup": timings, "memory": memory}), flush=True)
+    core = llm.llm_engine.engine_core
+    modes = [True, False] if args.ab_async else [core.async_scheduling]
     for name in args.datasets.split(","):
-        args.dataset = name
-        args.llm = (llm, timings, memory)
-        args.hf_compare = hf_n if name in args.hf_datasets.split(",") else 0
-        r = run_throughput(args)
-        r.pop("startup", None)
-        r.pop("memory", None)
-        results["runs"][name] = r
-        print(json.dumps({name: r}, default=float), flush=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1, default=float))
+        for i, mode in enumerate(modes):
+            # The in-flight queue is empty between runs, so the mode can change here.
+            core.async_scheduling = core.scheduler.async_scheduling = mode
+            args.dataset = name
+            args.llm = (llm, timings, memory)
+            hf = hf_n if name in args.hf_datasets.split(",") and i == 0 else 0
+            args.hf_compare = hf
+            r = run_throughput(args)
+            r.pop("startup", None)
+            r.pop("memory", None)
+            r["async_scheduling"] = mode
+            key = name if len(modes) == 1 else f"{name} (async {'on' if mode else 'off'})"
+            results["runs"][key] = r
+            print(json.dumps({key: r}, default=float), flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1, default=float))
     print("| dataset | req/s | out tok/s | total tok/s | roofline frac | vs HF (first N) |")
     print("|---|---|---|---|---|---|")
     for name, r in results["runs"].items():

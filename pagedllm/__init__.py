@@ -16,11 +16,16 @@ def __getattr__(name: str):
         from pagedllm.entrypoints.llm import LLM
 
         return LLM
+    if name == "EngineArgs":
+        from pagedllm.engine.arg_utils import EngineArgs
+
+        return EngineArgs
     raise AttributeError(f"module 'pagedllm' has no attribute {name!r}")
 
 
 __all__ = [
     "LLM",
+    "EngineArgs",
     "SamplingParams",
     "RequestOutput",
     "CompletionOutput",

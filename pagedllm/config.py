@@ -52,6 +52,8 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # Schedule step N+1 while the device runs step N (see EngineCore._step_async).
+    async_scheduling: bool = False
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class Request:
     """One request in the engine core.
 
     Invariants: `all_token_ids == prompt_token_ids + output_token_ids`;
-    `0 <= num_computed_tokens <= num_tokens`; `block_hashes` holds the chain hash of every
+    `0 <= num_computed_tokens <= num_tokens + num_output_placeholders`; `block_hashes` holds the chain hash of every
     full block of `all_token_ids` (and nothing for a trailing partial block).
     """
 
@@ -62,6 +62,7 @@ class Request:
         "num_preemptions",
         "block_hashes",
         "max_tokens",
+        "num_output_placeholders",
     )
 
     def __init__(
@@ -96,6 +97,8 @@ class Request:
             1 if pooling else (sampling_params.max_tokens if sampling_params else None)
         )
         self.block_hashes: list[BlockHash] = compute_block_hashes(self.all_token_ids, block_size)
+        # Async scheduling: tokens sampled by steps in flight, not yet appended.
+        self.num_output_placeholders = 0
 
     @classmethod
     def from_engine_core_request(cls, req: EngineCoreRequest, block_size: int) -> Request:

@@ -44,6 +44,7 @@ class Scheduler:
         cache_config: CacheConfig,
         num_blocks: int,
         max_model_len: int | None = None,
+        async_scheduling: bool = False,
     ) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
@@ -52,6 +53,9 @@ class Scheduler:
         self.max_num_seqs = scheduler_config.max_num_seqs
         self.enable_chunked_prefill = scheduler_config.enable_chunked_prefill
         self.block_size = cache_config.block_size
+        # Schedule step N+1 before step N's tokens are known: a request that samples in a
+        # step gets a placeholder, and its next decode is scheduled against it.
+        self.async_scheduling = async_scheduling
         self.kv_cache_manager = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
@@ -164,8 +168,11 @@ class Scheduler:
         idx = 0
         while idx < len(self.running) and budget > 0:
             req = self.running[idx]
+            if req.num_output_placeholders and self._finishes_with_placeholders(req):
+                idx += 1  # its last token is in flight: nothing left to compute
+                continue
             num_new = min(
-                req.num_tokens - req.num_computed_tokens,
+                req.num_tokens + req.num_output_placeholders - req.num_computed_tokens,
                 budget,
                 self.max_model_len - req.num_computed_tokens,
             )
@@ -212,8 +219,18 @@ class Scheduler:
                 start = req.num_computed_tokens
                 self._num_prompt_tokens += max(0, min(req.num_prompt_tokens, start + n) - start)
                 req.num_computed_tokens = start + n
+                if self.async_scheduling and not req.pooling and (
+                    start + n == req.num_tokens + req.num_output_placeholders
+                ):
+                    req.num_output_placeholders += 1  # this step samples for it
         self._num_scheduled_tokens = total
         return out
+
+    def _finishes_with_placeholders(self, req: Request) -> bool:
+        """Whether the tokens in flight take the request to max_tokens or the context end."""
+        assert req.max_tokens is not None
+        p = req.num_output_placeholders
+        return req.num_output_tokens + p >= req.max_tokens or req.num_tokens + p >= self.max_model_len
 
     def _schedule_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
@@ -253,6 +270,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.num_output_placeholders = 0  # tokens in flight are dropped (recomputed)
         request.num_preemptions += 1
         self._num_preemptions += 1
         self.preempted_req_ids.add(request.request_id)
@@ -277,6 +295,8 @@ class Scheduler:
             else:
                 i = index.get(rid)
                 sampled = mro.sampled_token_ids[i] if i is not None else []
+                if sampled and req.num_output_placeholders:
+                    req.num_output_placeholders -= 1
                 out = self._update_generation(req, sampled, mro)
             if out is not None:
                 outputs.append(out)

@@ -49,6 +49,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     quantization: str | None = None
     enforce_eager: bool = False
+    # None: on for generation on CUDA (host work overlaps the GPU), off on CPU (no overlap
+    # to gain: the same cores run the host work and the model).
+    async_scheduling: bool | None = None
     device: str = "auto"
     max_logprobs: int = 20
     trust_remote_code: bool = False
@@ -90,6 +93,29 @@ class EngineArgs:
     def create_engine_config(self) -> EngineConfig:
         from pagedllm.model_executor.loader import resolve_model
 
+        self._check_supported()
+        resolved = resolve_model(self.model)
+        device = self._resolve_device()
+        model_config = self._model_config(resolved, device)
+        return EngineConfig(
+            model_config=model_config,
+            cache_config=CacheConfig(
+                block_size=self.block_size,
+                enable_prefix_caching=self.enable_prefix_caching,
+                kv_cache_space_gib=(
+                    envs.cpu_kvcache_space_gib() if self.kv_cache_space is None
+                    else self.kv_cache_space
+                ),
+                gpu_memory_utilization=self.gpu_memory_utilization,
+                num_gpu_blocks_override=self.num_gpu_blocks_override,
+            ),
+            scheduler_config=self._scheduler_config(model_config, device),
+            parallel_config=ParallelConfig(self.tensor_parallel_size),
+            device_config=DeviceConfig(device),
+            enforce_eager=self.enforce_eager,
+        )  # fmt: skip
+
+    def _check_supported(self) -> None:
         if self.tensor_parallel_size != 1:
             raise NotImplementedError(
                 "tensor_parallel_size > 1 is not implemented yet in pagedllm; use 1"
@@ -100,11 +126,8 @@ class EngineArgs:
             )
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
-        resolved = resolve_model(self.model)
-        hf_config = resolved.hf_config
-        device = self._resolve_device()
-        dtype = self._resolve_dtype(hf_config, device)
-        archs = list(getattr(hf_config, "architectures", None) or [])
+
+    def _resolve_task(self, archs: list[str]) -> str:
         task = self.task
         if task == "auto":
             from pagedllm.model_executor.models.registry import ModelRegistry
@@ -113,7 +136,10 @@ class EngineArgs:
             task = "embed" if is_embed(archs) else "generate"
         if task not in ("generate", "embed"):
             raise ValueError(f"task must be one of auto, generate, embed; got {task!r}")
-        derived = _derive_max_model_len(hf_config)
+        return task
+
+    def _resolve_max_model_len(self, resolved) -> int:
+        derived = _derive_max_model_len(resolved.hf_config)
         cap = getattr(resolved, "max_model_len", None)
         if cap is not None:
             derived = min(derived, cap)
@@ -123,60 +149,53 @@ class EngineArgs:
                 f"max_model_len={max_model_len} is larger than the model's maximum context length "
                 f"({derived}, from its config)"
             )
+        return max_model_len
+
+    def _served_names(self, resolved) -> tuple[str, ...]:
         names = self.served_model_name
         if isinstance(names, str):
             names = [names]
         if names:
-            served = tuple(names)
-        elif self.model is None:
-            served = ("SmolLM2-135M-Instruct",)
-        else:
-            served = (self.model,)
-        model_config = ModelConfig(
+            return tuple(names)
+        return ("SmolLM2-135M-Instruct",) if self.model is None else (self.model,)
+
+    def _model_config(self, resolved, device: str) -> ModelConfig:
+        hf_config = resolved.hf_config
+        archs = list(getattr(hf_config, "architectures", None) or [])
+        return ModelConfig(
             model=self.model or resolved.model_path,
             model_path=resolved.model_path,
             model_format=resolved.model_format,
             hf_config=hf_config,
             architecture=archs[0] if archs else "",
-            dtype=dtype,
-            max_model_len=max_model_len,
+            dtype=self._resolve_dtype(hf_config, device),
+            max_model_len=self._resolve_max_model_len(resolved),
             tokenizer=self.tokenizer or resolved.tokenizer_path,
-            served_model_name=served,
-            task=task,
+            served_model_name=self._served_names(resolved),
+            task=self._resolve_task(archs),
             seed=self.seed,
             max_logprobs=self.max_logprobs,
             trust_remote_code=self.trust_remote_code,
             skip_tokenizer_init=self.skip_tokenizer_init,
         )
+
+    def _scheduler_config(self, model_config: ModelConfig, device: str) -> SchedulerConfig:
+        max_model_len = model_config.max_model_len
         max_num_seqs = self.max_num_seqs or 256
         max_batched = self.max_num_batched_tokens or (2048 if device == "cpu" else 8192)
         if not self.enable_chunked_prefill:
             max_batched = max(max_batched, max_model_len)
         if max_batched < max_num_seqs:
             max_num_seqs = max_batched
-        kv_space = self.kv_cache_space
-        if kv_space is None:
-            kv_space = envs.cpu_kvcache_space_gib()
-        cache_config = CacheConfig(
-            block_size=self.block_size,
-            enable_prefix_caching=self.enable_prefix_caching,
-            kv_cache_space_gib=kv_space,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            num_gpu_blocks_override=self.num_gpu_blocks_override,
-        )
-        scheduler_config = SchedulerConfig(
+        async_scheduling = self.async_scheduling
+        if async_scheduling is None:
+            async_scheduling = device == "cuda"
+        return SchedulerConfig(
             max_num_batched_tokens=max_batched,
             max_num_seqs=max_num_seqs,
             max_model_len=max_model_len,
             enable_chunked_prefill=self.enable_chunked_prefill,
-        )
-        return EngineConfig(
-            model_config=model_config,
-            cache_config=cache_config,
-            scheduler_config=scheduler_config,
-            parallel_config=ParallelConfig(self.tensor_parallel_size),
-            device_config=DeviceConfig(device),
-            enforce_eager=self.enforce_eager,
+            async_scheduling=async_scheduling and model_config.task == "generate",
         )
 
 

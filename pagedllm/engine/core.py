@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
+from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.engine.protocol import EngineCoreOutputs, EngineCoreRequest
 from pagedllm.executor.uniproc import UniProcExecutor
+from pagedllm.worker.model_runner import StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -25,9 +28,17 @@ class EngineCore:
         self.executor.initialize_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         cc, mc = config.cache_config, config.model_config
+        self.async_scheduling = config.scheduler_config.async_scheduling
         self.scheduler = Scheduler(
-            config.scheduler_config, cc, num_blocks=num_blocks, max_model_len=mc.max_model_len
+            config.scheduler_config,
+            cc,
+            num_blocks=num_blocks,
+            max_model_len=mc.max_model_len,
+            async_scheduling=self.async_scheduling,
         )
+        # Async scheduling: submitted steps whose outputs the scheduler has not seen, oldest
+        # first (at most two: the one the GPU runs and the one queued behind it).
+        self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
         logger.info(
             "engine core ready in %.2f s: %d KV blocks of %d tokens (%d tokens, %.1fx max_model_len)",
             time.perf_counter() - t0,
@@ -48,14 +59,34 @@ class EngineCore:
             self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def step(self) -> EngineCoreOutputs:
+        if self.async_scheduling:
+            return self._step_async()
         if not self.scheduler.has_unfinished_requests():
             return EngineCoreOutputs(outputs=[], scheduler_stats=self.scheduler.make_stats())
         scheduler_output = self.scheduler.schedule()
         runner_output = self.executor.execute_model(scheduler_output)
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    def _step_async(self) -> EngineCoreOutputs:
+        """Keeps two steps submitted: schedules and launches step N+1, then waits for step
+        N's tokens and applies them, so host work overlaps the device running N+1."""
+        q = self._in_flight
+        while len(q) < 2 and self.scheduler.has_unfinished_requests():
+            so = self.scheduler.schedule()
+            if so.total_num_scheduled_tokens == 0:
+                # Nothing to run (every request waits on a token in flight, or on memory);
+                # the worker must still drop the states of finished or preempted requests.
+                if so.finished_req_ids or so.preempted_req_ids:
+                    self.executor.execute_model(so)
+                break
+            q.append((so, self.executor.submit(so)))
+        if not q:
+            return EngineCoreOutputs(outputs=[], scheduler_stats=self.scheduler.make_stats())
+        so, handle = q.popleft()
+        return self.scheduler.update_from_output(so, handle.get())
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.reset_prefix_cache()

@@ -175,6 +175,7 @@ class StageTimer:
         core = engine.engine_core
         runner = core.executor.worker.model_runner
         for obj, name in ((core.scheduler, "schedule"), (core.executor, "execute_model"),
+                          (core.executor, "submit"),
                           (core.scheduler, "update_from_output"),
                           (engine.output_processor, "process_outputs")):  # fmt: skip
             self._wrap_wall(obj, name)
@@ -322,6 +323,7 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--output-json", default=None)
     p.add_argument("--profile-stages", action="store_true",
@@ -337,7 +339,7 @@ def make_llm(args: argparse.Namespace, model_dir: str):
         model=model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-        device=args.device, skip_tokenizer_init=True, seed=0,
+        async_scheduling=getattr(args, "async_scheduling", None), device=args.device, skip_tokenizer_init=True, seed=0,
     )  # fmt: skip
     startup = time.perf_counter() - t0
     runner = llm.llm_engine.engine_core.executor.worker.model_runner

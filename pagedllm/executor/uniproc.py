@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.worker.model_runner import StepHandle
 from pagedllm.worker.worker import Worker
 
 
@@ -20,3 +21,6 @@ class UniProcExecutor:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
+
+    def submit(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        return self.worker.submit(scheduler_output)

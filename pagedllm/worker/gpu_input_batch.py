@@ -15,8 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pagedllm.sample.metadata import SamplingMetadata
-from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, step_seed
+from pagedllm.worker.input_batch import CachedRequestState
 
 
 @dataclass(slots=True)
@@ -31,6 +30,10 @@ class StepInputs:
     sample_rows: np.ndarray  # [num_sampling] request index of each sampling request
     sample_token_idx: np.ndarray  # [num_sampling] flat token index of its last token
     query_start_loc_np: np.ndarray  # [num_reqs + 1] int32 (a copy)
+    # Async scheduling: flat token indices whose input id was sampled by the previous step
+    # and is still only on the device (the host wrote 0 there), and whose request it is.
+    pending_token_idx: list[int]
+    pending_req_ids: list[str]
 
 
 class InputBuffers:
@@ -104,37 +107,8 @@ class InputBuffers:
         counts_np = np.asarray(counts, dtype=np.int64)
         total = int(counts_np.sum())
         bs = self.block_size
-        ids_np = self.input_ids_np
         bt = self.block_table_np
-        starts = np.empty(num_reqs, dtype=np.int64)
-        num_tokens = np.empty(num_reqs, dtype=np.int64)
-        bt_cache = self._block_arrays
-        new_cache: dict[str, tuple[CachedRequestState, int, int]] = {}
-        offset = 0
-        for i, state in enumerate(states):
-            start = state.num_computed_tokens
-            n = counts[i]
-            starts[i] = start
-            num_tokens[i] = state.num_tokens
-            if n == 1:
-                # Decode (or the last prompt token): one element, no list slicing.
-                p = len(state.prompt_token_ids)
-                ids_np[offset] = (
-                    state.prompt_token_ids[start] if start < p else state.output_token_ids[start - p]
-                )
-            else:
-                ids_np[offset : offset + n] = state.token_slice(start, start + n)
-            # A state's block table only grows (a resumed request gets a new state object):
-            # the row is rewritten only when the request moved rows or got a new block.
-            cached = bt_cache.get(state.req_id)
-            num_blocks = len(state.block_ids)
-            if cached is None or cached[0] is not state or cached[1] != num_blocks or (
-                cached[2] != i
-            ):
-                bt[i, :num_blocks] = state.block_ids
-            new_cache[state.req_id] = (state, num_blocks, i)
-            offset += n
-        self._block_arrays = new_cache
+        starts, num_tokens, pending_idx, pending_reqs = self._fill_ids_and_blocks(states, counts)
         ends = starts + counts_np
         qsl = self.query_start_loc_np
         qsl[0] = 0
@@ -149,13 +123,8 @@ class InputBuffers:
         self.seq_lens_np[:num_reqs] = ends
         padded_reqs, padded_tokens = num_reqs, total
         if pad_to is not None and pad_to > num_reqs:
-            pad = pad_to - num_reqs
-            ids_np[total : total + pad] = 0
-            self.positions_np[total : total + pad] = 0
-            self.slot_mapping_np[total : total + pad] = -1
-            qsl[num_reqs + 1 : pad_to + 1] = total + self._arange[1 : pad + 1]
-            self.seq_lens_np[num_reqs:pad_to] = 1
-            padded_reqs, padded_tokens = pad_to, total + pad
+            self._pad(num_reqs, total, pad_to)
+            padded_reqs, padded_tokens = pad_to, total + pad_to - num_reqs
         sampling = ends == num_tokens
         sample_rows = np.nonzero(sampling)[0]
         sample_token_idx = qsl[1 : num_reqs + 1][sample_rows].astype(np.int64) - 1
@@ -170,7 +139,74 @@ class InputBuffers:
             sample_rows=sample_rows,
             sample_token_idx=sample_token_idx,
             query_start_loc_np=qsl[: num_reqs + 1].copy(),
+            pending_token_idx=pending_idx,
+            pending_req_ids=pending_reqs,
         )
+
+    def _fill_ids_and_blocks(
+        self, states: list[CachedRequestState], counts: list[int]
+    ) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
+        """Writes each request's input ids and block-table row (one Python iteration per
+        request). Returns its first position, its token count with pending samples, and the
+        flat indices (and request ids) of input ids only the device holds."""
+        num_reqs = len(states)
+        ids_np = self.input_ids_np
+        bt = self.block_table_np
+        starts = np.empty(num_reqs, dtype=np.int64)
+        num_tokens = np.empty(num_reqs, dtype=np.int64)
+        bt_cache = self._block_arrays
+        new_cache: dict[str, tuple[CachedRequestState, int, int]] = {}
+        pending_idx: list[int] = []
+        pending_reqs: list[str] = []
+        offset = 0
+        for i, state in enumerate(states):
+            start = state.num_computed_tokens
+            n = counts[i]
+            starts[i] = start
+            known = state.num_tokens
+            # The step samples when its tokens reach the last known or pending token.
+            num_tokens[i] = known + state.num_pending
+            if start + n > known and (n != 1 or not state.num_pending):
+                raise RuntimeError(
+                    f"request {state.req_id}: {n} token(s) at {start} reach past its known tokens"
+                )
+            if n == 1:
+                # Decode (or the last prompt token): one element, no list slicing.
+                p = len(state.prompt_token_ids)
+                if start >= known:
+                    ids_np[offset] = 0  # sampled by the previous step; copied on the device
+                    pending_idx.append(offset)
+                    pending_reqs.append(state.req_id)
+                else:
+                    ids_np[offset] = (
+                        state.prompt_token_ids[start]
+                        if start < p
+                        else state.output_token_ids[start - p]
+                    )
+            else:
+                ids_np[offset : offset + n] = state.token_slice(start, start + n)
+            # A state's block table only grows (a resumed request gets a new state object):
+            # the row is rewritten only when the request moved rows or got a new block.
+            cached = bt_cache.get(state.req_id)
+            num_blocks = len(state.block_ids)
+            if cached is None or cached[0] is not state or cached[1] != num_blocks or (
+                cached[2] != i
+            ):
+                bt[i, :num_blocks] = state.block_ids
+            new_cache[state.req_id] = (state, num_blocks, i)
+            offset += n
+        self._block_arrays = new_cache
+        return starts, num_tokens, pending_idx, pending_reqs
+
+    def _pad(self, num_reqs: int, num_tokens: int, pad_to: int) -> None:
+        """Dummy requests of one token each up to `pad_to` requests (a graph's batch size)."""
+        pad = pad_to - num_reqs
+        end = num_tokens + pad
+        self.input_ids_np[num_tokens:end] = 0
+        self.positions_np[num_tokens:end] = 0
+        self.slot_mapping_np[num_tokens:end] = -1
+        self.query_start_loc_np[num_reqs + 1 : pad_to + 1] = num_tokens + self._arange[1 : pad + 1]
+        self.seq_lens_np[num_reqs:pad_to] = 1
 
     def _upload(self, num_tokens: int, num_reqs: int, num_sampling: int) -> None:
         if self.device.type == "cpu":
@@ -189,67 +225,3 @@ class InputBuffers:
                 self.sample_idx_cpu[:num_sampling], non_blocking=nb
             )
         self._uploaded.record()
-
-
-def _is_simple(state: CachedRequestState) -> bool:
-    p = state.sampling_params
-    return (
-        p.repetition_penalty == 1.0
-        and p.frequency_penalty == 0.0
-        and p.presence_penalty == 0.0
-        and not p.logit_bias
-        and not p.allowed_token_ids
-        and not p.bad_words_token_ids
-        and len(state.output_token_ids) >= p.min_tokens
-    )
-
-
-def _to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    t = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return t
-    return t.pin_memory().to(device, non_blocking=True)
-
-
-def build_sampling_metadata_async(
-    states: list[CachedRequestState],
-    vocab_size: int,
-    device: torch.device,
-) -> SamplingMetadata:
-    """Like `build_sampling_metadata`, but uploads through pinned memory without a host sync.
-
-    Batches that need penalties, biases, allowed/banned tokens or min_tokens suppression take
-    the general builder (which copies synchronously); the common case never blocks.
-    """
-    if not all(_is_simple(s) for s in states):
-        return build_sampling_metadata(states, vocab_size, device)
-    params = [s.sampling_params for s in states]
-    temps = [p.temperature for p in params]
-    greedy = [t < 1e-5 for t in temps]
-    all_greedy = all(greedy)
-    top_p = top_k = min_p = None
-    if not all_greedy:
-        if any(p.top_p < 1.0 for p in params):
-            top_p = _to_device([p.top_p for p in params], torch.float32, device)
-        if any(p.top_k > 0 for p in params):
-            top_k = _to_device(
-                [p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device
-            )
-        if any(p.min_p > 0 for p in params):
-            min_p = _to_device([p.min_p for p in params], torch.float32, device)
-    step_seeds = {
-        i: step_seed(p.seed, len(s.output_token_ids))
-        for i, (s, p) in enumerate(zip(states, params))
-        if p.seed is not None and not greedy[i]
-    }
-    lp_counts = [p.logprobs for p in params if p.logprobs is not None]
-    return SamplingMetadata(
-        temperature=_to_device(temps, torch.float32, device),
-        all_greedy=all_greedy,
-        all_random=not any(greedy),
-        top_p=top_p,
-        top_k=top_k,
-        min_p=min_p,
-        step_seeds=step_seeds,
-        max_num_logprobs=max(lp_counts) if lp_counts else None,
-    )

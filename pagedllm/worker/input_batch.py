@@ -26,10 +26,34 @@ class CachedRequestState:
     prompt_lp_vals: list[list[float]] = field(default_factory=list)
     prompt_lp_ranks: list[int] = field(default_factory=list)
     want_prompt_logprobs: bool = False
+    # Tokens sampled by submitted steps whose values the host has not read yet (async
+    # scheduling): they exist only on the device until the step's output is resolved.
+    num_pending: int = 0
 
     @property
     def num_tokens(self) -> int:
+        """Tokens whose ids the host knows: the prompt and the resolved outputs."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_outputs(self) -> int:
+        """Output tokens sampled so far, resolved or pending."""
+        return len(self.output_token_ids) + self.num_pending
+
+    @property
+    def needs_host_tokens(self) -> bool:
+        """Whether sampling for this request reads its output token ids on the host
+        (penalties, bias, allowed/banned tokens, min_tokens suppression)."""
+        p = self.sampling_params
+        return not (
+            p.repetition_penalty == 1.0
+            and p.frequency_penalty == 0.0
+            and p.presence_penalty == 0.0
+            and not p.logit_bias
+            and not p.allowed_token_ids
+            and not p.bad_words_token_ids
+            and self.num_outputs >= p.min_tokens
+        )
 
     def token_slice(self, start: int, end: int) -> list[int]:
         p = len(self.prompt_token_ids)
@@ -64,34 +88,41 @@ def _bad_word_bans(state: CachedRequestState, row: int) -> list[tuple[int, int]]
     return bans
 
 
-def build_sampling_metadata(
-    states: list[CachedRequestState],
-    vocab_size: int,
-    device: torch.device,
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor; on CUDA through pinned memory, without a host sync."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _basic_metadata(
+    states: list[CachedRequestState], vocab_size: int, device: torch.device
 ) -> SamplingMetadata:
-    """Rows = `states` (the requests sampling this step), in order."""
+    """Temperature, top-k/top-p/min-p, seeds and logprob counts: what every step needs."""
     params = [s.sampling_params for s in states]
     temps = [p.temperature for p in params]
     greedy = [t < 1e-5 for t in temps]
-    f32 = dict(dtype=torch.float32, device=device)
+    all_greedy = all(greedy)
     top_p = top_k = min_p = None
-    if any(p.top_p < 1.0 for p in params):
-        top_p = torch.tensor([p.top_p for p in params], **f32)
-    if any(p.top_k > 0 for p in params):
-        top_k = torch.tensor(
-            [p.top_k if p.top_k > 0 else vocab_size for p in params], dtype=torch.int64, device=device
-        )
-    if any(p.min_p > 0 for p in params):
-        min_p = torch.tensor([p.min_p for p in params], **f32)
+    if not all_greedy:
+        if any(p.top_p < 1.0 for p in params):
+            top_p = to_device([p.top_p for p in params], torch.float32, device)
+        if any(p.top_k > 0 for p in params):
+            top_k = to_device(
+                [p.top_k if p.top_k > 0 else vocab_size for p in params], torch.int64, device
+            )
+        if any(p.min_p > 0 for p in params):
+            min_p = to_device([p.min_p for p in params], torch.float32, device)
     step_seeds = {
-        i: step_seed(p.seed, len(s.output_token_ids))
+        i: step_seed(p.seed, s.num_outputs)
         for i, (s, p) in enumerate(zip(states, params))
         if p.seed is not None and not greedy[i]
     }
     lp_counts = [p.logprobs for p in params if p.logprobs is not None]
-    md = SamplingMetadata(
-        temperature=torch.tensor(temps, **f32),
-        all_greedy=all(greedy),
+    return SamplingMetadata(
+        temperature=to_device(temps, torch.float32, device),
+        all_greedy=all_greedy,
         all_random=not any(greedy),
         top_p=top_p,
         top_k=top_k,
@@ -99,6 +130,24 @@ def build_sampling_metadata(
         step_seeds=step_seeds,
         max_num_logprobs=max(lp_counts) if lp_counts else None,
     )
+
+
+def build_sampling_metadata(
+    states: list[CachedRequestState],
+    vocab_size: int,
+    device: torch.device,
+) -> SamplingMetadata:
+    """Rows = `states` (the requests sampling this step), in order.
+
+    Batches without penalties, biases, allowed/banned tokens or min_tokens suppression upload
+    through pinned memory and never block the host; the others read each request's output
+    token ids, which must all be resolved on the host (`num_pending == 0`).
+    """
+    md = _basic_metadata(states, vocab_size, device)
+    if not any(s.needs_host_tokens for s in states):
+        return md
+    params = [s.sampling_params for s in states]
+    f32 = dict(dtype=torch.float32, device=device)
     if any(p.repetition_penalty != 1.0 for p in params):
         md.repetition_penalty = torch.tensor([p.repetition_penalty for p in params], **f32)
         md.prompt_token_ids = _padded([s.prompt_token_ids for s in states], vocab_size, device)

@@ -16,10 +16,10 @@ from pagedllm.attention.backend import AttentionMetadata, get_attn_backend, kv_c
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.engine.protocol import LogprobsLists
-from pagedllm.sample.sampler import Sampler, compute_logprobs
+from pagedllm.sample.sampler import Sampler, SamplerOutput, compute_logprobs
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
-from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs, build_sampling_metadata_async
-from pagedllm.worker.input_batch import CachedRequestState
+from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
+from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ class ModelRunner:
             device.type == "cuda" and not config.enforce_eager and self.model_config.task == "generate"
         )
         self.timings: dict[str, float] = {}  # start-up stages, seconds
+        self._last: StepHandle | None = None  # the newest submitted step that sampled
 
     def load_model(self) -> None:
         from pagedllm.model_executor.loader import load_model
@@ -257,12 +258,23 @@ class ModelRunner:
             state.num_computed_tokens = cr.num_computed_tokens
 
     # ---- step ----
-    @torch.inference_mode()
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        """Runs one step and waits for its sampled tokens."""
+        return self.submit(so).get()
+
+    @torch.inference_mode()
+    def submit(self, so: SchedulerOutput) -> StepHandle:
+        """Launches one step; returns before its sampled tokens reach the host.
+
+        Async scheduling submits step N+1 while step N runs: N+1's decode inputs are the
+        tokens N sampled, which are copied from N's device tensor (`StepInputs.pending_*`)
+        into the input buffer on the device, in stream order. The host learns them at
+        `StepHandle.get()`, which must be called in submission order.
+        """
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens.keys())
         if not req_ids:
-            return ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+            return StepHandle(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
         states = [self.requests[r] for r in req_ids]
         counts = [so.num_scheduled_tokens[r] for r in req_ids]
         num_reqs = len(req_ids)
@@ -270,19 +282,19 @@ class ModelRunner:
         if self.graph_runner is not None and so.total_num_scheduled_tokens == num_reqs:
             graph_size = self.graph_runner.size_for(num_reqs)
         step = self.buffers.prepare(states, counts, pad_to=graph_size)
+        if step.pending_token_idx:
+            self._copy_pending_inputs(step)
         hidden = self._run_model(step, graph_size)
-        if self.pooling is not None:
-            return ModelRunnerOutput(
-                req_ids=req_ids, sampled_token_ids=[[] for _ in req_ids],
-                pooler_output=self.pooling.pool(hidden, states, counts),
-            )
-        sample_rows = step.sample_rows.tolist()
-        prompt_lp = self._prompt_logprob_ranges(states, counts)
         out = ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=[[] for _ in req_ids])
+        if self.pooling is not None:
+            out.pooler_output = self.pooling.pool(hidden, states, counts)
+            return StepHandle(out)
+        prompt_lp = self._prompt_logprob_ranges(states, counts)
         if prompt_lp:
             self._prompt_logprobs(hidden, states, step.query_start_loc_np, prompt_lp, out)
+        sample_rows = step.sample_rows.tolist()
         if not sample_rows:
-            return out
+            return StepHandle(out)
         num_sampling = len(sample_rows)
         if num_sampling == hidden.shape[0] and num_sampling == step.num_tokens:
             sample_hidden = hidden  # decode-only: every row samples, in order
@@ -290,27 +302,28 @@ class ModelRunner:
             sample_hidden = hidden.index_select(0, self.buffers.sample_idx[:num_sampling])
         logits = self.model.compute_logits(sample_hidden)
         sample_states = [states[i] for i in sample_rows]
-        smd = build_sampling_metadata_async(sample_states, self.vocab_size, self.device)
+        if self._last is not None and any(s.needs_host_tokens for s in sample_states):
+            self._last.get()  # penalties and friends read every output token on the host
+        smd = build_sampling_metadata(sample_states, self.vocab_size, self.device)
         result = self.sampler(logits, smd)
-        sampled = result.sampled_token_ids.tolist()  # the one host sync of the step
-        lp = result.logprobs
-        if lp is not None:
-            lp_ids, lp_vals, lp_ranks = lp.token_ids.tolist(), lp.logprobs.tolist(), lp.ranks.tolist()
-        for j, (i, state) in enumerate(zip(sample_rows, sample_states)):
-            tok = sampled[j]
-            state.output_token_ids.append(tok)
-            out.sampled_token_ids[i] = [tok]
-            num_lp = state.sampling_params.logprobs
-            if lp is not None and num_lp is not None:
-                out.logprobs[state.req_id] = LogprobsLists(
-                    [lp_ids[j][: num_lp + 1]], [lp_vals[j][: num_lp + 1]], [lp_ranks[j]]
-                )
+        for state in sample_states:
             if state.want_prompt_logprobs:
                 out.prompt_logprobs[state.req_id] = LogprobsLists(
                     state.prompt_lp_ids, state.prompt_lp_vals, state.prompt_lp_ranks
                 )
                 state.want_prompt_logprobs = False
-        return out
+            state.num_pending += 1
+        handle = StepHandle(out, sample_rows, sample_states, result)
+        self._last = handle
+        return handle
+
+    def _copy_pending_inputs(self, step: StepInputs) -> None:
+        """Input ids sampled by the previous step, copied device to device into the buffer."""
+        prev = self._last
+        rows = [prev.row_of[r] for r in step.pending_req_ids]
+        idx = to_device(step.pending_token_idx, torch.int64, self.device)
+        src = prev.sampled_device.index_select(0, to_device(rows, torch.int64, self.device))
+        self.buffers.input_ids.index_copy_(0, idx, src)
 
     def _run_model(self, step: StepInputs, graph_size: int | None) -> torch.Tensor:
         """Runs the model on the uploaded buffers -> hidden [num_tokens, hidden_size]."""
@@ -370,3 +383,69 @@ class ModelRunner:
                 state.prompt_lp_vals.append(vals[r][: num + 1])
                 state.prompt_lp_ranks.append(ranks[r])
                 r += 1
+
+
+class StepHandle:
+    """A submitted step. `get()` waits (once) for its sampled tokens, appends them to the
+    requests' states and returns the step's output; later calls return the same output."""
+
+    def __init__(
+        self,
+        out: ModelRunnerOutput,
+        sample_rows: list[int] | None = None,
+        sample_states: list[CachedRequestState] | None = None,
+        result: SamplerOutput | None = None,
+    ) -> None:
+        self._out = out
+        self._rows = sample_rows or []
+        self._states = sample_states or []
+        self._done = result is None
+        if result is None:
+            return
+        self.sampled_device = result.sampled_token_ids
+        self.row_of = {s.req_id: j for j, s in enumerate(self._states)}
+        lp = result.logprobs
+        host = [result.sampled_token_ids] + (
+            [lp.token_ids, lp.logprobs, lp.ranks] if lp is not None else []
+        )
+        self._event = None
+        if self.sampled_device.device.type == "cuda":
+            # Non-blocking copies into pinned memory; the event marks their completion.
+            host = [_pinned_copy(t) for t in host]
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._host = host
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    def get(self) -> ModelRunnerOutput:
+        if self._done:
+            return self._out
+        self._done = True
+        if self._event is not None:
+            self._event.synchronize()
+        sampled = self._host[0].tolist()
+        lp = None
+        if len(self._host) > 1:
+            lp = [t.tolist() for t in self._host[1:]]
+        out = self._out
+        for j, (i, state) in enumerate(zip(self._rows, self._states)):
+            tok = sampled[j]
+            state.output_token_ids.append(tok)
+            state.num_pending -= 1
+            out.sampled_token_ids[i] = [tok]
+            num_lp = state.sampling_params.logprobs
+            if lp is not None and num_lp is not None:
+                out.logprobs[state.req_id] = LogprobsLists(
+                    [lp[0][j][: num_lp + 1]], [lp[1][j][: num_lp + 1]], [lp[2][j]]
+                )
+        self._host = []
+        return out
+
+
+def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    return host

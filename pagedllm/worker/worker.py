@@ -8,7 +8,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.worker.model_runner import ModelRunner
+from pagedllm.worker.model_runner import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -31,3 +31,7 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.model_runner.execute_model(scheduler_output)
+
+    def submit(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Launches a step without waiting for its sampled tokens (async scheduling)."""
+        return self.model_runner.submit(scheduler_output)

@@ -8,7 +8,7 @@ give the same outputs.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -103,6 +103,7 @@ def make_scheduler(
     max_model_len: int = 128,
     caching: bool = True,
     chunked: bool = True,
+    async_scheduling: bool = False,
 ) -> Scheduler:
     return Scheduler(
         SchedulerConfig(
@@ -114,6 +115,7 @@ def make_scheduler(
         CacheConfig(block_size=BS, enable_prefix_caching=caching),
         num_blocks=num_blocks,
         max_model_len=max_model_len,
+        async_scheduling=async_scheduling,
     )
 
 
@@ -129,16 +131,46 @@ class RunResult:
     totals: dict[str, int]
 
 
-def run(sched: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> RunResult:
+def _next_step(
+    sched: Scheduler, runner: FakeRunner, in_flight: deque | None
+) -> tuple[SchedulerOutput, ModelRunnerOutput] | None:
+    """Sync: schedule and run one step. Async (`in_flight` given): keep two steps submitted
+    and hand back the oldest, as EngineCore does; the fake runner knows a sampled token at
+    once (the device), the scheduler only when the step is handed back."""
+
+    def schedule() -> SchedulerOutput:
+        so = sched.schedule()
+        assert so.total_num_scheduled_tokens <= sched.max_num_batched_tokens
+        assert sched.num_running <= sched.max_num_seqs
+        return so
+
+    if in_flight is None:
+        so = schedule()
+        return so, runner.execute(so)
+    while len(in_flight) < 2 and sched.has_unfinished_requests():
+        so = schedule()
+        if so.total_num_scheduled_tokens == 0:
+            runner.execute(so)  # drops finished / preempted states
+            break
+        in_flight.append((so, runner.execute(so)))
+    return in_flight.popleft() if in_flight else None
+
+
+def run(
+    sched: Scheduler, runner: FakeRunner, max_steps: int = 2000
+) -> RunResult:
     tokens: dict[str, list[int]] = defaultdict(list)
     finish: dict[str, tuple[FinishReason, int | str | None]] = {}
     totals: dict[str, int] = defaultdict(int)
     steps = 0
-    while sched.has_unfinished_requests():
-        so = sched.schedule()
-        assert so.total_num_scheduled_tokens <= sched.max_num_batched_tokens
-        assert sched.num_running <= sched.max_num_seqs
-        eco = sched.update_from_output(so, runner.execute(so))
+    in_flight: deque | None = deque() if sched.async_scheduling else None
+    while sched.has_unfinished_requests() or in_flight:
+        steps += 1
+        assert steps < max_steps, "scheduler made no progress"
+        step = _next_step(sched, runner, in_flight)
+        if step is None:
+            continue
+        eco = sched.update_from_output(*step)
         stats = eco.scheduler_stats
         assert stats is not None
         for name in (
@@ -154,8 +186,6 @@ def run(sched: Scheduler, runner: FakeRunner, max_steps: int = 2000) -> RunResul
             tokens[o.request_id] += o.new_token_ids
             if o.finished:
                 finish[o.request_id] = (o.finish_reason, o.stop_reason)
-        steps += 1
-        assert steps < max_steps, "scheduler made no progress"
     assert sched.kv_cache_manager.num_free_blocks == sched.kv_cache_manager.num_blocks
     return RunResult(dict(tokens), finish, steps, dict(totals))
 
@@ -197,10 +227,13 @@ def test_chunked_prefill_tiny_budget(caching: bool) -> None:
     assert res.finish["long"][0] == FinishReason.LENGTH
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
 @pytest.mark.parametrize("caching", [True, False])
-def test_workload_matches_reference_under_pressure(caching: bool) -> None:
+def test_workload_matches_reference_under_pressure(caching: bool, async_scheduling: bool) -> None:
     ref = reference_tokens()
-    sched = make_scheduler(num_blocks=10, budget=7, max_num_seqs=3, caching=caching)
+    sched = make_scheduler(
+        num_blocks=10, budget=7, max_num_seqs=3, caching=caching, async_scheduling=async_scheduling
+    )
     for r in workload():
         sched.add_request(r)
     runner = FakeRunner(10)
@@ -236,8 +269,9 @@ def test_preemption_victim_is_newest_and_goes_first_in_line() -> None:
     assert preempted_seen and a.num_preemptions == 0
 
 
-def test_max_num_seqs_cap() -> None:
-    sched = make_scheduler(max_num_seqs=2)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_max_num_seqs_cap(async_scheduling: bool) -> None:
+    sched = make_scheduler(max_num_seqs=2, async_scheduling=async_scheduling)
     for i in range(5):
         sched.add_request(make_req(f"q{i}", [i + 1] * 3, max_tokens=4, ignore_eos=True))
     runner = FakeRunner(64)
@@ -248,8 +282,9 @@ def test_max_num_seqs_cap() -> None:
     assert len(res.finish) == 5
 
 
-def test_prefix_cache_hits_through_scheduler() -> None:
-    sched = make_scheduler()
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_prefix_cache_hits_through_scheduler(async_scheduling: bool) -> None:
+    sched = make_scheduler(async_scheduling=async_scheduling)
     prefix = list(range(30, 42))  # 3 full blocks
     runner = FakeRunner(64)
     a = make_req("a", prefix + [1, 2], max_tokens=2, ignore_eos=True)
@@ -288,8 +323,9 @@ def test_abort_waiting_and_running_frees_blocks() -> None:
     assert sched.schedule().finished_req_ids == set()
 
 
-def test_impossible_requests_rejected_others_flow() -> None:
-    sched = make_scheduler(num_blocks=4, max_model_len=40)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_impossible_requests_rejected_others_flow(async_scheduling: bool) -> None:
+    sched = make_scheduler(num_blocks=4, max_model_len=40, async_scheduling=async_scheduling)
     with pytest.raises(
         ValueError,
         match=r"maximum context length is 40 tokens.*requested 45 "
@@ -325,7 +361,8 @@ def scripted(script: dict[str, list[int]]) -> TokenFn:
     return lambda rid, toks, n_prompt: script[rid][len(toks) - n_prompt]
 
 
-def test_stop_checks() -> None:
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stop_checks(async_scheduling: bool) -> None:
     script = {
         "eos": [5, 6, EOS, 7, 8],
         "stop_id": [5, 9, 6, 7, 8],
@@ -334,7 +371,7 @@ def test_stop_checks() -> None:
         "eos_at_max": [5, 6, EOS, 7, 8],
         "no_eos_id": [5, EOS, 6, 7, 8],
     }
-    sched = make_scheduler()
+    sched = make_scheduler(async_scheduling=async_scheduling)
     sched.add_request(make_req("eos", [1, 2], max_tokens=5))
     sched.add_request(make_req("stop_id", [1, 2], max_tokens=5, stop_token_ids=[9]))
     sched.add_request(make_req("min_tokens", [1, 2], max_tokens=5, min_tokens=2))
@@ -353,15 +390,16 @@ def test_stop_checks() -> None:
     assert res.tokens["no_eos_id"] == [5, EOS, 6]
 
 
-def test_max_model_len_caps_generation() -> None:
-    sched = make_scheduler(max_model_len=12)
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_max_model_len_caps_generation(async_scheduling: bool) -> None:
+    sched = make_scheduler(max_model_len=12, async_scheduling=async_scheduling)
     req = make_req("r", [1] * 5, max_tokens=None, ignore_eos=True)
     sched.add_request(req)
     assert req.max_tokens == 7
     res = run(sched, FakeRunner(64))
     assert len(res.tokens["r"]) == 7 and res.finish["r"][0] == FinishReason.LENGTH
     # The length check also fires on num_tokens >= max_model_len on its own.
-    sched2 = make_scheduler(max_model_len=12)
+    sched2 = make_scheduler(max_model_len=12, async_scheduling=async_scheduling)
     req2 = make_req("r2", [1] * 5, max_tokens=7, ignore_eos=True)
     sched2.add_request(req2)
     sched2.max_model_len = 9
@@ -403,3 +441,54 @@ def test_pooling_request_finishes_after_prompt() -> None:
     (out,) = eco.outputs
     assert out.finish_reason == FinishReason.STOP and out.pooling_output == [0.5, 0.25]
     assert out.new_token_ids == [] and sched.num_running == 0
+
+
+def test_async_placeholders_schedule_the_next_decode_before_the_token_is_known() -> None:
+    sched = make_scheduler(async_scheduling=True)
+    a = make_req("a", [1, 2, 3, 4, 5], max_tokens=3, ignore_eos=True)
+    one = make_req("one", [6, 7, 8], max_tokens=1, ignore_eos=True)
+    sched.add_request(a)
+    sched.add_request(one)
+    runner = FakeRunner(64)
+    so1 = sched.schedule()
+    assert so1.num_scheduled_tokens == {"a": 5, "one": 3}
+    assert a.num_output_placeholders == 1 and one.num_output_placeholders == 1
+    out1 = runner.execute(so1)
+    # Step 2 is scheduled before step 1's tokens are known: a decodes its pending token;
+    # `one` is not scheduled (its only token is in flight).
+    so2 = sched.schedule()
+    assert so2.num_scheduled_tokens == {"a": 1}
+    assert a.num_computed_tokens == 6 and a.num_output_placeholders == 2 and a.num_tokens == 5
+    out2 = runner.execute(so2)
+    eco = sched.update_from_output(so1, out1)
+    assert {o.request_id: o.new_token_ids for o in eco.outputs} == {
+        "a": runner.state["a"].tokens[5:6], "one": runner.state["one"].tokens[3:4]
+    }
+    assert one.is_finished and a.num_output_placeholders == 1 and a.num_tokens == 6
+    # With two tokens resolved or in flight and max_tokens=3, a gets its last decode.
+    so3 = sched.schedule()
+    assert so3.num_scheduled_tokens == {"a": 1} and "one" in so3.finished_req_ids
+    out3 = runner.execute(so3)
+    sched.update_from_output(so2, out2)
+    assert sched.schedule().num_scheduled_tokens == {}  # the 3rd token is in flight
+    eco = sched.update_from_output(so3, out3)
+    assert a.is_finished and eco.outputs[0].finish_reason == FinishReason.LENGTH
+    assert len(a.output_token_ids) == 3 and a.output_token_ids == runner.state["a"].tokens[5:]
+
+
+def test_async_preemption_drops_placeholders() -> None:
+    sched = make_scheduler(num_blocks=3, caching=False, async_scheduling=True)
+    a = make_req("a", [1, 2, 3, 4], max_tokens=6, ignore_eos=True)
+    b = make_req("b", [5, 6, 7, 8], max_tokens=6, ignore_eos=True)
+    sched.add_request(a)
+    sched.add_request(b)
+    runner = FakeRunner(3)
+    so1 = sched.schedule()
+    out1 = runner.execute(so1)
+    so2 = sched.schedule()  # both need a 2nd block for the pending token; one is free
+    assert so2.preempted_req_ids == {"b"} and so2.num_scheduled_tokens == {"a": 1}
+    assert b.num_output_placeholders == 0 and b.num_computed_tokens == 0
+    runner.execute(so2)
+    eco = sched.update_from_output(so1, out1)
+    # b's token sampled in step 1 is dropped (b will recompute it); a's arrives.
+    assert [o.request_id for o in eco.outputs] == ["a"] and b.num_output_tokens == 0

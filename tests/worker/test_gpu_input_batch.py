@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pagedllm.entrypoints.bench import TINY_LLAMA, make_workload, roofline
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graph import capture_sizes, padded_size
-from pagedllm.worker.gpu_input_batch import InputBuffers, build_sampling_metadata_async
-from pagedllm.worker.input_batch import CachedRequestState
+from pagedllm.worker.gpu_input_batch import InputBuffers
+from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, step_seed
 
 
 def _state(rng, i: int, prompt_len: int, out_len: int, computed: int, bs: int):
@@ -87,17 +88,48 @@ def test_capture_sizes():
     assert padded_size(sizes, 64) == 64 and padded_size(sizes, 65) is None
 
 
-def test_async_sampling_metadata_matches_general_builder():
-    from pagedllm.worker.input_batch import build_sampling_metadata
-
+def test_sampling_metadata_common_case_and_pending_tokens():
     rng = np.random.default_rng(2)
     states = [_state(rng, i, 5, 2, 6, 16) for i in range(3)]
     states[0].sampling_params = SamplingParams(temperature=0.7, top_p=0.9, top_k=5, seed=3)
-    fast = build_sampling_metadata_async(states, 1000, torch.device("cpu"))
-    ref = build_sampling_metadata(states, 1000, torch.device("cpu"))
-    assert torch.equal(fast.temperature, ref.temperature)
-    assert torch.equal(fast.top_p, ref.top_p) and torch.equal(fast.top_k, ref.top_k)
-    assert fast.step_seeds == ref.step_seeds and fast.all_greedy == ref.all_greedy
+    md = build_sampling_metadata(states, 1000, torch.device("cpu"))
+    assert md.temperature.tolist() == [0.7, 0.0, 0.0] or torch.allclose(
+        md.temperature, torch.tensor([0.7, 0.0, 0.0])
+    )
+    assert md.top_p.tolist()[1:] == [1.0, 1.0] and md.top_k.tolist() == [5, 1000, 1000]
+    assert md.repetition_penalty is None and md.banned is None and not md.all_greedy
+    assert md.step_seeds == {0: step_seed(3, 2)}
+    # A token sampled by a step in flight counts as an output for the seed of the next draw.
+    states[0].num_pending = 1
+    assert build_sampling_metadata(states, 1000, torch.device("cpu")).step_seeds == {
+        0: step_seed(3, 3)
+    }
+    # min_tokens not reached yet (counting pending tokens) needs the host token ids.
+    states[1].sampling_params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[7])
+    states[1].num_pending = 1
+    assert not states[1].needs_host_tokens
+    states[1].num_pending = 0
+    assert states[1].needs_host_tokens
+    assert build_sampling_metadata(states, 1000, torch.device("cpu")).banned == [(1, 7)]
+
+
+def test_prepare_marks_pending_inputs():
+    rng = np.random.default_rng(4)
+    buf = InputBuffers(64, 8, 8, 16, torch.device("cpu"))
+    states = [_state(rng, 0, 5, 3, 8, 16), _state(rng, 1, 5, 3, 7, 16)]
+    states[0].num_pending = 1  # its token at position 8 is still on the device
+    step = buf.prepare(states, [1, 1])
+    assert step.pending_token_idx == [0] and step.pending_req_ids == ["0"]
+    assert buf.positions[:2].tolist() == [8, 7]
+    assert buf.input_ids[1].item() == states[1].output_token_ids[-1]
+    assert step.sample_rows.tolist() == [0, 1]
+    # Two tokens pending: the step at position 8 does not reach the end, so it samples nothing.
+    states[0].num_pending = 2
+    assert buf.prepare(states, [1, 1]).sample_rows.tolist() == [1]
+    # A position past the known tokens with nothing pending is a bookkeeping error.
+    states[0].num_pending = 0
+    with pytest.raises(RuntimeError, match="past its known tokens"):
+        buf.prepare(states, [1, 1])
 
 
 def test_workloads_follow_benchmarks_md():

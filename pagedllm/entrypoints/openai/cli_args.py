@@ -46,7 +46,10 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="allow requests to carry their own chat_template")
     parser.add_argument("--max-logprobs", type=int, default=20)
     parser.add_argument("--enforce-eager", action="store_true",
-                        help="never capture CUDA graphs (the only mode today)")
+                        help="never capture CUDA graphs (run every step eagerly)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
+                        default=None,
+                        help="schedule step N+1 while the GPU runs step N (default: on with CUDA)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
@@ -120,6 +123,7 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         tensor_parallel_size=args.tensor_parallel_size,
         quantization=args.quantization,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         device=args.device,
         max_logprobs=args.max_logprobs,
         trust_remote_code=args.trust_remote_code,
