@@ -57,7 +57,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=1000)
     ap.add_argument("--out", default="serve_results")
     ap.add_argument("--port", type=int, default=8011)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the server's")
     ap.add_argument("--seed", type=int, default=0, help="workload seed of the first rate (+1 each)")
     ap.add_argument("--server-args", default="", help="extra `pagedllm serve` flags")
     args = ap.parse_args()
@@ -76,7 +76,8 @@ def main() -> None:
     server = subprocess.Popen(
         [sys.executable, "-m", "pagedllm.entrypoints.cli", "serve", model_dir, "--port",
          str(args.port), "--served-model-name", "llama-3.1-8b-random", "--max-model-len", "4096",
-         "--max-num-seqs", str(args.max_num_seqs), "--disable-log-requests",
+         *(["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []),
+         "--disable-log-requests",
          "--disable-uvicorn-access-log", *args.server_args.split()],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )

@@ -319,7 +319,8 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-batch-size", type=int, default=32)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--max-model-len", type=int, default=4096)
-    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: the engine's (1024 on GPUs with 70+ GiB, else 256)")
     p.add_argument("--max-num-batched-tokens", type=int, default=None)
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     p.add_argument("--enforce-eager", action="store_true")
@@ -363,7 +364,8 @@ def run_throughput(args: argparse.Namespace) -> dict:
     result["pagedllm"] = run_pagedllm(llm, wl)
     if timer is not None:
         result["stages"] = timer.report()
-    result["roofline"] = roofline(wl, cfg, args.max_num_seqs)
+    max_num_seqs = llm.llm_engine.config.scheduler_config.max_num_seqs
+    result["roofline"] = roofline(wl, cfg, max_num_seqs)
     rl = result["roofline"]
     result["pagedllm"]["roofline_fraction"] = rl["t_floor_s"] / result["pagedllm"]["seconds"]
     if args.hf_compare:

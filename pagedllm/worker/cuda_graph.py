@@ -1,7 +1,8 @@
 """CUDA graphs for decode-only steps at padded batch sizes.
 
 A decode step at batch size n replays the graph captured for the smallest padded size >= n
-(1, 2, 4, 8, then multiples of 8 up to `max_num_seqs`). Every graph reads the runner's
+(1, 2, 4, 8, then multiples of 8 up to 256 and of 16 up to 512 or `max_num_seqs`;
+larger decode batches run eagerly). Every graph reads the runner's
 persistent device input buffers (`InputBuffers`), so a replay needs only those refilled; the
 padding requests (one token, slot -1, seq_len 1) compute garbage rows that nobody reads.
 
@@ -23,12 +24,19 @@ from pagedllm.attention.backend import AttentionMetadata
 logger = logging.getLogger(__name__)
 
 
+# Decode batches past this run eagerly (vLLM's default cap): at that size the GPU work of a
+# step dwarfs its kernel launches, and each extra graph costs capture time and memory.
+MAX_CAPTURE_SIZE = 512
+
+
 def capture_sizes(max_num_seqs: int) -> list[int]:
-    """Padded decode batch sizes: 1, 2, 4, 8, 16, 24, ... up to max_num_seqs (included)."""
-    sizes = [s for s in (1, 2, 4) if s <= max_num_seqs]
-    sizes += list(range(8, max_num_seqs + 1, 8))
-    if max_num_seqs not in sizes:
-        sizes.append(max_num_seqs)
+    """Padded decode batch sizes: 1, 2, 4, then steps of 8 up to 256 and of 16 up to 512,
+    capped at max_num_seqs (included)."""
+    cap = min(max_num_seqs, MAX_CAPTURE_SIZE)
+    sizes = [s for s in (1, 2, 4) if s <= cap]
+    sizes += list(range(8, min(cap, 256) + 1, 8)) + list(range(272, cap + 1, 16))
+    if cap not in sizes:
+        sizes.append(cap)
     return sorted(sizes)
 
 

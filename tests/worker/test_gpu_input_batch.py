@@ -83,6 +83,8 @@ def test_capture_sizes():
     assert capture_sizes(256)[:6] == [1, 2, 4, 8, 16, 24] and capture_sizes(256)[-1] == 256
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(3) == [1, 2, 3]
+    big = capture_sizes(1024)
+    assert big[-1] == 512 and 264 not in big and 272 in big and padded_size(big, 600) is None
     sizes = capture_sizes(64)
     assert padded_size(sizes, 3) == 4 and padded_size(sizes, 9) == 16
     assert padded_size(sizes, 64) == 64 and padded_size(sizes, 65) is None

@@ -129,4 +129,5 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         trust_remote_code=args.trust_remote_code,
         disable_log_stats=args.disable_log_stats,
         task=args.task,
+        usage_context="server",
     )
