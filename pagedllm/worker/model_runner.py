@@ -7,6 +7,7 @@ only sends what changed.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import numpy as np
@@ -195,9 +196,8 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         shape = kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        # empty, not zeros: pages are only touched when a block is first written.
         self.kv_caches = [
-            torch.empty(shape, dtype=self.cache_dtype, device=self.device) for _ in range(m.num_layers)
+            zeroed_cache(shape, self.cache_dtype, self.device) for _ in range(m.num_layers)
         ]
         self.num_blocks = num_blocks
         if self.use_cuda_graph:
@@ -383,6 +383,22 @@ class ModelRunner:
                 state.prompt_lp_vals.append(vals[r][: num + 1])
                 state.prompt_lp_ranks.append(ranks[r])
                 r += 1
+
+
+def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled KV cache tensor.
+
+    Zeros, not `empty`: attention may read slots a request never wrote (the rest of its last
+    block, or padding blocks of a batched gather) and masks them only after multiplying, and
+    0 x NaN is NaN. Reused host memory can hold NaN or -inf bit patterns (a freed attention
+    mask, say), which once turned a greedy completion into "\n" plus skipped special tokens.
+    Stale but finite values from an earlier request are harmless. On the CPU the zeros come
+    from calloc (fresh pages), so memory is still only touched when a block is first written.
+    """
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
 
 
 class StepHandle:

@@ -87,3 +87,18 @@ def test_request_that_never_fits_is_rejected(smol_llm):
         )
     # the engine still serves afterwards
     assert _gen(smol_llm, [[300, 301, 302]], 2)[0]
+
+
+def test_kv_cache_starts_zeroed_and_stale_slots_never_leak():
+    # Attention reads slots no request wrote (the rest of a last block, padding blocks of a
+    # batched decode gather) and masks them after the product: the cache must start as
+    # zeros (garbage can be NaN, and 0 x NaN = NaN), and stale finite values must not matter.
+    llm = LLM(model=smollm2_path(), dtype="float32", num_gpu_blocks_override=64)
+    runner = llm.llm_engine.engine_core.executor.worker.model_runner
+    assert all(int(c.count_nonzero()) == 0 for c in runner.kv_caches)
+    prompts = _prompts(6, seed=11)
+    want = _gen(llm, prompts)
+    for c in runner.kv_caches:
+        c.fill_(1.0e4)  # every slot stale; each step overwrites the ones it computes
+    llm.reset_prefix_cache()
+    assert _gen(llm, prompts) == want
