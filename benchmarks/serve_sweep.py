@@ -77,12 +77,14 @@ def start_server(port: int, server_args: list[str], log_path: str) -> subprocess
     raise RuntimeError(f"server not ready in 300 s; see {log_path}")
 
 
-def run_level(base_url: str, concurrency: int, num_prompts: int, extra: list[str]) -> dict:
+def run_level(
+    base_url: str, concurrency: int, num_prompts: int, seed: int, extra: list[str]
+) -> dict:
     parser = argparse.ArgumentParser()
     bench_serve.add_cli_args(parser)
     args = parser.parse_args([
         "--base-url", base_url, "--dataset", "sharegpt-shaped", "--num-prompts", str(num_prompts),
-        "--max-concurrency", str(concurrency), "--disable-tqdm", *extra,
+        "--max-concurrency", str(concurrency), "--seed", str(seed), "--disable-tqdm", *extra,
     ])
     result = asyncio.run(bench_serve.benchmark(args, bench_serve.make_requests(args)))
     result.pop("_results")
@@ -109,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
                    "prompts, as `bench serve --num-prompts N` would)")
     p.add_argument("--bench-args", default="", help="extra `bench serve` flags (one string)")
     p.add_argument("--out-dir", default="serve_sweep_results")
+    p.add_argument("--seed", type=int, default=0,
+                   help="workload seed of the first level, +1 per level: random token-id prompts "
+                   "then never hit the prefix cache an earlier level left on the server")
     a = p.parse_args(argv)
     overrides = {int(k): int(v) for k, v in (x.split("=") for x in a.prompts_at)}
     os.makedirs(a.out_dir, exist_ok=True)
@@ -121,11 +126,12 @@ def main(argv: list[str] | None = None) -> int:
                             os.path.join(a.out_dir, "server.log"))
         base_url = f"http://127.0.0.1:{a.port}"
     rows = []
+    code_commit = commit()  # the code the server runs, whatever is committed meanwhile
     try:
-        for c in a.concurrency:
+        for i, c in enumerate(a.concurrency):
             n = overrides.get(c, a.num_prompts)
             load = os.getloadavg()[0]
-            res = run_level(base_url, c, n, shlex.split(a.bench_args))
+            res = run_level(base_url, c, n, a.seed + i, shlex.split(a.bench_args))
             res["loadavg_before"] = load
             with open(os.path.join(a.out_dir, f"c{c}.json"), "w") as f:
                 json.dump(res, f, indent=1)
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             proc.terminate()
             proc.wait(60)
     print(f"\nDevice: {device_name()}. Date: {datetime.now(timezone.utc):%Y-%m-%d}. "
-          f"Commit: {commit()}. Load average before each level: "
+          f"Commit: {code_commit}. Load average before each level: "
           + ", ".join(f"{r['loadavg_before']:.1f}" for r in rows))
     print("Command: python benchmarks/serve_sweep.py " + " ".join(map(shlex.quote, sys.argv[1:]
                                                                          if argv is None else argv)))

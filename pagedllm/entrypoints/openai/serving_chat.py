@@ -19,7 +19,6 @@ from pagedllm.entrypoints.openai.serving_engine import (
 )
 from pagedllm.entrypoints.openai.streaming import (
     SSE_DONE,
-    ClientDisconnected,
     run_until_disconnected,
     sse,
 )
@@ -47,10 +46,7 @@ class OpenAIServingChat(OpenAIServing):
 
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         try:
-            model = self.check_request(req.model)
-            req.check_supported()
-            if req.stream_options is not None and not req.stream:
-                raise ValueError("stream_options: only allowed when stream is true")
+            model = self.check_generation_request(req)
             text = self.render(req)
             ids = self.tokenizer.encode(text, add_special_tokens=bool(req.add_special_tokens))
             params = req.to_sampling_params(default_max_tokens=None)
@@ -71,12 +67,8 @@ class OpenAIServingChat(OpenAIServing):
                 )
             final = await run_until_disconnected(raw, _last(gen))
             return JSONResponse(self.full_response(req, model, request_id, final, params.logprobs))
-        except ClientDisconnected:
-            return Response(status_code=499)
         except Exception as e:
-            err = self.to_api_error(e)
-            return JSONResponse(error_body(err.message, err.err_type, err.param, err.code),
-                                status_code=err.status)
+            return self.error_response(e)
 
     def full_response(self, req, model: str, request_id: str, out: RequestOutput,
                       num_logprobs: int | None) -> dict:

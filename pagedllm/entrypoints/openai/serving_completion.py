@@ -54,10 +54,7 @@ class OpenAIServingCompletion(OpenAIServing):
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         gens: list = []
         try:
-            model = self.check_request(req.model)
-            req.check_supported()
-            if req.stream_options is not None and not req.stream:
-                raise ValueError("stream_options: only allowed when stream is true")
+            model = self.check_generation_request(req)
             prompts = normalize_prompts(req.prompt)
             params = req.to_sampling_params(default_max_tokens=None)
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
@@ -83,14 +80,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 )
             finals = await run_until_disconnected(raw, _collect(merged, len(prepared)))
             return JSONResponse(self.full_response(req, model, request_id, finals))
-        except ClientDisconnected:
-            return Response(status_code=499)
         except Exception as e:
-            for g in gens:
-                await g.aclose()
-            err = self.to_api_error(e)
-            return JSONResponse(error_body(err.message, err.err_type, err.param, err.code),
-                                status_code=err.status)
+            if not isinstance(e, ClientDisconnected):
+                for g in gens:
+                    await g.aclose()
+            return self.error_response(e)
 
     def _prompt_text(self, out: RequestOutput) -> str:
         if out.prompt is not None:

@@ -25,10 +25,10 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from pagedllm.config import EngineConfig
-from pagedllm.entrypoints.openai.errors import APIError, error_body, error_response
+from pagedllm.entrypoints.openai.errors import APIError, error_response
 from pagedllm.entrypoints.openai.protocol import OpenAIBaseModel
 from pagedllm.entrypoints.openai.serving_engine import OpenAIServing
-from pagedllm.entrypoints.openai.streaming import ClientDisconnected, run_until_disconnected
+from pagedllm.entrypoints.openai.streaming import run_until_disconnected
 from pagedllm.outputs import EmbeddingRequestOutput
 
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
@@ -128,12 +128,8 @@ class OpenAIServingEmbedding(OpenAIServing):
             request_id = req.request_id or self.new_id("embd")
             outputs = await run_until_disconnected(raw, self._run(request_id, prompts))
             return JSONResponse(self.response(model, request_id, outputs, req.encoding_format))
-        except ClientDisconnected:
-            return Response(status_code=499)
         except Exception as e:
-            err = self.to_api_error(e)
-            return JSONResponse(error_body(err.message, err.err_type, err.param, err.code),
-                                status_code=err.status)
+            return self.error_response(e)
 
     async def _run(self, request_id: str, prompts: list[list[int]]) -> list[EmbeddingRequestOutput]:
         """All inputs in flight at once; the first failure cancels (aborts) the rest."""

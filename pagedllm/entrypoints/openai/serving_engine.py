@@ -10,8 +10,11 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from fastapi.responses import JSONResponse, Response
+
 from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
-from pagedllm.entrypoints.openai.errors import APIError, bad_request_from_value_error
+from pagedllm.entrypoints.openai.errors import APIError, bad_request_from_value_error, error_body
+from pagedllm.entrypoints.openai.streaming import ClientDisconnected
 from pagedllm.outputs import Logprob
 
 logger = logging.getLogger(__name__)
@@ -54,6 +57,26 @@ class OpenAIServing:
                 f"The model `{model}` does not exist.", 404, param="model", code="model_not_found"
             )
         return model
+
+    def check_generation_request(self, req) -> str:
+        """Model, engine health, unsupported fields and stream_options: the checks every
+        generation endpoint runs first. Returns the model name to report."""
+        model = self.check_request(req.model)
+        req.check_supported()
+        if req.stream_options is not None and not req.stream:
+            raise ValueError("stream_options: only allowed when stream is true")
+        return model
+
+    @classmethod
+    def error_response(cls, e: BaseException) -> Response:
+        """The HTTP answer for an exception raised while handling a request: 499 when the
+        client went away, otherwise the OpenAI error shape."""
+        if isinstance(e, ClientDisconnected):
+            return Response(status_code=499)
+        err = cls.to_api_error(e)
+        return JSONResponse(
+            error_body(err.message, err.err_type, err.param, err.code), status_code=err.status
+        )
 
     def check_context_length(
         self, num_prompt_tokens: int, max_tokens: int | None, what: str = "prompt"
