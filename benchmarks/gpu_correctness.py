@@ -4,8 +4,10 @@
    for the same requests in one batch of 64 (CUDA graphs on, the default).
 2. The random Llama-3.1-8B configuration in bf16: last-position prefill logits vs HF (cosine),
    and how far greedy outputs agree between batch size 1 and batch size 64 (first divergence).
+3. Embeddings: a random encoder with all-MiniLM-L6-v2's configuration, fp32 and bf16, 16 inputs
+   of 3-500 tokens in one `LLM.embed` call vs HF's CLS vector, normalized (cosine).
 
-Usage: python benchmarks/gpu_correctness.py [--skip-8b] [--json OUT.json]
+Usage: python benchmarks/gpu_correctness.py [--skip-8b] [--skip-tiny] [--skip-embed] [--json OUT]
 """
 
 from __future__ import annotations
@@ -89,6 +91,43 @@ def check_tiny_fp32(report: dict) -> None:
     torch.cuda.empty_cache()
 
 
+MINILM_CONFIG = dict(
+    vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
+    num_attention_heads=12, max_position_embeddings=512, type_vocab_size=2, hidden_act="gelu",
+)
+
+
+def check_embed(report: dict, device: str = "cuda") -> None:
+    """Random MiniLM-shaped encoder: pagedllm's pooled embeddings vs HF's CLS vectors."""
+    import transformers
+
+    path = "/tmp/pagedllm_models/minilm-random"
+    config = transformers.BertConfig(**MINILM_CONFIG)
+    config.architectures = ["BertModel"]
+    torch.manual_seed(3)
+    hf = transformers.BertModel(config).eval()
+    hf.save_pretrained(path, safe_serialization=True)
+    rng = np.random.default_rng(3)
+    prompts = [rng.integers(1000, 30000, int(n)).tolist() for n in rng.integers(3, 500, 16)]
+    result = {}
+    for dtype in ("float32", "bfloat16"):
+        model = hf.to(device=device, dtype=getattr(torch, dtype))
+        with torch.inference_mode():
+            ref = [model(torch.tensor([p], device=device)).last_hidden_state[0, 0].float()
+                   for p in prompts]  # fmt: skip
+        ref = [torch.nn.functional.normalize(r, dim=0) for r in ref]
+        llm = LLM(model=path, dtype=dtype, skip_tokenizer_init=True, device=device,
+                  gpu_memory_utilization=0.3)  # fmt: skip
+        outs = llm.embed([{"prompt_token_ids": p} for p in prompts], use_tqdm=False)
+        got = [torch.tensor(o.outputs.embedding, device=device) for o in outs]
+        cos = [float(torch.dot(g, r)) for g, r in zip(got, ref)]
+        result[dtype] = {"cosine_min": min(cos), "cosine_mean": sum(cos) / len(cos)}
+        del llm
+        gc.collect()
+    report["embed_minilm_random"] = result
+    print("embed (random MiniLM config):", result, flush=True)
+
+
 def check_8b_bf16(report: dict, model_dir: str) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -148,10 +187,18 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--skip-8b", action="store_true")
     ap.add_argument("--skip-tiny", action="store_true")
+    ap.add_argument("--skip-embed", action="store_true")
+    ap.add_argument("--device", default="cuda", help="cpu runs only the embedding check")
     ap.add_argument("--model-dir", default="/tmp/pagedllm_models/llama-3.1-8b-bfloat16")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.device == "cpu":
+        report = {"device": "cpu"}
+        check_embed(report, "cpu")
+        return 0
     report: dict = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d")}
+    if not args.skip_embed:
+        check_embed(report)
     if not args.skip_tiny:
         check_tiny_fp32(report)
     if not args.skip_8b:
@@ -161,6 +208,8 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(report, indent=1))
     tiny = report.get("tiny_fp32", {"alone_equals_hf": True, "batch64_equal_hf": 64})
     ok = tiny["alone_equals_hf"] and tiny["batch64_equal_hf"] == 64
+    if "embed_minilm_random" in report:
+        ok = ok and all(r["cosine_min"] >= 0.999 for r in report["embed_minilm_random"].values())
     if "llama8b_bf16" in report:
         ok = ok and report["llama8b_bf16"]["prefill_logits_cosine_min"] >= 0.999
     print("PASS" if ok else "FAIL")
