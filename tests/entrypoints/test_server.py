@@ -170,6 +170,28 @@ def test_echo_and_legacy_logprobs(client):
         assert tok in top
 
 
+def test_echo_with_max_tokens_0_scores_the_prompt(client):
+    # The legacy scoring idiom (lm-evaluation-harness loglikelihood): echo + logprobs and no
+    # completion. Same prompt logprobs as an echo request that also generates.
+    scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, temperature=0,
+                                       echo=True, logprobs=1)
+    full = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, temperature=0,
+                                     echo=True, logprobs=1)
+    c = scored.choices[0]
+    n = scored.usage.prompt_tokens
+    assert c.text == PROMPT and scored.usage.completion_tokens == 0
+    assert c.finish_reason == "length"
+    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) == n
+    assert c.logprobs.token_logprobs[0] is None
+    want = full.choices[0].logprobs.token_logprobs[1:n]
+    assert c.logprobs.token_logprobs[1:] == pytest.approx(want, abs=1e-4)
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0,
+                                            echo=True, logprobs=1, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == PROMPT
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
+
+
 def test_chat_logprobs(client):
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0,
                                        logprobs=True, top_logprobs=3)

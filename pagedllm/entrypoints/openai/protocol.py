@@ -189,8 +189,15 @@ class CompletionRequest(SamplingFields):
                 "request n samples instead"
             )
 
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens=0: score the prompt, return no completion (vLLM's
+        "echo without generation"; the engine still runs one step, whose token is dropped)."""
+        return self.echo and self.max_tokens == 0
+
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
-        params = self._sampling_params(self.max_tokens, self.logprobs, default_max_tokens)
+        max_tokens = 1 if self.echo_only else self.max_tokens
+        params = self._sampling_params(max_tokens, self.logprobs, default_max_tokens)
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs
         return params

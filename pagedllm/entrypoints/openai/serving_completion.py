@@ -100,10 +100,10 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_tokens += len(out.prompt_token_ids)
             prompt_text = self._prompt_text(out) if req.echo else ""
             for c in out.outputs:
-                completion_tokens += len(c.token_ids)
+                text, token_ids, lps = _generated(req, c)
+                completion_tokens += len(token_ids)
                 logprobs = None
                 if req.logprobs is not None:
-                    token_ids, lps = list(c.token_ids), list(c.logprobs or [])
                     if req.echo:
                         plp = out.prompt_logprobs or [None] * len(out.prompt_token_ids)
                         token_ids = list(out.prompt_token_ids) + token_ids
@@ -111,7 +111,7 @@ class OpenAIServingCompletion(OpenAIServing):
                     logprobs, _ = legacy_logprobs(self.tokenizer, token_ids, lps, k, 0)
                 choices.append({
                     "index": pi * req.n + c.index,
-                    "text": prompt_text + c.text,
+                    "text": prompt_text + text,
                     "logprobs": logprobs,
                     "finish_reason": c.finish_reason,
                     "stop_reason": c.stop_reason,
@@ -159,8 +159,8 @@ class OpenAIServingCompletion(OpenAIServing):
                     prompt_tokens += len(out.prompt_token_ids)
                 for c in out.outputs:
                     index = pi * req.n + c.index
-                    completion_tokens += len(c.token_ids)
-                    text, token_ids, lps = c.text, list(c.token_ids), list(c.logprobs or [])
+                    text, token_ids, lps = _generated(req, c)
+                    completion_tokens += len(token_ids)
                     if req.echo and index not in echoed:
                         echoed.add(index)
                         text = self._prompt_text(out) + text
@@ -197,6 +197,13 @@ class OpenAIServingCompletion(OpenAIServing):
         finally:
             await merged.aclose()
         yield SSE_DONE
+
+
+def _generated(req: CompletionRequest, c) -> tuple[str, list[int], list]:
+    """A choice's generated text, token ids and logprobs (none for echo with max_tokens=0)."""
+    if req.echo_only:
+        return "", [], []
+    return c.text, list(c.token_ids), list(c.logprobs or [])
 
 
 async def _collect(merged: AsyncIterator[tuple[int, RequestOutput]], n: int) -> list[RequestOutput]:
