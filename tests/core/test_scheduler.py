@@ -244,14 +244,21 @@ def test_workload_matches_reference_under_pressure(caching: bool, async_scheduli
     assert res.totals["num_generation_tokens"] == sum(len(t) for t in ref.values())
 
 
-def test_preemption_victim_is_newest_and_goes_first_in_line() -> None:
-    # 3 blocks: two requests of 5 prompt tokens (2 blocks each) cannot both run.
-    sched = make_scheduler(num_blocks=3, budget=64, caching=False)
+def _two_requests_in_three_blocks(
+    async_scheduling: bool = False,
+) -> tuple[Scheduler, Request, Request, FakeRunner]:
+    """Two 4-token prompts that each grow to a 2nd block: both cannot run in 3 blocks."""
+    sched = make_scheduler(num_blocks=3, budget=64, caching=False,
+                           async_scheduling=async_scheduling)
     a = make_req("a", [1, 2, 3, 4], max_tokens=6, ignore_eos=True)
     b = make_req("b", [5, 6, 7, 8], max_tokens=6, ignore_eos=True)
     sched.add_request(a)
     sched.add_request(b)
-    runner = FakeRunner(3)
+    return sched, a, b, FakeRunner(3)
+
+
+def test_preemption_victim_is_newest_and_goes_first_in_line() -> None:
+    sched, a, b, runner = _two_requests_in_three_blocks()
     so = sched.schedule()
     assert list(so.num_scheduled_tokens) == ["a", "b"]
     sched.update_from_output(so, runner.execute(so))
@@ -477,12 +484,7 @@ def test_async_placeholders_schedule_the_next_decode_before_the_token_is_known()
 
 
 def test_async_preemption_drops_placeholders() -> None:
-    sched = make_scheduler(num_blocks=3, caching=False, async_scheduling=True)
-    a = make_req("a", [1, 2, 3, 4], max_tokens=6, ignore_eos=True)
-    b = make_req("b", [5, 6, 7, 8], max_tokens=6, ignore_eos=True)
-    sched.add_request(a)
-    sched.add_request(b)
-    runner = FakeRunner(3)
+    sched, a, b, runner = _two_requests_in_three_blocks(async_scheduling=True)
     so1 = sched.schedule()
     out1 = runner.execute(so1)
     so2 = sched.schedule()  # both need a 2nd block for the pending token; one is free
