@@ -41,7 +41,16 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        lora_request: None = None,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
+        if lora_request is not None:
+            raise NotImplementedError("lora_request: LoRA adapters are not supported yet")
+        if priority is not None and any(p != 0 for p in priority):
+            raise ValueError(
+                "priority: priority scheduling is not enabled (the scheduler is "
+                "first-come-first-served)"
+            )
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         return self._run(prompt_list, params, use_tqdm, add_special_tokens=True)

@@ -167,6 +167,10 @@ def test_invalid_requests_raise_value_error(smol_llm):
         smol_llm.generate(["hi"], SamplingParams(logprobs=50), use_tqdm=False)
     with pytest.raises(ValueError, match="empty"):
         smol_llm.generate([{"prompt_token_ids": []}], SamplingParams(), use_tqdm=False)
+    with pytest.raises(ValueError, match="priority scheduling is not enabled"):
+        smol_llm.generate(["hi"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[1])
+    out = smol_llm.generate(["hi"], SamplingParams(max_tokens=1), use_tqdm=False, priority=[0])
+    assert len(out[0].outputs[0].token_ids) == 1
 
 
 def test_stop_string_with_multibyte_characters(smol_llm):

@@ -227,9 +227,14 @@ def test_vllm_extras_accepted(client):
         model=MODEL, prompt=PROMPT, max_tokens=4,
         extra_body=dict(top_k=5, min_p=0.05, repetition_penalty=1.1, min_tokens=4,
                         ignore_eos=True, stop_token_ids=[0], include_stop_str_in_output=False,
-                        skip_special_tokens=True, prompt_logprobs=1, seed=3),
+                        skip_special_tokens=True, prompt_logprobs=1, seed=3, priority=0),
     )
     assert r.usage.completion_tokens == 4
+    # Like vLLM under its default first-come-first-served policy: a priority is refused.
+    with pytest.raises(openai.BadRequestError, match="priority scheduling is not enabled") as e:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
+                                  extra_body={"priority": 1})
+    assert e.value.body["param"] == "priority"
 
 
 # ---- errors ----

@@ -31,6 +31,7 @@ _TYPES = {
 _PARAM_NAMES = {f for f in SamplingParams.__dataclass_fields__} | {
     "max_completion_tokens", "top_logprobs", "response_format", "tool_choice", "modalities",
     "audio", "suffix", "best_of", "logit_bias", "prompt", "messages", "model", "echo",
+    "priority",
 }
 
 

@@ -75,10 +75,17 @@ class SamplingFields(OpenAIBaseModel):
     bad_words: list[str] | None = None
     add_special_tokens: bool | None = None
     request_id: str | None = None
+    priority: int = 0
 
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, default_max_tokens: int | None
     ) -> SamplingParams:
+        if self.priority != 0:
+            # vLLM refuses a priority under its default first-come-first-served policy too.
+            raise ValueError(
+                f"priority: got priority {self.priority}, but priority scheduling is not "
+                "enabled (the scheduler is first-come-first-served)"
+            )
         bias = None
         if self.logit_bias:
             try:
