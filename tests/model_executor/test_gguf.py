@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,3 +65,76 @@ def test_gguf_logits_match_transformers(gguf_path: str) -> None:
     # A real model: the next-token argmax agrees everywhere.
     assert torch.equal(actual.argmax(-1), expected.argmax(-1))
     assert load_s < 30, f"loading the GGUF took {load_s:.1f}s"
+
+
+def _llama_cpp_rope_freqs(head_dim: int, theta: float, factor: float, low: float, high: float,
+                          original: int) -> list[float]:
+    """llama.cpp's converter, scalar: the `rope_freqs` divisors it writes for Llama 3.1."""
+    out = []
+    for i in range(0, head_dim, 2):
+        freq = 1.0 / theta ** (i / head_dim)
+        wavelen = 2 * math.pi / freq
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+@pytest.mark.parametrize("factor,original", [(8.0, 8192), (32.0, 8192)])
+def test_rope_freqs_become_llama3_scaling(factor: float, original: int) -> None:
+    from pagedllm.model_executor.layers.rotary_embedding import get_rope
+    from pagedllm.model_executor.loader.gguf_loader import llama3_rope_from_freq_factors
+
+    head_dim, theta = 128, 500000.0
+    divisors = np.array(_llama_cpp_rope_freqs(head_dim, theta, factor, 1.0, 4.0, original),
+                        dtype=np.float32)  # stored as F32 in the file
+    params = llama3_rope_from_freq_factors(divisors, head_dim, theta)
+    assert params["rope_type"] == "llama3" and params["factor"] == factor
+    assert params["original_max_position_embeddings"] == original
+    rope = get_rope(head_dim, head_dim, 4096, theta, params)
+    plain = get_rope(head_dim, head_dim, 4096, theta, None)
+    want = plain._compute_inv_freq().double() / torch.from_numpy(divisors).double()
+    torch.testing.assert_close(rope._compute_inv_freq().double(), want, rtol=1e-5, atol=0)
+
+
+def test_unknown_rope_freqs_refused() -> None:
+    from pagedllm.model_executor.loader.errors import ModelLoadError
+    from pagedllm.model_executor.loader.gguf_loader import llama3_rope_from_freq_factors
+
+    with pytest.raises(ModelLoadError, match="does not match Llama-3 RoPE"):
+        llama3_rope_from_freq_factors(np.linspace(1.0, 3.0, 64), 128, 500000.0)
+    with pytest.raises(ModelLoadError, match="shape"):
+        llama3_rope_from_freq_factors(np.ones(10), 128, 500000.0)
+
+
+def test_gguf_config_reads_rope_freqs(tmp_path) -> None:
+    import gguf
+
+    from pagedllm.model_executor.loader.gguf_loader import build_hf_config_from_gguf
+
+    path = str(tmp_path / "llama31-shape.gguf")
+    head_dim, theta = 64, 500000.0
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_embedding_length(2 * head_dim)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_block_count(1)
+    w.add_feed_forward_length(256)
+    w.add_vocab_size(100)
+    w.add_context_length(131072)
+    w.add_rope_freq_base(theta)
+    w.add_tensor("rope_freqs.weight", np.array(
+        _llama_cpp_rope_freqs(head_dim, theta, 8.0, 1.0, 4.0, 8192), dtype=np.float32))
+    w.add_tensor("token_embd.weight", np.zeros((100, 2 * head_dim), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = build_hf_config_from_gguf(path)
+    rope = cfg.rope_parameters
+    assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
+    assert rope["original_max_position_embeddings"] == 8192 and rope["rope_theta"] == theta

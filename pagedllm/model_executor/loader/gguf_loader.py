@@ -51,7 +51,7 @@ _BLOCK_NAMES = {
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
-# Tensors that carry nothing our models need (RoPE tables are recomputed).
+# Tensors that are not weights: rope_freqs becomes the config's llama3 rope_parameters.
 _SKIPPED = frozenset({"rope_freqs.weight"})
 
 
@@ -77,6 +77,45 @@ def gguf_architecture(reader: GGUFFile) -> str:
     if not arch:
         raise ModelLoadError("GGUF file has no general.architecture")
     return str(arch)
+
+
+def _llama3_divisors(
+    head_dim: int, theta: float, factor: float, low: float, high: float, original: int
+) -> np.ndarray:
+    """llama.cpp's `rope_freqs` for HF's llama3 scaling: what each frequency is divided by."""
+    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    ramp = 1.0 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, ramp))
+
+
+def llama3_rope_from_freq_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict:
+    """The HF llama3 `rope_parameters` that reproduce a GGUF's `rope_freqs` tensor.
+
+    llama.cpp stores Llama-3.1/3.2 RoPE scaling as per-frequency divisors instead of the four
+    parameters; they are recovered by matching the divisors against the parameter values the
+    Llama-3 releases use. Anything else is refused rather than loaded with the wrong RoPE.
+    """
+    factors = np.asarray(factors, dtype=np.float64)
+    if factors.shape != (head_dim // 2,):
+        raise ModelLoadError(
+            f"GGUF rope_freqs has shape {factors.shape}, expected ({head_dim // 2},)"
+        )
+    factor = float(factors.max())
+    for original in (8192, 4096, 16384, 32768, 2048):
+        for low, high in ((1.0, 4.0), (1.0, 2.0), (2.0, 4.0), (1.0, 8.0)):
+            want = _llama3_divisors(head_dim, theta, factor, low, high, original)
+            if np.allclose(want, factors, rtol=1e-4, atol=1e-6):
+                return {
+                    "rope_type": "llama3", "rope_theta": theta, "factor": factor,
+                    "low_freq_factor": low, "high_freq_factor": high,
+                    "original_max_position_embeddings": original,
+                }  # fmt: skip
+    raise ModelLoadError(
+        "GGUF rope_freqs does not match Llama-3 RoPE scaling with any known parameters; "
+        "this RoPE variant is not supported"
+    )
 
 
 def build_hf_config_from_gguf(path: str) -> Any:
@@ -128,6 +167,13 @@ def build_hf_config_from_gguf(path: str) -> Any:
                        "factor": float(get("rope.scaling.factor", 1.0))}
     elif scaling_type not in (None, "none"):
         raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        if rope_params["rope_type"] != "default":
+            raise ModelLoadError(f"GGUF file {path} has both rope_freqs and {scaling_type} scaling")
+        rope_params = llama3_rope_from_freq_factors(
+            reader.dequantize(freqs).reshape(-1), int(head_dim), rope_theta
+        )
     kwargs["rope_parameters"] = rope_params
     kwargs["rope_theta"] = rope_theta
     if arch == "qwen2":
