@@ -192,6 +192,27 @@ def test_echo_with_max_tokens_0_scores_the_prompt(client):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0)
 
 
+def test_chat_echo_continues_the_final_message(client):
+    # vLLM's chat echo: with continue_final_message, the answer starts with the partial
+    # assistant message it continues, streamed or not.
+    messages = CHAT + [{"role": "assistant", "content": "The sea is"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=5, temperature=0,
+              extra_body={"echo": True, "add_generation_prompt": False,
+                          "continue_final_message": True})
+    plain = client.chat.completions.create(**kw)
+    bare = client.chat.completions.create(**{**kw, "extra_body": {
+        "add_generation_prompt": False, "continue_final_message": True}})
+    assert plain.choices[0].message.content == "The sea is" + bare.choices[0].message.content
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == plain.choices[0].message.content
+    # The last message is the user's: nothing to echo.
+    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0,
+                                       extra_body={"echo": True})
+    ref = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, temperature=0)
+    assert r.choices[0].message.content == ref.choices[0].message.content
+
+
 def test_chat_logprobs(client):
     r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=4, temperature=0,
                                        logprobs=True, top_logprobs=3)

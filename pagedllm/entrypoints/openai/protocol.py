@@ -149,6 +149,20 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    echo: bool = False
+
+    def echo_prefix(self) -> str:
+        """vLLM's chat `echo`: the last message's text when it has the response's role (the
+        assistant, or the last message's own role without a generation prompt), else ""."""
+        if not self.echo or not self.messages:
+            return ""
+        last = self.messages[-1]
+        role = "assistant" if self.add_generation_prompt else last.role
+        if last.role != role or last.content is None:
+            return ""
+        if isinstance(last.content, str):
+            return last.content
+        return "".join(part.text or "" for part in last.content if part.type == "text")
 
     def check_supported(self) -> None:
         """Rejects fields whose meaning we cannot honour (instead of silently ignoring them)."""

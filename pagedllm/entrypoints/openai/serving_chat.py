@@ -74,11 +74,12 @@ class OpenAIServingChat(OpenAIServing):
                       num_logprobs: int | None) -> dict:
         choices = []
         completion_tokens = 0
+        prefix = req.echo_prefix()
         for c in out.outputs:
             completion_tokens += len(c.token_ids)
             choices.append({
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "tool_calls": []},
+                "message": {"role": "assistant", "content": prefix + c.text, "tool_calls": []},
                 "logprobs": (
                     chat_logprobs(self.tokenizer, c.token_ids, c.logprobs, num_logprobs or 0)
                     if c.logprobs is not None else None
@@ -121,6 +122,10 @@ class OpenAIServingChat(OpenAIServing):
             for i in range(req.n):
                 yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
                                   "logprobs": None, "finish_reason": None}]))
+            prefix = req.echo_prefix()
+            for i in range(req.n if prefix else 0):
+                yield sse(chunk([{"index": i, "delta": {"content": prefix}, "logprobs": None,
+                                  "finish_reason": None}]))
             out: RequestOutput | None = first
             while out is not None:
                 for c in out.outputs:
