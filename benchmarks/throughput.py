@@ -49,7 +49,7 @@ def main() -> int:
     for name in args.datasets.split(","):
         for i, mode in enumerate(modes):
             # The in-flight queue is empty between runs, so the mode can change here.
-            core.async_scheduling = core.scheduler.async_scheduling = mode
+            core.scheduler.async_scheduling = mode
             args.dataset = name
             args.llm = (llm, timings, memory)
             hf = hf_n if name in args.hf_datasets.split(",") and i == 0 else 0

@@ -28,13 +28,12 @@ class EngineCore:
         self.executor.initialize_kv_cache(num_blocks)
         self.num_blocks = num_blocks
         cc, mc = config.cache_config, config.model_config
-        self.async_scheduling = config.scheduler_config.async_scheduling
         self.scheduler = Scheduler(
             config.scheduler_config,
             cc,
             num_blocks=num_blocks,
             max_model_len=mc.max_model_len,
-            async_scheduling=self.async_scheduling,
+            async_scheduling=config.scheduler_config.async_scheduling,
         )
         # Async scheduling: submitted steps whose outputs the scheduler has not seen, oldest
         # first (at most two: the one the GPU runs and the one queued behind it).
@@ -57,6 +56,11 @@ class EngineCore:
     def abort_requests(self, request_ids: list[str]) -> None:
         if request_ids:
             self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+
+    @property
+    def async_scheduling(self) -> bool:
+        """Whether steps overlap (the scheduler's mode: placeholders need it there)."""
+        return self.scheduler.async_scheduling
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)

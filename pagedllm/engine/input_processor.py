@@ -15,6 +15,16 @@ from pagedllm.sampling_params import SamplingParams
 PromptType = str | dict[str, Any] | list[int]
 
 
+def check_priority(priority: int) -> None:
+    """Scheduling is first-come-first-served: like vLLM under that policy, a request priority
+    other than 0 is refused rather than silently ignored."""
+    if priority != 0:
+        raise ValueError(
+            f"priority: got priority {priority}, but priority scheduling is not enabled "
+            "(the scheduler is first-come-first-served)"
+        )
+
+
 def _generation_config_eos_ids(model_config: ModelConfig) -> list[int]:
     path = model_config.model_path
     if not os.path.isdir(path):

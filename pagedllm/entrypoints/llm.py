@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.input_processor import PromptType
+from pagedllm.engine.input_processor import PromptType, check_priority
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
@@ -46,11 +46,8 @@ class LLM:
     ) -> list[RequestOutput]:
         if lora_request is not None:
             raise NotImplementedError("lora_request: LoRA adapters are not supported yet")
-        if priority is not None and any(p != 0 for p in priority):
-            raise ValueError(
-                "priority: priority scheduling is not enabled (the scheduler is "
-                "first-come-first-served)"
-            )
+        for p in priority or ():
+            check_priority(p)
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
         return self._run(prompt_list, params, use_tqdm, add_special_tokens=True)

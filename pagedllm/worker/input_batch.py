@@ -136,6 +136,7 @@ def build_sampling_metadata(
     states: list[CachedRequestState],
     vocab_size: int,
     device: torch.device,
+    host_tokens: bool | None = None,
 ) -> SamplingMetadata:
     """Rows = `states` (the requests sampling this step), in order.
 
@@ -144,7 +145,9 @@ def build_sampling_metadata(
     token ids, which must all be resolved on the host (`num_pending == 0`).
     """
     md = _basic_metadata(states, vocab_size, device)
-    if not any(s.needs_host_tokens for s in states):
+    if host_tokens is None:  # the caller may have computed it already
+        host_tokens = any(s.needs_host_tokens for s in states)
+    if not host_tokens:
         return md
     params = [s.sampling_params for s in states]
     f32 = dict(dtype=torch.float32, device=device)

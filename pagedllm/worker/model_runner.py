@@ -302,9 +302,10 @@ class ModelRunner:
             sample_hidden = hidden.index_select(0, self.buffers.sample_idx[:num_sampling])
         logits = self.model.compute_logits(sample_hidden)
         sample_states = [states[i] for i in sample_rows]
-        if self._last is not None and any(s.needs_host_tokens for s in sample_states):
+        host_tokens = any(s.needs_host_tokens for s in sample_states)
+        if host_tokens and self._last is not None:
             self._last.get()  # penalties and friends read every output token on the host
-        smd = build_sampling_metadata(sample_states, self.vocab_size, self.device)
+        smd = build_sampling_metadata(sample_states, self.vocab_size, self.device, host_tokens)
         result = self.sampler(logits, smd)
         for state in sample_states:
             if state.want_prompt_logprobs:
@@ -320,7 +321,8 @@ class ModelRunner:
     def _copy_pending_inputs(self, step: StepInputs) -> None:
         """Input ids sampled by the previous step, copied device to device into the buffer."""
         prev = self._last
-        rows = [prev.row_of[r] for r in step.pending_req_ids]
+        row_of = {s.req_id: j for j, s in enumerate(prev.sample_states)}
+        rows = [row_of[r] for r in step.pending_req_ids]
         idx = to_device(step.pending_token_idx, torch.int64, self.device)
         src = prev.sampled_device.index_select(0, to_device(rows, torch.int64, self.device))
         self.buffers.input_ids.index_copy_(0, idx, src)
@@ -414,12 +416,11 @@ class StepHandle:
     ) -> None:
         self._out = out
         self._rows = sample_rows or []
-        self._states = sample_states or []
+        self.sample_states = sample_states or []  # row j of the sampled tensor
         self._done = result is None
         if result is None:
             return
         self.sampled_device = result.sampled_token_ids
-        self.row_of = {s.req_id: j for j, s in enumerate(self._states)}
         lp = result.logprobs
         host = [result.sampled_token_ids] + (
             [lp.token_ids, lp.logprobs, lp.ranks] if lp is not None else []
@@ -432,10 +433,6 @@ class StepHandle:
             self._event.record()
         self._host = host
 
-    @property
-    def done(self) -> bool:
-        return self._done
-
     def get(self) -> ModelRunnerOutput:
         if self._done:
             return self._out
@@ -447,7 +444,7 @@ class StepHandle:
         if len(self._host) > 1:
             lp = [t.tolist() for t in self._host[1:]]
         out = self._out
-        for j, (i, state) in enumerate(zip(self._rows, self._states)):
+        for j, (i, state) in enumerate(zip(self._rows, self.sample_states)):
             tok = sampled[j]
             state.output_token_ids.append(tok)
             state.num_pending -= 1

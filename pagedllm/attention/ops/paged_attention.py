@@ -113,6 +113,30 @@ def _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _load_query_tile(
+    q_ptr, q_start, q_len, q_block, context_len, kv_head, stride_q_t, stride_q_h,
+    QUERIES_PER_KV: tl.constexpr, GROUP_PAD: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HD_PAD: tl.constexpr,
+):
+    """Rows = BLOCK_Q query tokens x the GROUP_PAD query heads of one KV head. Returns the
+    [BLOCK_M, HD_PAD] tile, each row's position, token, head, and the row/dim mask."""
+    rows = tl.arange(0, BLOCK_M)
+    q_local = q_block * BLOCK_Q + rows // GROUP_PAD
+    head_in_group = rows % GROUP_PAD
+    head = kv_head * QUERIES_PER_KV + head_in_group
+    row_valid = (q_local < q_len) & (head_in_group < QUERIES_PER_KV)
+    token = (q_start + q_local).to(tl.int64)
+    dims = tl.arange(0, HD_PAD)
+    io_mask = row_valid[:, None] & (dims[None, :] < HEAD_DIM)
+    q = tl.load(
+        q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
+        mask=io_mask,
+        other=0.0,
+    )
+    return q, context_len + q_local, token, head, io_mask
+
+
+@triton.jit
 def _unified_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     q_ptr,  # [num_tokens, num_heads, head_dim]
@@ -155,26 +179,14 @@ def _unified_attention_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + req)
     context_len = seq_len - q_len
-
-    rows = tl.arange(0, BLOCK_M)
-    q_local = q_block * BLOCK_Q + rows // GROUP_PAD
-    head_in_group = rows % GROUP_PAD
-    head = kv_head * QUERIES_PER_KV + head_in_group
-    row_valid = (q_local < q_len) & (head_in_group < QUERIES_PER_KV)
-    q_pos = context_len + q_local
-    token = (q_start + q_local).to(tl.int64)
-    dims = tl.arange(0, HD_PAD)
-    io_mask = row_valid[:, None] & (dims[None, :] < HEAD_DIM)
-    q = tl.load(
-        q_ptr + token[:, None] * stride_q_t + head[:, None] * stride_q_h + dims[None, :],
-        mask=io_mask,
-        other=0.0,
-    )
-
+    q, q_pos, token, head, io_mask = _load_query_tile(
+        q_ptr, q_start, q_len, q_block, context_len, kv_head, stride_q_t, stride_q_h,
+        QUERIES_PER_KV, GROUP_PAD, BLOCK_Q, BLOCK_M, HEAD_DIM, HD_PAD,
+    )  # fmt: skip
+    # Keys this tile can see: up to its last query (causal), from the window's start.
+    kv_end = seq_len
     if CAUSAL:
         kv_end = tl.minimum(context_len + q_block * BLOCK_Q + BLOCK_Q, seq_len)
-    else:
-        kv_end = seq_len
     kv_start = 0
     if USE_WINDOW:
         first_pos = context_len + q_block * BLOCK_Q
@@ -191,6 +203,7 @@ def _unified_attention_kernel(
     )  # fmt: skip
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
+    dims = tl.arange(0, HD_PAD)
     tl.store(
         out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + dims[None, :],
         out.to(out_ptr.dtype.element_ty),

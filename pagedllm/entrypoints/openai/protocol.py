@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pagedllm.engine.input_processor import check_priority
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 # OpenAI's chat top_logprobs limit; completions' legacy `logprobs` is bounded by --max-logprobs.
@@ -80,12 +81,7 @@ class SamplingFields(OpenAIBaseModel):
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, default_max_tokens: int | None
     ) -> SamplingParams:
-        if self.priority != 0:
-            # vLLM refuses a priority under its default first-come-first-served policy too.
-            raise ValueError(
-                f"priority: got priority {self.priority}, but priority scheduling is not "
-                "enabled (the scheduler is first-come-first-served)"
-            )
+        check_priority(self.priority)
         bias = None
         if self.logit_bias:
             try:

@@ -144,17 +144,29 @@ class Llama3RotaryEmbedding(RotaryEmbedding):
         super().__init__(*args, **kwargs)
 
     def _compute_inv_freq(self) -> torch.Tensor:
-        inv_freq = super()._compute_inv_freq()
-        low_freq_wavelen = self.original_max_position / self.low_freq_factor
-        high_freq_wavelen = self.original_max_position / self.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
-        smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (
-            self.high_freq_factor - self.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
-        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
+        return llama3_inv_freq(
+            super()._compute_inv_freq(), self.factor, self.low_freq_factor,
+            self.high_freq_factor, self.original_max_position,
+        )  # fmt: skip
+
+
+def llama3_inv_freq(
+    inv_freq: torch.Tensor, factor: float, low_freq_factor: float, high_freq_factor: float,
+    original_max_position: int,
+) -> torch.Tensor:
+    """Llama-3 scaling of RoPE frequencies (HF rope_type "llama3"): wavelengths past
+    original / low_freq_factor divided by `factor`, those under original / high_freq_factor
+    kept, a smooth ramp between."""
+    low_freq_wavelen = original_max_position / low_freq_factor
+    high_freq_wavelen = original_max_position / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (original_max_position / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
 
 
 _RopeFactory = Callable[[int, int, int, float, bool, dict[str, Any]], RotaryEmbedding]

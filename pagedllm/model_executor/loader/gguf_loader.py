@@ -83,11 +83,10 @@ def _llama3_divisors(
     head_dim: int, theta: float, factor: float, low: float, high: float, original: int
 ) -> np.ndarray:
     """llama.cpp's `rope_freqs` for HF's llama3 scaling: what each frequency is divided by."""
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    wavelen = 2 * np.pi / inv_freq
-    smooth = (original / wavelen - low) / (high - low)
-    ramp = 1.0 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, ramp))
+    from pagedllm.model_executor.layers.rotary_embedding import llama3_inv_freq
+
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    return (inv_freq / llama3_inv_freq(inv_freq, factor, low, high, original)).numpy()
 
 
 def llama3_rope_from_freq_factors(factors: np.ndarray, head_dim: int, theta: float) -> dict:
