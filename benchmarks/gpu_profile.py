@@ -6,6 +6,9 @@ profiler (CUDA graphs stay on: graph replays are traced kernel by kernel) and pr
 size, the GPU time of each kernel family per step next to the step's weight + KV-read floor.
 
     python3 benchmarks/gpu_profile.py --batches 1,32,96,256 --prompt-len 400
+
+`--mixed D:N:P` also profiles the eager steps that prefill N new P-token prompts while D
+requests decode (what a busy server runs when requests arrive), next to their matmul floor.
 """
 
 from __future__ import annotations
@@ -43,15 +46,15 @@ def family(name: str) -> str:
     return "other"
 
 
-def profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict[str, float]:
-    engine = llm.llm_engine
-    g = torch.Generator().manual_seed(batch)
-    for i in range(batch):
+def _add(engine, tag: str, n: int, prompt_len: int, max_tokens: int, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for i in range(n):
         ids = torch.randint(0, 128000, (prompt_len,), generator=g).tolist()
-        engine.add_request(f"p{batch}-{i}", {"prompt_token_ids": ids},
-                           SamplingParams(temperature=0, max_tokens=steps + 40, ignore_eos=True))
-    for _ in range(20):  # prefill chunks and the first decodes
-        engine.step()
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": ids},
+                           SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+
+
+def _profiled(engine, steps: int) -> tuple[float, object]:
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CUDA]
     t0 = time.perf_counter()
@@ -62,6 +65,32 @@ def profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict[st
     wall = (time.perf_counter() - t0) / steps
     while engine.has_unfinished_requests():
         engine.step()
+    return wall, prof
+
+
+def profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict[str, float]:
+    engine = llm.llm_engine
+    _add(engine, f"p{batch}", batch, prompt_len, steps + 40, batch)
+    for _ in range(20):  # prefill chunks and the first decodes
+        engine.step()
+    wall, prof = _profiled(engine, steps)
+    return _by_family(prof, steps, wall)
+
+
+def profile_mixed(llm: LLM, decodes: int, n: int, prompt_len: int) -> tuple[int, dict]:
+    """Eager steps prefilling n prompts of prompt_len while `decodes` requests decode."""
+    engine = llm.llm_engine
+    budget = llm.llm_engine.config.scheduler_config.max_num_batched_tokens
+    _add(engine, f"d{decodes}", decodes, 64, 400, decodes)
+    for _ in range(20):
+        engine.step()
+    _add(engine, f"m{n}", n, prompt_len, 1, n + 7)
+    steps = max(1, -(-n * prompt_len // (budget - decodes)))
+    wall, prof = _profiled(engine, steps)
+    return steps, _by_family(prof, steps, wall)
+
+
+def _by_family(prof, steps: int, wall: float) -> dict:
     per: dict[str, float] = defaultdict(float)
     names: dict[str, float] = defaultdict(float)
     for evt in prof.key_averages():
@@ -74,11 +103,27 @@ def profile_decode(llm: LLM, batch: int, prompt_len: int, steps: int) -> dict[st
     return {"wall_ms": wall * 1e3, **per, "_top": top}
 
 
+COLS = ["attention", "gemm", "norm", "rotary", "kv write", "silu", "sampling", "other"]
+
+
+def _print_top(title: str, r: dict) -> None:
+    print(f"{title}: top kernels (ms/step):", flush=True)
+    for name, t in r["_top"]:
+        print(f"  {t:7.3f}  {name[:110]}", flush=True)
+
+
+def _row(label: str, floor: float, r: dict) -> str:
+    gpu = sum(r.get(c, 0.0) for c in COLS)
+    return (f"| {label} | {floor:.2f} | {r['wall_ms']:.2f} | {gpu:.2f} | "
+            + " | ".join(f"{r.get(c, 0.0):.2f}" for c in COLS) + " |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batches", default="1,32,96,256")
     ap.add_argument("--prompt-len", type=int, default=400)
     ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--mixed", default="", help="D:N:P[,D:N:P...]: N P-token prompts + D decodes")
     args = ap.parse_args()
     model_dir = resolve_model_arg("random:llama-3.1-8b", "bfloat16")
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, max_num_seqs=256,
@@ -86,21 +131,23 @@ def main() -> int:
     kv_per_token = 32 * 2 * 8 * 128 * 2
     weight_bytes = 8.03e9 * 2
     rows = []
-    for b in (int(x) for x in args.batches.split(",")):
+    for b in (int(x) for x in args.batches.split(",") if x):
         r = profile_decode(llm, b, args.prompt_len, args.steps)
         ctx = args.prompt_len + 30
         floor = (weight_bytes + b * ctx * kv_per_token) / 4.22e12 * 1e3
-        rows.append((b, floor, r))
-        print(f"batch {b}: top kernels (ms/step):", flush=True)
-        for name, t in r["_top"]:
-            print(f"  {t:7.3f}  {name[:110]}", flush=True)
-    cols = ["attention", "gemm", "norm", "rotary", "kv write", "silu", "sampling", "other"]
-    print("| batch | floor ms | step wall ms | GPU ms | " + " | ".join(cols) + " |")
-    print("|---" * (4 + len(cols)) + "|")
-    for b, floor, r in rows:
-        gpu = sum(r.get(c, 0.0) for c in cols)
-        print(f"| {b} | {floor:.2f} | {r['wall_ms']:.2f} | {gpu:.2f} | "
-              + " | ".join(f"{r.get(c, 0.0):.2f}" for c in cols) + " |")
+        rows.append((f"decode {b}", floor, r))
+        _print_top(f"batch {b}", r)
+    for spec in (m for m in args.mixed.split(",") if m):
+        d, n, p = (int(x) for x in spec.split(":"))
+        steps, r = profile_mixed(llm, d, n, p)
+        # Floor: the step's matmul FLOPs (2 x non-embedding params per token) at 785 TFLOP/s.
+        floor = 2 * 7.5e9 * (n * p + d * steps) / steps / 785e12 * 1e3
+        rows.append((f"mixed {d} dec + {n}x{p} ({steps} steps)", floor, r))
+        _print_top(f"mixed {spec}", r)
+    print("| step | floor ms | step wall ms | GPU ms | " + " | ".join(COLS) + " |")
+    print("|---" * (4 + len(COLS)) + "|")
+    for label, floor, r in rows:
+        print(_row(label, floor, r))
     return 0
 
 

@@ -59,6 +59,9 @@ def main() -> int:
             r.pop("memory", None)
             r["async_scheduling"] = mode
             key = name if len(modes) == 1 else f"{name} (async {'on' if mode else 'off'})"
+            timeline = r.get("stages", {}).pop("timeline", None)
+            if timeline:  # per-step detail goes to --json only
+                results.setdefault("timelines", {})[key] = timeline
             results["runs"][key] = r
             print(json.dumps({key: r}, default=float), flush=True)
             if args.json:

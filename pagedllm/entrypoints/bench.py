@@ -169,7 +169,7 @@ class StageTimer:
 
         self.wall: dict[str, float] = {}
         self.calls: dict[str, int] = {}
-        self.events: list[tuple[object, object, bool, int]] = []
+        self.events: list[tuple[object, object, bool, int, int]] = []
         self._restore: list[tuple[object, str, bool, object]] = []
         engine = llm.llm_engine
         core = engine.engine_core
@@ -189,7 +189,7 @@ class StageTimer:
             e0.record()
             out = orig(step, graph_size)
             e1.record()
-            self.events.append((e0, e1, graph_size is not None, step.num_tokens))
+            self.events.append((e0, e1, graph_size is not None, step.num_tokens, step.num_reqs))
             return out
 
         self._restore.append((runner, "_run_model", "_run_model" in vars(runner), orig))
@@ -220,14 +220,45 @@ class StageTimer:
                 delattr(obj, name)
         if self.events:
             torch.cuda.synchronize()
-        graph = [e0.elapsed_time(e1) / 1e3 for e0, e1, g, _ in self.events if g]
-        eager = [e0.elapsed_time(e1) / 1e3 for e0, e1, g, _ in self.events if not g]
+        graph = [e0.elapsed_time(e1) / 1e3 for e0, e1, g, *_ in self.events if g]
+        eager = [e0.elapsed_time(e1) / 1e3 for e0, e1, g, *_ in self.events if not g]
+        first = self.events[0][0] if self.events else None
+        # Per step: GPU start (ms from the first step), GPU ms, graph?, tokens, requests.
+        timeline = [
+            (round(first.elapsed_time(e0), 3), round(e0.elapsed_time(e1), 3), int(g), n, r)
+            for e0, e1, g, n, r in self.events
+        ]
         return {
             "host_wall_s": self.wall, "calls": self.calls,
             "forward_gpu_s_graph": sum(graph), "steps_graph": len(graph),
             "forward_gpu_s_eager": sum(eager), "steps_eager": len(eager),
-            "tokens_eager": sum(n for _, _, g, n in self.events if not g),
+            "tokens_eager": sum(e[3] for e in self.events if not e[2]),
+            "timeline": timeline,
         }  # fmt: skip
+
+
+def summarize_timeline(timeline: list[tuple[float, float, int, int, int]]) -> dict:
+    """GPU time per kind of step (eager; graph steps by batch size) and idle gaps between steps."""
+    buckets = [(1, 32), (33, 128), (129, 256), (257, 1 << 30)]
+    out: dict[str, dict] = {}
+
+    def add(key: str, ms: float, tokens: int) -> None:
+        b = out.setdefault(key, {"steps": 0, "gpu_s": 0.0, "tokens": 0})
+        b["steps"] += 1
+        b["gpu_s"] += ms / 1e3
+        b["tokens"] += tokens
+
+    for _, ms, graph, tokens, reqs in timeline:
+        if not graph:
+            add("eager", ms, tokens)
+            continue
+        lo, hi = next(b for b in buckets if b[0] <= reqs <= b[1])
+        add(f"graph batch {lo}-{hi if hi < 1 << 30 else 'max'}", ms, tokens)
+    idle = sum(
+        max(0.0, nxt[0] - (cur[0] + cur[1])) for cur, nxt in zip(timeline, timeline[1:])
+    )  # fmt: skip
+    out["gpu_idle_between_steps_s"] = idle / 1e3
+    return out
 
 
 def run_pagedllm(llm, wl: Workload) -> dict:
@@ -364,6 +395,7 @@ def run_throughput(args: argparse.Namespace) -> dict:
     result["pagedllm"] = run_pagedllm(llm, wl)
     if timer is not None:
         result["stages"] = timer.report()
+        result["stages"]["by_step_kind"] = summarize_timeline(result["stages"]["timeline"])
     max_num_seqs = llm.llm_engine.config.scheduler_config.max_num_seqs
     result["roofline"] = roofline(wl, cfg, max_num_seqs)
     rl = result["roofline"]
@@ -382,11 +414,13 @@ def run_throughput(args: argparse.Namespace) -> dict:
 
 def _cmd_throughput(args: argparse.Namespace) -> int:
     result = run_throughput(args)
-    text = json.dumps(result, indent=1, default=float)
-    print(text)
+    timeline = result.get("stages", {}).pop("timeline", None)
+    print(json.dumps(result, indent=1, default=float))
     if args.output_json:
+        if timeline is not None:  # per-step detail: the file only
+            result["stages"]["timeline"] = timeline
         with open(args.output_json, "w") as f:
-            f.write(text)
+            f.write(json.dumps(result, indent=1, default=float))
     return 0
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagedllm.entrypoints.bench import TINY_LLAMA, make_workload, roofline
+from pagedllm.entrypoints.bench import TINY_LLAMA, make_workload, roofline, summarize_timeline
 from pagedllm.sampling_params import SamplingParams
 from pagedllm.worker.cuda_graph import capture_sizes, padded_size
 from pagedllm.worker.gpu_input_batch import InputBuffers
@@ -144,3 +144,12 @@ def test_workloads_follow_benchmarks_md():
     assert len(ss.prompts) == 1 and len(ss.prompts[0]) == 512 and ss.output_lens == [256]
     r = roofline(ss, TINY_LLAMA, 256)
     assert r["t_bytes_s"] > r["t_flops_s"] > 0  # one stream is bandwidth-bound
+
+
+def test_timeline_summary_buckets_steps_and_idle_gaps():
+    # (GPU start ms, GPU ms, graph?, tokens, requests)
+    tl = [(0.0, 80.0, 0, 8192, 300), (81.0, 5.0, 1, 20, 20), (86.5, 10.0, 1, 300, 300)]
+    s = summarize_timeline(tl)
+    assert s["eager"] == {"steps": 1, "gpu_s": 0.08, "tokens": 8192}
+    assert s["graph batch 1-32"]["steps"] == 1 and s["graph batch 257-max"]["tokens"] == 300
+    assert s["gpu_idle_between_steps_s"] == pytest.approx(0.0015)
