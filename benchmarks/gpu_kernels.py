@@ -123,6 +123,7 @@ class AttnBatch:
     block_table: torch.Tensor
     max_query_len: int
     max_seq_len: int
+    total_seq_len: int
     bytes: float
     flops: float
 
@@ -166,6 +167,7 @@ def make_attn_batch(
         block_table=table.to(device),
         max_query_len=max(q for _, q in reqs),
         max_seq_len=max(seq_lens),
+        total_seq_len=sum(seq_lens),
         bytes=kv_bytes + q_bytes + table.numel() * 4,
         flops=4.0 * pairs * num_heads * head_dim,
     )
@@ -186,6 +188,13 @@ def attn_cases(smoke: bool, gen: torch.Generator) -> dict[str, list[tuple[int, i
         "prefill": [(0, 2048)] * 4,
         "long_decode": [(32767, 1)],
         "long_decode_x4": [(32767, 1)] * 4,
+        # One or two long contexts among short ones (sharegpt's tail): the unified launch
+        # waits on the long requests' programs unless they are split.
+        "skewed_21": [(599, 1)] * 19 + [(2999, 1)] * 2,
+        "skewed_48": [(r(200, 800), 1) for _ in range(46)] + [(1999, 1), (3499, 1)],
+        "skewed_96": [(r(200, 800), 1) for _ in range(93)] + [(2499, 1)] * 3,
+        "uniform_32": [(429, 1)] * 32,
+        "uniform_160": [(r(300, 600), 1) for _ in range(160)],
     }
 
 
@@ -211,6 +220,14 @@ def attn_configs(case: str, smoke: bool) -> list[tuple[str, int, object]]:
             ("m16 n64 w8 s3", 1, C(16, 64, 8, 3)),
             ("m16 n32 w2 s3", 1, C(16, 32, 2, 3)),
         ]
+    if case.startswith(("skewed", "uniform")):
+        return [
+            ("auto", 0, None),
+            ("unified (no split)", 1, None),
+            ("split4", 4, None),
+            ("split8", 8, None),
+            ("split16", 16, None),
+        ]
     return [
         ("auto", 0, None),
         ("unified (no split)", 1, None),
@@ -231,7 +248,8 @@ def run_attention(device: str, smoke: bool, num_sms: int, rows: list[Row], log) 
         ref = pa.paged_attention_ref(
             b.query, b.kv_cache, b.query_start_loc, b.seq_lens, b.block_table, scale
         )
-        auto_splits = pa.choose_num_splits(b.num_reqs, nkv, b.max_query_len, b.max_seq_len, num_sms)
+        auto_splits = pa.choose_num_splits(b.num_reqs, nkv, b.max_query_len, b.max_seq_len,
+                                           num_sms, b.total_seq_len)  # fmt: skip
 
         def ref_fn(b=b):
             return pa.paged_attention_ref(

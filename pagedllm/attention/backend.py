@@ -32,6 +32,10 @@ class AttentionMetadata:
     query_start_loc_cpu: torch.Tensor | None = None
     seq_lens_cpu: torch.Tensor | None = None
     causal: bool = True
+    # Sum of seq_lens when the host knows it (lets a backend spot one long context among
+    # short ones), and a split-KV count fixed by the caller (CUDA graph variants).
+    total_seq_len: int | None = None
+    num_splits: int | None = None
     # Per-step scratch a backend may fill on the first layer and reuse on the others
     # (index tensors, masks). Built fresh with each metadata object.
     backend_cache: dict | None = None
@@ -60,6 +64,25 @@ class AttentionBackend:
         sliding_window: int | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def decode_graph_variants(
+        self, num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device
+    ) -> tuple[int | None, ...]:
+        """Split-KV counts to capture a decode graph of `num_reqs` requests with, one graph
+        each (None: the backend's own choice at capture time)."""
+        return (None,)
+
+    def pick_decode_graph_variant(
+        self,
+        variants: tuple[int | None, ...],
+        num_reqs: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        total_seq_len: int,
+        device: torch.device,
+    ) -> int | None:
+        """Which captured variant a decode step with these (real) lengths should replay."""
+        return variants[0]
 
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}

@@ -7,8 +7,10 @@ persistent device input buffers (`InputBuffers`), so a replay needs only those r
 padding requests (one token, slot -1, seq_len 1) compute garbage rows that nobody reads.
 
 Attention metadata in a graph is frozen at capture: num_reqs = the padded size, max_query_len
-= 1, and max_seq_len = max_model_len, so the split-KV decision and partition length hold for
-any context the step can have (splits past a request's end are empty and weigh nothing).
+= 1, max_seq_len = max_model_len, and a split-KV count. The attention backend names the
+variants a size is captured in (`decode_graph_variants`: e.g. unsplit and split for mid-sized
+batches) and picks one per step from the step's real lengths (`pick_decode_graph_variant`);
+the split kernel sizes its partitions from each request's own length at run time.
 """
 
 from __future__ import annotations
@@ -48,14 +50,17 @@ def padded_size(sizes: list[int], n: int) -> int | None:
     return None
 
 
+Variant = int | None  # a split-KV count (None: the backend's choice)
+
+
 class CudaGraphRunner:
     """Captures and replays `forward(num_tokens, metadata) -> hidden [num_tokens, hidden]`."""
 
     def __init__(self, sizes: list[int]) -> None:
         self.sizes = sizes
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.outputs: dict[int, torch.Tensor] = {}
-        self.metadata: dict[int, AttentionMetadata] = {}
+        self.variants: dict[int, tuple[Variant, ...]] = {}
+        self.graphs: dict[tuple[int, Variant], torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple[int, Variant], torch.Tensor] = {}
         self.pool = None
         self.capture_seconds = 0.0
 
@@ -63,25 +68,29 @@ class CudaGraphRunner:
         self,
         forward: Callable[[int, AttentionMetadata], torch.Tensor],
         make_metadata: Callable[[int], AttentionMetadata],
+        variants_for: Callable[[int], tuple[Variant, ...]] = lambda size: (None,),
     ) -> None:
-        """Captures one graph per size, largest first so smaller ones reuse its memory pool."""
+        """Captures each size in each of its variants, largest first so smaller ones reuse
+        its memory pool."""
         t0 = time.perf_counter()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for size in sorted(self.sizes, reverse=True):
-                md = make_metadata(size)
-                # Warm-up outside the graph: compiles the Triton kernels, sets up cuBLAS.
-                for _ in range(2):
-                    forward(size, md)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool, stream=stream):
-                    out = forward(size, md)
-                if self.pool is None:
-                    self.pool = graph.pool()
-                self.graphs[size] = graph
-                self.outputs[size] = out
-                self.metadata[size] = md
+                self.variants[size] = variants_for(size)
+                for variant in self.variants[size]:
+                    md = make_metadata(size)
+                    md.num_splits = variant
+                    # Warm-up outside the graph: compiles the Triton kernels, sets up cuBLAS.
+                    for _ in range(2):
+                        forward(size, md)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                        out = forward(size, md)
+                    if self.pool is None:
+                        self.pool = graph.pool()
+                    self.graphs[size, variant] = graph
+                    self.outputs[size, variant] = out
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
         self.capture_seconds = time.perf_counter() - t0
@@ -95,7 +104,7 @@ class CudaGraphRunner:
             return None
         return padded_size(self.sizes, num_reqs)
 
-    def replay(self, size: int) -> torch.Tensor:
-        """Runs the graph of `size`; returns its static output [size, hidden_size]."""
-        self.graphs[size].replay()
-        return self.outputs[size]
+    def replay(self, size: int, variant: Variant = None) -> torch.Tensor:
+        """Runs the graph of `size` (in `variant`); returns its static output [size, hidden]."""
+        self.graphs[size, variant].replay()
+        return self.outputs[size, variant]

@@ -27,6 +27,7 @@ class StepInputs:
     num_padded_tokens: int  # tokens the model runs (>= num_tokens; graph padding)
     max_query_len: int
     max_seq_len: int
+    total_seq_len: int  # sum of the real requests' seq_lens
     sample_rows: np.ndarray  # [num_sampling] request index of each sampling request
     sample_token_idx: np.ndarray  # [num_sampling] flat token index of its last token
     query_start_loc_np: np.ndarray  # [num_reqs + 1] int32 (a copy)
@@ -136,6 +137,7 @@ class InputBuffers:
             num_padded_tokens=padded_tokens,
             max_query_len=int(counts_np.max()) if num_reqs else 0,
             max_seq_len=int(ends.max()) if num_reqs else 0,
+            total_seq_len=int(ends.sum()),
             sample_rows=sample_rows,
             sample_token_idx=sample_token_idx,
             query_start_loc_np=qsl[: num_reqs + 1].copy(),

@@ -232,7 +232,13 @@ class ModelRunner:
         """Captures decode graphs at the padded batch sizes (skipped under enforce_eager)."""
         sizes = capture_sizes(self.max_num_reqs)
         self.graph_runner = CudaGraphRunner(sizes)
-        self.graph_runner.capture(self._graph_forward, self._graph_metadata)
+        backend, kv_heads = self.attn_backend, self.model.num_kv_heads
+        max_len = self.model_config.max_model_len
+
+        def variants(size: int) -> tuple[int | None, ...]:
+            return backend.decode_graph_variants(size, kv_heads, max_len, self.device)
+
+        self.graph_runner.capture(self._graph_forward, self._graph_metadata, variants)
         self.timings["graph_capture"] = self.graph_runner.capture_seconds
 
     # ---- state ----
@@ -331,7 +337,12 @@ class ModelRunner:
         """Runs the model on the uploaded buffers -> hidden [num_tokens, hidden_size]."""
         b = self.buffers
         if graph_size is not None:
-            return self.graph_runner.replay(graph_size)[: step.num_tokens]
+            gr = self.graph_runner
+            variant = self.attn_backend.pick_decode_graph_variant(
+                gr.variants[graph_size], step.num_reqs, self.model.num_kv_heads,
+                step.max_seq_len, step.total_seq_len, self.device,
+            )  # fmt: skip
+            return gr.replay(graph_size, variant)[: step.num_tokens]
         n, r = step.num_tokens, step.num_reqs
         md = AttentionMetadata(
             num_reqs=r,
@@ -345,6 +356,7 @@ class ModelRunner:
             query_start_loc_cpu=b.query_start_loc_cpu[: r + 1],
             seq_lens_cpu=b.seq_lens_cpu[:r],
             causal=getattr(self.model, "is_causal", True),
+            total_seq_len=step.total_seq_len,
         )
         return self.model(b.input_ids[:n], b.positions[:n], self.kv_caches, md)
 

@@ -66,8 +66,10 @@ def _step(reqs: list[tuple[int, int]], num_heads: int, num_kv_heads: int, head_d
     )
 
 
-def _run(backend, reqs, dtype, tol, seed, sliding_window=None, heads=(4, 2)):
+def _run(backend, reqs, dtype, tol, seed, sliding_window=None, heads=(4, 2), **meta_fields):
     query, key, value, cache, meta = _step(reqs, heads[0], heads[1], 64, dtype, seed)
+    for k, v in meta_fields.items():
+        setattr(meta, k, v)
     ref_cache = cache.clone()
     out = backend.forward(query, key, value, cache, meta, 0.125, sliding_window)
     n = meta.num_actual_tokens
@@ -105,3 +107,44 @@ def test_decode_only_takes_split_kv_path(monkeypatch):
     assert calls[-1] > 1
     _run(backend, [(10, 5), (250, 1)], torch.float32, 1e-4, seed=2, sliding_window=40)
     assert calls[-1] == 1
+
+
+def test_one_long_context_among_short_ones_splits(monkeypatch):
+    """Enough programs for the SMs, but one context far past an SM's share of the keys: split
+    when the host knows the total (eager steps), and a caller's fixed count wins (graphs)."""
+    import pagedllm.attention.backends.triton as mod
+
+    calls = []
+    real = mod.paged_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["num_splits"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "paged_attention", spy)
+    backend = TritonAttentionBackend(num_sms=8)
+    reqs = [(20, 1)] * 8 + [(900, 1)]  # 18 programs >= 8 SMs; an SM's share ~270 keys
+    total = 8 * 21 + 901
+    _run(backend, reqs, torch.float32, 1e-4, seed=3)
+    assert calls[-1] == 1  # total unknown: no basis to split
+    _run(backend, reqs, torch.float32, 1e-4, seed=3, total_seq_len=total)
+    assert calls[-1] > 1
+    _run(backend, [(300, 1)] * 6, torch.float32, 1e-4, seed=4, total_seq_len=6 * 301)
+    assert calls[-1] == 1  # balanced
+    _run(backend, [(300, 1)] * 6, torch.float32, 1e-4, seed=4, num_splits=5)
+    assert calls[-1] == 5
+
+
+def test_decode_graph_variants_and_pick():
+    backend = TritonAttentionBackend(num_sms=132)
+    cpu = torch.device("cpu")
+    # Few requests: split by occupancy, one graph. Mid-sized: unsplit + split graphs.
+    # Past the cap: one unsplit graph.
+    assert backend.decode_graph_variants(4, 8, 4096, cpu) == (16,)  # capped by length
+    assert backend.decode_graph_variants(24, 8, 4096, cpu) == (1, 8)
+    assert backend.decode_graph_variants(512, 8, 4096, cpu) == (1,)
+    variants = (1, 8)
+    skewed = 19 * 600 + 2 * 3000
+    assert backend.pick_decode_graph_variant(variants, 21, 8, 3000, skewed, cpu) == 8
+    assert backend.pick_decode_graph_variant(variants, 21, 8, 620, 21 * 600, cpu) == 1
+    assert backend.pick_decode_graph_variant((16,), 4, 8, 3000, 4 * 3000, cpu) == 16

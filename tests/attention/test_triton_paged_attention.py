@@ -133,15 +133,25 @@ def test_bf16():
     _check(MIXED, 4, 2, 64, torch.bfloat16, 1e-2, seed=7)
 
 
+# Small splits, so these short contexts really are cut: each request's context is divided
+# into num_splits parts of its own length (130 keys / 5 -> 32 per split, 3 keys -> one split
+# used and four empty ones).
+SMALL_SPLITS = AttentionLaunchConfig(block_n=16, min_split_keys=16)
+
+
 @pytest.mark.parametrize("num_splits", [2, 5])
-def test_split_kv_decode(num_splits):
+@pytest.mark.parametrize("config", [None, SMALL_SPLITS])
+def test_split_kv_decode(num_splits, config):
     reqs = [(130, 1), (3, 1), (70, 1)]
-    _check(reqs, 4, 2, 64, torch.float32, 1e-4, seed=8 + num_splits, num_splits=num_splits)
+    _check(reqs, 4, 2, 64, torch.float32, 1e-4, seed=8 + num_splits, num_splits=num_splits,
+           config=config)  # fmt: skip
 
 
 def test_split_kv_decode_window_and_bf16():
     reqs = [(150, 1), (40, 1)]
     _check(reqs, 8, 2, 64, torch.bfloat16, 1e-2, seed=11, num_splits=4, sliding_window=33)
+    _check(reqs, 8, 2, 64, torch.bfloat16, 1e-2, seed=12, num_splits=4, sliding_window=33,
+           config=SMALL_SPLITS)  # fmt: skip
 
 
 def test_choose_num_splits():
@@ -151,6 +161,11 @@ def test_choose_num_splits():
     assert choose_num_splits(64, 8, 1, 4096, 132) == 1
     assert choose_num_splits(1, 8, 7, 32768, 132) == 1
     assert choose_num_splits(1, 8, 1, 200, 132) == 1
+    # Programs enough, but two 3000-token contexts among 19 of 600 (an SM's balanced share is
+    # ~1050 keys): split the long ones into ~3; with equal contexts, or no total known, not.
+    assert choose_num_splits(21, 8, 1, 3000, 132, 19 * 600 + 2 * 3000) == 3
+    assert choose_num_splits(21, 8, 1, 3000, 132) == 1
+    assert choose_num_splits(32, 8, 1, 430, 132, 32 * 430) == 1
 
 
 def test_reference_matches_naive_loop():

@@ -1,8 +1,12 @@
 """Triton attention backend for CUDA: reshape_and_cache, then one paged-attention launch.
 
 Decode-only batches whose (request, KV head) pairs would leave most SMs idle on long contexts
-take the split-KV (flash-decoding) path instead; see `choose_num_splits`. The choice reads only
-host-side metadata (num_reqs, max_query_len, max_seq_len), so it never syncs with the device.
+take the split-KV (flash-decoding) path instead, and so do decode batches where one context is
+far longer than the others; see `choose_num_splits`. The choice reads only host-side metadata
+(num_reqs, max_query_len, max_seq_len, total_seq_len), so it never syncs with the device.
+
+CUDA graphs freeze the choice at capture, so mid-sized decode graphs are captured twice (no
+split, and `IMBALANCE_GRAPH_SPLITS` splits) and each step replays the one its lengths call for.
 """
 
 from __future__ import annotations
@@ -12,6 +16,11 @@ import torch
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
 from pagedllm.attention.ops.paged_attention import choose_num_splits, paged_attention
 from pagedllm.attention.ops.reshape_and_cache import reshape_and_cache
+
+# Decode graphs of up to this many requests that would not split by occupancy also get a
+# split variant, replayed when one long context would hold up the unified launch.
+IMBALANCE_GRAPH_MAX_REQS = 256
+IMBALANCE_GRAPH_SPLITS = 8
 
 
 @register_backend("triton")
@@ -44,13 +53,16 @@ class TritonAttentionBackend(AttentionBackend):
         num_actual = metadata.num_actual_tokens
         reshape_and_cache(key[:num_actual], value[:num_actual], kv_cache, metadata.slot_mapping)
         num_splits = 1
-        if metadata.causal:
+        if metadata.num_splits is not None:
+            num_splits = metadata.num_splits
+        elif metadata.causal:
             num_splits = choose_num_splits(
                 metadata.num_reqs,
                 kv_cache.shape[3],
                 metadata.max_query_len,
                 metadata.max_seq_len,
                 self._sm_count(query.device),
+                metadata.total_seq_len,
             )
         out = torch.empty_like(query)
         paged_attention(
@@ -71,3 +83,27 @@ class TritonAttentionBackend(AttentionBackend):
         if num_actual < out.shape[0]:
             out[num_actual:].zero_()  # padding rows: defined values, like the torch backend
         return out
+
+    def decode_graph_variants(
+        self, num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device
+    ) -> tuple[int | None, ...]:
+        splits = choose_num_splits(num_reqs, num_kv_heads, 1, max_seq_len, self._sm_count(device))
+        if splits == 1 and num_reqs <= IMBALANCE_GRAPH_MAX_REQS:
+            return (1, IMBALANCE_GRAPH_SPLITS)
+        return (splits,)
+
+    def pick_decode_graph_variant(
+        self,
+        variants: tuple[int | None, ...],
+        num_reqs: int,
+        num_kv_heads: int,
+        max_seq_len: int,
+        total_seq_len: int,
+        device: torch.device,
+    ) -> int | None:
+        if len(variants) == 1:
+            return variants[0]
+        splits = choose_num_splits(
+            num_reqs, num_kv_heads, 1, max_seq_len, self._sm_count(device), total_seq_len
+        )  # fmt: skip
+        return variants[1] if splits > 1 else variants[0]

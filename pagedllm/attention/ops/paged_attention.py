@@ -223,7 +223,7 @@ def _split_kv_decode_kernel(
     seq_lens_ptr,
     qk_scale,
     window,
-    partition_len,  # keys per split, a multiple of BLOCK_N
+    min_partition_len,  # fewest keys per split, a multiple of BLOCK_N
     stride_q_t,
     stride_q_h,
     stride_c_b,
@@ -259,6 +259,11 @@ def _split_kv_decode_kernel(
     )
     q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + q_pos_scalar
 
+    # Each request's context is cut into NUM_SPLITS equal parts (at least min_partition_len
+    # keys each): a long request among short ones spreads over many programs, a short one
+    # uses its first split only, and nothing depends on a max_seq_len frozen in a CUDA graph.
+    partition_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    partition_len = tl.maximum(partition_len, min_partition_len)
     kv_start = split * partition_len
     kv_end = tl.minimum(kv_start + partition_len, seq_len)
     if USE_WINDOW:
@@ -331,6 +336,7 @@ class AttentionLaunchConfig:
     block_n: int | None = None
     num_warps: int | None = None
     num_stages: int | None = None
+    min_split_keys: int | None = None  # split-KV: fewest keys a split covers
 
 
 def _interpreted() -> bool:
@@ -424,7 +430,7 @@ def split_kv_decode_attention(
     block_m = max(cfg.block_m or 16, triton.next_power_of_2(group))
     block_n = cfg.block_n or 64
     hd_pad = triton.next_power_of_2(head_dim)
-    partition_len = triton.cdiv(triton.cdiv(max_seq_len, num_splits), block_n) * block_n
+    min_partition_len = triton.cdiv(cfg.min_split_keys or _MIN_KEYS_PER_SPLIT, block_n) * block_n
     part_out = torch.empty(
         (num_reqs, num_heads, num_splits, hd_pad), dtype=torch.float32, device=query.device
     )
@@ -434,7 +440,7 @@ def split_kv_decode_attention(
     use_window = sliding_window is not None and sliding_window > 0
     _split_kv_decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         part_out, part_lse, query, k_cache, v_cache, block_table, query_start_loc, seq_lens,
-        scale * _LOG2E, sliding_window if use_window else 0, partition_len,
+        scale * _LOG2E, sliding_window if use_window else 0, min_partition_len,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         QUERIES_PER_KV=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
@@ -452,6 +458,10 @@ def split_kv_decode_attention(
 
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
+# Case (2) of choose_num_splits: split once the longest context is this many times an SM's
+# balanced share of the keys, into at most this many parts.
+_IMBALANCE = 2.0
+_MAX_IMBALANCE_SPLITS = 16
 
 
 def choose_num_splits(
@@ -460,21 +470,30 @@ def choose_num_splits(
     max_query_len: int,
     max_seq_len: int,
     num_sms: int,
+    total_seq_len: int | None = None,
 ) -> int:
     """Number of KV partitions for decode; 1 means the unified kernel is the better choice.
 
-    Splitting pays when the unified grid (num_reqs * num_kv_heads programs) leaves most of the
-    SMs idle while each program walks a long context; it aims at ~4 programs per SM
-    (on the H200 sweep, 64 splits beat 33 for 1 request and 16 beat 9 for 4).
+    Splitting pays in two cases. (1) The unified grid (num_reqs * num_kv_heads programs)
+    leaves most SMs idle while each program walks a long context: aim at ~4 programs per SM
+    (on the H200 sweep, 64 splits beat 33 for 1 request and 16 beat 9 for 4). (2) There are
+    programs enough, but one context is far longer than an SM's share of all the batch's keys
+    (`total_seq_len` known): a long request among short ones, whose single program the whole
+    launch waits for; its context is cut into parts about the size of that share.
     """
     if max_query_len != 1 or num_reqs == 0:
         return 1
-    programs = num_reqs * num_kv_heads
-    if programs >= num_sms:
-        return 1
-    by_occupancy = math.ceil(4 * num_sms / programs)
     by_length = max_seq_len // _MIN_KEYS_PER_SPLIT
-    return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
+    programs = num_reqs * num_kv_heads
+    if programs < num_sms:
+        by_occupancy = math.ceil(4 * num_sms / programs)
+        return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
+    if not total_seq_len:
+        return 1
+    share = total_seq_len * num_kv_heads / num_sms  # keys per SM, perfectly balanced
+    if max_seq_len < _IMBALANCE * share:
+        return 1
+    return max(1, min(math.ceil(max_seq_len / share), by_length, _MAX_IMBALANCE_SPLITS))
 
 
 def paged_attention(
