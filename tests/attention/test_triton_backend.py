@@ -146,5 +146,5 @@ def test_decode_graph_variants_and_pick():
     variants = (1, 8)
     skewed = 19 * 600 + 2 * 3000
     assert backend.pick_decode_graph_variant(variants, 21, 8, 3000, skewed, cpu) == 8
-    assert backend.pick_decode_graph_variant(variants, 21, 8, 620, 21 * 600, cpu) == 1
+    assert backend.pick_decode_graph_variant(variants, 64, 8, 620, 64 * 600, cpu) == 1
     assert backend.pick_decode_graph_variant((16,), 4, 8, 3000, 4 * 3000, cpu) == 16

@@ -6,7 +6,7 @@ far longer than the others; see `choose_num_splits`. The choice reads only host-
 (num_reqs, max_query_len, max_seq_len, total_seq_len), so it never syncs with the device.
 
 CUDA graphs freeze the choice at capture, so mid-sized decode graphs are captured twice (no
-split, and `IMBALANCE_GRAPH_SPLITS` splits) and each step replays the one its lengths call for.
+split, and `IMBALANCE_SPLITS` splits) and each step replays the one its lengths call for.
 """
 
 from __future__ import annotations
@@ -14,13 +14,16 @@ from __future__ import annotations
 import torch
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
-from pagedllm.attention.ops.paged_attention import choose_num_splits, paged_attention
+from pagedllm.attention.ops.paged_attention import (
+    IMBALANCE_SPLITS,
+    choose_num_splits,
+    paged_attention,
+)
 from pagedllm.attention.ops.reshape_and_cache import reshape_and_cache
 
 # Decode graphs of up to this many requests that would not split by occupancy also get a
 # split variant, replayed when one long context would hold up the unified launch.
 IMBALANCE_GRAPH_MAX_REQS = 256
-IMBALANCE_GRAPH_SPLITS = 8
 
 
 @register_backend("triton")
@@ -89,7 +92,7 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> tuple[int | None, ...]:
         splits = choose_num_splits(num_reqs, num_kv_heads, 1, max_seq_len, self._sm_count(device))
         if splits == 1 and num_reqs <= IMBALANCE_GRAPH_MAX_REQS:
-            return (1, IMBALANCE_GRAPH_SPLITS)
+            return (1, IMBALANCE_SPLITS)
         return (splits,)
 
     def pick_decode_graph_variant(

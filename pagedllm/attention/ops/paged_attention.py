@@ -458,10 +458,12 @@ def split_kv_decode_attention(
 
 _MIN_KEYS_PER_SPLIT = 256
 _MAX_SPLITS = 64
-# Case (2) of choose_num_splits: split once the longest context is this many times an SM's
-# balanced share of the keys, into at most this many parts.
-_IMBALANCE = 2.0
-_MAX_IMBALANCE_SPLITS = 16
+# Case (2) of choose_num_splits, fitted on the H200 (benchmarks/gpu_kernels.py, skewed_* and
+# uniform_* cases): a lone program reads ~10-15 GB/s against an SM's ~26 GB/s share, the
+# combine launch costs ~8 us, and 8 splits beat 4 and 16 on one to three long contexts.
+_CTA_SLOWDOWN = 2.25
+_COMBINE_KEYS = 420
+IMBALANCE_SPLITS = 8
 
 
 def choose_num_splits(
@@ -477,9 +479,11 @@ def choose_num_splits(
     Splitting pays in two cases. (1) The unified grid (num_reqs * num_kv_heads programs)
     leaves most SMs idle while each program walks a long context: aim at ~4 programs per SM
     (on the H200 sweep, 64 splits beat 33 for 1 request and 16 beat 9 for 4). (2) There are
-    programs enough, but one context is far longer than an SM's share of all the batch's keys
-    (`total_seq_len` known): a long request among short ones, whose single program the whole
-    launch waits for; its context is cut into parts about the size of that share.
+    programs enough, but one context is so long that its single program, walking keys alone
+    at one CTA's pace, outlasts the rest of the launch (a long request among short ones,
+    `total_seq_len` known). Times below are in keys one SM reads at its share of the
+    bandwidth: the launch takes at least `share`, one lone program `_CTA_SLOWDOWN` per key,
+    and a split launch adds the combine kernel (`_COMBINE_KEYS`).
     """
     if max_query_len != 1 or num_reqs == 0:
         return 1
@@ -488,12 +492,12 @@ def choose_num_splits(
     if programs < num_sms:
         by_occupancy = math.ceil(4 * num_sms / programs)
         return max(1, min(by_occupancy, by_length, _MAX_SPLITS))
-    if not total_seq_len:
+    if not total_seq_len or by_length < 2:
         return 1
-    share = total_seq_len * num_kv_heads / num_sms  # keys per SM, perfectly balanced
-    if max_seq_len < _IMBALANCE * share:
-        return 1
-    return max(1, min(math.ceil(max_seq_len / share), by_length, _MAX_IMBALANCE_SPLITS))
+    share = total_seq_len * num_kv_heads / num_sms
+    unified = max(share, _CTA_SLOWDOWN * max_seq_len)
+    split = max(share, _CTA_SLOWDOWN * max_seq_len / IMBALANCE_SPLITS) + _COMBINE_KEYS
+    return min(IMBALANCE_SPLITS, by_length) if split < 0.9 * unified else 1
 
 
 def paged_attention(
