@@ -259,8 +259,13 @@ def main() -> int:
     ok = tiny["alone_equals_hf"] and tiny["batch64_equal_hf"] == 64
     if "embed_minilm_random" in report:
         ok = ok and all(r["cosine_min"] >= 0.999 for r in report["embed_minilm_random"].values())
-    if "llama8b_bf16" in report:
-        ok = ok and report["llama8b_bf16"]["prefill_logits_cosine_min"] >= 0.999
+    for key in (k for k in report if k.startswith("llama8b_bf16")):
+        # >= 0.999 vs HF bf16, or, where bf16 rounding alone is further off than that (HF's
+        # own bf16 vs fp32), at least as close to the fp32 evaluation as HF bf16 is.
+        r = report[key]
+        floor = r["hf_bf16_vs_hf_fp32_cosine_min"] - 1e-4
+        ok = ok and (r["prefill_logits_cosine_min"] >= 0.999
+                     or r["pagedllm_bf16_vs_hf_fp32_cosine_min"] >= floor)  # fmt: skip
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
