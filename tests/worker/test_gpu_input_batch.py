@@ -84,7 +84,8 @@ def test_capture_sizes():
     assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(3) == [1, 2, 3]
     big = capture_sizes(1024)
-    assert big[-1] == 512 and 264 not in big and 272 in big and padded_size(big, 600) is None
+    assert big[-1] == 1024 and 264 not in big and 272 in big and padded_size(big, 600) == 608
+    assert 528 not in big and 544 in big and padded_size(capture_sizes(4096), 1025) is None
     sizes = capture_sizes(64)
     assert padded_size(sizes, 3) == 4 and padded_size(sizes, 9) == 16
     assert padded_size(sizes, 64) == 64 and padded_size(sizes, 65) is None
