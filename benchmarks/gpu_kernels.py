@@ -266,7 +266,7 @@ def run_attention(device: str, smoke: bool, num_sms: int, rows: list[Row], log) 
             def fn(b=b, out=out, splits=splits, cfg=cfg):
                 pa.paged_attention(
                     b.query, b.kv_cache, b.query_start_loc, b.seq_lens, b.block_table,
-                    b.num_reqs, b.max_query_len, b.max_seq_len, scale,
+                    b.num_reqs, b.max_query_len, scale,
                     num_splits=splits, out=out, config=cfg,
                 )  # fmt: skip
 

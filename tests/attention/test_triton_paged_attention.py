@@ -70,7 +70,6 @@ def _make_batch(
         block_table=block_table.to(DEVICE),
         num_reqs=len(reqs),
         max_query_len=max(q for _, q in reqs),
-        max_seq_len=max(seq_lens),
     )
     return query.to(DEVICE), kv_cache.to(DEVICE), meta, qsl[-1]
 

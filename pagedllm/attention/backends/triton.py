@@ -76,7 +76,6 @@ class TritonAttentionBackend(AttentionBackend):
             metadata.block_table,
             num_reqs=metadata.num_reqs,
             max_query_len=metadata.max_query_len,
-            max_seq_len=metadata.max_seq_len,
             scale=scale,
             sliding_window=sliding_window,
             causal=metadata.causal,

@@ -413,13 +413,13 @@ def split_kv_decode_attention(
     seq_lens: torch.Tensor,  # [num_reqs] int32
     block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
     num_reqs: int,
-    max_seq_len: int,
     scale: float,
     num_splits: int,
     sliding_window: int | None = None,
     config: AttentionLaunchConfig | None = None,
 ) -> torch.Tensor:
-    """Flash-decoding for batches where every request has query_len == 1 (causal)."""
+    """Flash-decoding for batches where every request has query_len == 1 (causal); each
+    request's context is split by its own length (see `_split_kv_decode_kernel`)."""
     _, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     assert num_heads % num_kv_heads == 0
@@ -508,7 +508,6 @@ def paged_attention(
     block_table: torch.Tensor,  # [num_reqs, max_blocks] int32
     num_reqs: int,
     max_query_len: int,
-    max_seq_len: int,
     scale: float,
     sliding_window: int | None = None,
     causal: bool = True,
@@ -527,7 +526,7 @@ def paged_attention(
         assert max_query_len == 1 and causal, "split-KV is for decode-only batches"
         return split_kv_decode_attention(
             out, query, kv_cache, query_start_loc, seq_lens, block_table, num_reqs,
-            max_seq_len, scale, num_splits, sliding_window, config,
+            scale, num_splits, sliding_window, config,
         )  # fmt: skip
     return unified_attention(
         out, query, kv_cache, query_start_loc, seq_lens, block_table, num_reqs,
