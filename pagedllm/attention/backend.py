@@ -69,8 +69,13 @@ class AttentionBackend:
         self, num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device
     ) -> tuple[int | None, ...]:
         """Split-KV counts to capture a decode graph of `num_reqs` requests with, one graph
-        each (None: the backend's own choice at capture time)."""
+        each (None: the backend's own choice at capture time). A backend returning two
+        variants (unsplit, split) gets the split one replayed when `decode_num_splits` > 1."""
         return (None,)
+
+    def decode_num_splits(self, num_reqs, num_kv_heads, max_seq_len, total_seq_len, device) -> int:
+        """KV splits this backend would use for a decode-only step with these lengths."""
+        return 1
 
     def pick_decode_graph_variant(
         self,
@@ -82,7 +87,10 @@ class AttentionBackend:
         device: torch.device,
     ) -> int | None:
         """Which captured variant a decode step with these (real) lengths should replay."""
-        return variants[0]
+        if len(variants) == 1:
+            return variants[0]
+        n = self.decode_num_splits(num_reqs, num_kv_heads, max_seq_len, total_seq_len, device)
+        return variants[1] if n > 1 else variants[0]
 
 
 _BACKENDS: dict[str, Callable[[], AttentionBackend]] = {}

@@ -91,10 +91,12 @@ def test_registered_and_mixed_batch():
     _run(backend, [(0, 20), (18, 7), (33, 1), (0, 1)], torch.float32, 1e-4, seed=0)
 
 
-def test_decode_only_takes_split_kv_path(monkeypatch):
+@pytest.fixture
+def split_calls(monkeypatch) -> list[int]:
+    """The num_splits of every paged_attention launch the backend makes."""
     import pagedllm.attention.backends.triton as mod
 
-    calls = []
+    calls: list[int] = []
     real = mod.paged_attention
 
     def spy(*args, **kwargs):
@@ -102,6 +104,11 @@ def test_decode_only_takes_split_kv_path(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mod, "paged_attention", spy)
+    return calls
+
+
+def test_decode_only_takes_split_kv_path(split_calls):
+    calls = split_calls
     backend = TritonAttentionBackend(num_sms=16)  # pretend a GPU with 16 SMs
     _run(backend, [(600, 1), (250, 1)], torch.bfloat16, 1e-2, seed=1, sliding_window=300)
     assert calls[-1] > 1
@@ -109,19 +116,10 @@ def test_decode_only_takes_split_kv_path(monkeypatch):
     assert calls[-1] == 1
 
 
-def test_one_long_context_among_short_ones_splits(monkeypatch):
+def test_one_long_context_among_short_ones_splits(split_calls):
     """Enough programs for the SMs, but one context far past an SM's share of the keys: split
     when the host knows the total (eager steps), and a caller's fixed count wins (graphs)."""
-    import pagedllm.attention.backends.triton as mod
-
-    calls = []
-    real = mod.paged_attention
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["num_splits"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(mod, "paged_attention", spy)
+    calls = split_calls
     backend = TritonAttentionBackend(num_sms=8)
     reqs = [(20, 1)] * 8 + [(900, 1)]  # 18 programs >= 8 SMs; an SM's share ~270 keys
     total = 8 * 21 + 901

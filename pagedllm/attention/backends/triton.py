@@ -94,18 +94,6 @@ class TritonAttentionBackend(AttentionBackend):
             return (1, IMBALANCE_SPLITS)
         return (splits,)
 
-    def pick_decode_graph_variant(
-        self,
-        variants: tuple[int | None, ...],
-        num_reqs: int,
-        num_kv_heads: int,
-        max_seq_len: int,
-        total_seq_len: int,
-        device: torch.device,
-    ) -> int | None:
-        if len(variants) == 1:
-            return variants[0]
-        splits = choose_num_splits(
-            num_reqs, num_kv_heads, 1, max_seq_len, self._sm_count(device), total_seq_len
-        )  # fmt: skip
-        return variants[1] if splits > 1 else variants[0]
+    def decode_num_splits(self, num_reqs, num_kv_heads, max_seq_len, total_seq_len, device) -> int:
+        sms = self._sm_count(device)
+        return choose_num_splits(num_reqs, num_kv_heads, 1, max_seq_len, sms, total_seq_len)
