@@ -17,6 +17,7 @@ from pagedllm.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from pagedllm.model_executor.layers.rotary_embedding import rope_params_from_config
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +217,20 @@ class EngineArgs:
 
 
 def _derive_max_model_len(hf_config) -> int:
+    """The config's context length; like vLLM, times the RoPE factor for linear and YaRN
+    scaling (YaRN from its original_max_position_embeddings), whose configs keep the
+    pretraining length in max_position_embeddings."""
+    derived = 2048
     for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
         value = getattr(hf_config, key, None)
         if isinstance(value, int) and value > 0:
-            return value
-    return 2048
+            derived = value
+            break
+    _, scaling = rope_params_from_config(hf_config)
+    if isinstance(scaling, dict) and scaling.get("factor"):
+        rope_type = scaling.get("rope_type", scaling.get("type"))
+        if rope_type == "yarn":
+            derived = int(scaling.get("original_max_position_embeddings") or derived)
+        if rope_type in ("linear", "yarn"):
+            derived = int(derived * float(scaling["factor"]))
+    return derived

@@ -29,6 +29,13 @@ def _tiny_configs():
         "mistral": MistralConfig(**common, architectures=["MistralForCausalLM"], sliding_window=None),
         "qwen2": Qwen2Config(**common, architectures=["Qwen2ForCausalLM"]),
         "qwen3": Qwen3Config(**common, architectures=["Qwen3ForCausalLM"], head_dim=16),
+        # YaRN as Qwen2.5 configures it: max_position_embeddings is the pretraining length
+        # (64 here), the served context factor x that (256); prompts + outputs run past 64.
+        "qwen2_yarn": Qwen2Config(
+            **{**common, "max_position_embeddings": 64}, architectures=["Qwen2ForCausalLM"],
+            rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                          "original_max_position_embeddings": 64},
+        ),
     }
 
 
@@ -58,7 +65,7 @@ def _check_logprobs(ours, hf_logprobs, num_steps):
             assert abs(lp.logprob - hf_logprobs[step][tok].item()) < 1e-3, (step, tok)
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3", "qwen2_yarn"])
 def test_tiny_random_models_match_hf(arch, tmp_path):
     from transformers import AutoModelForCausalLM
 

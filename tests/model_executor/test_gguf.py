@@ -138,3 +138,35 @@ def test_gguf_config_reads_rope_freqs(tmp_path) -> None:
     rope = cfg.rope_parameters
     assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
     assert rope["original_max_position_embeddings"] == 8192 and rope["rope_theta"] == theta
+
+
+def test_gguf_config_reads_yarn(tmp_path) -> None:
+    """llama.cpp's YaRN keys (a Qwen2.5 long-context GGUF) become HF yarn rope_parameters."""
+    import gguf
+
+    from pagedllm.engine.arg_utils import _derive_max_model_len
+    from pagedllm.model_executor.loader.gguf_loader import build_hf_config_from_gguf
+
+    path = str(tmp_path / "qwen2-yarn.gguf")
+    w = gguf.GGUFWriter(path, "qwen2")
+    w.add_embedding_length(64)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_block_count(1)
+    w.add_feed_forward_length(128)
+    w.add_vocab_size(100)
+    w.add_context_length(32768)
+    w.add_rope_freq_base(1000000.0)
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(4.0)
+    w.add_rope_scaling_orig_ctx_len(32768)
+    w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    cfg = build_hf_config_from_gguf(path)
+    rope = cfg.rope_parameters
+    assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0
+    assert rope["original_max_position_embeddings"] == 32768
+    assert _derive_max_model_len(cfg) == 131072

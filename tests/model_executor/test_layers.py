@@ -110,6 +110,38 @@ def test_rope_scaling_variants() -> None:
         get_rope(16, 16, 64, 10000.0, {"rope_type": "yarnx"})
 
 
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        # Qwen2.5's long-context setting (factor over the pretraining length)
+        {"factor": 4.0, "original_max_position_embeddings": 64},
+        # DeepSeek-style: attention factor from mscale / mscale_all_dim, custom betas
+        {"factor": 8.0, "original_max_position_embeddings": 32, "mscale": 1.0,
+         "mscale_all_dim": 0.5, "beta_fast": 16, "beta_slow": 2},
+        # an explicit attention factor, no truncation of the correction range
+        {"factor": 2.0, "original_max_position_embeddings": 48, "attention_factor": 0.9,
+         "truncate": False},
+    ],
+)
+def test_rope_yarn_matches_transformers(scaling: dict) -> None:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "yarn", **scaling}
+    config = LlamaConfig(hidden_size=64, num_attention_heads=2, head_dim=32,
+                         max_position_embeddings=64,
+                         rope_parameters={**scaling, "rope_theta": 10000.0})  # fmt: skip
+    hf_inv_freq, hf_attention_factor = ROPE_INIT_FUNCTIONS["yarn"](config, "cpu")
+    ours = get_rope(32, 32, 64, 10000.0, scaling)
+    torch.testing.assert_close(ours._compute_inv_freq(), hf_inv_freq.float())
+    assert ours._attention_scaling() == pytest.approx(hf_attention_factor)
+    # The table covers the extended context, with cos/sin scaled by the attention factor.
+    length = int(scaling["original_max_position_embeddings"] * scaling["factor"])
+    assert ours.cos_sin_cache.shape[0] == max(64, length)
+    cos0 = ours.cos_sin_cache[0, :16]
+    torch.testing.assert_close(cos0, torch.full_like(cos0, hf_attention_factor))
+
+
 def test_rope_cache_recomputed_after_meta() -> None:
     with torch.device("meta"):
         rope = get_rope(16, 16, 64, 10000.0, None)

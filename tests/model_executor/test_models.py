@@ -29,6 +29,12 @@ CASES = {
                                                                 "factor": 2.0}}),
     "mistral_sliding": ("MistralForCausalLM", {"sliding_window": 7}),
     "qwen2": ("Qwen2ForCausalLM", {}),
+    # YaRN past a 16-token pretraining length (the 37-token prompt reaches 2.3x it).
+    "qwen2_yarn": ("Qwen2ForCausalLM", {"rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}}),
+    "llama_yarn_mscale": ("LlamaForCausalLM", {"rope_scaling": {
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 0.5}}),
     "qwen3": ("Qwen3ForCausalLM", {}),
 }
 
@@ -78,3 +84,20 @@ def test_chunked_prefill_then_decode_matches_full_prefill(case: str, tmp_path) -
     steps = [(0, 13), (13, 30), (30, 38), (38, 39), (39, 40)]  # chunks, then decodes
     pieces = [run_step(ours, input_ids[a:b], a, kv_caches) for a, b in steps]
     assert (torch.cat(pieces) - full).abs().max().item() < 1e-4
+
+
+def test_context_length_follows_rope_scaling() -> None:
+    """vLLM's derivation: linear and YaRN configs keep the pretraining length in
+    max_position_embeddings; the served context is that length times the factor (YaRN's from
+    original_max_position_embeddings); llama3 configs already state the extended length."""
+    from pagedllm.engine.arg_utils import _derive_max_model_len
+
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    assert _derive_max_model_len(tiny_config("Qwen2ForCausalLM", rope_scaling=yarn,
+                                             max_position_embeddings=32768)) == 131072
+    linear = {"rope_type": "linear", "factor": 2.0}
+    assert _derive_max_model_len(tiny_config("LlamaForCausalLM", rope_scaling=linear,
+                                             max_position_embeddings=4096)) == 8192
+    assert _derive_max_model_len(tiny_config("LlamaForCausalLM", rope_scaling=LLAMA3_ROPE,
+                                             max_position_embeddings=4096)) == 4096
+    assert _derive_max_model_len(tiny_config("Qwen3ForCausalLM")) == 256

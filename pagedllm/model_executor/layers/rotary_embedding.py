@@ -169,6 +169,66 @@ def llama3_inv_freq(
     return torch.where(is_medium, smoothed, scaled)
 
 
+class YaRNScalingRotaryEmbedding(RotaryEmbedding):
+    """YaRN (HF rope_type "yarn"): each frequency blends the interpolated (divided by
+    `factor`) and the original value by a linear ramp over the dims between the beta_fast and
+    beta_slow rotation counts at the pretraining length; cos/sin are scaled by the attention
+    factor (0.1 ln(factor) + 1, or the DeepSeek mscale / mscale_all_dim ratio)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        factor: float,
+        original_max_position: int,
+        beta_fast: float = 32.0,
+        beta_slow: float = 1.0,
+        attention_factor: float | None = None,
+        mscale: float | None = None,
+        mscale_all_dim: float | None = None,
+        truncate: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        self.factor = factor
+        self.original_max_position = original_max_position
+        self.beta_fast = beta_fast
+        self.beta_slow = beta_slow
+        self.truncate = truncate
+        if attention_factor is None:
+            if mscale and mscale_all_dim:
+                attention_factor = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+            else:
+                attention_factor = _yarn_mscale(factor)
+        self.attention_factor = float(attention_factor)
+        super().__init__(*args, **kwargs)
+
+    def _correction_dim(self, num_rotations: float) -> float:
+        """The dim whose wavelength fits `num_rotations` times into the pretraining length."""
+        d = self.rotary_dim
+        ratio = self.original_max_position / (num_rotations * 2 * math.pi)
+        return d * math.log(ratio) / (2 * math.log(self.base))
+
+    def _compute_inv_freq(self) -> torch.Tensor:
+        extrapolated = super()._compute_inv_freq()
+        interpolated = extrapolated / self.factor
+        low = self._correction_dim(self.beta_fast)
+        high = self._correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.rotary_dim - 1)
+        if low == high:
+            high += 0.001  # a step, not a division by zero
+        ramp = ((torch.arange(self.rotary_dim // 2, dtype=torch.float32) - low) / (high - low))
+        keep = 1 - ramp.clamp(0, 1)  # 1: original frequency (fast dims), 0: interpolated
+        return interpolated * (1 - keep) + extrapolated * keep
+
+    def _attention_scaling(self) -> float:
+        return self.attention_factor
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
 _RopeFactory = Callable[[int, int, int, float, bool, dict[str, Any]], RotaryEmbedding]
 
 
@@ -177,7 +237,8 @@ def _default(hs: int, rd: int, mp: int, base: float, neox: bool, _: dict) -> Rot
 
 
 def _linear(hs: int, rd: int, mp: int, base: float, neox: bool, s: dict) -> RotaryEmbedding:
-    return LinearScalingRotaryEmbedding(hs, rd, mp, base, neox, factor=float(s["factor"]))
+    factor = float(s["factor"])  # the table covers the extended length, as in vLLM
+    return LinearScalingRotaryEmbedding(hs, rd, int(mp * factor), base, neox, factor=factor)
 
 
 def _llama3(hs: int, rd: int, mp: int, base: float, neox: bool, s: dict) -> RotaryEmbedding:
@@ -194,7 +255,23 @@ def _llama3(hs: int, rd: int, mp: int, base: float, neox: bool, s: dict) -> Rota
     )
 
 
-_ROPE_TYPES: dict[str, _RopeFactory] = {"default": _default, "linear": _linear, "llama3": _llama3}
+def _yarn(hs: int, rd: int, mp: int, base: float, neox: bool, s: dict) -> RotaryEmbedding:
+    original = int(s.get("original_max_position_embeddings") or mp)
+    factor = s.get("factor")
+    factor = float(factor) if factor is not None else mp / original
+    opt = {k: s[k] for k in ("attention_factor", "mscale", "mscale_all_dim") if s.get(k)}
+    return YaRNScalingRotaryEmbedding(
+        # The table covers the extended length (vLLM: original x factor).
+        hs, rd, max(mp, int(original * factor)), base, neox,
+        factor=factor, original_max_position=original,
+        beta_fast=float(s.get("beta_fast") or 32), beta_slow=float(s.get("beta_slow") or 1),
+        truncate=bool(s.get("truncate", True)), **{k: float(v) for k, v in opt.items()},
+    )  # fmt: skip
+
+
+_ROPE_TYPES: dict[str, _RopeFactory] = {
+    "default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn,
+}  # fmt: skip
 
 
 def get_rope(

@@ -164,6 +164,19 @@ def build_hf_config_from_gguf(path: str) -> Any:
     if scaling_type == "linear":
         rope_params = {"rope_type": "linear", "rope_theta": rope_theta,
                        "factor": float(get("rope.scaling.factor", 1.0))}
+    elif scaling_type == "yarn":
+        if get("rope.scaling.yarn_log_multiplier"):
+            raise ModelLoadError("GGUF YaRN with yarn_log_multiplier (DeepSeek's mscale) is not "
+                                 "supported")
+        rope_params = {
+            "rope_type": "yarn", "rope_theta": rope_theta,
+            "factor": float(get("rope.scaling.factor", 1.0)),
+            "original_max_position_embeddings": int(
+                get("rope.scaling.original_context_length", get("context_length", 2048))),
+        }  # fmt: skip
+        for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if get(f"rope.scaling.{key}") is not None:
+                rope_params[hf_key] = float(get(f"rope.scaling.{key}"))
     elif scaling_type not in (None, "none"):
         raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported")
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
