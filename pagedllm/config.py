@@ -54,6 +54,8 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # Schedule step N+1 while the device runs step N (see EngineCore._step_async).
     async_scheduling: bool = False
+    # "fcfs" (arrival order) or "priority" (lowest `priority` value first, then arrival).
+    policy: str = "fcfs"
 
 
 @dataclass(frozen=True)

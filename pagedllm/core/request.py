@@ -63,6 +63,7 @@ class Request:
         "block_hashes",
         "max_tokens",
         "num_output_placeholders",
+        "priority",
     )
 
     def __init__(
@@ -74,6 +75,7 @@ class Request:
         arrival_time: float,
         pooling: bool = False,
         block_size: int = 16,
+        priority: int = 0,
     ) -> None:
         if not pooling and sampling_params is None:
             raise ValueError(f"request {request_id}: a generation request needs sampling_params")
@@ -82,6 +84,7 @@ class Request:
         self.sampling_params = sampling_params
         self.eos_token_id = eos_token_id
         self.arrival_time = arrival_time
+        self.priority = priority  # lower runs first under the "priority" policy
         self.pooling = pooling
         self.block_size = block_size
         self.output_token_ids: list[int] = []
@@ -110,6 +113,7 @@ class Request:
             arrival_time=req.arrival_time,
             pooling=req.pooling,
             block_size=block_size,
+            priority=req.priority,
         )
 
     @property

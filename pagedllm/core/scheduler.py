@@ -3,15 +3,19 @@ preemption by recompute.
 
 Each step hands every scheduled request some tokens, within one token budget
 (`max_num_batched_tokens`) and a cap on running requests (`max_num_seqs`). Running requests go
-first, in order; when blocks run out, the newest running request is preempted (blocks freed,
-progress reset, back to the front of the waiting queue). Waiting requests are admitted FCFS,
-only in steps that preempted nothing.
+first, in order; when blocks run out, a running request is preempted (blocks freed, progress
+reset, back to the waiting queue): the newest under the default "fcfs" policy, the one with the
+largest (priority, arrival time) under "priority". Waiting requests are admitted in arrival
+order ("fcfs") or by (priority, arrival time) ("priority", as vLLM's
+`--scheduling-policy priority`: lower values first), only in steps that preempted nothing.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from pagedllm.core.kv_cache_manager import KVCacheManager
@@ -37,6 +41,48 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+class FCFSQueue(deque):
+    """Waiting requests in arrival order; preempted ones go back to the front."""
+
+    def remove_ids(self, ids: set[str]) -> None:
+        kept = [r for r in self if r.request_id not in ids]
+        self.clear()
+        self.extend(kept)
+
+
+class PriorityQueue:
+    """Waiting requests by (priority, arrival time); preempted ones go back by the same key.
+    The deque operations the scheduler uses, on a heap."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._seq = itertools.count()  # ties: insertion order, and never compares requests
+
+    def append(self, request: Request) -> None:
+        entry = (request.priority, request.arrival_time, next(self._seq), request)
+        heapq.heappush(self._heap, entry)
+
+    appendleft = append
+
+    def __getitem__(self, index: int) -> Request:
+        if index != 0:
+            raise IndexError("only the head of the priority queue can be read")
+        return self._heap[0][3]
+
+    def popleft(self) -> Request:
+        return heapq.heappop(self._heap)[3]
+
+    def remove_ids(self, ids: set[str]) -> None:
+        self._heap = [e for e in self._heap if e[3].request_id not in ids]
+        heapq.heapify(self._heap)
+
+    def __len__(self) -> int:
+        return len(self._heap)
+
+    def __iter__(self) -> Iterator[Request]:
+        return (e[3] for e in sorted(self._heap))
+
+
 class Scheduler:
     def __init__(
         self,
@@ -60,7 +106,12 @@ class Scheduler:
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
         )
         self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
+        self.policy = scheduler_config.policy
+        if self.policy not in ("fcfs", "priority"):
+            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        self.waiting: FCFSQueue | PriorityQueue = (
+            PriorityQueue() if self.policy == "priority" else FCFSQueue()
+        )
         self.running: list[Request] = []
         # Since the last schedule(): the worker must drop these requests' state.
         self.finished_req_ids: set[str] = set()
@@ -128,7 +179,7 @@ class Scheduler:
         gone = {r.request_id for r in to_finish}
         self.running = [r for r in self.running if r.request_id not in gone]
         if any(r.status != RequestStatus.RUNNING for r in to_finish):
-            self.waiting = deque(r for r in self.waiting if r.request_id not in gone)
+            self.waiting.remove_ids(gone)
         for r in to_finish:
             r.status = status
             self._free_request(r)
@@ -181,7 +232,11 @@ class Scheduler:
                 continue
             new_blocks = self.kv_cache_manager.allocate_slots(req, num_new)
             while new_blocks is None:
-                victim = self.running.pop()
+                victim, pos = self._pick_victim()
+                if pos < idx:  # already passed this step: undo its share, keep idx on req
+                    idx -= 1
+                    budget += num_scheduled.pop(victim.request_id, 0)
+                    new_block_ids.pop(victim.request_id, None)
                 self._preempt(victim)
                 preempted_any = True
                 if victim is req:
@@ -235,7 +290,8 @@ class Scheduler:
     def _schedule_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
     ) -> int:
-        """Admit waiting requests FCFS until one does not fit; returns the budget left."""
+        """Admit waiting requests in queue order until one does not fit; returns the budget
+        left."""
         kvm = self.kv_cache_manager
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
@@ -265,6 +321,15 @@ class Scheduler:
             num_scheduled[req.request_id] = num_new
             budget -= num_new
         return budget
+
+    def _pick_victim(self) -> tuple[Request, int]:
+        """Removes and returns the running request to preempt, with its former index: the
+        newest (fcfs), or the largest (priority, arrival time) (priority)."""
+        pos = len(self.running) - 1
+        if self.policy == "priority":
+            pos = max(range(len(self.running)),
+                      key=lambda i: (self.running[i].priority, self.running[i].arrival_time))
+        return self.running.pop(pos), pos
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache_manager.free(request)

@@ -53,6 +53,7 @@ class EngineArgs:
     # None: on for generation on CUDA (host work overlaps the GPU), off on CPU (no overlap
     # to gain: the same cores run the host work and the model).
     async_scheduling: bool | None = None
+    scheduling_policy: str = "fcfs"  # or "priority" (vLLM's --scheduling-policy)
     device: str = "auto"
     max_logprobs: int = 20
     trust_remote_code: bool = False
@@ -213,6 +214,7 @@ class EngineArgs:
             max_model_len=max_model_len,
             enable_chunked_prefill=self.enable_chunked_prefill,
             async_scheduling=async_scheduling and model_config.task == "generate",
+            policy=self.scheduling_policy,
         )
 
 

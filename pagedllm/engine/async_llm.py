@@ -97,7 +97,9 @@ class AsyncLLM:
         self.client.start()
         # Loaded while the child loads the model.
         self.tokenizer = get_tokenizer(config.model_config)
-        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(
+            config.model_config, self.tokenizer, config.scheduler_config.policy
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
         self.last_scheduler_stats = SchedulerStats()
@@ -168,7 +170,7 @@ class AsyncLLM:
 
     # ---- requests ----
     def _add(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-             add_special_tokens: bool, queue: asyncio.Queue) -> None:
+             add_special_tokens: bool, queue: asyncio.Queue, priority: int = 0) -> None:
         if not self.is_healthy:
             raise EngineDeadError(self.dead_error or "engine core process is not running")
         if request_id in self._queues:
@@ -177,7 +179,7 @@ class AsyncLLM:
         n = params.n if params is not None else 1
         if n == 1:
             req, text = self.input_processor.process(
-                request_id, prompt, params, arrival, add_special_tokens
+                request_id, prompt, params, arrival, add_special_tokens, priority
             )
             self._check_fits_cache(len(req.prompt_token_ids))
             self.output_processor.add_request(
@@ -192,7 +194,7 @@ class AsyncLLM:
         for i in range(n):
             child = ParentRequest.child_params(params, i)
             req, text = self.input_processor.process(
-                parent.child_id(i), prompt, child, arrival, add_special_tokens
+                parent.child_id(i), prompt, child, arrival, add_special_tokens, priority
             )
             reqs.append((req, text))
         self._check_fits_cache(len(reqs[0][0].prompt_token_ids))
@@ -219,6 +221,7 @@ class AsyncLLM:
         params: SamplingParams,
         request_id: str,
         add_special_tokens: bool = True,
+        priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs (per `params.output_kind`) until the finished one.
 
@@ -226,7 +229,7 @@ class AsyncLLM:
         core refuses it, EngineDeadError if the engine dies, RequestAbortedError after abort().
         """
         queue: asyncio.Queue = asyncio.Queue()
-        self._add(request_id, prompt, params, add_special_tokens, queue)
+        self._add(request_id, prompt, params, add_special_tokens, queue, priority)
         finished = False
         try:
             while True:

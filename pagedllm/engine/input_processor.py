@@ -15,13 +15,15 @@ from pagedllm.sampling_params import SamplingParams
 PromptType = str | dict[str, Any] | list[int]
 
 
-def check_priority(priority: int) -> None:
-    """Scheduling is first-come-first-served: like vLLM under that policy, a request priority
-    other than 0 is refused rather than silently ignored."""
-    if priority != 0:
+def check_priority(priority: int, policy: str) -> None:
+    """Under first-come-first-served scheduling, like vLLM, a request priority other than 0 is
+    refused rather than silently ignored."""
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise ValueError(f"priority: must be an integer, got {priority!r}")
+    if priority != 0 and policy != "priority":
         raise ValueError(
             f"priority: got priority {priority}, but priority scheduling is not enabled "
-            "(the scheduler is first-come-first-served)"
+            "(start the engine with --scheduling-policy priority)"
         )
 
 
@@ -43,9 +45,10 @@ def _generation_config_eos_ids(model_config: ModelConfig) -> list[int]:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer) -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer, scheduling_policy: str = "fcfs") -> None:
         self.model_config = model_config
         self.tokenizer = tokenizer
+        self.scheduling_policy = scheduling_policy
         self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
         if tokenizer is None:
             eos = getattr(model_config.hf_config, "eos_token_id", None)
@@ -121,8 +124,10 @@ class InputProcessor:
         params: SamplingParams | None,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
+        priority: int = 0,
     ) -> tuple[EngineCoreRequest, str | None]:
         """Returns the engine request and the prompt text (None if given as token ids)."""
+        check_priority(priority, self.scheduling_policy)
         text, token_ids = self.tokenize(prompt, add_special_tokens)
         if params is not None and params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens :]
@@ -143,5 +148,6 @@ class InputProcessor:
             eos_token_id=self.eos_token_id,
             arrival_time=arrival_time if arrival_time is not None else time.time(),
             pooling=params is None,
+            priority=priority,
         )
         return req, text

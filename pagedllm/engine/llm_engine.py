@@ -23,7 +23,9 @@ class LLMEngine:
         self.tokenizer = (
             None if config.model_config.skip_tokenizer_init else get_tokenizer(config.model_config)
         )
-        self.input_processor = InputProcessor(config.model_config, self.tokenizer)
+        self.input_processor = InputProcessor(
+            config.model_config, self.tokenizer, config.scheduler_config.policy
+        )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore(config)
         self._counter = itertools.count()
@@ -48,13 +50,14 @@ class LLMEngine:
         params: SamplingParams | None,
         arrival_time: float | None = None,
         add_special_tokens: bool = True,
+        priority: int = 0,
     ) -> None:
         """Validates, tokenizes and queues; raises ValueError for a request that cannot run."""
         arrival_time = arrival_time or time.time()
         n = params.n if params is not None else 1
         if n == 1:
             req, text = self.input_processor.process(
-                request_id, prompt, params, arrival_time, add_special_tokens
+                request_id, prompt, params, arrival_time, add_special_tokens, priority
             )
             self.engine_core.add_request(req)
             self.output_processor.add_request(
@@ -68,7 +71,7 @@ class LLMEngine:
                 child = ParentRequest.child_params(params, i)
                 cid = parent.child_id(i)
                 req, text = self.input_processor.process(
-                    cid, prompt, child, arrival_time, add_special_tokens
+                    cid, prompt, child, arrival_time, add_special_tokens, priority
                 )
                 self.engine_core.add_request(req)
                 added.append(cid)

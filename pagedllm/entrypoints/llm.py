@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.input_processor import PromptType, check_priority
+from pagedllm.engine.input_processor import PromptType
 from pagedllm.engine.llm_engine import LLMEngine
 from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.outputs import EmbeddingRequestOutput, RequestOutput
@@ -46,11 +46,11 @@ class LLM:
     ) -> list[RequestOutput]:
         if lora_request is not None:
             raise NotImplementedError("lora_request: LoRA adapters are not supported yet")
-        for p in priority or ():
-            check_priority(p)
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
-        return self._run(prompt_list, params, use_tqdm, add_special_tokens=True)
+        if priority is not None and len(priority) != len(prompt_list):
+            raise ValueError(f"priority: got {len(priority)} values for {len(prompt_list)} prompts")
+        return self._run(prompt_list, params, use_tqdm, add_special_tokens=True, priority=priority)
 
     def chat(
         self,
@@ -96,18 +96,19 @@ class LLM:
         self.llm_engine.engine_core.reset_prefix_cache()
 
     # ---- loop ----
-    def _run(self, prompts, params, use_tqdm: bool, add_special_tokens: bool):
+    def _run(self, prompts, params, use_tqdm: bool, add_special_tokens: bool, priority=None):
         engine = self.llm_engine
         if engine.model_config.task == "embed" and any(p is not None for p in params):
             raise ValueError("this is an embedding model: use LLM.embed, not generate/chat")
         ids: list[str] = []
         try:
-            for prompt, p in zip(prompts, params):
+            for i, (prompt, p) in enumerate(zip(prompts, params)):
                 rid = engine.next_request_id()
                 if p is not None and p.output_kind != RequestOutputKind.FINAL_ONLY:
                     p = p.clone()
                     p.output_kind = RequestOutputKind.FINAL_ONLY
-                engine.add_request(rid, prompt, p, add_special_tokens=add_special_tokens)
+                engine.add_request(rid, prompt, p, add_special_tokens=add_special_tokens,
+                                   priority=priority[i] if priority else 0)
                 ids.append(rid)
         except Exception:
             engine.abort_request(ids)

@@ -191,3 +191,33 @@ def test_stop_string_with_multibyte_characters(smol_llm):
         assert detok.output_text == expected
         # nothing past (or, without include, inside) the stop string was ever streamed
         assert "".join(streamed) == expected
+
+
+def test_priority_scheduling_policy(tmp_path):
+    """--scheduling-policy priority: with one sequence at a time, requests run lowest
+    priority value first (then arrival); LLM.generate takes one priority per prompt."""
+    from transformers import LlamaConfig
+
+    from pagedllm import LLM
+    from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
+
+    config = LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         max_position_embeddings=128, architectures=["LlamaForCausalLM"],
+                         eos_token_id=None, bos_token_id=None)  # fmt: skip
+    path = build_random_hf_model_dir(str(tmp_path / "tiny"), config, seed=0, std=0.2)
+    llm = LLM(model=path, skip_tokenizer_init=True, dtype="float32", max_num_seqs=1,
+              scheduling_policy="priority")  # fmt: skip
+    engine = llm.llm_engine
+    sp = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    for rid, prio in [("late", 2), ("first", -1), ("mid", 0), ("mid2", 0)]:
+        engine.add_request(rid, {"prompt_token_ids": [5, 6, 7]}, sp, priority=prio)
+    done = []
+    while engine.has_unfinished_requests():
+        done += [o.request_id for o in engine.step() if o.finished]
+    assert done == ["first", "mid", "mid2", "late"]
+    outs = llm.generate([{"prompt_token_ids": [9, 8]}] * 3, sp, use_tqdm=False,
+                        priority=[3, 1, 2])  # fmt: skip
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3, 3]
+    with pytest.raises(ValueError, match="priority: got 1 values for 3 prompts"):
+        llm.generate([{"prompt_token_ids": [9]}] * 3, sp, use_tqdm=False, priority=[1])

@@ -30,6 +30,9 @@ def test_serve_flags_vllm_names_and_defaults():
     assert args.enable_prefix_caching is False and args.enable_chunked_prefill is True
     ea = cli_args.engine_args_from_cli(args)
     assert ea.model == "m.gguf" and ea.enable_prefix_caching is False and ea.block_size == 16
+    assert ea.scheduling_policy == "fcfs"
+    prio = make_parser().parse_args(["serve", "--scheduling-policy", "priority"])
+    assert cli_args.engine_args_from_cli(prio).scheduling_policy == "priority"
     cli_args.validate_args(args)
     for bad in (["--tensor-parallel-size", "2"], ["--quantization", "awq"]):
         with pytest.raises(NotImplementedError, match="not implemented"):

@@ -47,6 +47,9 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--max-logprobs", type=int, default=20)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="never capture CUDA graphs (run every step eagerly)")
+    parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                        help="fcfs: arrival order; priority: lowest request `priority` first "
+                        "(then arrival), preempting the largest first")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="schedule step N+1 while the GPU runs step N (default: on with CUDA)")
@@ -124,6 +127,7 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         quantization=args.quantization,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        scheduling_policy=args.scheduling_policy,
         device=args.device,
         max_logprobs=args.max_logprobs,
         trust_remote_code=args.trust_remote_code,

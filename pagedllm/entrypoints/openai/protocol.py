@@ -11,7 +11,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedllm.engine.input_processor import check_priority
 from pagedllm.sampling_params import RequestOutputKind, SamplingParams
 
 # OpenAI's chat top_logprobs limit; completions' legacy `logprobs` is bounded by --max-logprobs.
@@ -81,7 +80,6 @@ class SamplingFields(OpenAIBaseModel):
     def _sampling_params(
         self, max_tokens: int | None, logprobs: int | None, default_max_tokens: int | None
     ) -> SamplingParams:
-        check_priority(self.priority)
         bias = None
         if self.logit_bias:
             try:

@@ -57,7 +57,7 @@ class OpenAIServingChat(OpenAIServing):
             self.log_request(request_id, params)
             gen = self.engine.generate(
                 {"prompt_token_ids": ids, "prompt": text}, params, request_id,
-                add_special_tokens=False,
+                add_special_tokens=False, priority=req.priority,
             )
             if req.stream:
                 first = await run_until_disconnected(raw, gen.__anext__())

@@ -69,7 +69,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 rid = request_id if len(prepared) == 1 else f"{request_id}-{i}"
                 gens.append(self.engine.generate(
                     {"prompt_token_ids": ids, "prompt": text}, params, rid,
-                    add_special_tokens=False,
+                    add_special_tokens=False, priority=req.priority,
                 ))
             merged = merge(gens)
             if req.stream:
