@@ -221,3 +221,5 @@ def test_priority_scheduling_policy(tmp_path):
     assert [len(o.outputs[0].token_ids) for o in outs] == [3, 3, 3]
     with pytest.raises(ValueError, match="priority: got 1 values for 3 prompts"):
         llm.generate([{"prompt_token_ids": [9]}] * 3, sp, use_tqdm=False, priority=[1])
+    with pytest.raises(ValueError, match="scheduling_policy must be"):
+        LLM(model=path, skip_tokenizer_init=True, scheduling_policy="lifo")
