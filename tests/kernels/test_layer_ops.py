@@ -71,10 +71,13 @@ def test_fused_add_rms_norm(dtype):
 
 
 def test_rms_norm_reference_matches_definition():
-    x = torch.randn(3, 16, dtype=torch.float64)
-    w = torch.randn(16, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, dtype=torch.float64, generator=g)
+    w = torch.randn(16, dtype=torch.float64, generator=g)
     expect = w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-6)
-    torch.testing.assert_close(rms_norm_ref(x, w, 1e-6), expect)
+    # The reference computes in fp32 whatever the input dtype (HF's numerics): compare at
+    # fp32 precision (unseeded fp64 tolerances failed now and then on rounding alone).
+    torch.testing.assert_close(rms_norm_ref(x, w, 1e-6), expect, rtol=1e-5, atol=1e-6)
 
 
 def _cos_sin(max_pos: int, rotary_dim: int) -> torch.Tensor:
