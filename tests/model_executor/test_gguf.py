@@ -111,30 +111,39 @@ def test_unknown_rope_freqs_refused() -> None:
         llama3_rope_from_freq_factors(np.ones(10), 128, 500000.0)
 
 
-def test_gguf_config_reads_rope_freqs(tmp_path) -> None:
+def _config_from_header_gguf(path: str, arch: str, hidden: int, heads: int, kv_heads: int,
+                             context: int, theta: float, extra) -> object:
+    """Writes a one-block GGUF with only the header a config needs (plus `extra(writer)`'s
+    keys and tensors) and returns the HF config pagedllm builds from it."""
     import gguf
 
     from pagedllm.model_executor.loader.gguf_loader import build_hf_config_from_gguf
 
-    path = str(tmp_path / "llama31-shape.gguf")
-    head_dim, theta = 64, 500000.0
-    w = gguf.GGUFWriter(path, "llama")
-    w.add_embedding_length(2 * head_dim)
-    w.add_head_count(2)
-    w.add_head_count_kv(1)
+    w = gguf.GGUFWriter(path, arch)
+    w.add_embedding_length(hidden)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
     w.add_block_count(1)
-    w.add_feed_forward_length(256)
+    w.add_feed_forward_length(2 * hidden)
     w.add_vocab_size(100)
-    w.add_context_length(131072)
+    w.add_context_length(context)
     w.add_rope_freq_base(theta)
-    w.add_tensor("rope_freqs.weight", np.array(
-        _llama_cpp_rope_freqs(head_dim, theta, 8.0, 1.0, 4.0, 8192), dtype=np.float32))
-    w.add_tensor("token_embd.weight", np.zeros((100, 2 * head_dim), dtype=np.float32))
+    extra(w)
+    w.add_tensor("token_embd.weight", np.zeros((100, hidden), dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    cfg = build_hf_config_from_gguf(path)
+    return build_hf_config_from_gguf(path)
+
+
+def test_gguf_config_reads_rope_freqs(tmp_path) -> None:
+    head_dim, theta = 64, 500000.0
+    freqs = np.array(_llama_cpp_rope_freqs(head_dim, theta, 8.0, 1.0, 4.0, 8192), np.float32)
+    cfg = _config_from_header_gguf(
+        str(tmp_path / "llama31-shape.gguf"), "llama", 2 * head_dim, 2, 1, 131072, theta,
+        lambda w: w.add_tensor("rope_freqs.weight", freqs),
+    )  # fmt: skip
     rope = cfg.rope_parameters
     assert rope["rope_type"] == "llama3" and rope["factor"] == 8.0
     assert rope["original_max_position_embeddings"] == 8192 and rope["rope_theta"] == theta
@@ -145,27 +154,15 @@ def test_gguf_config_reads_yarn(tmp_path) -> None:
     import gguf
 
     from pagedllm.engine.arg_utils import _derive_max_model_len
-    from pagedllm.model_executor.loader.gguf_loader import build_hf_config_from_gguf
 
-    path = str(tmp_path / "qwen2-yarn.gguf")
-    w = gguf.GGUFWriter(path, "qwen2")
-    w.add_embedding_length(64)
-    w.add_head_count(4)
-    w.add_head_count_kv(2)
-    w.add_block_count(1)
-    w.add_feed_forward_length(128)
-    w.add_vocab_size(100)
-    w.add_context_length(32768)
-    w.add_rope_freq_base(1000000.0)
-    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-    w.add_rope_scaling_factor(4.0)
-    w.add_rope_scaling_orig_ctx_len(32768)
-    w.add_tensor("token_embd.weight", np.zeros((100, 64), dtype=np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    cfg = build_hf_config_from_gguf(path)
+    def yarn(w) -> None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(32768)
+
+    cfg = _config_from_header_gguf(
+        str(tmp_path / "qwen2-yarn.gguf"), "qwen2", 64, 4, 2, 32768, 1000000.0, yarn
+    )
     rope = cfg.rope_parameters
     assert rope["rope_type"] == "yarn" and rope["factor"] == 4.0
     assert rope["original_max_position_embeddings"] == 32768
