@@ -132,3 +132,32 @@ def test_in_flight_request_fails_fast_when_engine_dies():
         assert b'"error"' in body and body.endswith(b"data: [DONE]\n\n")
     finally:
         srv.stop()
+
+
+def test_priority_scheduling_policy_server():
+    """--scheduling-policy priority through the whole server: the request field reaches the
+    scheduler, and with one sequence at a time a later, more urgent request overtakes a
+    waiting one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    srv = RemoteServer(["--max-model-len", "128", "--max-num-seqs", "1",
+                        "--scheduling-policy", "priority"])  # fmt: skip
+    done: dict[str, float] = {}
+
+    def complete(name: str, priority: int, max_tokens: int) -> int:
+        r = httpx.post(srv.url + "/v1/completions", timeout=60, json={
+            "prompt": "Hi", "max_tokens": max_tokens, "ignore_eos": True, "priority": priority})
+        done[name] = time.monotonic()
+        return r.status_code
+
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            busy = pool.submit(complete, "busy", 0, 100)  # holds the only sequence slot
+            time.sleep(0.5)
+            low = pool.submit(complete, "low", 10, 4)
+            time.sleep(0.3)
+            high = pool.submit(complete, "high", -1, 4)
+            assert [f.result() for f in (busy, low, high)] == [200, 200, 200]
+        assert done["busy"] < done["high"] < done["low"]
+    finally:
+        srv.stop()
