@@ -46,6 +46,10 @@ class CacheConfig:
     cache_dtype: torch.dtype | None = None  # None: the model dtype
 
 
+# --scheduling-policy values: arrival order, or lowest `priority` first then arrival.
+SCHEDULING_POLICIES = ("fcfs", "priority")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_batched_tokens: int = 2048
@@ -54,8 +58,7 @@ class SchedulerConfig:
     enable_chunked_prefill: bool = True
     # Schedule step N+1 while the device runs step N (see EngineCore._step_async).
     async_scheduling: bool = False
-    # "fcfs" (arrival order) or "priority" (lowest `priority` value first, then arrival).
-    policy: str = "fcfs"
+    policy: str = "fcfs"  # one of SCHEDULING_POLICIES
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+from pagedllm.config import SCHEDULING_POLICIES
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler_output import (
@@ -107,8 +108,9 @@ class Scheduler:
         )
         self.requests: dict[str, Request] = {}
         self.policy = scheduler_config.policy
-        if self.policy not in ("fcfs", "priority"):
-            raise ValueError(f"scheduling policy must be 'fcfs' or 'priority', got {self.policy!r}")
+        if self.policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling policy must be one of {SCHEDULING_POLICIES}, "
+                             f"got {self.policy!r}")
         self.waiting: FCFSQueue | PriorityQueue = (
             PriorityQueue() if self.policy == "priority" else FCFSQueue()
         )

@@ -10,6 +10,7 @@ import torch
 
 from pagedllm import envs
 from pagedllm.config import (
+    SCHEDULING_POLICIES,
     CacheConfig,
     DeviceConfig,
     EngineConfig,
@@ -130,9 +131,10 @@ class EngineArgs:
             )
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
-        if self.scheduling_policy not in ("fcfs", "priority"):
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(
-                f"scheduling_policy must be 'fcfs' or 'priority'; got {self.scheduling_policy!r}"
+                f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
+                f"got {self.scheduling_policy!r}"
             )
 
     def _resolve_task(self, archs: list[str]) -> str:

@@ -55,18 +55,18 @@ class TritonAttentionBackend(AttentionBackend):
     ) -> torch.Tensor:
         num_actual = metadata.num_actual_tokens
         reshape_and_cache(key[:num_actual], value[:num_actual], kv_cache, metadata.slot_mapping)
-        num_splits = 1
-        if metadata.num_splits is not None:
-            num_splits = metadata.num_splits
-        elif metadata.causal:
-            num_splits = choose_num_splits(
-                metadata.num_reqs,
-                kv_cache.shape[3],
-                metadata.max_query_len,
-                metadata.max_seq_len,
-                self._sm_count(query.device),
-                metadata.total_seq_len,
-            )
+        if metadata.num_splits is None:  # decided on the first layer, kept for the others
+            metadata.num_splits = 1
+            if metadata.causal:
+                metadata.num_splits = choose_num_splits(
+                    metadata.num_reqs,
+                    kv_cache.shape[3],
+                    metadata.max_query_len,
+                    metadata.max_seq_len,
+                    self._sm_count(query.device),
+                    metadata.total_seq_len,
+                )
+        num_splits = metadata.num_splits
         out = torch.empty_like(query)
         paged_attention(
             query,

@@ -10,6 +10,7 @@ import argparse
 import os
 
 from pagedllm import envs
+from pagedllm.config import SCHEDULING_POLICIES
 from pagedllm.engine.arg_utils import EngineArgs
 
 
@@ -47,7 +48,7 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--max-logprobs", type=int, default=20)
     parser.add_argument("--enforce-eager", action="store_true",
                         help="never capture CUDA graphs (run every step eagerly)")
-    parser.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+    parser.add_argument("--scheduling-policy", choices=SCHEDULING_POLICIES, default="fcfs",
                         help="fcfs: arrival order; priority: lowest request `priority` first "
                         "(then arrival), preempting the largest first")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,

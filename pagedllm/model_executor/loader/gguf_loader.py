@@ -9,7 +9,7 @@ here so the weights match HF's (neox-style) layout.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -117,6 +117,40 @@ def llama3_rope_from_freq_factors(factors: np.ndarray, head_dim: int, theta: flo
     )
 
 
+def _rope_parameters(
+    reader: GGUFFile, get: Callable[..., Any], path: str, head_dim: int, rope_theta: float
+) -> dict[str, Any]:
+    """HF `rope_parameters` from llama.cpp's rope.scaling.* keys or a rope_freqs tensor."""
+    rope_params: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
+    scaling_type = get("rope.scaling.type")
+    if scaling_type == "linear":
+        rope_params = {"rope_type": "linear", "rope_theta": rope_theta,
+                       "factor": float(get("rope.scaling.factor", 1.0))}
+    elif scaling_type == "yarn":
+        if get("rope.scaling.yarn_log_multiplier"):
+            raise ModelLoadError("GGUF YaRN with yarn_log_multiplier (DeepSeek's mscale) is not "
+                                 "supported")
+        rope_params = {
+            "rope_type": "yarn", "rope_theta": rope_theta,
+            "factor": float(get("rope.scaling.factor", 1.0)),
+            "original_max_position_embeddings": int(
+                get("rope.scaling.original_context_length", get("context_length", 2048))),
+        }  # fmt: skip
+        for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
+            if get(f"rope.scaling.{key}") is not None:
+                rope_params[hf_key] = float(get(f"rope.scaling.{key}"))
+    elif scaling_type not in (None, "none"):
+        raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported")
+    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if freqs is not None:
+        if rope_params["rope_type"] != "default":
+            raise ModelLoadError(f"GGUF file {path} has both rope_freqs and {scaling_type} scaling")
+        rope_params = llama3_rope_from_freq_factors(
+            reader.dequantize(freqs).reshape(-1), head_dim, rope_theta
+        )
+    return rope_params
+
+
 def build_hf_config_from_gguf(path: str) -> Any:
     """A transformers config (LlamaConfig, Qwen2Config, ...) with `architectures` set."""
     import transformers
@@ -159,33 +193,7 @@ def build_hf_config_from_gguf(path: str) -> Any:
         tie_word_embeddings="output.weight" not in tensor_names,
     )
     rope_theta = float(get("rope.freq_base", 10000.0))
-    rope_params: dict[str, Any] = {"rope_type": "default", "rope_theta": rope_theta}
-    scaling_type = get("rope.scaling.type")
-    if scaling_type == "linear":
-        rope_params = {"rope_type": "linear", "rope_theta": rope_theta,
-                       "factor": float(get("rope.scaling.factor", 1.0))}
-    elif scaling_type == "yarn":
-        if get("rope.scaling.yarn_log_multiplier"):
-            raise ModelLoadError("GGUF YaRN with yarn_log_multiplier (DeepSeek's mscale) is not "
-                                 "supported")
-        rope_params = {
-            "rope_type": "yarn", "rope_theta": rope_theta,
-            "factor": float(get("rope.scaling.factor", 1.0)),
-            "original_max_position_embeddings": int(
-                get("rope.scaling.original_context_length", get("context_length", 2048))),
-        }  # fmt: skip
-        for key, hf_key in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow")):
-            if get(f"rope.scaling.{key}") is not None:
-                rope_params[hf_key] = float(get(f"rope.scaling.{key}"))
-    elif scaling_type not in (None, "none"):
-        raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported")
-    freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
-    if freqs is not None:
-        if rope_params["rope_type"] != "default":
-            raise ModelLoadError(f"GGUF file {path} has both rope_freqs and {scaling_type} scaling")
-        rope_params = llama3_rope_from_freq_factors(
-            reader.dequantize(freqs).reshape(-1), int(head_dim), rope_theta
-        )
+    rope_params = _rope_parameters(reader, get, path, int(head_dim), rope_theta)
     kwargs["rope_parameters"] = rope_params
     kwargs["rope_theta"] = rope_theta
     if arch == "qwen2":
