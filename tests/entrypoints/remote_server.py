@@ -16,6 +16,24 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 START_TIMEOUT_S = 180
 
 
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def assert_children_exit(pids: list[int], timeout: float = 15.0) -> None:
+    """Every former child of a stopped server exits on its own (the engine polls for its parent
+    every 0.5 s, multiprocessing's helpers follow): give them a moment on a loaded machine
+    before calling any an orphan."""
+    deadline = time.time() + timeout
+    for pid in pids:
+        while not _gone(pid) and time.time() < deadline:
+            time.sleep(0.2)
+        assert _gone(pid), f"process {pid} outlived the server"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,7 @@ import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.entrypoints.remote_server import RemoteServer
+from tests.entrypoints.remote_server import RemoteServer, assert_children_exit
 
 KEY = "sk-test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -112,8 +112,7 @@ def test_engine_death_and_sigterm_cleanup():
     finally:
         code = srv.stop()
     assert code is not None
-    for pid in children:
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    assert_children_exit(children)
 
 
 def test_in_flight_request_fails_fast_when_engine_dies():
