@@ -26,6 +26,11 @@ class ModelConfig:
     max_logprobs: int = 20
     trust_remote_code: bool = False
     skip_tokenizer_init: bool = False  # prompts must then be token ids; no text output
+    # Quantization method (vLLM's names: fp8, awq, gptq, bitsandbytes, compressed-tensors),
+    # from --quantization or the checkpoint's quantization_config; None: unquantized.
+    quantization: str | None = None
+    # "auto" | "safetensors" | "gguf" | "dummy" (random weights made in place, nothing read).
+    load_format: str = "auto"
 
     @property
     def vocab_size(self) -> int:
@@ -44,6 +49,8 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     num_gpu_blocks_override: int | None = None
     cache_dtype: torch.dtype | None = None  # None: the model dtype
+    # vLLM's --kv-cache-dtype: "auto" (the model dtype) or "fp8" / "fp8_e4m3" (e4m3 + scales).
+    kv_cache_dtype: str = "auto"
 
 
 # --scheduling-policy values: arrival order, or lowest `priority` first then arrival.
@@ -61,9 +68,26 @@ class SchedulerConfig:
     policy: str = "fcfs"  # one of SCHEDULING_POLICIES
 
 
+# --distributed-executor-backend values ("uni": the one worker in the engine-core process).
+DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "ray")
+# --data-parallel-backend values.
+DATA_PARALLEL_BACKENDS = ("mp", "ray")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Engine-core replicas behind one front-end (each with tp x pp workers).
+    data_parallel_size: int = 1
+    # None: "uni" for one worker, "mp" for more on one node.
+    distributed_executor_backend: str | None = None
+    data_parallel_backend: str = "mp"
+
+    @property
+    def world_size(self) -> int:
+        """Workers of one engine core (one data-parallel replica)."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from pagedllm.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from pagedllm.model_executor.layers.quantization import resolve_quantization
 from pagedllm.model_executor.layers.rotary_embedding import rope_params_from_config
 
 logger = logging.getLogger(__name__)
@@ -49,7 +50,13 @@ class EngineArgs:
     kv_cache_space: float | None = None  # CPU KV cache budget in GiB
     num_gpu_blocks_override: int | None = None
     tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None  # "uni" | "mp" | "ray"; None: pick
+    data_parallel_backend: str = "mp"  # "mp" | "ray"
     quantization: str | None = None
+    load_format: str = "auto"  # "auto" | "safetensors" | "gguf" | "dummy"
+    kv_cache_dtype: str = "auto"  # "auto" | "fp8" | "fp8_e4m3"
     enforce_eager: bool = False
     # None: on for generation on CUDA (host work overlaps the GPU), off on CPU (no overlap
     # to gain: the same cores run the host work and the model).
@@ -113,22 +120,30 @@ class EngineArgs:
                 ),
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
+                kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler_config=self._scheduler_config(model_config, device),
-            parallel_config=ParallelConfig(self.tensor_parallel_size),
+            parallel_config=ParallelConfig(
+                tensor_parallel_size=self.tensor_parallel_size,
+                pipeline_parallel_size=self.pipeline_parallel_size,
+                data_parallel_size=self.data_parallel_size,
+                distributed_executor_backend=self.distributed_executor_backend,
+                data_parallel_backend=self.data_parallel_backend,
+            ),
             device_config=DeviceConfig(device),
             enforce_eager=self.enforce_eager,
         )  # fmt: skip
 
     def _check_supported(self) -> None:
-        if self.tensor_parallel_size != 1:
+        parallel = (self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
+        if parallel != (1, 1, 1):
             raise NotImplementedError(
-                "tensor_parallel_size > 1 is not implemented yet in pagedllm; use 1"
+                "tensor/pipeline/data parallel sizes > 1 are not implemented yet in pagedllm; use 1"
             )
-        if self.quantization is not None:
-            raise NotImplementedError(
-                f"quantization={self.quantization!r} is not implemented yet in pagedllm"
-            )
+        if self.load_format not in ("auto", "safetensors", "gguf"):
+            raise NotImplementedError(f"load_format={self.load_format!r} is not implemented yet")
+        if self.kv_cache_dtype != "auto":
+            raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:
@@ -187,6 +202,8 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             trust_remote_code=self.trust_remote_code,
             skip_tokenizer_init=self.skip_tokenizer_init,
+            quantization=resolve_quantization(self.quantization, hf_config),
+            load_format=self.load_format,
         )
 
     def _default_batch_limits(self, device: str) -> tuple[int, int]:

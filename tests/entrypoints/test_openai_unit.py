@@ -34,9 +34,15 @@ def test_serve_flags_vllm_names_and_defaults():
     prio = make_parser().parse_args(["serve", "--scheduling-policy", "priority"])
     assert cli_args.engine_args_from_cli(prio).scheduling_policy == "priority"
     cli_args.validate_args(args)
-    for bad in (["--tensor-parallel-size", "2"], ["--quantization", "awq"]):
-        with pytest.raises(NotImplementedError, match="not implemented"):
-            cli_args.validate_args(make_parser().parse_args(["serve", *bad]))
+    with pytest.raises(ValueError, match="unknown quantization method 'int3'"):
+        cli_args.validate_args(make_parser().parse_args(["serve", "--quantization", "int3"]))
+    par = make_parser().parse_args(["serve", "-tp", "2", "-pp", "2", "-dp", "2",
+                                    "--distributed-executor-backend", "ray",
+                                    "--load-format", "dummy", "--kv-cache-dtype", "fp8"])
+    ea = cli_args.engine_args_from_cli(par)
+    assert (ea.tensor_parallel_size, ea.pipeline_parallel_size, ea.data_parallel_size) == (2, 2, 2)
+    assert (ea.distributed_executor_backend, ea.load_format, ea.kv_cache_dtype) == (
+        "ray", "dummy", "fp8")
 
 
 def test_api_key_from_env(monkeypatch):

@@ -10,7 +10,11 @@ import argparse
 import os
 
 from pagedllm import envs
-from pagedllm.config import SCHEDULING_POLICIES
+from pagedllm.config import (
+    DATA_PARALLEL_BACKENDS,
+    DISTRIBUTED_EXECUTOR_BACKENDS,
+    SCHEDULING_POLICIES,
+)
 from pagedllm.engine.arg_utils import EngineArgs
 
 
@@ -39,7 +43,19 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    parser.add_argument("--distributed-executor-backend", default=None,
+                        choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
+                        help="how workers of one engine run: uni (in-process), mp (a process "
+                        "per rank, the default for more than one), ray (Ray actors)")
+    parser.add_argument("--data-parallel-backend", "-dpb", default="mp",
+                        choices=list(DATA_PARALLEL_BACKENDS))
     parser.add_argument("--quantization", "-q", default=None)
+    parser.add_argument("--load-format", default="auto",
+                        choices=["auto", "safetensors", "gguf", "dummy"],
+                        help="dummy: random weights made in place (nothing read from disk)")
+    parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat-template", default=None,
                         help="a chat template file, or the template itself")
@@ -80,12 +96,10 @@ def resolve_model(args: argparse.Namespace) -> str | None:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Checks that need no model; raises ValueError/NotImplementedError with a message."""
-    if args.tensor_parallel_size != 1:
-        raise NotImplementedError(
-            f"--tensor-parallel-size {args.tensor_parallel_size} is not implemented yet; use 1"
-        )
     if args.quantization is not None:
-        raise NotImplementedError(f"--quantization {args.quantization} is not implemented yet")
+        from pagedllm.model_executor.layers.quantization import get_quantization_config_cls
+
+        get_quantization_config_cls(args.quantization)  # unknown or unimplemented: refused
     if not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be in 1..65535, got {args.port}")
     if not 0.0 < args.gpu_memory_utilization <= 1.0:
@@ -125,7 +139,13 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         gpu_memory_utilization=args.gpu_memory_utilization,
         num_gpu_blocks_override=args.num_gpu_blocks_override,
         tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        data_parallel_size=args.data_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
+        data_parallel_backend=args.data_parallel_backend,
         quantization=args.quantization,
+        load_format=args.load_format,
+        kv_cache_dtype=args.kv_cache_dtype,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         scheduling_policy=args.scheduling_policy,

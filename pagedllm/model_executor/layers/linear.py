@@ -53,6 +53,9 @@ class LinearMethod:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        """Called once after every checkpoint tensor is loaded (repack, quantize on the fly)."""
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """A dense weight [output_size_per_partition, input_size_per_partition] in params_dtype."""
@@ -101,6 +104,27 @@ class LinearBase(nn.Module):
         for param in self.parameters(recurse=False):
             set_weight_attrs(param, {"weight_loader": self.weight_loader})
 
+    def _create_weights(
+        self, input_size_per_partition: int, output_partition_sizes: list[int]
+    ) -> None:
+        """Lets the linear method register this rank's weight tensors (remembered so that
+        `replace_linear_method` can create them again)."""
+        self._weight_shape_args = (input_size_per_partition, list(output_partition_sizes))
+        self.linear_method.create_weights(
+            self, input_size_per_partition, list(output_partition_sizes), self.input_size,
+            self.output_size, self.params_dtype,
+        )
+
+    def replace_linear_method(self, method: LinearMethod) -> None:
+        """Swaps the linear method (quantization) on a built, not yet loaded layer: the old
+        method's tensors are dropped and the new method creates its own; the bias stays."""
+        for name, _ in list(self.named_parameters(recurse=False)):
+            if name != "bias":
+                delattr(self, name)
+        self.linear_method = method
+        self._create_weights(*self._weight_shape_args)
+        self._attach_loader()
+
     def _create_bias(self, size: int, output_dim: int | None) -> None:
         bias = nn.Parameter(torch.empty(size, dtype=self.params_dtype), requires_grad=False)
         if output_dim is not None:
@@ -142,9 +166,7 @@ class ReplicatedLinear(LinearBase):
         linear_method: LinearMethod | None = None,
     ) -> None:
         super().__init__(input_size, output_size, params_dtype, linear_method)
-        self.linear_method.create_weights(
-            self, input_size, [output_size], input_size, output_size, self.params_dtype
-        )
+        self._create_weights(input_size, [output_size])
         if bias:
             self._create_bias(output_size, None)
         else:
@@ -178,14 +200,7 @@ class ColumnParallelLinear(LinearBase):
         self.output_size_per_partition = _divide(output_size, self.tp_size)
         self.output_sizes = output_sizes if output_sizes is not None else [output_size]
         self.output_partition_sizes = self._partition_sizes()
-        self.linear_method.create_weights(
-            self,
-            input_size,
-            self.output_partition_sizes,
-            input_size,
-            output_size,
-            self.params_dtype,
-        )
+        self._create_weights(input_size, self.output_partition_sizes)
         if bias:
             self._create_bias(self.output_size_per_partition, 0)
         else:
@@ -356,14 +371,7 @@ class RowParallelLinear(LinearBase):
         self.input_is_parallel = input_is_parallel
         self.reduce_results = reduce_results
         self.input_size_per_partition = _divide(input_size, self.tp_size)
-        self.linear_method.create_weights(
-            self,
-            self.input_size_per_partition,
-            [output_size],
-            input_size,
-            output_size,
-            self.params_dtype,
-        )
+        self._create_weights(self.input_size_per_partition, [output_size])
         if bias:
             self._create_bias(output_size, None)
         else:

@@ -10,6 +10,12 @@ from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend
 from pagedllm.config import ModelConfig
+from pagedllm.model_executor.layers.quantization import (
+    QuantizationConfig,
+    build_quant_config,
+    process_weights_after_loading,
+    quantize_model,
+)
 from pagedllm.model_executor.loader.errors import ModelLoadError
 from pagedllm.model_executor.loader.gguf_loader import iterate_gguf_weights
 from pagedllm.model_executor.loader.safetensors_loader import iterate_hf_weights
@@ -67,6 +73,23 @@ def load_weights_checked(model: nn.Module, weights: Iterable[tuple[str, torch.Te
         raise ModelLoadError(f"checkpoint lacks tensors for these parameters: {shown}")
 
 
+def _apply_quantization(
+    model: nn.Module, model_config: ModelConfig, device: torch.device
+) -> QuantizationConfig | None:
+    """Swaps the quantized linear methods into the built (meta) model; None if unquantized."""
+    try:
+        quant_config = build_quant_config(model_config.quantization, model_config.hf_config)
+        if quant_config is None:
+            return None
+        quant_config.check_device(device, model_config.dtype)
+        quantize_model(model, quant_config)
+    except ValueError as e:
+        if isinstance(e, ModelLoadError):
+            raise
+        raise ModelLoadError(f"{model_config.quantization} checkpoint: {e}") from e
+    return quant_config
+
+
 def load_model(
     model_config: ModelConfig, device: torch.device, attn_backend: AttentionBackend
 ) -> nn.Module:
@@ -83,8 +106,14 @@ def load_model(
         )
     with torch.device("meta"):
         model = model_cls(hf_config, attn_backend, model_config.dtype)
+        quant_config = _apply_quantization(model, model_config, device)
     # One allocation on the target device; values come from the checkpoint next.
     materialize(model, device)
     load_weights_checked(model, iterate_weights(model_config))
-    logger.info("loaded %s (%s) on %s", model_config.model_path, model_cls.__name__, device)
+    if quant_config is not None:
+        process_weights_after_loading(model)
+    logger.info(
+        "loaded %s (%s) on %s%s", model_config.model_path, model_cls.__name__, device,
+        f", quantization {quant_config.describe()}" if quant_config is not None else "",
+    )
     return model.eval()

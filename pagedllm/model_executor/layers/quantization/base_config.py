@@ -1,0 +1,104 @@
+"""QuantizationConfig: what a quantization method needs to know, and which layers it covers.
+
+A config is built either from a checkpoint's `quantization_config` (config.json) or, for
+methods that quantize a 16-bit checkpoint at load (fp8, bitsandbytes), from the flag alone.
+It hands each linear layer its `LinearMethod`; models never see it (the loader swaps the
+methods in on the built model, see `quantize_model`).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from pagedllm.model_executor.layers.linear import LinearMethod
+
+# Our fused linear layers and the checkpoint modules each one stands for.
+PACKED_MODULES: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+}
+
+
+class QuantizationConfig:
+    """Base class; one subclass per method, registered with `register_quantization_config`.
+
+    Invariants: `get_name()` is vLLM's `--quantization` name; `get_linear_method` returns None
+    for layers the method leaves unquantized (the layer keeps its 16-bit weight).
+    """
+
+    name: ClassVar[str] = ""
+    # Method names a checkpoint's `quant_method` may carry for this config (besides `name`).
+    checkpoint_aliases: ClassVar[tuple[str, ...]] = ()
+    # True when a 16-bit checkpoint can be quantized at load by the flag alone.
+    supports_on_the_fly: ClassVar[bool] = False
+
+    @classmethod
+    def get_name(cls) -> str:
+        return cls.name
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantizationConfig:
+        """From a checkpoint's `quantization_config`; ValueError when it is malformed."""
+        raise NotImplementedError
+
+    @classmethod
+    def for_on_the_fly(cls) -> QuantizationConfig:
+        """For a 16-bit checkpoint quantized at load (only if `supports_on_the_fly`)."""
+        raise ValueError(
+            f"--quantization {cls.name} needs a checkpoint saved in that format "
+            "(its config.json has no quantization_config)"
+        )
+
+    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        """The method for the linear layer named `prefix` (our module name, e.g.
+        `model.layers.0.self_attn.qkv_proj`), or None to leave it unquantized."""
+        raise NotImplementedError
+
+    def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        """Raises ValueError when this method cannot run on `device` in `dtype`."""
+
+    def describe(self) -> str:
+        """One line for the start-up log."""
+        return self.get_name()
+
+
+def checkpoint_module_names(prefix: str) -> list[str]:
+    """The checkpoint module names a layer of ours stands for: a fused `qkv_proj` is
+    `q_proj`, `k_proj` and `v_proj` in the checkpoint."""
+    head, _, last = prefix.rpartition(".")
+    parts = PACKED_MODULES.get(last)
+    if parts is None:
+        return [prefix]
+    return [f"{head}.{p}" if head else p for p in parts]
+
+
+def is_layer_skipped(prefix: str, ignored: list[str] | tuple[str, ...]) -> bool:
+    """Whether a layer is in an ignore list. Entries match a module name exactly, as a name
+    suffix or component (`lm_head`, `down_proj`, `model.layers.0.mlp`), or as a regular
+    expression when written `re:PATTERN` (compressed-tensors). A fused layer is skipped only
+    if all its parts are; a mix is refused (its shards would need different methods)."""
+    if not ignored:
+        return False
+    names = checkpoint_module_names(prefix)
+    hits = [_matches_any(name, ignored) for name in names]
+    if any(hits) and not all(hits):
+        raise ValueError(
+            f"layer {prefix} fuses {', '.join(names)}, but the quantization config ignores only "
+            "some of them; pagedllm cannot load a fused layer with mixed quantization"
+        )
+    return all(hits)
+
+
+def _matches_any(name: str, ignored: list[str] | tuple[str, ...]) -> bool:
+    for entry in ignored:
+        if entry.startswith("re:"):
+            if re.fullmatch(entry[3:], name) or re.search(entry[3:], name):
+                return True
+            continue
+        if name == entry or name.endswith("." + entry) or f".{entry}." in f".{name}.":
+            return True
+    return False
