@@ -52,9 +52,15 @@ TINY_LLAMA: dict = {
     "torch_dtype": "float32",
 }  # fmt: skip
 
-RANDOM_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "tiny": TINY_LLAMA}
+# Llama-3.1-70B's configuration (for --load-format dummy runs: its checkpoint fits no disk here).
+LLAMA_3_1_70B: dict = {
+    **LLAMA_3_1_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8,
+}  # fmt: skip
 
-WORKLOADS = ("sharegpt-shaped", "prefill-heavy", "decode-heavy", "single-stream")
+RANDOM_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B, "tiny": TINY_LLAMA}
+
+WORKLOADS = ("sharegpt-shaped", "prefill-heavy", "decode-heavy", "single-stream", "batch-16")
 
 # Ceilings measured on the H200 (docs/BENCHMARKS.md): copy bandwidth and dense bf16 matmul.
 H200_BANDWIDTH = 4.2e12
@@ -117,14 +123,23 @@ def build_random_llama(
     return out_dir
 
 
-def resolve_model_arg(model: str, dtype: str, cache_dir: str = "/tmp/pagedllm_models") -> str:
-    """`random:NAME` -> a built random model directory; anything else is returned as is."""
+def resolve_model_arg(
+    model: str, dtype: str, cache_dir: str = "/tmp/pagedllm_models", weights: bool = True
+) -> str:
+    """`random:NAME` -> a built random model directory; anything else is returned as is.
+    With `weights=False` (for `--load-format dummy`) only config.json is written."""
     if not model.startswith("random:"):
         return model
     name = model.split(":", 1)[1]
     if name not in RANDOM_MODELS:
         raise SystemExit(f"unknown random model {name!r}; known: {sorted(RANDOM_MODELS)}")
     d = dtype if dtype != "auto" else RANDOM_MODELS[name]["torch_dtype"]
+    if not weights:
+        out_dir = os.path.join(cache_dir, f"{name}-{d}-config")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump({**RANDOM_MODELS[name], "torch_dtype": d}, f, indent=1)
+        return out_dir
     return build_random_llama(os.path.join(cache_dir, f"{name}-{d}"), RANDOM_MODELS[name], d)
 
 
@@ -150,6 +165,8 @@ def make_workload(name: str, vocab_size: int, num_requests: int | None = None) -
         in_lens, out_lens = np.full(1000, 128), np.full(1000, 1024)
     elif name == "single-stream":
         in_lens, out_lens = np.full(1, 512), np.full(1, 256)
+    elif name == "batch-16":  # small-batch decode: 16 streams of 512 in / 256 out at once
+        in_lens, out_lens = np.full(16, 512), np.full(16, 256)
     else:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(WORKLOADS)}")
     prompts = [rng.integers(0, vocab_size, int(n)).tolist() for n in in_lens]
@@ -357,10 +374,29 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--quantization", "-q", default=None,
+                   help="fp8 / awq / gptq / bitsandbytes / compressed-tensors (vLLM's names)")
+    p.add_argument("--kv-cache-dtype", default="auto")
+    p.add_argument("--load-format", default="auto",
+                   help="dummy: random weights made in place (random:NAME then writes no file)")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     p.add_argument("--output-json", default=None)
     p.add_argument("--profile-stages", action="store_true",
                    help="report host time per engine stage and GPU time of the forward")
     p.add_argument("--llm", default=None, help=argparse.SUPPRESS)  # reuse an engine (scripts)
+
+
+def _engine_extras(args: argparse.Namespace) -> dict:
+    """Engine options only passed when set, so older call sites keep the defaults."""
+    extras = {}
+    for name, default in (("quantization", None), ("kv_cache_dtype", "auto"),
+                          ("load_format", "auto"), ("tensor_parallel_size", 1),
+                          ("pipeline_parallel_size", 1)):
+        value = getattr(args, name, default)
+        if value != default:
+            extras[name] = value
+    return extras
 
 
 def make_llm(args: argparse.Namespace, model_dir: str):
@@ -372,6 +408,7 @@ def make_llm(args: argparse.Namespace, model_dir: str):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         async_scheduling=getattr(args, "async_scheduling", None), device=args.device, skip_tokenizer_init=True, seed=0,
+        **_engine_extras(args),
     )  # fmt: skip
     startup = time.perf_counter() - t0
     runner = llm.llm_engine.engine_core.executor.worker.model_runner
@@ -382,7 +419,8 @@ def make_llm(args: argparse.Namespace, model_dir: str):
 
 
 def run_throughput(args: argparse.Namespace) -> dict:
-    model_dir = resolve_model_arg(args.model, args.dtype)
+    model_dir = resolve_model_arg(args.model, args.dtype,
+                                  weights=getattr(args, "load_format", "auto") != "dummy")
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     wl = make_workload(args.dataset, cfg["vocab_size"], args.num_prompts)

@@ -161,3 +161,26 @@ def test_bench_counts_failures(server, tmp_path):
     # Without --skip-test-request the probe fails fast and nothing is written.
     assert cli_main(["bench", "serve", "--base-url", server.url, "--model", "nope",
                      "--num-prompts", "2", "--disable-tqdm"]) == 1
+
+
+def test_throughput_workloads_and_config_only_random_models(tmp_path):
+    import json as _json
+
+    from pagedllm.entrypoints.bench import _engine_extras, make_workload, resolve_model_arg
+
+    wl = make_workload("batch-16", vocab_size=1000)
+    assert len(wl.prompts) == 16 and {len(p) for p in wl.prompts} == {512}
+    assert set(wl.output_lens) == {256}
+    d = resolve_model_arg("random:llama-3.1-70b", "bfloat16", cache_dir=str(tmp_path),
+                          weights=False)
+    cfg = _json.loads((tmp_path / "llama-3.1-70b-bfloat16-config" / "config.json").read_text())
+    assert d.endswith("-config") and cfg["num_hidden_layers"] == 80 and cfg["hidden_size"] == 8192
+    import os as _os
+
+    assert _os.listdir(d) == ["config.json"]
+    import argparse as _argparse
+
+    ns = _argparse.Namespace(quantization="fp8", kv_cache_dtype="auto", load_format="dummy",
+                             tensor_parallel_size=2, pipeline_parallel_size=1)
+    assert _engine_extras(ns) == {"quantization": "fp8", "load_format": "dummy",
+                                  "tensor_parallel_size": 2}
