@@ -3,13 +3,16 @@ live CPU server with the default model, through the `pagedllm` CLI."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 
 from pagedllm.entrypoints import bench_serve as bs
+from pagedllm.entrypoints.bench import _engine_extras, make_workload, resolve_model_arg
 from pagedllm.entrypoints.cli import main as cli_main
 from tests.entrypoints.remote_server import RemoteServer
 
@@ -163,24 +166,17 @@ def test_bench_counts_failures(server, tmp_path):
                      "--num-prompts", "2", "--disable-tqdm"]) == 1
 
 
+
 def test_throughput_workloads_and_config_only_random_models(tmp_path):
-    import json as _json
-
-    from pagedllm.entrypoints.bench import _engine_extras, make_workload, resolve_model_arg
-
     wl = make_workload("batch-16", vocab_size=1000)
     assert len(wl.prompts) == 16 and {len(p) for p in wl.prompts} == {512}
     assert set(wl.output_lens) == {256}
     d = resolve_model_arg("random:llama-3.1-70b", "bfloat16", cache_dir=str(tmp_path),
                           weights=False)
-    cfg = _json.loads((tmp_path / "llama-3.1-70b-bfloat16-config" / "config.json").read_text())
-    assert d.endswith("-config") and cfg["num_hidden_layers"] == 80 and cfg["hidden_size"] == 8192
-    import os as _os
-
-    assert _os.listdir(d) == ["config.json"]
-    import argparse as _argparse
-
-    ns = _argparse.Namespace(quantization="fp8", kv_cache_dtype="auto", load_format="dummy",
-                             tensor_parallel_size=2, pipeline_parallel_size=1)
+    cfg = json.loads((tmp_path / "llama-3.1-70b-bfloat16-config" / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 80 and cfg["hidden_size"] == 8192
+    assert os.listdir(d) == ["config.json"]
+    ns = argparse.Namespace(quantization="fp8", kv_cache_dtype="auto", load_format="dummy",
+                            tensor_parallel_size=2, pipeline_parallel_size=1)
     assert _engine_extras(ns) == {"quantization": "fp8", "load_format": "dummy",
                                   "tensor_parallel_size": 2}
