@@ -130,9 +130,15 @@ def resolve_model_arg(
     With `weights=False` (for `--load-format dummy`) only config.json is written."""
     if not model.startswith("random:"):
         return model
-    name = model.split(":", 1)[1]
+    # random:NAME, or random:NAME:gptq / :awq for a random int4 checkpoint of that config.
+    name, _, method = model.split(":", 1)[1].partition(":")
     if name not in RANDOM_MODELS:
         raise SystemExit(f"unknown random model {name!r}; known: {sorted(RANDOM_MODELS)}")
+    if method:
+        from pagedllm.entrypoints.bench_quant import build_random_int4_llama
+
+        return build_random_int4_llama(os.path.join(cache_dir, f"{name}-{method}"),
+                                       RANDOM_MODELS[name], method)
     d = dtype if dtype != "auto" else RANDOM_MODELS[name]["torch_dtype"]
     if not weights:
         out_dir = os.path.join(cache_dir, f"{name}-{d}-config")

@@ -180,3 +180,22 @@ def test_throughput_workloads_and_config_only_random_models(tmp_path):
                             tensor_parallel_size=2, pipeline_parallel_size=1)
     assert _engine_extras(ns) == {"quantization": "fp8", "load_format": "dummy",
                                   "tensor_parallel_size": 2}
+
+
+def test_random_int4_checkpoints_have_the_published_layouts(tmp_path):
+    from safetensors import safe_open
+
+    from pagedllm.entrypoints.bench import RANDOM_MODELS, TINY_LLAMA
+
+    assert RANDOM_MODELS["tiny"] is TINY_LLAMA
+    for method in ("gptq", "awq"):
+        d = resolve_model_arg(f"random:tiny:{method}", "auto", cache_dir=str(tmp_path))
+        cfg = json.loads(open(os.path.join(d, "config.json")).read())
+        assert cfg["quantization_config"]["quant_method"] == method
+        with safe_open(os.path.join(d, "model.safetensors"), "pt") as f:
+            qw = f.get_tensor("model.layers.0.mlp.down_proj.qweight")
+            scales = f.get_tensor("model.layers.0.mlp.down_proj.scales")
+        h, inter = TINY_LLAMA["hidden_size"], TINY_LLAMA["intermediate_size"]
+        expected = (inter // 8, h) if method == "gptq" else (inter, h // 8)
+        assert tuple(qw.shape) == expected and qw.dtype.is_signed
+        assert tuple(scales.shape) == (inter // 128, h)
