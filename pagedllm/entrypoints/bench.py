@@ -134,17 +134,21 @@ def resolve_model_arg(
     name, _, method = model.split(":", 1)[1].partition(":")
     if name not in RANDOM_MODELS:
         raise SystemExit(f"unknown random model {name!r}; known: {sorted(RANDOM_MODELS)}")
-    if method:
-        from pagedllm.entrypoints.bench_quant import build_random_int4_llama
+    from pagedllm.entrypoints.bench_quant import build_random_int4_llama, quant_config_for
 
+    if method and weights:
         return build_random_int4_llama(os.path.join(cache_dir, f"{name}-{method}"),
                                        RANDOM_MODELS[name], method)
     d = dtype if dtype != "auto" else RANDOM_MODELS[name]["torch_dtype"]
     if not weights:
-        out_dir = os.path.join(cache_dir, f"{name}-{d}-config")
+        # The dummy loader makes the weights; an int4 method still needs its quantization_config.
+        config = {**RANDOM_MODELS[name], "torch_dtype": "float16" if method else d}
+        if method:
+            config["quantization_config"] = quant_config_for(method)
+        out_dir = os.path.join(cache_dir, f"{name}-{method or d}-config")
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump({**RANDOM_MODELS[name], "torch_dtype": d}, f, indent=1)
+            json.dump(config, f, indent=1)
         return out_dir
     return build_random_llama(os.path.join(cache_dir, f"{name}-{d}"), RANDOM_MODELS[name], d)
 

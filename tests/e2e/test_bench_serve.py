@@ -176,6 +176,10 @@ def test_throughput_workloads_and_config_only_random_models(tmp_path):
     cfg = json.loads((tmp_path / "llama-3.1-70b-bfloat16-config" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 80 and cfg["hidden_size"] == 8192
     assert os.listdir(d) == ["config.json"]
+    d = resolve_model_arg("random:llama-3.1-70b:gptq", "auto", cache_dir=str(tmp_path),
+                          weights=False)
+    cfg = json.loads(open(os.path.join(d, "config.json")).read())
+    assert os.listdir(d) == ["config.json"] and cfg["quantization_config"]["bits"] == 4
     ns = argparse.Namespace(quantization="fp8", kv_cache_dtype="auto", load_format="dummy",
                             tensor_parallel_size=2, pipeline_parallel_size=1)
     assert _engine_extras(ns) == {"quantization": "fp8", "load_format": "dummy",
