@@ -1,0 +1,278 @@
+"""bitsandbytes 4-bit: checkpoints written by transformers' own bnb integration, and in-flight
+quantization of an fp32 checkpoint, loaded through the normal loader and checked against fp32
+models that hold the same weights dequantized by bitsandbytes itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.attention.backend import get_attn_backend
+from pagedllm.config import ModelConfig
+from pagedllm.model_executor.layers.linear import LinearBase
+from pagedllm.model_executor.layers.quantization import resolve_quantization
+from pagedllm.model_executor.layers.quantization.bitsandbytes import (
+    BitsAndBytesConfig,
+    split_bnb_name,
+)
+from pagedllm.model_executor.loader import ModelLoadError, load_model, resolve_model
+from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
+from tests.model_executor.conftest import prefill_logits, tiny_config
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+VOCAB = 256
+# name -> (bnb_4bit_quant_type, bnb_4bit_use_double_quant, llm_int8_skip_modules)
+VARIANTS = {
+    "nf4-double": ("nf4", True, None),
+    "nf4": ("nf4", False, None),
+    "fp4-double": ("fp4", True, None),
+    "fp4-skip-down": ("fp4", False, ["lm_head", "down_proj"]),
+}
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _load(path: str, flag: str | None = None) -> torch.nn.Module:
+    """The model at `path` through the normal loader (quantization resolved as EngineArgs
+    does), fp32 on the CPU."""
+    resolved = resolve_model(path)
+    hf_config = resolved.hf_config
+    model_config = ModelConfig(
+        model=path, model_path=resolved.model_path, model_format=resolved.model_format,
+        hf_config=hf_config, architecture=hf_config.architectures[0], dtype=torch.float32,
+        tokenizer=resolved.tokenizer_path, quantization=resolve_quantization(flag, hf_config),
+    )
+    return load_model(model_config, torch.device("cpu"), get_attn_backend("torch_ref"))
+
+
+def _save_with_transformers(src: str, dst: str, quant_type: str, double: bool, skip) -> str:
+    """A bnb 4-bit checkpoint exactly as transformers writes one (Linear4bit on the CPU)."""
+    from transformers import AutoModelForCausalLM
+    from transformers import BitsAndBytesConfig as HFBnbConfig
+
+    qc = HFBnbConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double,
+        bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=skip,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=qc, device_map="cpu", dtype=torch.float32
+    )
+    model.save_pretrained(dst, safe_serialization=True)
+    return dst
+
+
+def _write_fp32_dir(dst: str, config_src: str, tensors: dict[str, torch.Tensor]) -> str:
+    """An unquantized HF dir: `tensors` and config_src's config.json less quantization_config."""
+    os.makedirs(dst, exist_ok=True)
+    with open(os.path.join(config_src, "config.json")) as f:
+        config = json.load(f)
+    config.pop("quantization_config", None)
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(config, f)
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _dequantized_reference(bnb_dir: str, dst: str) -> str:
+    """The checkpoint with every 4-bit weight replaced by bitsandbytes' dequantize_4bit of it."""
+    sd = load_file(os.path.join(bnb_dir, "model.safetensors"))
+    out = {}
+    for name, tensor in sd.items():
+        if ".weight." in name:
+            continue
+        side = {k[len(name) + 1:]: v for k, v in sd.items() if k.startswith(name + ".")}
+        if side:
+            state = bnb_functional.QuantState.from_dict(side, device=torch.device("cpu"))
+            tensor = bnb_functional.dequantize_4bit(tensor, state).float()
+        out[name] = tensor
+    return _write_fp32_dir(dst, bnb_dir, out)
+
+
+@pytest.fixture(scope="module")
+def fp32_dir(tmp_path_factory) -> str:
+    config = tiny_config("LlamaForCausalLM", vocab_size=VOCAB, eos_token_id=None,
+                         bos_token_id=None)
+    return build_random_hf_model_dir(str(tmp_path_factory.mktemp("fp32")), config, seed=3,
+                                     std=0.2)
+
+
+@pytest.fixture(scope="module")
+def bnb_dirs(fp32_dir, tmp_path_factory):
+    """variant -> (bnb checkpoint dir, its dequantized fp32 reference dir), built on demand."""
+    cache: dict[str, tuple[str, str]] = {}
+
+    def get(variant: str) -> tuple[str, str]:
+        if variant not in cache:
+            root = tmp_path_factory.mktemp(variant)
+            qdir = _save_with_transformers(fp32_dir, str(root / "bnb"), *VARIANTS[variant])
+            cache[variant] = (qdir, _dequantized_reference(qdir, str(root / "ref")))
+        return cache[variant]
+
+    return get
+
+
+def _greedy(path: str, **kwargs):
+    """Greedy tokens and top-5 logprobs of three prompts through LLM."""
+    llm = LLM(model=path, skip_tokenizer_init=True, dtype="float32", kv_cache_space=0.05,
+              **kwargs)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, VOCAB, size=n).tolist() for n in (3, 17, 40)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+
+
+def _assert_same_generation(ours, ref, atol: float = 1e-4) -> None:
+    for (tokens, lps), (ref_tokens, ref_lps) in zip(ours, ref):
+        assert tokens == ref_tokens
+        for step, ref_step in zip(lps, ref_lps):
+            for tok, lp in ref_step.items():
+                assert abs(step[tok].logprob - lp.logprob) < atol
+
+
+def _linear_layers(model: torch.nn.Module) -> dict[str, LinearBase]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LinearBase)}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_prequantized_checkpoint_matches_dequantized_reference(variant, bnb_dirs):
+    quant_type, double, skip = VARIANTS[variant]
+    qdir, ref_dir = bnb_dirs(variant)
+    model = _load(qdir)
+    for name, layer in _linear_layers(model).items():
+        if skip and name.endswith("down_proj"):
+            assert not hasattr(layer, "bnb_parts") and layer.weight.dtype == torch.float32
+            continue
+        last = name.rsplit(".", 1)[-1]
+        assert len(layer.bnb_parts) == len(FUSED.get(last, (last,)))
+        for part in layer.bnb_parts:
+            assert part.qweight.dtype == torch.uint8
+            assert part.state.quant_type == quant_type and part.state.nested == double
+    ids = torch.tensor([1, 5, 9, 33, 100, 7, 250, 3])
+    ours, ref = prefill_logits(model, ids), prefill_logits(_load(ref_dir), ids)
+    assert ref.abs().max() > 1.0
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+    _assert_same_generation(_greedy(qdir), _greedy(ref_dir))
+
+
+def _inflight_reference(model: torch.nn.Module, fp32_dir: str, dst: str) -> str:
+    """The fp32 checkpoint with each linear weight replaced by dequantize_4bit of what the
+    in-flight model holds, split back into the checkpoint's q/k/v and gate/up."""
+    sd = load_file(os.path.join(fp32_dir, "model.safetensors"))
+    for name, layer in _linear_layers(model).items():
+        (part,) = layer.bnb_parts  # a fused layer is quantized as one matrix
+        dense = bnb_functional.dequantize_4bit(part.qweight, part.state)
+        head, last = name.rsplit(".", 1)
+        parts = FUSED.get(last, (last,))
+        sizes = [sd[f"{head}.{p}.weight"].shape[0] for p in parts]
+        for p, chunk in zip(parts, dense.split(sizes, dim=0)):
+            sd[f"{head}.{p}.weight"] = chunk.float()
+    return _write_fp32_dir(dst, fp32_dir, sd)
+
+
+def test_inflight_quantization_matches_its_dequantized_weights(fp32_dir, tmp_path):
+    model = _load(fp32_dir, "bitsandbytes")
+    original = load_file(os.path.join(fp32_dir, "model.safetensors"))
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    (part,) = qkv.bnb_parts
+    assert part.state.quant_type == "nf4" and part.state.nested and part.state.blocksize == 64
+    # The library's own quantization of the fused matrix, byte for byte.
+    fused = torch.cat([original[f"model.layers.0.self_attn.{p}.weight"]
+                       for p in FUSED["qkv_proj"]])
+    expected, _ = bnb_functional.quantize_4bit(fused, blocksize=64, compress_statistics=True,
+                                               quant_type="nf4")
+    assert torch.equal(part.qweight, expected)
+    assert part.qweight.numel() == fused.numel() // 2
+    ref_dir = _inflight_reference(model, fp32_dir, str(tmp_path / "ref"))
+    ref = load_file(os.path.join(ref_dir, "model.safetensors"))
+    error = (ref["model.layers.0.mlp.down_proj.weight"]
+             - original["model.layers.0.mlp.down_proj.weight"]).abs()
+    assert 0 < error.max() < 0.2  # really 4-bit, with nf4's error at std 0.2
+    ids = torch.tensor([2, 8, 19, 77, 140, 255])
+    torch.testing.assert_close(prefill_logits(model, ids), prefill_logits(_load(ref_dir), ids),
+                               atol=1e-4, rtol=1e-4)
+    _assert_same_generation(_greedy(fp32_dir, quantization="bitsandbytes"), _greedy(ref_dir))
+
+
+def _without(src: str, dst: str, drop: str) -> str:
+    shutil.copytree(src, dst)
+    path = os.path.join(dst, "model.safetensors")
+    sd = load_file(path)
+    del sd[drop]
+    save_file(sd, path, metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("drop, message", [
+    ("model.layers.1.self_attn.k_proj.weight.absmax",
+     "lacks tensor model.layers.1.self_attn.k_proj.weight.absmax"),
+    ("model.layers.0.mlp.up_proj.weight.nested_absmax",
+     "lacks tensor model.layers.0.mlp.up_proj.weight.nested_absmax"),
+    ("model.layers.0.mlp.down_proj.weight.quant_state.bitsandbytes__nf4",
+     "model.layers.0.mlp.down_proj.weight has no quant state"),
+    ("model.layers.1.self_attn.o_proj.weight",
+     "lacks tensor model.layers.1.self_attn.o_proj.weight$"),
+])
+def test_bad_checkpoint_names_the_tensor(bnb_dirs, tmp_path, drop, message):
+    qdir, _ = bnb_dirs("nf4-double")
+    bad = _without(qdir, str(tmp_path / "bad"), drop)
+    with pytest.raises(ModelLoadError, match=message):
+        _load(bad)
+
+
+def test_quant_state_of_another_shape_is_refused(bnb_dirs, tmp_path):
+    qdir, _ = bnb_dirs("nf4")
+    bad = str(tmp_path / "bad")
+    shutil.copytree(qdir, bad)
+    path = os.path.join(bad, "model.safetensors")
+    sd = load_file(path)
+    # k_proj's weight and state where v_proj's belong fit; o_proj's (64 x 64) do not.
+    for key in [k for k in sd if k.startswith("model.layers.0.self_attn.o_proj.weight")]:
+        sd[key.replace("o_proj", "k_proj")] = sd[key].clone()
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"k_proj.weight: its quant state says shape "
+                                             r"\[64, 64\], the model expects \[32, 64\]"):
+        _load(bad)
+
+
+def test_8bit_checkpoint_is_refused(bnb_dirs, tmp_path):
+    qdir, _ = bnb_dirs("nf4")
+    bad = str(tmp_path / "int8")
+    shutil.copytree(qdir, bad)
+    with open(os.path.join(bad, "config.json")) as f:
+        config = json.load(f)
+    config["quantization_config"].update(load_in_4bit=False, _load_in_4bit=False,
+                                         load_in_8bit=True, _load_in_8bit=True)
+    with open(os.path.join(bad, "config.json"), "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ModelLoadError, match="8-bit bitsandbytes checkpoints"):
+        _load(bad)
+
+
+def test_prequantized_refuses_tensor_parallelism():
+    config = BitsAndBytesConfig.from_config({"quant_method": "bitsandbytes", "load_in_4bit": True,
+                                             "bnb_4bit_quant_type": "nf4"})
+    with pytest.raises(ValueError, match="do not support tensor parallelism"):
+        config.get_linear_method(SimpleNamespace(tp_size=2), "model.layers.0.mlp.down_proj")
+    inflight = BitsAndBytesConfig.for_on_the_fly()
+    assert inflight.get_linear_method(SimpleNamespace(tp_size=2), "model.layers.0.mlp.down_proj")
+
+
+def test_checkpoint_names():
+    assert split_bnb_name("model.layers.0.mlp.up_proj.weight") == (
+        "model.layers.0.mlp.up_proj", "weight")
+    assert split_bnb_name("a.q_proj.weight.nested_quant_map") == (
+        "a.q_proj", "weight.nested_quant_map")
+    assert split_bnb_name("a.q_proj.weight.quant_state.bitsandbytes__fp4") == (
+        "a.q_proj", "weight.quant_state.bitsandbytes__fp4")
+    assert split_bnb_name("a.q_proj.bias") is None
+    assert split_bnb_name("model.norm.weight_scale") is None
