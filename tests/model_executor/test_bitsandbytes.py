@@ -1,6 +1,7 @@
-"""bitsandbytes 4-bit: checkpoints written by transformers' own bnb integration, and in-flight
-quantization of an fp32 checkpoint, loaded through the normal loader and checked against fp32
-models that hold the same weights dequantized by bitsandbytes itself."""
+"""bitsandbytes: 4-bit and 8-bit checkpoints written by transformers' own bnb integration, and
+in-flight 4-bit quantization of an fp32 checkpoint, loaded through the normal loader and checked
+against fp32 models that hold the same weights dequantized by bitsandbytes itself (8-bit, whose
+activations are quantized too: against transformers' own 8-bit model)."""
 
 from __future__ import annotations
 
@@ -19,10 +20,8 @@ from pagedllm.attention.backend import get_attn_backend
 from pagedllm.config import ModelConfig
 from pagedllm.model_executor.layers.linear import LinearBase
 from pagedllm.model_executor.layers.quantization import resolve_quantization
-from pagedllm.model_executor.layers.quantization.bitsandbytes import (
-    BitsAndBytesConfig,
-    split_bnb_name,
-)
+from pagedllm.model_executor.layers.quantization.bitsandbytes import BitsAndBytesConfig
+from pagedllm.model_executor.layers.quantization.bnb_4bit import split_bnb_name
 from pagedllm.model_executor.loader import ModelLoadError, load_model, resolve_model
 from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
 from tests.model_executor.conftest import prefill_logits, tiny_config
@@ -244,18 +243,69 @@ def test_quant_state_of_another_shape_is_refused(bnb_dirs, tmp_path):
         _load(bad)
 
 
-def test_8bit_checkpoint_is_refused(bnb_dirs, tmp_path):
-    qdir, _ = bnb_dirs("nf4")
-    bad = str(tmp_path / "int8")
-    shutil.copytree(qdir, bad)
-    with open(os.path.join(bad, "config.json")) as f:
-        config = json.load(f)
-    config["quantization_config"].update(load_in_4bit=False, _load_in_4bit=False,
-                                         load_in_8bit=True, _load_in_8bit=True)
-    with open(os.path.join(bad, "config.json"), "w") as f:
-        json.dump(config, f)
-    with pytest.raises(ModelLoadError, match="8-bit bitsandbytes checkpoints"):
+def _save_8bit_with_transformers(src: str, dst: str) -> str:
+    from transformers import AutoModelForCausalLM
+    from transformers import BitsAndBytesConfig as HFBnbConfig
+
+    model = AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=HFBnbConfig(load_in_8bit=True), device_map="cpu",
+        dtype=torch.float32,
+    )
+    model.save_pretrained(dst, safe_serialization=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def int8_dir(fp32_dir, tmp_path_factory) -> str:
+    return _save_8bit_with_transformers(fp32_dir, str(tmp_path_factory.mktemp("int8") / "q"))
+
+
+def test_8bit_checkpoint_matches_transformers_int8(int8_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = _load(int8_dir)
+    down = model.model.layers[0].mlp.down_proj
+    assert down.weight.dtype == torch.int8 and down.SCB.dtype == torch.float32
+    qkv = model.model.layers[1].self_attn.qkv_proj
+    assert tuple(qkv.weight.shape) == (128, 64) and tuple(qkv.SCB.shape) == (128,)
+    ids = torch.tensor([1, 5, 9, 33, 100, 7, 250, 3, 64, 12])
+    ours = prefill_logits(model, ids)
+    # LLM.int8() split out activation columns above llm_int8_threshold (6.0) here.
+    assert down.bnb_int8_state.idx.numel() > 0
+    hf = AutoModelForCausalLM.from_pretrained(int8_dir, device_map="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        theirs = hf(ids[None]).logits[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    # Near the model with the dequantized int8 weights (activations are int8 too: not equal).
+    sd = load_file(os.path.join(int8_dir, "model.safetensors"))
+    dense = {k: (bnb_functional.int8_vectorwise_dequant(v, sd[k[:-len("weight")] + "SCB"])
+                 if v.dtype == torch.int8 else v)
+             for k, v in sd.items() if not k.endswith(("SCB", "weight_format"))}
+    ref = prefill_logits(_load(_write_fp32_dir(str(tmp_path / "ref"), int8_dir, dense)), ids)
+    assert (ours - ref).abs().max() < 0.05 * ref.abs().max()
+    # Greedy tokens as transformers generates them (one request: LLM.int8() picks outlier
+    # columns over the whole batch, so a batch's composition changes its numbers).
+    prompt = np.random.default_rng(1).integers(0, VOCAB, size=17).tolist()
+    llm = LLM(model=int8_dir, skip_tokenizer_init=True, dtype="float32", kv_cache_space=0.05)
+    (out,) = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False)
+    with torch.no_grad():
+        hf_ids = hf.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12,
+                             do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert out.outputs[0].token_ids == hf_ids
+
+
+def test_8bit_checkpoint_in_another_layout_is_refused(int8_dir, tmp_path):
+    bad = str(tmp_path / "col")
+    shutil.copytree(int8_dir, bad)
+    path = os.path.join(bad, "model.safetensors")
+    sd = load_file(path)
+    sd["model.layers.0.mlp.up_proj.weight_format"] = torch.tensor(2, dtype=torch.uint8)
+    save_file(sd, path, metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match="up_proj.weight_format is 2, not 0"):
         _load(bad)
+    with pytest.raises(ValueError, match="llm_int8_has_fp16_weight"):
+        BitsAndBytesConfig.from_config({"load_in_8bit": True, "llm_int8_has_fp16_weight": True})
 
 
 def test_prequantized_refuses_tensor_parallelism():

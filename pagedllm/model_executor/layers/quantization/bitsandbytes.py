@@ -1,342 +1,91 @@
-"""bitsandbytes 4-bit weights (nf4 / fp4), computed by the bitsandbytes library's own kernels.
+"""bitsandbytes quantization (`--quantization bitsandbytes`, `quant_method: bitsandbytes`):
+which layers get which method, from the checkpoint's `quantization_config` or the flag alone.
 
-Two ways in, as in vLLM:
-- in-flight: `--quantization bitsandbytes` on a 16-bit checkpoint. Each linear layer loads its
-  dense weight as usual (any tensor-parallel split); `process_weights_after_loading` quantizes
-  this rank's slice with `bitsandbytes.functional.quantize_4bit` (nf4, double quant, blocksize
-  64, as vLLM does), a fused qkv / gate_up layer as one matrix.
-- pre-quantized: a checkpoint saved by transformers (`quant_method: bitsandbytes`,
-  `load_in_4bit`). A quantized module `X` has `X.weight` (packed uint8 [(n*k+1)//2, 1]) and its
-  quant state `X.weight.absmax`, `X.weight.quant_map`, with double quant also
-  `X.weight.nested_absmax` and `X.weight.nested_quant_map`, and the JSON of the rest in
-  `X.weight.quant_state.bitsandbytes__nf4|fp4`. These have no parameter to land in: the config
-  takes them out of the checkpoint stream (`intercept_weights`) and each layer rebuilds one
-  `QuantState` per checkpoint module with `QuantState.from_dict` (fused q/k/v and gate/up keep
-  one state per shard and one matmul each).
+- 4-bit (nf4 / fp4, `bnb_4bit.py`): transformers' `load_in_4bit` checkpoints, and in-flight
+  quantization of a 16-bit checkpoint (nf4, double quant, blocksize 64, as vLLM does).
+- 8-bit (LLM.int8(), `bnb_8bit.py`): transformers' `load_in_8bit` checkpoints.
 
-The matmul is `bitsandbytes.matmul_4bit` in the activation (model) dtype, on CUDA and CPU;
-`bnb_4bit_compute_dtype` is not used (vLLM computes in the model dtype too).
+All arithmetic is the bitsandbytes library's own (`quantize_4bit`, `matmul_4bit`, `matmul`),
+computed in the model dtype (`bnb_4bit_compute_dtype` is not used, as in vLLM).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from pagedllm.model_executor.layers.linear import LinearMethod, UnquantizedLinearMethod
+from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.quantization import register_quantization_config
 from pagedllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     checkpoint_module_names,
     is_layer_skipped,
 )
+from pagedllm.model_executor.layers.quantization.bnb_4bit import (
+    DEFAULT_BLOCKSIZE,
+    QUANT_TYPES,
+    BitsAndBytesInflightMethod,
+    BitsAndBytesPrequantizedMethod,
+    CheckpointTensors,
+    import_bnb,
+)
+from pagedllm.model_executor.layers.quantization.bnb_8bit import BitsAndBytes8bitMethod
 from pagedllm.model_executor.loader.errors import ModelLoadError
-
-QUANT_TYPES = ("nf4", "fp4")
-DEFAULT_BLOCKSIZE = 64
-# The only nested (double-quant) block size bitsandbytes' matmul supports.
-NESTED_BLOCKSIZE = 256
-_QS_PREFIX = "quant_state."
-# Tensors a 4-bit module stores beside `weight`, after "weight.".
-_SIDE_NAMES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-
-
-def _bnb() -> Any:
-    """The bitsandbytes package; ValueError with the install hint when it is missing."""
-    try:
-        import bitsandbytes
-        import bitsandbytes.functional  # noqa: F401
-        import bitsandbytes.utils  # noqa: F401
-    except ImportError as e:
-        raise ValueError(
-            "bitsandbytes quantization needs the bitsandbytes package "
-            f"(pip install 'pagedllm[bnb]'): {e}"
-        ) from e
-    return bitsandbytes
-
-
-@dataclass(slots=True)
-class Packed4bit:
-    """One 4-bit matrix [out_features, in_features] and its bitsandbytes quant state."""
-
-    qweight: torch.Tensor  # uint8 [(out_features * in_features + 1) // 2, 1]
-    state: Any  # bitsandbytes.functional.QuantState, shape [out_features, in_features]
-    out_features: int
-
-
-def apply_4bit(
-    parts: list[Packed4bit], x: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """[num_tokens, in_features] -> [num_tokens, sum(out_features)] through matmul_4bit, one
-    call per part, in x's dtype."""
-    bnb = _bnb()
-    if len(parts) == 1:
-        return bnb.matmul_4bit(x, parts[0].qweight, parts[0].state, bias=bias)
-    out = torch.cat([bnb.matmul_4bit(x, p.qweight, p.state) for p in parts], dim=-1)
-    return out if bias is None else out + bias
-
-
-class BitsAndBytesInflightMethod(UnquantizedLinearMethod):
-    """A 16-bit checkpoint quantized to 4 bits once loaded: the dense weight and its loaders
-    are the unquantized method's until `process_weights_after_loading`."""
-
-    def __init__(self, config: BitsAndBytesConfig) -> None:
-        self.config = config
-
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        F = _bnb().functional
-        weight = layer.weight.data  # [output_size_per_partition, input_size_per_partition]
-        qweight, state = F.quantize_4bit(
-            weight.contiguous(),
-            blocksize=self.config.blocksize,
-            compress_statistics=self.config.double_quant,
-            quant_type=self.config.quant_type,
-            quant_storage=torch.uint8,
-        )
-        del layer.weight
-        layer.bnb_parts = [Packed4bit(qweight, state, weight.shape[0])]
-
-    def apply(
-        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return apply_4bit(layer.bnb_parts, x, bias)
-
-
-class BitsAndBytesPrequantizedMethod(LinearMethod):
-    """A layer whose 4-bit tensors come from a bitsandbytes checkpoint.
-
-    Registers no tensors: the packed weights and quant states arrive by checkpoint name through
-    the config's `intercept_weights`, and become `layer.bnb_parts` once all are in. One
-    instance per layer (it remembers the layer's name and shapes).
-    """
-
-    def __init__(self, config: BitsAndBytesConfig, prefix: str) -> None:
-        self.config = config
-        self.prefix = prefix
-        self.in_features = 0
-        self.out_sizes: list[int] = []
-
-    def create_weights(
-        self,
-        layer: nn.Module,
-        input_size_per_partition: int,
-        output_partition_sizes: list[int],
-        input_size: int,
-        output_size: int,
-        params_dtype: torch.dtype,
-    ) -> None:
-        self.in_features = input_size_per_partition
-        self.out_sizes = list(output_partition_sizes)
-
-    def process_weights_after_loading(self, layer: nn.Module) -> None:
-        names = checkpoint_module_names(self.prefix)
-        if len(names) == len(self.out_sizes):
-            sizes = self.out_sizes
-        elif len(names) == 1:
-            sizes = [sum(self.out_sizes)]  # a fused tensor in the checkpoint itself
-        else:
-            raise ModelLoadError(
-                f"bitsandbytes checkpoint: layer {self.prefix} has {len(self.out_sizes)} "
-                f"output parts but stands for {len(names)} checkpoint modules ({names})"
-            )
-        layer.bnb_parts = [
-            self.config.checkpoint_tensors.take(name, (size, self.in_features))
-            for name, size in zip(names, sizes)
-        ]
-
-    def apply(
-        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        return apply_4bit(layer.bnb_parts, x, bias)
-
-
-class CheckpointTensors:
-    """The 4-bit tensors of a pre-quantized checkpoint, by checkpoint module name, held from
-    the checkpoint stream until their layer turns them into `Packed4bit`s."""
-
-    def __init__(self) -> None:
-        self.modules: set[str] = set()
-        self.device = torch.device("cpu")
-        self._tensors: dict[str, dict[str, torch.Tensor]] = {}
-
-    def add_module(self, name: str) -> None:
-        self.modules.add(name)
-
-    def _module_of(self, name: str) -> str | None:
-        if name in self.modules:
-            return name
-        # Checkpoints of the bare model name layers without the "model." prefix.
-        if "model." + name in self.modules:
-            return "model." + name
-        return None
-
-    def intercept(
-        self, weights: Iterable[tuple[str, torch.Tensor]]
-    ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Keeps the quantized modules' tensors and passes every other one on."""
-        for name, tensor in weights:
-            split = split_bnb_name(name)
-            if split is None:
-                yield name, tensor
-                continue
-            module, key = split
-            ours = self._module_of(module)
-            if ours is None:
-                if key != "weight":
-                    raise ModelLoadError(
-                        f"bitsandbytes checkpoint: tensor {name} is quantized, but pagedllm "
-                        f"keeps {module} unquantized (it is in llm_int8_skip_modules or is not "
-                        "a linear layer)"
-                    )
-                yield name, tensor
-                continue
-            # The quant-state JSON is read on the host; everything else goes to the device now.
-            keep = tensor if key.startswith("weight." + _QS_PREFIX) else tensor.to(self.device)
-            self._tensors.setdefault(ours, {})[key] = keep
-
-    def take(self, module: str, shape: tuple[int, int]) -> Packed4bit:
-        """The checked 4-bit matrix of checkpoint `module`, expected to be [n, k] = `shape`;
-        ModelLoadError naming the tensor that is missing or wrong."""
-        entries = self._tensors.pop(module, {})
-        weight = entries.pop("weight", None)
-        if weight is None:
-            raise ModelLoadError(f"bitsandbytes checkpoint lacks tensor {module}.weight")
-        qs_keys = [k for k in entries if k.startswith("weight." + _QS_PREFIX)]
-        if not qs_keys:
-            raise ModelLoadError(
-                f"bitsandbytes checkpoint: {module}.weight has no quant state "
-                f"({module}.weight.quant_state.bitsandbytes__nf4 or __fp4); is it a 4-bit "
-                "bitsandbytes tensor? Modules left in 16 bits belong in llm_int8_skip_modules"
-            )
-        qs_name = f"{module}.{qs_keys[0]}"
-        meta = _read_quant_state_json(qs_name, entries[qs_keys[0]])
-        needed = ["absmax", "quant_map"]
-        if "nested_offset" in meta:
-            needed += ["nested_absmax", "nested_quant_map"]
-        qs_dict: dict[str, Any] = {k: entries[k] for k in qs_keys}
-        for side in needed:
-            tensor = entries.get("weight." + side)
-            if tensor is None:
-                raise ModelLoadError(
-                    f"bitsandbytes checkpoint lacks tensor {module}.weight.{side} (needed by "
-                    f"{qs_name})"
-                )
-            qs_dict[side] = tensor
-        try:
-            state = _bnb().functional.QuantState.from_dict(dict(qs_dict), device=self.device)
-        except (ValueError, KeyError, AssertionError, AttributeError, TypeError) as e:
-            raise ModelLoadError(f"bitsandbytes checkpoint: bad quant state {qs_name}: {e}") from e
-        _check_state(module, state, weight, shape)
-        return Packed4bit(weight.view(torch.uint8).reshape(-1, 1), state, shape[0])
-
-
-def split_bnb_name(name: str) -> tuple[str, str] | None:
-    """`X.weight` -> (X, "weight"); `X.weight.absmax` -> (X, "weight.absmax"); likewise every
-    bitsandbytes 4-bit side tensor; None for any other name."""
-    if name.endswith(".weight"):
-        return name[: -len(".weight")], "weight"
-    for side in (*_SIDE_NAMES, _QS_PREFIX):
-        marker = ".weight." + side
-        idx = name.rfind(marker)
-        if idx > 0 and (name.endswith(marker) or side == _QS_PREFIX):
-            return name[:idx], name[idx + 1:]
-    return None
-
-
-def _read_quant_state_json(qs_name: str, tensor: torch.Tensor) -> dict[str, Any]:
-    try:
-        meta = _bnb().utils.unpack_tensor_to_dict(tensor)
-    except (ValueError, UnicodeDecodeError, TypeError) as e:
-        raise ModelLoadError(f"bitsandbytes checkpoint: {qs_name} is not a quant state: {e}") from e
-    if not isinstance(meta, dict):
-        raise ModelLoadError(f"bitsandbytes checkpoint: {qs_name} is not a quant state")
-    return meta
-
-
-def _check_state(module: str, state: Any, weight: torch.Tensor, shape: tuple[int, int]) -> None:
-    """Refuses a quant state that does not describe the packed `weight` of an [n, k] layer."""
-    prefix = f"bitsandbytes checkpoint: {module}.weight"
-    if state.quant_type not in QUANT_TYPES:
-        raise ModelLoadError(f"{prefix}: quant type {state.quant_type!r} is not nf4 or fp4")
-    if state.shape is None or tuple(state.shape) != tuple(shape):
-        raise ModelLoadError(
-            f"{prefix}: its quant state says shape {list(state.shape or [])}, the model "
-            f"expects {list(shape)}"
-        )
-    numel = shape[0] * shape[1]
-    nbytes = weight.numel() * weight.element_size()
-    if nbytes != (numel + 1) // 2:
-        raise ModelLoadError(
-            f"{prefix}: {nbytes} bytes, a packed 4-bit [{shape[0]}, {shape[1]}] needs "
-            f"{(numel + 1) // 2}"
-        )
-    blocks = math.ceil(numel / state.blocksize)
-    if state.absmax.numel() != blocks:
-        raise ModelLoadError(
-            f"{prefix}.absmax: {state.absmax.numel()} entries, blocksize {state.blocksize} "
-            f"needs {blocks}"
-        )
-    if state.nested:
-        if state.state2.blocksize != NESTED_BLOCKSIZE:
-            raise ModelLoadError(
-                f"{prefix}.nested_absmax: nested block size {state.state2.blocksize} is not "
-                f"supported (bitsandbytes' matmul needs {NESTED_BLOCKSIZE})"
-            )
-        nested = math.ceil(blocks / state.state2.blocksize)
-        if state.state2.absmax.numel() != nested:
-            raise ModelLoadError(
-                f"{prefix}.nested_absmax: {state.state2.absmax.numel()} entries, "
-                f"{nested} needed"
-            )
 
 
 @register_quantization_config
 class BitsAndBytesConfig(QuantizationConfig):
-    """bitsandbytes 4-bit: a transformers checkpoint (`load_in_4bit`) or in-flight quantization.
+    """bitsandbytes: a transformers checkpoint (`load_in_4bit` / `load_in_8bit`) or in-flight
+    4-bit quantization of a 16-bit one.
 
-    `checkpoint_tensors` holds a pre-quantized checkpoint's tensors between the loader's
-    stream and `process_weights_after_loading`.
+    `checkpoint_tensors` holds a 4-bit checkpoint's tensors between the loader's stream and
+    `process_weights_after_loading`.
     """
 
     name = "bitsandbytes"
-    checkpoint_aliases = ("bitsandbytes-4bit",)
+    checkpoint_aliases = ("bitsandbytes-4bit", "bitsandbytes-8bit")
     supports_on_the_fly = True
 
     def __init__(
         self,
         prequantized: bool,
+        bits: int = 4,
         quant_type: str = "nf4",
         double_quant: bool = True,
         blocksize: int = DEFAULT_BLOCKSIZE,
         skip_modules: list[str] | None = None,
+        int8_threshold: float = 6.0,
     ) -> None:
         if quant_type not in QUANT_TYPES:
             raise ValueError(
                 f"bnb_4bit_quant_type {quant_type!r} is not supported; choose nf4 or fp4"
             )
         self.prequantized = prequantized
+        self.bits = bits
         self.quant_type = quant_type
         self.double_quant = double_quant
         self.blocksize = blocksize
         self.skip_modules = list(skip_modules or [])
+        self.int8_threshold = int8_threshold
         self.checkpoint_tensors = CheckpointTensors()
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> BitsAndBytesConfig:
         def flag(key: str) -> bool:
+            # transformers 5 writes both `load_in_4bit` and its private `_load_in_4bit`.
             return bool(config.get(key, config.get("_" + key, False)))
 
+        skip = config.get("llm_int8_skip_modules") or []
         if flag("load_in_8bit"):
-            raise ValueError(
-                "8-bit bitsandbytes checkpoints (load_in_8bit, LLM.int8()) are not supported; "
-                "use a 4-bit one (load_in_4bit) or the 16-bit model with --quantization "
-                "bitsandbytes"
-            )
+            if config.get("llm_int8_has_fp16_weight"):
+                raise ValueError("llm_int8_has_fp16_weight checkpoints keep 16-bit weights for "
+                                 "training; pagedllm loads inference checkpoints only")
+            threshold = config.get("llm_int8_threshold")
+            return cls(prequantized=True, bits=8, skip_modules=skip,
+                       int8_threshold=6.0 if threshold is None else float(threshold))
         if not flag("load_in_4bit"):
             raise ValueError("the bitsandbytes quantization_config has neither load_in_4bit "
                              "nor load_in_8bit set")
@@ -344,7 +93,7 @@ class BitsAndBytesConfig(QuantizationConfig):
             prequantized=True,
             quant_type=str(config.get("bnb_4bit_quant_type") or "fp4"),
             double_quant=bool(config.get("bnb_4bit_use_double_quant", False)),
-            skip_modules=config.get("llm_int8_skip_modules") or [],
+            skip_modules=skip,
         )
 
     @classmethod
@@ -356,9 +105,11 @@ class BitsAndBytesConfig(QuantizationConfig):
             return None
         if not self.prequantized:
             return BitsAndBytesInflightMethod(self)
+        if self.bits == 8:
+            return BitsAndBytes8bitMethod(self.int8_threshold)
         if getattr(layer, "tp_size", 1) > 1:
             raise ValueError(
-                "pre-quantized bitsandbytes checkpoints do not support tensor parallelism "
+                "pre-quantized 4-bit bitsandbytes checkpoints do not support tensor parallelism "
                 "(--tensor-parallel-size > 1); run with -tp 1, or load the 16-bit model with "
                 "--quantization bitsandbytes, which quantizes each rank's slice"
             )
@@ -371,10 +122,12 @@ class BitsAndBytesConfig(QuantizationConfig):
     ) -> Iterator[tuple[str, torch.Tensor]]:
         if not self.prequantized:
             return iter(weights)
+        if self.bits == 8:
+            return _drop_weight_format(weights)
         return self.checkpoint_tensors.intercept(weights)
 
     def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
-        _bnb()
+        import_bnb()
         if device.type not in ("cuda", "cpu"):
             raise ValueError(f"bitsandbytes quantization runs on cuda or cpu, not {device.type}")
         if dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -383,6 +136,24 @@ class BitsAndBytesConfig(QuantizationConfig):
         self.checkpoint_tensors.device = device
 
     def describe(self) -> str:
+        if self.bits == 8:
+            return f"bitsandbytes (pre-quantized 8-bit LLM.int8, threshold {self.int8_threshold})"
         how = "pre-quantized" if self.prequantized else "in-flight"
         dq = ", double quant" if self.double_quant else ""
         return f"bitsandbytes ({how} 4-bit {self.quant_type}{dq})"
+
+
+def _drop_weight_format(
+    weights: Iterable[tuple[str, torch.Tensor]]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """8-bit checkpoints: `X.weight_format` says the int8 layout; only row-major (0) exists
+    since bitsandbytes 0.45, and it is what the loaders copy."""
+    for name, tensor in weights:
+        if name.endswith(".weight_format"):
+            if tensor.numel() != 1 or int(tensor.reshape(-1)[0]) != 0:
+                raise ModelLoadError(
+                    f"bitsandbytes checkpoint: {name} is {tensor.tolist()}, not 0 (row-major); "
+                    "re-save it with bitsandbytes >= 0.45"
+                )
+            continue
+        yield name, tensor
