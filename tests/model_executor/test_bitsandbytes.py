@@ -295,6 +295,14 @@ def test_8bit_checkpoint_matches_transformers_int8(int8_dir, tmp_path):
     assert out.outputs[0].token_ids == hf_ids
 
 
+def test_8bit_outlier_decomposition_runs_eagerly(int8_dir, bnb_dirs):
+    from pagedllm.engine.arg_utils import EngineArgs
+
+    assert EngineArgs(model=int8_dir).create_engine_config().enforce_eager
+    qdir, _ = bnb_dirs("nf4")
+    assert not EngineArgs(model=qdir).create_engine_config().enforce_eager
+
+
 def test_8bit_checkpoint_in_another_layout_is_refused(int8_dir, tmp_path):
     bad = str(tmp_path / "col")
     shutil.copytree(int8_dir, bad)

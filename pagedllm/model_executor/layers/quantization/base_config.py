@@ -70,6 +70,12 @@ class QuantizationConfig:
     def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
         """Raises ValueError when this method cannot run on `device` in `dtype`."""
 
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """False when the method's kernels sync with the host or change shapes at run time;
+        the engine then runs eagerly."""
+        return True
+
     def describe(self) -> str:
         """One line for the start-up log."""
         return self.get_name()

@@ -135,6 +135,11 @@ class BitsAndBytesConfig(QuantizationConfig):
                              f"float32, not {dtype}")
         self.checkpoint_tensors.device = device
 
+    @property
+    def cuda_graph_safe(self) -> bool:
+        # LLM.int8()'s outlier columns are found at run time (a host sync, dynamic shapes).
+        return not (self.bits == 8 and self.int8_threshold > 0)
+
     def describe(self) -> str:
         if self.bits == 8:
             return f"bitsandbytes (pre-quantized 8-bit LLM.int8, threshold {self.int8_threshold})"

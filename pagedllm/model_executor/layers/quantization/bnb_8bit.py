@@ -72,6 +72,7 @@ class BitsAndBytes8bitMethod(LinearMethod):
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         if self.threshold > 0 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+            # The engine runs such configs eagerly (`cuda_graph_safe`); a backstop.
             raise RuntimeError(
                 "8-bit bitsandbytes with llm_int8_threshold > 0 picks its outlier columns at "
                 "run time and cannot be captured in a CUDA graph; run with --enforce-eager"
