@@ -316,13 +316,14 @@ def test_8bit_checkpoint_in_another_layout_is_refused(int8_dir, tmp_path):
         BitsAndBytesConfig.from_config({"load_in_8bit": True, "llm_int8_has_fp16_weight": True})
 
 
-def test_prequantized_refuses_tensor_parallelism():
-    config = BitsAndBytesConfig.from_config({"quant_method": "bitsandbytes", "load_in_4bit": True,
-                                             "bnb_4bit_quant_type": "nf4"})
-    with pytest.raises(ValueError, match="do not support tensor parallelism"):
-        config.get_linear_method(SimpleNamespace(tp_size=2), "model.layers.0.mlp.down_proj")
-    inflight = BitsAndBytesConfig.for_on_the_fly()
-    assert inflight.get_linear_method(SimpleNamespace(tp_size=2), "model.layers.0.mlp.down_proj")
+def test_tensor_parallel_shards_need_whole_blocks():
+    from pagedllm.model_executor.layers.quantization.bnb_4bit import Packed4bit, shard_for_rank
+
+    packed, state = bnb_functional.quantize_4bit(torch.randn(64, 96), blocksize=64)
+    layer = SimpleNamespace(tp_size=2)
+    with pytest.raises(ModelLoadError, match="48 of 96 input features .* block size 64"):
+        shard_for_rank(layer, "model.layers.0.mlp.down_proj", [Packed4bit(packed, state, 64)],
+                       48, 64)
 
 
 def test_checkpoint_names():

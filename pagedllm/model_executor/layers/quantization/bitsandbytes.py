@@ -107,12 +107,6 @@ class BitsAndBytesConfig(QuantizationConfig):
             return BitsAndBytesInflightMethod(self)
         if self.bits == 8:
             return BitsAndBytes8bitMethod(self.int8_threshold)
-        if getattr(layer, "tp_size", 1) > 1:
-            raise ValueError(
-                "pre-quantized 4-bit bitsandbytes checkpoints do not support tensor parallelism "
-                "(--tensor-parallel-size > 1); run with -tp 1, or load the 16-bit model with "
-                "--quantization bitsandbytes, which quantizes each rank's slice"
-            )
         for name in checkpoint_module_names(prefix):
             self.checkpoint_tensors.add_module(name)
         return BitsAndBytesPrequantizedMethod(self, prefix)

@@ -29,7 +29,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from pagedllm.model_executor.layers.linear import LinearMethod, UnquantizedLinearMethod
+from pagedllm.model_executor.layers.linear import (
+    LinearMethod,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    UnquantizedLinearMethod,
+)
 from pagedllm.model_executor.layers.quantization.base_config import checkpoint_module_names
 from pagedllm.model_executor.loader.errors import ModelLoadError
 
@@ -143,10 +148,14 @@ class BitsAndBytesPrequantizedMethod(LinearMethod):
                 f"bitsandbytes checkpoint: layer {self.prefix} has {len(self.out_sizes)} "
                 f"output parts but stands for {len(names)} checkpoint modules ({names})"
             )
-        layer.bnb_parts = [
-            self.config.checkpoint_tensors.take(name, (size, self.in_features))
-            for name, size in zip(names, sizes)
-        ]
+        tensors = self.config.checkpoint_tensors
+        if layer.tp_size == 1:
+            layer.bnb_parts = [tensors.take(name, (size, self.in_features))
+                               for name, size in zip(names, sizes)]
+            return
+        full = [tensors.take(name, (None, layer.input_size)) for name in names]
+        layer.bnb_parts = [shard_for_rank(layer, self.prefix, full, self.in_features,
+                                          sum(self.out_sizes))]
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -198,9 +207,9 @@ class CheckpointTensors:
             keep = tensor if key.startswith("weight." + _QS_PREFIX) else tensor.to(self.device)
             self._tensors.setdefault(ours, {})[key] = keep
 
-    def take(self, module: str, shape: tuple[int, int]) -> Packed4bit:
-        """The checked 4-bit matrix of checkpoint `module`, expected to be [n, k] = `shape`;
-        ModelLoadError naming the tensor that is missing or wrong."""
+    def take(self, module: str, shape: tuple[int | None, int]) -> Packed4bit:
+        """The checked 4-bit matrix of checkpoint `module`, expected to be [n, k] = `shape`
+        (n None: any); ModelLoadError naming the tensor that is missing or wrong."""
         entries = self._tensors.pop(module, {})
         weight = entries.pop("weight", None)
         if weight is None:
@@ -231,7 +240,7 @@ class CheckpointTensors:
         except (ValueError, KeyError, AssertionError, AttributeError, TypeError) as e:
             raise ModelLoadError(f"bitsandbytes checkpoint: bad quant state {qs_name}: {e}") from e
         _check_state(module, state, weight, shape)
-        return Packed4bit(weight.view(torch.uint8).reshape(-1, 1), state, shape[0])
+        return Packed4bit(weight.view(torch.uint8).reshape(-1, 1), state, state.shape[0])
 
 
 def split_bnb_name(name: str) -> tuple[str, str] | None:
@@ -257,11 +266,15 @@ def _read_quant_state_json(qs_name: str, tensor: torch.Tensor) -> dict[str, Any]
     return meta
 
 
-def _check_state(module: str, state: Any, weight: torch.Tensor, shape: tuple[int, int]) -> None:
+def _check_state(
+    module: str, state: Any, weight: torch.Tensor, expected: tuple[int | None, int]
+) -> None:
     """Refuses a quant state that does not describe the packed `weight` of an [n, k] layer."""
     prefix = f"bitsandbytes checkpoint: {module}.weight"
     if state.quant_type not in QUANT_TYPES:
         raise ModelLoadError(f"{prefix}: quant type {state.quant_type!r} is not nf4 or fp4")
+    shape = (state.shape[0] if state.shape and expected[0] is None else expected[0],
+             expected[1])
     if state.shape is None or tuple(state.shape) != tuple(shape):
         raise ModelLoadError(
             f"{prefix}: its quant state says shape {list(state.shape or [])}, the model "
@@ -292,3 +305,62 @@ def _check_state(module: str, state: Any, weight: torch.Tensor, shape: tuple[int
                 f"{prefix}.nested_absmax: {state.state2.absmax.numel()} entries, "
                 f"{nested} needed"
             )
+
+
+def _shard_ids(layer: nn.Module, num_modules: int) -> list[Any]:
+    """The layer loader's shard id of each checkpoint module the layer fuses."""
+    if num_modules == 1:
+        return [None]
+    if isinstance(layer, QKVParallelLinear):
+        return ["q", "k", "v"]
+    if isinstance(layer, MergedColumnParallelLinear):
+        return list(range(num_modules))
+    raise ModelLoadError(f"bitsandbytes checkpoint: cannot shard {type(layer).__name__}")
+
+
+def shard_for_rank(
+    layer: nn.Module, prefix: str, full: list[Packed4bit], in_features: int, out_features: int
+) -> Packed4bit:
+    """This rank's [out_features, in_features] slice of a layer's full checkpoint matrices, as
+    one 4-bit matrix. Rows of the packed weight ([n, k/2] bytes) and of the absmax
+    ([n, k/blocksize]) are output features, so the layer's own loader cuts them like a dense
+    weight (heads, KV replicas, input splits) once every block lies within one row of this
+    rank's slice. Double-quant absmax is dequantized to float32 first (its nested blocks and
+    offset span the whole tensor)."""
+    F = import_bnb().functional
+    first = full[0].state
+    k = first.shape[1]
+    bs = first.blocksize
+    for part in full:
+        st = part.state
+        if (st.quant_type, st.blocksize, st.dtype) != (first.quant_type, bs, first.dtype) or \
+                not torch.equal(st.code, first.code):
+            raise ModelLoadError(f"bitsandbytes checkpoint: the modules of {prefix} differ in "
+                                 "quant type or block size; they cannot be sharded as one")
+    if k % bs or in_features % bs:
+        raise ModelLoadError(
+            f"bitsandbytes checkpoint: {prefix} has {in_features} of {k} input features on "
+            f"this rank, not a multiple of the block size {bs}; use a smaller "
+            "--tensor-parallel-size"
+        )
+    device = first.absmax.device
+    packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
+    absmax = torch.empty(out_features, in_features // bs, dtype=torch.float32, device=device)
+    for dst in (packed, absmax):
+        dst.output_dim, dst.input_dim = 0, 1
+    for sid, part in zip(_shard_ids(layer, len(full)), full):
+        st, n = part.state, part.state.shape[0]
+        scales = st.absmax
+        if st.nested:
+            scales = (F.dequantize_blockwise(st.absmax, st.state2) + st.offset).float()
+        for dst, src in ((packed, part.qweight.view(n, k // 2)),
+                         (absmax, scales.view(n, k // bs))):
+            if sid is None:
+                layer.weight_loader(dst, src)
+            else:
+                layer.weight_loader(dst, src, sid)
+    state = F.QuantState(
+        absmax=absmax.reshape(-1), shape=torch.Size([out_features, in_features]),
+        code=first.code, blocksize=bs, quant_type=first.quant_type, dtype=first.dtype,
+    )
+    return Packed4bit(packed.reshape(-1, 1), state, out_features)
