@@ -29,12 +29,12 @@ from tests.model_executor.conftest import prefill_logits, tiny_config
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 VOCAB = 256
-# name -> (bnb_4bit_quant_type, bnb_4bit_use_double_quant, llm_int8_skip_modules)
+# name -> (architecture, bnb_4bit_quant_type, bnb_4bit_use_double_quant, llm_int8_skip_modules)
 VARIANTS = {
-    "nf4-double": ("nf4", True, None),
-    "nf4": ("nf4", False, None),
-    "fp4-double": ("fp4", True, None),
-    "fp4-skip-down": ("fp4", False, ["lm_head", "down_proj"]),
+    "nf4-double": ("LlamaForCausalLM", "nf4", True, None),
+    "nf4-qwen2-bias": ("Qwen2ForCausalLM", "nf4", False, None),
+    "fp4-double": ("LlamaForCausalLM", "fp4", True, None),
+    "fp4-skip-down": ("LlamaForCausalLM", "fp4", False, ["lm_head", "down_proj"]),
 }
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -96,12 +96,14 @@ def _dequantized_reference(bnb_dir: str, dst: str) -> str:
     return _write_fp32_dir(dst, bnb_dir, out)
 
 
+def _random_fp32_dir(root, arch: str) -> str:
+    config = tiny_config(arch, vocab_size=VOCAB, eos_token_id=None, bos_token_id=None)
+    return build_random_hf_model_dir(str(root), config, seed=3, std=0.2)
+
+
 @pytest.fixture(scope="module")
 def fp32_dir(tmp_path_factory) -> str:
-    config = tiny_config("LlamaForCausalLM", vocab_size=VOCAB, eos_token_id=None,
-                         bos_token_id=None)
-    return build_random_hf_model_dir(str(tmp_path_factory.mktemp("fp32")), config, seed=3,
-                                     std=0.2)
+    return _random_fp32_dir(tmp_path_factory.mktemp("fp32"), "LlamaForCausalLM")
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +114,9 @@ def bnb_dirs(fp32_dir, tmp_path_factory):
     def get(variant: str) -> tuple[str, str]:
         if variant not in cache:
             root = tmp_path_factory.mktemp(variant)
-            qdir = _save_with_transformers(fp32_dir, str(root / "bnb"), *VARIANTS[variant])
+            arch, *quant = VARIANTS[variant]
+            src = fp32_dir if arch == "LlamaForCausalLM" else _random_fp32_dir(root / "fp32", arch)
+            qdir = _save_with_transformers(src, str(root / "bnb"), *quant)
             cache[variant] = (qdir, _dequantized_reference(qdir, str(root / "ref")))
         return cache[variant]
 
@@ -144,9 +148,12 @@ def _linear_layers(model: torch.nn.Module) -> dict[str, LinearBase]:
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_prequantized_checkpoint_matches_dequantized_reference(variant, bnb_dirs):
-    quant_type, double, skip = VARIANTS[variant]
+    arch, quant_type, double, skip = VARIANTS[variant]
     qdir, ref_dir = bnb_dirs(variant)
     model = _load(qdir)
+    assert type(model).__name__ == arch
+    if arch == "Qwen2ForCausalLM":
+        assert model.model.layers[0].self_attn.qkv_proj.bias is not None
     for name, layer in _linear_layers(model).items():
         if skip and name.endswith("down_proj"):
             assert not hasattr(layer, "bnb_parts") and layer.weight.dtype == torch.float32
@@ -229,7 +236,7 @@ def test_bad_checkpoint_names_the_tensor(bnb_dirs, tmp_path, drop, message):
 
 
 def test_quant_state_of_another_shape_is_refused(bnb_dirs, tmp_path):
-    qdir, _ = bnb_dirs("nf4")
+    qdir, _ = bnb_dirs("fp4-double")
     bad = str(tmp_path / "bad")
     shutil.copytree(qdir, bad)
     path = os.path.join(bad, "model.safetensors")
@@ -299,7 +306,7 @@ def test_8bit_outlier_decomposition_runs_eagerly(int8_dir, bnb_dirs):
     from pagedllm.engine.arg_utils import EngineArgs
 
     assert EngineArgs(model=int8_dir).create_engine_config().enforce_eager
-    qdir, _ = bnb_dirs("nf4")
+    qdir, _ = bnb_dirs("fp4-double")
     assert not EngineArgs(model=qdir).create_engine_config().enforce_eager
 
 
