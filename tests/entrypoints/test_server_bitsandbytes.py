@@ -7,8 +7,6 @@ import pytest
 
 from tests.entrypoints.remote_server import RemoteServer, assert_children_exit
 
-pytest.importorskip("bitsandbytes")
-
 
 @pytest.fixture(scope="module")
 def bnb_server():

@@ -10,6 +10,7 @@ import os
 import shutil
 from types import SimpleNamespace
 
+import bitsandbytes.functional as bnb_functional
 import numpy as np
 import pytest
 import torch
@@ -25,8 +26,6 @@ from pagedllm.model_executor.layers.quantization.bnb_4bit import split_bnb_name
 from pagedllm.model_executor.loader import ModelLoadError, load_model, resolve_model
 from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
 from tests.model_executor.conftest import prefill_logits, tiny_config
-
-bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 VOCAB = 256
 # name -> (architecture, bnb_4bit_quant_type, bnb_4bit_use_double_quant, llm_int8_skip_modules)

@@ -7,12 +7,9 @@ from __future__ import annotations
 import os
 import socket
 
-import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-pytest.importorskip("bitsandbytes")
 
 HIDDEN, HEAD, HEADS, KV_HEADS, INTER = 128, 16, 4, 2, 256
 

@@ -21,6 +21,7 @@ The matmul is `bitsandbytes.matmul_4bit` in the activation (model) dtype, on CUD
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -50,8 +51,20 @@ _QS_PREFIX = "quant_state."
 _SIDE_NAMES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 
 
+class _DropKernelsHubNotice(logging.Filter):
+    """On AVX512-BF16 CPUs bitsandbytes warns at import that it cannot fetch an optional kernel
+    from a model hub; pagedllm never uses that kernel (nor reaches a hub at run time)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+_KERNELS_NOTICE_FILTER = _DropKernelsHubNotice()
+
+
 def import_bnb() -> Any:
     """The bitsandbytes package; ValueError with the install hint when it is missing."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_KERNELS_NOTICE_FILTER)
     try:
         import bitsandbytes
         import bitsandbytes.functional  # noqa: F401
