@@ -329,7 +329,7 @@ def test_tensor_parallel_shards_need_whole_blocks():
     layer = SimpleNamespace(tp_size=2)
     with pytest.raises(ModelLoadError, match="48 of 96 input features .* block size 64"):
         shard_for_rank(layer, "model.layers.0.mlp.down_proj", [Packed4bit(packed, state, 64)],
-                       48, 64)
+                       48, 64, torch.device("cpu"))
 
 
 def test_checkpoint_names():

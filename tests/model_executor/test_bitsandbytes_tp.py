@@ -66,6 +66,7 @@ def _run_rank(rank: int, world: int) -> dict[str, float]:
     for prefix, layer in layers.items():
         layer.replace_linear_method(config.get_linear_method(layer, prefix))
     assert list(config.intercept_weights(weights)) == []  # every tensor kept for the layers
+    assert config.checkpoint_tensors.hold_on_host
     for layer in layers.values():
         layer.linear_method.process_weights_after_loading(layer)
     x = torch.randn(5, INTER, generator=torch.Generator().manual_seed(1))

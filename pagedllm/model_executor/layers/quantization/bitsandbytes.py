@@ -107,6 +107,8 @@ class BitsAndBytesConfig(QuantizationConfig):
             return BitsAndBytesInflightMethod(self)
         if self.bits == 8:
             return BitsAndBytes8bitMethod(self.int8_threshold)
+        if getattr(layer, "tp_size", 1) > 1:
+            self.checkpoint_tensors.hold_on_host = True
         for name in checkpoint_module_names(prefix):
             self.checkpoint_tensors.add_module(name)
         return BitsAndBytesPrequantizedMethod(self, prefix)

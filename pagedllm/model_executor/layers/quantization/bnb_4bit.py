@@ -168,7 +168,7 @@ class BitsAndBytesPrequantizedMethod(LinearMethod):
             return
         full = [tensors.take(name, (None, layer.input_size)) for name in names]
         layer.bnb_parts = [shard_for_rank(layer, self.prefix, full, self.in_features,
-                                          sum(self.out_sizes))]
+                                          sum(self.out_sizes), tensors.device)]
 
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
@@ -182,8 +182,15 @@ class CheckpointTensors:
 
     def __init__(self) -> None:
         self.modules: set[str] = set()
-        self.device = torch.device("cpu")
+        self.device = torch.device("cpu")  # where the layers compute
+        # Under tensor parallelism every rank reads whole matrices and keeps a slice: they
+        # wait on the host, so that no device ever holds the full model.
+        self.hold_on_host = False
         self._tensors: dict[str, dict[str, torch.Tensor]] = {}
+
+    @property
+    def hold_device(self) -> torch.device:
+        return torch.device("cpu") if self.hold_on_host else self.device
 
     def add_module(self, name: str) -> None:
         self.modules.add(name)
@@ -217,7 +224,8 @@ class CheckpointTensors:
                 yield name, tensor
                 continue
             # The quant-state JSON is read on the host; everything else goes to the device now.
-            keep = tensor if key.startswith("weight." + _QS_PREFIX) else tensor.to(self.device)
+            on_host = key.startswith("weight." + _QS_PREFIX)
+            keep = tensor if on_host else tensor.to(self.hold_device)
             self._tensors.setdefault(ours, {})[key] = keep
 
     def take(self, module: str, shape: tuple[int | None, int]) -> Packed4bit:
@@ -249,7 +257,8 @@ class CheckpointTensors:
                 )
             qs_dict[side] = tensor
         try:
-            state = import_bnb().functional.QuantState.from_dict(dict(qs_dict), device=self.device)
+            state = import_bnb().functional.QuantState.from_dict(dict(qs_dict),
+                                                                 device=self.hold_device)
         except (ValueError, KeyError, AssertionError, AttributeError, TypeError) as e:
             raise ModelLoadError(f"bitsandbytes checkpoint: bad quant state {qs_name}: {e}") from e
         _check_state(module, state, weight, shape)
@@ -332,7 +341,8 @@ def _shard_ids(layer: nn.Module, num_modules: int) -> list[Any]:
 
 
 def shard_for_rank(
-    layer: nn.Module, prefix: str, full: list[Packed4bit], in_features: int, out_features: int
+    layer: nn.Module, prefix: str, full: list[Packed4bit], in_features: int, out_features: int,
+    device: torch.device,
 ) -> Packed4bit:
     """This rank's [out_features, in_features] slice of a layer's full checkpoint matrices, as
     one 4-bit matrix. Rows of the packed weight ([n, k/2] bytes) and of the absmax
@@ -356,7 +366,6 @@ def shard_for_rank(
             f"this rank, not a multiple of the block size {bs}; use a smaller "
             "--tensor-parallel-size"
         )
-    device = first.absmax.device
     packed = torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device)
     absmax = torch.empty(out_features, in_features // bs, dtype=torch.float32, device=device)
     for dst in (packed, absmax):
@@ -374,6 +383,6 @@ def shard_for_rank(
                 layer.weight_loader(dst, src, sid)
     state = F.QuantState(
         absmax=absmax.reshape(-1), shape=torch.Size([out_features, in_features]),
-        code=first.code, blocksize=bs, quant_type=first.quant_type, dtype=first.dtype,
+        code=first.code.to(device), blocksize=bs, quant_type=first.quant_type, dtype=first.dtype,
     )
     return Packed4bit(packed.reshape(-1, 1), state, out_features)
