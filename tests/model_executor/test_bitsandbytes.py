@@ -318,6 +318,9 @@ def test_8bit_checkpoint_in_another_layout_is_refused(int8_dir, tmp_path):
     save_file(sd, path, metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match="up_proj.weight_format is 2, not 0"):
         _load(bad)
+    missing = _without(int8_dir, str(tmp_path / "noscb"), "model.layers.1.mlp.down_proj.SCB")
+    with pytest.raises(ModelLoadError, match=r"lacks tensors .*model\.layers\.1\.mlp\.down_proj\.SCB"):
+        _load(missing)
     with pytest.raises(ValueError, match="llm_int8_has_fp16_weight"):
         BitsAndBytesConfig.from_config({"load_in_8bit": True, "llm_int8_has_fp16_weight": True})
 
