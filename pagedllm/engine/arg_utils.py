@@ -18,7 +18,7 @@ from pagedllm.config import (
     ParallelConfig,
     SchedulerConfig,
 )
-from pagedllm.model_executor.layers.quantization import resolve_quantization
+from pagedllm.model_executor.layers.quantization import build_quant_config, resolve_quantization
 from pagedllm.model_executor.layers.rotary_embedding import rope_params_from_config
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class EngineArgs:
                 data_parallel_backend=self.data_parallel_backend,
             ),
             device_config=DeviceConfig(device),
-            enforce_eager=self.enforce_eager,
+            enforce_eager=self.enforce_eager or _quantization_needs_eager(model_config),
         )  # fmt: skip
 
     def _check_supported(self) -> None:
@@ -259,3 +259,20 @@ def _derive_max_model_len(hf_config) -> int:
         if rope_type in ("linear", "yarn"):
             derived = int(derived * float(scaling["factor"]))
     return derived
+
+
+def _quantization_needs_eager(model_config: ModelConfig) -> bool:
+    """Methods whose kernels cannot be captured in CUDA graphs run eagerly, with a warning
+    (vLLM does the same for bitsandbytes 8-bit). A malformed config is left to the loader,
+    which reports it as a ModelLoadError."""
+    if model_config.quantization is None:
+        return False
+    try:
+        quant_config = build_quant_config(model_config.quantization, model_config.hf_config)
+    except (ValueError, NotImplementedError):
+        return False
+    if quant_config is None or quant_config.cuda_graph_safe:
+        return False
+    logger.warning("%s cannot run in CUDA graphs; running eagerly (as --enforce-eager)",
+                   quant_config.describe())
+    return True

@@ -109,7 +109,10 @@ def load_model(
         quant_config = _apply_quantization(model, model_config, device)
     # One allocation on the target device; values come from the checkpoint next.
     materialize(model, device)
-    load_weights_checked(model, iterate_weights(model_config))
+    weights = iterate_weights(model_config)
+    if quant_config is not None:
+        weights = quant_config.intercept_weights(weights)
+    load_weights_checked(model, weights)
     if quant_config is not None:
         process_weights_after_loading(model)
     logger.info(

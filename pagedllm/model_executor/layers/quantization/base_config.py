@@ -9,6 +9,7 @@ methods in on the built model, see `quantize_model`).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -58,8 +59,22 @@ class QuantizationConfig:
         `model.layers.0.self_attn.qkv_proj`), or None to leave it unquantized."""
         raise NotImplementedError
 
+    def intercept_weights(
+        self, weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> Iterator[tuple[str, torch.Tensor]]:
+        """The checkpoint stream as the model's `load_weights` should see it. A method whose
+        checkpoint holds tensors no parameter can take (bitsandbytes' variable-size quant
+        states) keeps them here for `process_weights_after_loading`; default: unchanged."""
+        return iter(weights)
+
     def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
         """Raises ValueError when this method cannot run on `device` in `dtype`."""
+
+    @property
+    def cuda_graph_safe(self) -> bool:
+        """False when the method's kernels sync with the host or change shapes at run time;
+        the engine then runs eagerly."""
+        return True
 
     def describe(self) -> str:
         """One line for the start-up log."""
