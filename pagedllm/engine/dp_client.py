@@ -71,18 +71,26 @@ class DPEngineClient:
             r.start()
 
     async def wait_ready(self, timeout: float = 600.0) -> list[EngineCoreReady]:
-        """Every replica's handshake; the first failure is raised (the caller shuts down)."""
-        results = await asyncio.gather(
-            *(r.wait_ready(timeout) for r in self.replicas), return_exceptions=True
-        )
-        for i, res in enumerate(results):
-            if isinstance(res, BaseException):
-                if self.num_replicas > 1 and isinstance(res, EngineDeadError):
-                    raise EngineDeadError(f"data-parallel engine {i}: {res}") from res
-                raise res
-        return list(results)
+        """Every replica's handshake. The first failure is raised at once, without waiting for
+        the other replicas to finish loading (the caller shuts them all down)."""
+        tasks = [asyncio.ensure_future(r.wait_ready(timeout)) for r in self.replicas]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for t in tasks:
+                t.cancel()
+        for i, t in enumerate(tasks):
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                err = t.exception()
+                if self.num_replicas > 1 and isinstance(err, EngineDeadError):
+                    raise EngineDeadError(f"data-parallel engine {i}: {err}") from err
+                raise err
+        return [t.result() for t in tasks]
 
     def shutdown(self) -> None:
+        """Stops every replica: all are asked first, so they wind down together."""
+        for r in self.replicas:
+            r.begin_shutdown()
         for r in self.replicas:
             r.shutdown()
 

@@ -21,7 +21,7 @@ import torch
 
 from pagedllm.engine.async_llm import FinishedRequestStats, IterationStats
 from pagedllm.engine.protocol import SchedulerStats
-from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
+from pagedllm.entrypoints.openai.metrics import LoggingStatLogger, PrometheusStatLogger
 from tests.entrypoints.remote_server import RemoteServer, assert_children_exit
 
 MODEL = "smol"
@@ -66,6 +66,17 @@ def test_per_engine_series_and_totals():
     # One replica: vLLM's series exactly (engine="0"), no duplicate totals.
     one = PrometheusStatLogger(MODEL, 128).render().decode()
     assert series(one, "pagedllm:num_requests_running") == {"0": 0}
+
+
+def test_log_line_per_replica():
+    logger = LoggingStatLogger(num_engines=2)
+    logger.record(SchedulerStats(num_running_reqs=3, num_generation_tokens=7), IterationStats(), 1)
+    line = logger.maybe_log()
+    assert line is not None and line.startswith("Engine 001: ") and "Running: 3 reqs" in line
+    assert "Engine 000" not in line  # idle replicas stay quiet
+    one = LoggingStatLogger()
+    one.record(SchedulerStats(num_waiting_reqs=2), IterationStats())
+    assert one.maybe_log().startswith("Avg prompt throughput")  # vLLM's line without DP
 
 
 # ---- live server ----
