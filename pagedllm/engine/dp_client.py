@@ -52,11 +52,15 @@ class DPEngineClient:
             )
         num_gpus = _num_visible_gpus(config)
         threads = torch.get_num_threads()
+        envs = [replica_env(config, i, num_gpus, threads)
+                for i in range(parallel.data_parallel_size)]
         self.replicas: list[ReplicaClient] = [
-            factory(config, log_level=log_level, engine_index=i,
-                    env=replica_env(config, i, num_gpus, threads))
-            for i in range(parallel.data_parallel_size)
+            factory(config, log_level=log_level, engine_index=i, env=env)
+            for i, env in enumerate(envs)
         ]
+        if len(self.replicas) > 1:
+            logger.info("data parallelism: %d engine-core replicas (%s backend); %s", len(envs),
+                        backend, "; ".join(f"engine {i}: {env}" for i, env in enumerate(envs)))
         self.balancer = LoadBalancer(len(self.replicas))
         self._owner: dict[str, int] = {}  # external request id -> replica index
 
