@@ -109,9 +109,19 @@ class DPEngineClient:
         self.balancer.mark_dead(index)
 
     # ---- requests ----
-    def add_requests(self, external_id: str, requests: list[EngineCoreRequest]) -> int:
-        """Sends one external request's engine-core requests to the least-loaded replica."""
-        index = self.balancer.pick()
+    def check_rank(self, rank: int | None) -> None:
+        """Refuses a pinned replica (vLLM's data_parallel_rank) that does not exist."""
+        if rank is not None and not 0 <= rank < self.num_replicas:
+            raise ValueError(
+                f"data_parallel_rank {rank} is out of range: this server runs "
+                f"{self.num_replicas} data-parallel replica(s), ranks 0..{self.num_replicas - 1}"
+            )
+
+    def add_requests(self, external_id: str, requests: list[EngineCoreRequest],
+                     rank: int | None = None) -> int:
+        """Sends one external request's engine-core requests to the least-loaded replica, or
+        to replica `rank` when the caller pins one (checked with `check_rank` first)."""
+        index = self.balancer.pick() if rank is None else rank
         self._owner[external_id] = index
         replica = self.replicas[index]
         for req in requests:
