@@ -157,6 +157,23 @@ def test_data_parallel_rank_header_pins_the_replica(dp_server):
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
 
 
+def test_n_children_stay_on_one_replica(dp_server):
+    """n > 1 fans out into n engine requests that share the prompt's blocks: one replica."""
+    url = dp_server.url
+    for _ in range(2):
+        before = series(httpx.get(url + "/metrics").text, "pagedllm:request_success_total",
+                        finished_reason="length")
+        r = httpx.post(url + "/v1/completions", timeout=60, json={
+            "prompt": "Once upon a time", "max_tokens": 3, "n": 3, "ignore_eos": True,
+            "seed": 1})
+        assert r.status_code == 200
+        assert sorted(c["index"] for c in r.json()["choices"]) == [0, 1, 2]
+        assert r.json()["usage"]["completion_tokens"] == 9
+        after = series(httpx.get(url + "/metrics").text, "pagedllm:request_success_total",
+                       finished_reason="length")
+        assert sorted(after[e] - before[e] for e in ("0", "1")) == [0, 3]
+
+
 def test_aborts_reach_the_owning_replica(dp_server):
     """Cancelled streams on both replicas stop running at once (a misrouted abort would leave
     them generating up to their max_tokens)."""
