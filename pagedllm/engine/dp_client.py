@@ -71,8 +71,12 @@ class DPEngineClient:
     # ---- lifecycle ----
     def start(self) -> None:
         """Starts every replica at once (they load their models in parallel)."""
-        for r in self.replicas:
-            r.start()
+        try:
+            for r in self.replicas:
+                r.start()
+        except BaseException:
+            self.shutdown()  # none left half-started
+            raise
 
     async def wait_ready(self, timeout: float = 600.0) -> list[EngineCoreReady]:
         """Every replica's handshake. The first failure is raised at once, without waiting for
