@@ -10,6 +10,7 @@ import torch
 
 from pagedllm import envs
 from pagedllm.config import (
+    DATA_PARALLEL_BACKENDS,
     SCHEDULING_POLICIES,
     CacheConfig,
     DeviceConfig,
@@ -18,6 +19,7 @@ from pagedllm.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from pagedllm.engine.data_parallel import check_gpu_count
 from pagedllm.model_executor.layers.quantization import build_quant_config, resolve_quantization
 from pagedllm.model_executor.layers.rotary_embedding import rope_params_from_config
 
@@ -109,6 +111,15 @@ class EngineArgs:
         resolved = resolve_model(self.model)
         device = self._resolve_device()
         model_config = self._model_config(resolved, device)
+        parallel_config = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend,
+            data_parallel_backend=self.data_parallel_backend,
+        )
+        if device == "cuda":
+            check_gpu_count(parallel_config, torch.cuda.device_count())
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(
@@ -123,23 +134,17 @@ class EngineArgs:
                 kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler_config=self._scheduler_config(model_config, device),
-            parallel_config=ParallelConfig(
-                tensor_parallel_size=self.tensor_parallel_size,
-                pipeline_parallel_size=self.pipeline_parallel_size,
-                data_parallel_size=self.data_parallel_size,
-                distributed_executor_backend=self.distributed_executor_backend,
-                data_parallel_backend=self.data_parallel_backend,
-            ),
+            parallel_config=parallel_config,
             device_config=DeviceConfig(device),
             enforce_eager=self.enforce_eager or _quantization_needs_eager(model_config),
         )  # fmt: skip
 
     def _check_supported(self) -> None:
-        parallel = (self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
-        if parallel != (1, 1, 1):
+        if (self.tensor_parallel_size, self.pipeline_parallel_size) != (1, 1):
             raise NotImplementedError(
-                "tensor/pipeline/data parallel sizes > 1 are not implemented yet in pagedllm; use 1"
+                "tensor/pipeline parallel sizes > 1 are not implemented yet in pagedllm; use 1"
             )
+        self._check_data_parallel()
         if self.load_format not in ("auto", "safetensors", "gguf"):
             raise NotImplementedError(f"load_format={self.load_format!r} is not implemented yet")
         if self.kv_cache_dtype != "auto":
@@ -150,6 +155,22 @@ class EngineArgs:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
                 f"got {self.scheduling_policy!r}"
+            )
+
+    def _check_data_parallel(self) -> None:
+        dp = self.data_parallel_size
+        if not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
+            raise ValueError(f"--data-parallel-size must be an integer >= 1; got {dp!r}")
+        backend = self.data_parallel_backend
+        if backend not in DATA_PARALLEL_BACKENDS:
+            raise ValueError(
+                f"--data-parallel-backend must be one of {', '.join(DATA_PARALLEL_BACKENDS)}; "
+                f"got {backend!r}"
+            )
+        if backend == "ray":
+            raise NotImplementedError(
+                "--data-parallel-backend ray is not implemented yet in pagedllm; use mp (the "
+                "default: one engine-core process per replica on this machine)"
             )
 
     def _resolve_task(self, archs: list[str]) -> str:
