@@ -134,7 +134,10 @@ def quantize_model(model: nn.Module, quant_config: QuantizationConfig) -> int:
         if isinstance(module, LinearBase):
             method = quant_config.get_linear_method(module, prefix)
             if method is not None:
-                module.replace_linear_method(method)
+                try:
+                    module.replace_linear_method(method)
+                except ValueError as e:
+                    raise ValueError(f"layer {prefix}: {e}") from e
                 count += 1
     return count
 
@@ -143,9 +146,12 @@ def process_weights_after_loading(model: nn.Module) -> None:
     """Lets each linear layer's method repack / quantize its loaded weights."""
     from pagedllm.model_executor.layers.linear import LinearBase
 
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         if isinstance(module, LinearBase):
-            module.linear_method.process_weights_after_loading(module)
+            try:
+                module.linear_method.process_weights_after_loading(module)
+            except ValueError as e:
+                raise ValueError(f"layer {prefix}: {e}") from e
 
 
 __all__ = [

@@ -1,0 +1,182 @@
+"""Weight-only integer GEMM (int4 / int8 / int2 x bf16 / fp16): y = x @ dequant(qweight).
+
+Layout streamed by the kernel (what GPTQ and AWQ checkpoints are repacked into at load, see
+`quantization/packed_int.py`): qweight [K * bits / 32, N] int32, word [i, n] holding input
+rows i*32/bits .. (i+1)*32/bits - 1 of output column n in ascending bit order; scales and
+zero points [G, N] in the activation dtype (zero points as exact integers); optional
+g_idx [K] int32 (group of each row, after act-order rows were sorted at load). A program
+owns a BLOCK_M x BLOCK_N tile of y and walks its K range; each packed word is loaded once
+per tile as a contiguous row of BLOCK_N int32 (coalesced along N) and the values are
+dequantized in registers as (q - z) * s in float32, then rounded to the activation dtype for
+`tl.dot`. Small M (decode) splits K across programs so that the weight stream, the
+bound at M = 1..32, is spread over every SM; the fp32 partials are summed afterwards.
+
+The reference is `packed_int.int_linear_ref`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
+
+
+@triton.jit
+def _int_gemm_kernel(
+    x_ptr,  # [M, K]
+    qw_ptr,  # [K * BITS / 32, N] int32
+    s_ptr,  # [G, N]
+    z_ptr,  # [G, N]
+    g_ptr,  # [K] int32 (read only when HAS_GIDX)
+    out_ptr,  # [SPLIT_K, M, N]
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_os,
+    K_PER_SPLIT,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    HAS_GIDX: tl.constexpr,
+    GROUP_PER_BLOCK: tl.constexpr,  # BLOCK_K rows never cross a group boundary
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_UPCAST: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < k_end
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        wmask = k_ok[:, None] & n_ok[None, :]
+        packed = tl.load(qw_ptr + (offs_k[:, None] // PACK).to(tl.int64) * N + offs_n[None, :],
+                         mask=wmask, other=0)
+        q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MASK
+        if GROUP_PER_BLOCK:
+            g = k0 // GROUP_SIZE
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        else:
+            if HAS_GIDX:
+                g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)
+            else:
+                g = offs_k // GROUP_SIZE
+            goff = g[:, None].to(tl.int64) * N + offs_n[None, :]
+            s = tl.load(s_ptr + goff, mask=wmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + goff, mask=wmask, other=0.0).to(tl.float32)
+        w = (q.to(tl.float32) - z) * s
+        w = w.to(x_ptr.dtype.element_ty)
+        if DOT_UPCAST:
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    out = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * N \
+        + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@dataclass(frozen=True, slots=True)
+class GemmConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+def _interpreted() -> bool:
+    # The Triton interpreter multiplies the raw bits of bfloat16 dot operands (see
+    # attention/ops/paged_attention.py), so under TRITON_INTERPRET the dot runs in fp32.
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
+    """Tile sizes by M: decode shapes split K until about two programs run per SM."""
+    if m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 32:
+        bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
+    elif m <= 64:
+        bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    split = 1
+    if m <= 64:
+        target = 2 * _num_sms(device)
+        max_split = max(1, k // (4 * bk))  # each split streams at least four K blocks
+        split = max(1, min(max_split, triton.cdiv(target, tiles)))
+    return GemmConfig(bm, bn, bk, split, warps, stages)
+
+
+def int_gemm(
+    x: torch.Tensor,  # [M, K] fp16 / bf16 / fp32
+    qweight: torch.Tensor,  # [K * bits / 32, N] int32
+    zeros: torch.Tensor,  # [G, N], x's dtype
+    scales: torch.Tensor,  # [G, N], x's dtype
+    bits: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,  # [K] int32
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """[M, N] = x @ dequant(qweight) in x's dtype (see the module docstring)."""
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"the int GEMM kernel supports {KERNEL_BITS}-bit weights, not {bits}")
+    m, k = x.shape
+    n = qweight.shape[1]
+    if qweight.shape[0] * (32 // bits) != k:
+        raise ValueError(f"qweight {tuple(qweight.shape)} does not hold {k} rows of {bits} bits")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    cfg = config or choose_config(m, n, k, x.device)
+    bk = cfg.block_k
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), bk) * bk
+    split = triton.cdiv(k, k_per_split)
+    out_dtype = x.dtype if split == 1 else torch.float32
+    out = torch.empty((split, m, n), dtype=out_dtype, device=x.device)
+    # K blocks start at multiples of BLOCK_K, so a block lies inside one group when
+    # BLOCK_K divides the group size: one row of scales and zeros per block.
+    group_per_block = g_idx is None and group_size % bk == 0
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    _int_gemm_kernel[grid](
+        x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out,
+        m, n, k, x.stride(0), out.stride(0), k_per_split,
+        BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
+        GROUP_PER_BLOCK=group_per_block,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
+        DOT_UPCAST=_interpreted() or x.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if split == 1:
+        return out[0]
+    return out.sum(0).to(x.dtype)
