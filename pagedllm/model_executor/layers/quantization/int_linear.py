@@ -108,21 +108,38 @@ def finalize(layer: nn.Module, cw: CanonicalWeights, method_name: str) -> None:
         w = dequantize(cw.qweight, cw.zeros, cw.scales, cw.bits, cw.group_size, g_idx)
         _replace(layer, "weight", w.t().to(layer.params_dtype).contiguous())  # [N, K]
         return
-    qweight = cw.qweight
-    if g_idx is not None:
-        perm = torch.argsort(g_idx, stable=True)
-        k = g_idx.numel()
-        q = unpack_int32(qweight, cw.bits, 0, k)[perm]
-        qweight = pack_int32(q, cw.bits, 0)
-        g_idx = g_idx[perm]
-        _replace(layer, "int_perm", perm.to(device))
-        if trivial_groups(g_idx, cw.group_size):
-            g_idx = None
-    _replace(layer, "int_qweight", qweight.contiguous())
-    # Zero points are small integers, exact in fp16; scales keep the checkpoint's fp16.
-    _replace(layer, "int_zeros", cw.zeros.to(torch.float16).contiguous())
-    _replace(layer, "int_scales", cw.scales.to(torch.float16).contiguous())
-    if g_idx is not None:
-        _replace(layer, "int_g_idx", g_idx.to(torch.int32).contiguous())
+    kernel = kernel_layout(cw)
+    for name in ("qweight", "zeros", "scales", "g_idx", "perm"):
+        tensor = getattr(kernel, name)
+        if tensor is not None:
+            _replace(layer, f"int_{name}", tensor)
     layer.int_bits = cw.bits
     layer.int_group_size = cw.group_size
+
+
+@dataclass(slots=True)
+class KernelWeights:
+    """The Triton GEMM's operands (layout in `layers/ops/int_gemm.py`)."""
+
+    qweight: torch.Tensor  # [K * bits / 32, N] int32, rows in `perm` order
+    zeros: torch.Tensor  # [G, N] fp16
+    scales: torch.Tensor  # [G, N] fp16
+    g_idx: torch.Tensor | None  # [K] int32 of the permuted rows, None when contiguous
+    perm: torch.Tensor | None  # [K] int64: the kernel reads x[:, perm]
+
+
+def kernel_layout(cw: CanonicalWeights) -> KernelWeights:
+    """Sorts act-order rows by group (repacking qweight) so groups are contiguous."""
+    qweight, g_idx, perm = cw.qweight, cw.g_idx, None
+    if g_idx is not None and trivial_groups(g_idx, cw.group_size):
+        g_idx = None
+    if g_idx is not None:
+        perm = torch.argsort(g_idx, stable=True)
+        q = unpack_int32(qweight, cw.bits, 0, g_idx.numel())[perm]
+        qweight = pack_int32(q, cw.bits, 0)
+        g_idx = g_idx[perm]
+        g_idx = None if trivial_groups(g_idx, cw.group_size) else g_idx.to(torch.int32)
+    # Zero points are small integers, exact in fp16; scales keep the checkpoint's fp16.
+    return KernelWeights(qweight.contiguous(), cw.zeros.to(torch.float16).contiguous(),
+                         cw.scales.to(torch.float16).contiguous(),
+                         g_idx.contiguous() if g_idx is not None else None, perm)
