@@ -45,6 +45,16 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def int_gemm_unpack() -> str:
+    """How the int GEMM expands packed words in registers: "gather" (each row loads its word,
+    L1-served) or "reshape" (each word loaded once, shifted out along a new axis). For
+    kernel tuning on the GPU; see model_executor/layers/ops/int_gemm.py."""
+    value = os.environ.get("PAGEDLLM_INT_GEMM_UNPACK", "gather")
+    if value not in ("gather", "reshape"):
+        raise ValueError(f"PAGEDLLM_INT_GEMM_UNPACK={value!r}: choose gather or reshape")
+    return value
+
+
 def apply_openmp_defaults() -> None:
     """Sleep, don't spin, in OpenMP waits unless the user chose otherwise.
 

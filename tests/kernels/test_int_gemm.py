@@ -49,11 +49,12 @@ def _canonical(k: int, n: int, bits: int, group_size: int, act_order: bool, seed
                             g_idx.to(DEVICE) if g_idx is not None else None)
 
 
-def _run(cw: CanonicalWeights, x: torch.Tensor, config: GemmConfig | None) -> torch.Tensor:
+def _run(cw: CanonicalWeights, x: torch.Tensor, config: GemmConfig | None,
+         unpack: str = "gather") -> torch.Tensor:
     kw = kernel_layout(cw)
     xk = x.index_select(1, kw.perm) if kw.perm is not None else x
     return int_gemm(xk, kw.qweight, kw.zeros, kw.scales, cw.bits, cw.group_size, kw.g_idx,
-                    config)
+                    config, unpack)
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -73,6 +74,8 @@ def test_matches_reference_fp32(bits: int, group_size: int, act_order: bool) -> 
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ref = int_linear_ref(x, cw.qweight, cw.zeros, cw.scales, bits, group_size, cw.g_idx)
     assert _rel_err(_run(cw, x, SMALL), ref) < 1e-5
+    if group_size in (48, 160):
+        assert _rel_err(_run(cw, x, SMALL, "reshape"), ref) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -97,7 +100,8 @@ def test_split_k_and_ragged_groups() -> None:
     kw = kernel_layout(cw)
     assert kw.g_idx is not None and kw.perm is not None
     split = GemmConfig(16, 32, 32, split_k=3, num_warps=4, num_stages=1)
-    assert _rel_err(_run(cw, x, split), ref) < 1e-5
+    for unpack in ("gather", "reshape"):
+        assert _rel_err(_run(cw, x, split, unpack), ref) < 1e-5
 
 
 def test_default_config_for_decode_splits_k() -> None:

@@ -44,13 +44,20 @@ CASES: dict[str, tuple[str, dict, QuantSpec]] = {
 }
 
 
+_BUILT: dict[str, tuple[str, str]] = {}
+
+
 def _dirs(tmp_path_factory, case: str) -> tuple[str, str]:
+    """(quantized dir, reference dir) of a case, written once per session."""
+    if case in _BUILT:
+        return _BUILT[case]
     arch, overrides, spec = CASES[case]
     root = tmp_path_factory.mktemp(case)
     src = build_random_hf_model_dir(str(root / "fp32"), tiny_config(arch, **overrides),
                                     seed=3, std=0.1)
     quant, ref = str(root / "quant"), str(root / "ref")
     write_quantized_checkpoint(src, quant, ref, spec, seed=4)
+    _BUILT[case] = quant, ref
     return quant, ref
 
 
@@ -87,6 +94,26 @@ def test_quantized_checkpoint_matches_dequantized_reference(case, tmp_path_facto
     assert isinstance(mlp.down_proj.linear_method, UnquantizedLinearMethod) == skipped
     assert isinstance(mlp.gate_up_proj.linear_method, PackedIntLinearMethod)
     assert {n for n, _ in mlp.gate_up_proj.named_parameters()} == {"weight"}
+    logits = prefill_logits(ours, torch.tensor(prompt))
+    assert (torch.log_softmax(logits, -1) - hf_full[: len(prompt)]).abs().max() < 1e-3
+
+
+@pytest.mark.parametrize("case", ["gptq4_asym_act_v2_qwen3", "awq_g32_llama"])
+def test_triton_path_in_the_model(case, tmp_path_factory, monkeypatch) -> None:
+    """The GPU layout (act-order rows sorted, activations permuted, Triton GEMM) inside the
+    model, run by the Triton interpreter on CPU."""
+    from pagedllm.model_executor.layers.quantization import int_linear
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(int_linear, "KERNEL_ON_CPU", True)
+    quant, ref = _dirs(tmp_path_factory, case)
+    prompt = np.random.default_rng(1).integers(0, 256, size=13).tolist()
+    _, _, hf_full = _hf_reference(ref, prompt)
+    ours = load_ours(quant)
+    qkv = ours.model.layers[0].self_attn.qkv_proj
+    assert "weight" not in dict(qkv.named_parameters())
+    assert qkv.int_qweight.shape == (64 // 8, 128) and qkv.int_bits == 4
+    assert ("int_perm" in dict(qkv.named_parameters())) == ("act" in case)
     logits = prefill_logits(ours, torch.tensor(prompt))
     assert (torch.log_softmax(logits, -1) - hf_full[: len(prompt)]).abs().max() < 1e-3
 

@@ -5,11 +5,14 @@ Layout streamed by the kernel (what GPTQ and AWQ checkpoints are repacked into a
 rows i*32/bits .. (i+1)*32/bits - 1 of output column n in ascending bit order; scales and
 zero points [G, N] in the activation dtype (zero points as exact integers); optional
 g_idx [K] int32 (group of each row, after act-order rows were sorted at load). A program
-owns a BLOCK_M x BLOCK_N tile of y and walks its K range; each packed word is loaded once
-per tile as a contiguous row of BLOCK_N int32 (coalesced along N) and the values are
-dequantized in registers as (q - z) * s in float32, then rounded to the activation dtype for
-`tl.dot`. Small M (decode) splits K across programs so that the weight stream, the
-bound at M = 1..32, is spread over every SM; the fp32 partials are summed afterwards.
+owns a BLOCK_M x BLOCK_N tile of y and walks its K range; packed words are read as
+contiguous rows of BLOCK_N int32 (coalesced along N) and dequantized in registers as
+(q - z) * s in float32, then rounded to the activation dtype for `tl.dot`. Two ways to
+expand the words (`PAGEDLLM_INT_GEMM_UNPACK`, for tuning on the GPU): "gather", each of the
+BLOCK_K rows loads its word (the repeats are L1 hits), and "reshape", each word is loaded once
+and its values shifted out along a new axis. Small M (decode) splits K across programs so
+that the weight stream, the bound at M = 1..32, is spread over every SM; the fp32 partials
+are summed afterwards.
 
 The reference is `packed_int.int_linear_ref`.
 """
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm import envs
 
 KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
 
@@ -44,6 +49,7 @@ def _int_gemm_kernel(
     GROUP_SIZE: tl.constexpr,
     HAS_GIDX: tl.constexpr,
     GROUP_PER_BLOCK: tl.constexpr,  # BLOCK_K rows never cross a group boundary
+    UNPACK_RESHAPE: tl.constexpr,  # see envs.int_gemm_unpack
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -67,9 +73,18 @@ def _int_gemm_kernel(
         x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         wmask = k_ok[:, None] & n_ok[None, :]
-        packed = tl.load(qw_ptr + (offs_k[:, None] // PACK).to(tl.int64) * N + offs_n[None, :],
-                         mask=wmask, other=0)
-        q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MASK
+        if UNPACK_RESHAPE:
+            # Each word once: [BLOCK_K / PACK, BLOCK_N] -> [.., PACK, ..] -> [BLOCK_K, BLOCK_N].
+            offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+            packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :],
+                             mask=(offs_w[:, None] * PACK < k_end) & n_ok[None, :], other=0)
+            shifts = tl.arange(0, PACK) * BITS
+            q = (packed[:, None, :] >> shifts[None, :, None]) & MASK
+            q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+        else:
+            packed = tl.load(qw_ptr + (offs_k[:, None] // PACK).to(tl.int64) * N
+                             + offs_n[None, :], mask=wmask, other=0)
+            q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MASK
         if GROUP_PER_BLOCK:
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -149,6 +164,7 @@ def int_gemm(
     group_size: int,
     g_idx: torch.Tensor | None = None,  # [K] int32
     config: GemmConfig | None = None,
+    unpack: str | None = None,
 ) -> torch.Tensor:
     """[M, N] = x @ dequant(qweight) in x's dtype (see the module docstring)."""
     if bits not in KERNEL_BITS:
@@ -173,6 +189,7 @@ def int_gemm(
         m, n, k, x.stride(0), out.stride(0), k_per_split,
         BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
         GROUP_PER_BLOCK=group_per_block,
+        UNPACK_RESHAPE=(unpack or envs.int_gemm_unpack()) == "reshape",
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
         DOT_UPCAST=_interpreted() or x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -31,6 +31,8 @@ from pagedllm.model_executor.layers.quantization.packed_int import (
 logger = logging.getLogger(__name__)
 
 KERNEL_BITS: tuple[int, ...] = (2, 4, 8)  # the Triton kernel's widths (ops/int_gemm.py)
+# Tests set this to run the Triton path on CPU tensors under TRITON_INTERPRET=1.
+KERNEL_ON_CPU = False
 _logged_dense_fallback: set[int] = set()
 
 
@@ -99,7 +101,7 @@ def finalize(layer: nn.Module, cw: CanonicalWeights, method_name: str) -> None:
     g_idx = cw.g_idx
     if g_idx is not None and trivial_groups(g_idx, cw.group_size):
         g_idx = None
-    if device.type != "cuda" or cw.bits not in KERNEL_BITS:
+    if (device.type != "cuda" and not KERNEL_ON_CPU) or cw.bits not in KERNEL_BITS:
         if device.type == "cuda" and cw.bits not in _logged_dense_fallback:
             _logged_dense_fallback.add(cw.bits)
             logger.warning("%s %d-bit weights have no Triton kernel; they are dequantized to "
