@@ -178,3 +178,32 @@ def test_awq_other_versions_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="GPTQ checkpoint_format 'marlin'"):
         get_quantization_config_cls("gptq").from_config(
             {"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
+
+
+def test_flag_naming_the_method_is_accepted_and_a_contradiction_refused(gptq_dir) -> None:
+    llm = LLM(model=gptq_dir, quantization="gptq", skip_tokenizer_init=True, dtype="float32",
+              kv_cache_space=0.01)
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
+                       SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+    with pytest.raises(ValueError, match="--quantization awq contradicts the checkpoint"):
+        LLM(model=gptq_dir, quantization="awq", skip_tokenizer_init=True, dtype="float32",
+            kv_cache_space=0.01)
+
+
+def test_autogptq_quantize_config_json_beside_config(gptq_dir, tmp_path) -> None:
+    """Older AutoGPTQ checkpoints keep their settings in quantize_config.json (no
+    quant_method) instead of config.json."""
+    old = _variant(gptq_dir, str(tmp_path / "old"))
+    with open(os.path.join(old, "config.json")) as f:
+        config = json.load(f)
+    qc = config.pop("quantization_config")
+    del qc["quant_method"]
+    with open(os.path.join(old, "config.json"), "w") as f:
+        json.dump(config, f)
+    with open(os.path.join(old, "quantize_config.json"), "w") as f:
+        json.dump(qc, f)
+    prompt = torch.tensor([5, 9, 2, 7])
+    ref = prefill_logits(load_ours(gptq_dir), prompt)
+    assert torch.equal(prefill_logits(load_ours(old), prompt), ref)

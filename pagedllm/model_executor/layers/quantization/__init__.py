@@ -77,6 +77,34 @@ def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
     return qc
 
 
+# Files older AutoGPTQ / AutoAWQ checkpoints keep beside config.json instead of its
+# `quantization_config`, and the method each implies when the file names none.
+STANDALONE_CONFIG_FILES: tuple[tuple[str, str], ...] = (
+    ("quantize_config.json", "gptq"),
+    ("quant_config.json", "awq"),
+)
+
+
+def standalone_quant_config(model_dir: str) -> dict[str, Any] | None:
+    """The quantization config of a checkpoint directory whose config.json has none."""
+    import json
+    import os
+
+    for filename, method in STANDALONE_CONFIG_FILES:
+        path = os.path.join(model_dir, filename)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    qc = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"unreadable quantization config {path}: {e}") from e
+            if not isinstance(qc, dict):
+                raise ValueError(f"quantization config {path} is not a JSON object")
+            qc.setdefault("quant_method", method)
+            return qc
+    return None
+
+
 def resolve_quantization(flag: str | None, hf_config: Any) -> str | None:
     """The method the model runs with: the checkpoint's, checked against the flag; or the
     flag alone for a 16-bit checkpoint (on-the-fly methods only). ValueError on a conflict."""

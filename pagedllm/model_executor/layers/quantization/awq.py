@@ -30,7 +30,11 @@ from pagedllm.model_executor.layers.quantization.int_linear import (
     CanonicalWeights,
     PackedIntLinearMethod,
 )
-from pagedllm.model_executor.layers.quantization.packed_int import pack_int32, unpack_int32
+from pagedllm.model_executor.layers.quantization.packed_int import (
+    column_chunks,
+    pack_int32,
+    unpack_int32,
+)
 from pagedllm.model_executor.layers.utils import set_weight_attrs
 
 # Nibble i of a packed word holds column AWQ_ORDER[i] of its run of 8.
@@ -138,11 +142,16 @@ class AWQLinearMethod(PackedIntLinearMethod):
 
     def to_canonical(self, layer: nn.Module) -> CanonicalWeights:
         k, n = layer.qweight.shape[0], layer.scales.shape[1]
-        q = unpack_awq(layer.qweight.data, n)  # [K, N]
+        # [K, N / 8] interleaved along N -> [K / 8, N] along K, a few thousand columns at once.
+        qweight = torch.cat([
+            pack_int32(unpack_awq(layer.qweight.data[:, cols.start // _PACK:cols.stop // _PACK],
+                                  cols.stop - cols.start), AWQ_BITS, 0)
+            for cols in column_chunks(n)
+        ], dim=1)
         if self.zero_point:
             zeros = unpack_awq(layer.qzeros.data, n).float()
         else:
             zeros = torch.full_like(layer.scales.data, 2 ** (AWQ_BITS - 1), dtype=torch.float32)
         group_size = k if self.group_size == -1 else self.group_size
-        return CanonicalWeights(pack_int32(q, AWQ_BITS, 0), zeros, layer.scales.data.float(),
+        return CanonicalWeights(qweight, zeros, layer.scales.data.float(),
                                 AWQ_BITS, group_size)

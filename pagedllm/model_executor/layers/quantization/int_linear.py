@@ -23,6 +23,7 @@ from torch import nn
 
 from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.quantization.packed_int import (
+    column_chunks,
     dequantize,
     pack_int32,
     unpack_int32,
@@ -137,8 +138,11 @@ def kernel_layout(cw: CanonicalWeights) -> KernelWeights:
         g_idx = None
     if g_idx is not None:
         perm = torch.argsort(g_idx, stable=True)
-        q = unpack_int32(qweight, cw.bits, 0, g_idx.numel())[perm]
-        qweight = pack_int32(q, cw.bits, 0)
+        k = g_idx.numel()
+        qweight = torch.cat([
+            pack_int32(unpack_int32(qweight[:, cols], cw.bits, 0, k)[perm], cw.bits, 0)
+            for cols in column_chunks(qweight.shape[1])
+        ], dim=1)
         g_idx = g_idx[perm]
         g_idx = None if trivial_groups(g_idx, cw.group_size) else g_idx.to(torch.int32)
     # Zero points are small integers, exact in fp16; scales keep the checkpoint's fp16.

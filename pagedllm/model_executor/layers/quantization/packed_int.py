@@ -81,6 +81,12 @@ def unpack_int32(packed: torch.Tensor, bits: int, dim: int, n: int | None = None
     return vals.to(torch.int32).movedim(0, dim).contiguous()
 
 
+def column_chunks(n: int, size: int = 4096) -> list[slice]:
+    """Column ranges for load-time repacks, bounding their int64 temporaries (a 70B
+    gate_up projection unpacked whole would need gigabytes)."""
+    return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+
 def group_index(g_idx: torch.Tensor | None, k: int, group_size: int) -> torch.Tensor:
     """[K] group of each input row."""
     if g_idx is not None:
