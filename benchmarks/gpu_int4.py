@@ -1,0 +1,259 @@
+"""GPTQ / AWQ on the GPU: the int GEMM kernel table, random int4 Llama checkpoints, decode speed.
+
+    python benchmarks/gpu_int4.py kernels                 # table at M = 1, 16, 64, 256
+    python benchmarks/gpu_int4.py write --out /tmp/pagedllm_models [--model llama-3.1-70b]
+    python benchmarks/gpu_int4.py decode --out /tmp/pagedllm_models   # bf16 vs gptq vs awq
+    TRITON_INTERPRET=1 python benchmarks/gpu_int4.py kernels --smoke  # CPU, logic only
+
+`kernels`: Llama-3.1-8B projections (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down
+14336->4096), 4-bit group 128 (and 8-bit), each unpack variant; checked against the torch
+reference; time vs bf16 cuBLAS (`F.linear`), and as a share of the floor set by streaming the
+packed weights, scales and zero points (copy bandwidth measured at start-up).
+`write`: random GPTQ (4-bit, g128, sym, format gptq) and AWQ (4-bit, g128) checkpoints of the
+configuration, packed tensors drawn directly (every int32 is a valid packed word), for
+`pagedllm bench throughput --model DIR` and `decode`.
+`decode`: tokens/s of one stream and of 16 streams (128 new tokens each) per checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pagedllm.model_executor.layers.ops.int_gemm import choose_config, int_gemm  # noqa: E402
+from pagedllm.model_executor.layers.quantization.packed_int import (  # noqa: E402
+    dequantize,
+    int_linear_ref,
+)
+
+SHAPES_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
+             "down": (14336, 4096)}
+LLAMA_3_1_70B_OVERRIDES = {"hidden_size": 8192, "intermediate_size": 28672,
+                           "num_hidden_layers": 80, "num_attention_heads": 64,
+                           "num_key_value_heads": 8}
+
+
+def _bench(fn, device: str) -> float:
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    t0 = time.perf_counter()
+    fn()
+    return 1e3 * (time.perf_counter() - t0)
+
+
+def _copy_bandwidth(device: str) -> float:
+    if device != "cuda":
+        return 1e10
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    return 2 * n / (_bench(lambda: dst.copy_(src), device) * 1e-3)
+
+
+def run_kernels(smoke: bool) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = {"tiny": (256, 96)} if smoke else SHAPES_8B
+    ms_list = [1, 16] if smoke else [1, 16, 64, 256]
+    bw = _copy_bandwidth(device)
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
+    print("| shape | bits | M | unpack | split | rel err | kernel ms | bf16 ms | floor ms | "
+          "floor/kernel | speed-up vs bf16 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    gen = torch.Generator(device=device).manual_seed(0)
+    failed = False
+    for name, (k, n) in shapes.items():
+        for bits in (4, 8):
+            group = 128 if not smoke else 32
+            per_word = 32 // bits
+            qweight = torch.randint(-2**31, 2**31 - 1, (k // per_word, n), generator=gen,
+                                    device=device, dtype=torch.int64).to(torch.int32)
+            groups = k // group
+            zeros = torch.full((groups, n), float(2 ** (bits - 1)), device=device,
+                               dtype=torch.float16)
+            scales = (torch.rand(groups, n, generator=gen, device=device) * 0.004 + 0.001
+                      ).half()
+            # [N, K] dense weight for cuBLAS
+            w_ref = dequantize(qweight, zeros, scales, bits, group).t().to(dtype).contiguous()
+            for m in ms_list if bits == 4 else ms_list[:1]:
+                x = torch.randn(m, k, generator=gen, device=device).to(dtype)
+                ref = int_linear_ref(x, qweight, zeros, scales, bits, group)
+                bf16_ms = _bench(lambda x=x, w=w_ref: torch.nn.functional.linear(x, w), device)
+                nbytes = k * n * bits / 8 + 2 * groups * n * 2 + (m * k + m * n) * 2
+                floor_ms = 1e3 * nbytes / bw
+                for unpack in ("gather", "reshape"):
+                    out = int_gemm(x, qweight, zeros, scales, bits, group, unpack=unpack)
+                    err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+                    ok = err < 1e-2
+                    failed |= not ok
+                    args = (x, qweight, zeros, scales, bits, group)
+                    ms = _bench(lambda a=args, u=unpack: int_gemm(*a, unpack=u), device)
+                    split = choose_config(m, n, k, x.device).split_k
+                    print(f"| {name} {k}x{n} | {bits} | {m} | {unpack} | {split} | {err:.1e}"
+                          f"{'' if ok else ' FAIL'} | {ms:.4f} | {bf16_ms:.4f} | "
+                          f"{floor_ms:.4f} | {floor_ms / ms:.0%} | {bf16_ms / ms:.2f}x |",
+                          flush=True)
+            del w_ref
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return 1 if failed else 0
+
+
+def _linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
+    """HF module name -> (in, out) of every quantized projection."""
+    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
+    out = {}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        out.update({p + "self_attn.q_proj": (h, q), p + "self_attn.k_proj": (h, kv),
+                    p + "self_attn.v_proj": (h, kv), p + "self_attn.o_proj": (q, h),
+                    p + "mlp.gate_proj": (h, inter), p + "mlp.up_proj": (h, inter),
+                    p + "mlp.down_proj": (inter, h)})
+    return out
+
+
+def _quant_tensors(method: str, k: int, n: int, gen: torch.Generator, device: str
+                   ) -> dict[str, torch.Tensor]:
+    group = 128
+    words = lambda *shape: torch.randint(-2**31, 2**31 - 1, shape, generator=gen,
+                                         device=device, dtype=torch.int64).to(torch.int32)
+    scales = (torch.rand(k // group, n, generator=gen, device=device) * 0.004 + 0.001).half()
+    if method == "gptq":  # symmetric, format gptq: every zero point stored as 8 - 1
+        zeros = torch.full((k // group, n // 8), 0x77777777, dtype=torch.int32, device=device)
+        return {"qweight": words(k // 8, n), "qzeros": zeros, "scales": scales,
+                "g_idx": (torch.arange(k, device=device) // group).to(torch.int32)}
+    zeros = torch.full((k // group, n // 8), 0x88888888 - 2**32, dtype=torch.int32,
+                       device=device)
+    return {"qweight": words(k, n // 8), "qzeros": zeros, "scales": scales}
+
+
+QUANT_CONFIGS = {
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+             "sym": True, "checkpoint_format": "gptq"},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
+            "version": "gemm"},
+}
+
+
+def _config(model: str) -> dict:
+    from pagedllm.entrypoints.bench import LLAMA_3_1_8B, TINY_LLAMA
+
+    if model == "tiny":  # a CPU check of the writer
+        return dict(TINY_LLAMA)
+    cfg = dict(LLAMA_3_1_8B)
+    if model == "llama-3.1-70b":
+        cfg.update(LLAMA_3_1_70B_OVERRIDES)
+    return cfg
+
+
+def write_model(out_root: str, model: str, method: str) -> str:
+    """A random int4 checkpoint of `model`, in shards of a few layers; returns its dir."""
+    from safetensors.torch import save_file
+
+    from pagedllm.entrypoints.bench import _param_shapes
+
+    cfg = _config(model)
+    out_dir = os.path.join(out_root, f"{model}-{method}-int4")
+    if os.path.exists(os.path.join(out_dir, "config.json")):
+        return out_dir
+    os.makedirs(out_dir, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator(device=device).manual_seed(0)
+    linears = _linear_shapes(cfg)
+    dense = {name: shape for name, shape in _param_shapes(cfg).items()
+             if name[: -len(".weight")] not in linears}
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    shard_no = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_no
+        if shard:
+            fname = f"model-{shard_no:05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, fname))
+            shard, shard_no = {}, shard_no + 1
+
+    for name, shape in dense.items():
+        t = (torch.ones(shape, device=device) if name.endswith("norm.weight") else
+             torch.randn(shape, generator=gen, device=device) * 0.02)
+        shard[name] = t.to(torch.bfloat16).cpu()
+    flush()
+    for i, (name, (k, n)) in enumerate(linears.items()):
+        for suffix, t in _quant_tensors(method, k, n, gen, device).items():
+            shard[f"{name}.{suffix}"] = t.cpu()
+        if (i + 1) % 28 == 0:
+            flush()
+    flush()
+    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump({**cfg, "torch_dtype": "float16",
+                   "quantization_config": QUANT_CONFIGS[method]}, f, indent=1)
+    return out_dir
+
+
+def run_decode(out_root: str, model: str) -> None:
+    import gc
+
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.entrypoints.bench import LLAMA_3_1_8B, build_random_llama
+
+    dirs = {m: write_model(out_root, model, m) for m in ("gptq", "awq")}
+    if model == "llama-3.1-8b":
+        dirs = {"bf16": build_random_llama(os.path.join(out_root, "llama-3.1-8b-bfloat16"),
+                                           LLAMA_3_1_8B, "bfloat16"), **dirs}
+    params = SamplingParams(temperature=0, max_tokens=128, ignore_eos=True)
+    results = {}
+    for label, path in dirs.items():
+        llm = LLM(model=path, skip_tokenizer_init=True, dtype="bfloat16", max_model_len=4096)
+        for batch in (1, 16):
+            prompts = [{"prompt_token_ids": list(range(100 + i, 164 + i))} for i in range(batch)]
+            llm.generate(prompts, params, use_tqdm=False)  # warm-up (graphs, autotune)
+            t0 = time.perf_counter()
+            llm.generate(prompts, params, use_tqdm=False)
+            tps = batch * 128 / (time.perf_counter() - t0)
+            results[(label, batch)] = tps
+            print(f"{label} batch {batch}: {tps:.1f} tok/s", flush=True)
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+    for batch in (1, 16):
+        if ("bf16", batch) in results:
+            for label in ("gptq", "awq"):
+                ratio = results[(label, batch)] / results[("bf16", batch)]
+                print(f"{label} / bf16 at batch {batch}: {ratio:.2f}x")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["kernels", "write", "decode"])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default="/tmp/pagedllm_models")
+    parser.add_argument("--model", default="llama-3.1-8b",
+                        choices=["llama-3.1-8b", "llama-3.1-70b", "tiny"])
+    args = parser.parse_args()
+    if args.what == "kernels":
+        return run_kernels(args.smoke or not torch.cuda.is_available())
+    if args.what == "write":
+        for method in ("gptq", "awq"):
+            print(write_model(args.out, args.model, method))
+        return 0
+    run_decode(args.out, args.model)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
