@@ -91,7 +91,7 @@ def run_kernels(smoke: bool) -> int:
                 bf16_ms = _bench(lambda x=x, w=w_ref: torch.nn.functional.linear(x, w), device)
                 nbytes = k * n * bits / 8 + 2 * groups * n * 2 + (m * k + m * n) * 2
                 floor_ms = 1e3 * nbytes / bw
-                for unpack in ("gather", "reshape"):
+                for unpack in ("gather", "reshape", "planes"):
                     out = int_gemm(x, qweight, zeros, scales, bits, group, unpack=unpack)
                     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
                     ok = err < 1e-2

@@ -74,8 +74,10 @@ def test_matches_reference_fp32(bits: int, group_size: int, act_order: bool) -> 
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ref = int_linear_ref(x, cw.qweight, cw.zeros, cw.scales, bits, group_size, cw.g_idx)
     assert _rel_err(_run(cw, x, SMALL), ref) < 1e-5
-    if group_size in (48, 160):
-        assert _rel_err(_run(cw, x, SMALL, "reshape"), ref) < 1e-5
+    # The other unpack variants: every group layout at 4 bits, the per-row one at 2 and 8.
+    others = ("reshape", "planes") if bits == 4 else ("reshape", "planes") * (group_size == 48)
+    for unpack in others:
+        assert _rel_err(_run(cw, x, SMALL, unpack), ref) < 1e-5, unpack
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -83,10 +85,11 @@ def test_matches_reference_half(dtype: torch.dtype) -> None:
     cw = _canonical(128, 48, 4, 32, True, seed=7)
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
     ref = int_linear_ref(x, cw.qweight, cw.zeros, cw.scales, 4, 32, cw.g_idx)
-    out = _run(cw, x, SMALL)
-    assert out.dtype == dtype and out.shape == (3, 48)
-    # The interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest: ulps apart.
-    assert _rel_err(out, ref) < 1e-2
+    for unpack in ("gather", "planes"):
+        out = _run(cw, x, SMALL, unpack)
+        assert out.dtype == dtype and out.shape == (3, 48)
+        # The interpreter rounds fp32 -> bf16 toward zero, the GPU to nearest: ulps apart.
+        assert _rel_err(out, ref) < 1e-2
 
 
 def test_split_k_and_ragged_groups() -> None:
@@ -100,8 +103,8 @@ def test_split_k_and_ragged_groups() -> None:
     kw = kernel_layout(cw)
     assert kw.g_idx is not None and kw.perm is not None
     split = GemmConfig(16, 32, 32, split_k=3, num_warps=4, num_stages=1)
-    for unpack in ("gather", "reshape"):
-        assert _rel_err(_run(cw, x, split, unpack), ref) < 1e-5
+    for unpack in ("gather", "reshape", "planes"):
+        assert _rel_err(_run(cw, x, split, unpack), ref) < 1e-5, unpack
 
 
 def test_default_config_for_decode_splits_k() -> None:

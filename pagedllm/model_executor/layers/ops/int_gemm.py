@@ -7,10 +7,12 @@ zero points [G, N] in the activation dtype (zero points as exact integers); opti
 g_idx [K] int32 (group of each row, after act-order rows were sorted at load). A program
 owns a BLOCK_M x BLOCK_N tile of y and walks its K range; packed words are read as
 contiguous rows of BLOCK_N int32 (coalesced along N) and dequantized in registers as
-(q - z) * s in float32, then rounded to the activation dtype for `tl.dot`. Two ways to
-expand the words (`PAGEDLLM_INT_GEMM_UNPACK`, for tuning on the GPU): "gather", each of the
-BLOCK_K rows loads its word (the repeats are L1 hits), and "reshape", each word is loaded once
-and its values shifted out along a new axis. Small M (decode) splits K across programs so
+(q - z) * s in float32, then rounded to the activation dtype for `tl.dot`. Three ways to
+expand the words (`PAGEDLLM_INT_GEMM_UNPACK`, for tuning on the GPU): "gather" (default),
+each of the BLOCK_K rows loads its word (the repeats are L1 hits); "reshape", each word is
+loaded once and its values shifted out along a new axis; "planes", each word is loaded once
+and value j of every word (input rows word * PACK + j) makes one dot against the matching
+strided columns of x, so no value ever changes register layout. Small M (decode) splits K across programs so
 that the weight stream, the bound at M = 1..32, is spread over every SM; the fp32 partials
 are summed afterwards.
 
@@ -31,6 +33,50 @@ from pagedllm import envs
 KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
 
 
+UNPACK_MODES: dict[str, int] = {"gather": 0, "reshape": 1, "planes": 2}
+
+
+@triton.jit
+def _dequant(
+    q,  # [R, BLOCK_N] int32 values of input rows `rows`
+    rows,  # [R] input row of each
+    rows_ok,  # [R]
+    k0,
+    s_ptr,
+    z_ptr,
+    g_ptr,
+    offs_n,
+    n_ok,
+    N,
+    GROUP_SIZE: tl.constexpr,
+    HAS_GIDX: tl.constexpr,
+    GROUP_PER_BLOCK: tl.constexpr,
+):
+    """(q - z) * s in float32 for rows of one K block."""
+    if GROUP_PER_BLOCK:
+        g = k0 // GROUP_SIZE
+        s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        if HAS_GIDX:
+            g = tl.load(g_ptr + rows, mask=rows_ok, other=0)
+        else:
+            g = rows // GROUP_SIZE
+        goff = g[:, None].to(tl.int64) * N + offs_n[None, :]
+        wmask = rows_ok[:, None] & n_ok[None, :]
+        s = tl.load(s_ptr + goff, mask=wmask, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + goff, mask=wmask, other=0.0).to(tl.float32)
+    return (q.to(tl.float32) - z) * s
+
+
+@triton.jit
+def _mma(acc, x, w, DOT_UPCAST: tl.constexpr):
+    w = w.to(x.dtype)
+    if DOT_UPCAST:
+        return acc + tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return acc + tl.dot(x, w)
+
+
 @triton.jit
 def _int_gemm_kernel(
     x_ptr,  # [M, K]
@@ -49,7 +95,7 @@ def _int_gemm_kernel(
     GROUP_SIZE: tl.constexpr,
     HAS_GIDX: tl.constexpr,
     GROUP_PER_BLOCK: tl.constexpr,  # BLOCK_K rows never cross a group boundary
-    UNPACK_RESHAPE: tl.constexpr,  # see envs.int_gemm_unpack
+    UNPACK: tl.constexpr,  # UNPACK_MODES
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -59,50 +105,53 @@ def _int_gemm_kernel(
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
     PACK: tl.constexpr = 32 // BITS
+    WORDS: tl.constexpr = BLOCK_K // PACK
     MASK: tl.constexpr = (1 << BITS) - 1
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     n_ok = offs_n < N
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < k_end
-        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        wmask = k_ok[:, None] & n_ok[None, :]
-        if UNPACK_RESHAPE:
-            # Each word once: [BLOCK_K / PACK, BLOCK_N] -> [.., PACK, ..] -> [BLOCK_K, BLOCK_N].
-            offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        offs_w = k0 // PACK + tl.arange(0, WORDS)
+        if UNPACK == 2:
+            # Bit planes: value j of every word is input row word * PACK + j; one dot per j
+            # over those rows, the matching x columns read strided.
             packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :],
                              mask=(offs_w[:, None] * PACK < k_end) & n_ok[None, :], other=0)
-            shifts = tl.arange(0, PACK) * BITS
-            q = (packed[:, None, :] >> shifts[None, :, None]) & MASK
-            q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+            for j in tl.static_range(PACK):
+                rows = offs_w * PACK + j
+                rows_ok = rows < k_end
+                x = tl.load(x_rows + rows[None, :], mask=m_ok[:, None] & rows_ok[None, :],
+                            other=0.0)
+                w = _dequant((packed >> (j * BITS)) & MASK, rows, rows_ok, k0, s_ptr, z_ptr,
+                             g_ptr, offs_n, n_ok, N, GROUP_SIZE, HAS_GIDX, GROUP_PER_BLOCK)
+                acc = _mma(acc, x, w, DOT_UPCAST)
         else:
-            packed = tl.load(qw_ptr + (offs_k[:, None] // PACK).to(tl.int64) * N
-                             + offs_n[None, :], mask=wmask, other=0)
-            q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MASK
-        if GROUP_PER_BLOCK:
-            g = k0 // GROUP_SIZE
-            s = tl.load(s_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            z = tl.load(z_ptr + g * N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        else:
-            if HAS_GIDX:
-                g = tl.load(g_ptr + offs_k, mask=k_ok, other=0)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < k_end
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if UNPACK == 1:
+                # Each word once: [WORDS, BLOCK_N] -> [WORDS, PACK, BLOCK_N] -> [BLOCK_K, ..].
+                packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :],
+                                 mask=(offs_w[:, None] * PACK < k_end) & n_ok[None, :],
+                                 other=0)
+                shifts = tl.arange(0, PACK) * BITS
+                q = (packed[:, None, :] >> shifts[None, :, None]) & MASK
+                q = tl.reshape(q, (BLOCK_K, BLOCK_N))
             else:
-                g = offs_k // GROUP_SIZE
-            goff = g[:, None].to(tl.int64) * N + offs_n[None, :]
-            s = tl.load(s_ptr + goff, mask=wmask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + goff, mask=wmask, other=0.0).to(tl.float32)
-        w = (q.to(tl.float32) - z) * s
-        w = w.to(x_ptr.dtype.element_ty)
-        if DOT_UPCAST:
-            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-        else:
-            acc += tl.dot(x, w)
+                # Each row loads its word (the PACK repeats of a word are L1 hits).
+                packed = tl.load(qw_ptr + (offs_k[:, None] // PACK).to(tl.int64) * N
+                                 + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
+                                 other=0)
+                q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MASK
+            w = _dequant(q, offs_k, k_ok, k0, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N,
+                         GROUP_SIZE, HAS_GIDX, GROUP_PER_BLOCK)
+            acc = _mma(acc, x, w, DOT_UPCAST)
     out = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * N \
         + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
@@ -175,7 +224,10 @@ def int_gemm(
         raise ValueError(f"qweight {tuple(qweight.shape)} does not hold {k} rows of {bits} bits")
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or choose_config(m, n, k, x.device)
+    mode = unpack or envs.int_gemm_unpack()
     bk = cfg.block_k
+    if mode == "planes":
+        bk = max(bk, 16 * (32 // bits))  # each plane's dot needs K >= 16
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), bk) * bk
     split = triton.cdiv(k, k_per_split)
     out_dtype = x.dtype if split == 1 else torch.float32
@@ -189,7 +241,7 @@ def int_gemm(
         m, n, k, x.stride(0), out.stride(0), k_per_split,
         BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
         GROUP_PER_BLOCK=group_per_block,
-        UNPACK_RESHAPE=(unpack or envs.int_gemm_unpack()) == "reshape",
+        UNPACK=UNPACK_MODES[mode],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
         DOT_UPCAST=_interpreted() or x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
