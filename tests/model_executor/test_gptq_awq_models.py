@@ -207,3 +207,26 @@ def test_autogptq_quantize_config_json_beside_config(gptq_dir, tmp_path) -> None
     prompt = torch.tensor([5, 9, 2, 7])
     ref = prefill_logits(load_ours(gptq_dir), prompt)
     assert torch.equal(prefill_logits(load_ours(old), prompt), ref)
+
+
+def test_gptq_skip_lists_and_dynamic_overrides() -> None:
+    from pagedllm.model_executor.layers.quantization import get_quantization_config_cls
+
+    config = get_quantization_config_cls("gptq").from_config({
+        "quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True,
+        "modules_to_not_convert": ["down_proj"],
+        "dynamic": {r"+:.*\.layers\.1\..*": {"bits": 8, "group_size": 64},
+                    r"-:.*\.o_proj": {}},
+    })
+    layer = torch.nn.Linear(1, 1)
+    method = config.get_linear_method
+    assert method(layer, "model.layers.0.mlp.down_proj") is None
+    assert method(layer, "model.layers.0.self_attn.o_proj") is None
+    assert method(layer, "model.layers.0.self_attn.qkv_proj").spec.bits == 4
+    override = method(layer, "model.layers.1.mlp.gate_up_proj").spec
+    assert (override.bits, override.group_size, override.desc_act) == (8, 64, True)
+    assert config.describe() == "gptq (4-bit, group 128, sym, desc_act, format gptq)"
+    mixed = get_quantization_config_cls("gptq").from_config({
+        "quant_method": "gptq", "bits": 4, "dynamic": {r"-:.*\.q_proj": {}}})
+    with pytest.raises(ValueError, match="qkv_proj fuses modules that the GPTQ dynamic"):
+        mixed.get_linear_method(layer, "model.layers.0.self_attn.qkv_proj")
