@@ -1,12 +1,13 @@
 """GPTQ / AWQ on the GPU: the int GEMM kernel table, random int4 Llama checkpoints, decode speed.
 
-    python benchmarks/gpu_int4.py kernels                 # table at M = 1, 16, 64, 256
+    python benchmarks/gpu_int4.py kernels                 # table at M = 1 .. 4096
     python benchmarks/gpu_int4.py write --out /tmp/pagedllm_models [--model llama-3.1-70b]
     python benchmarks/gpu_int4.py decode --out /tmp/pagedllm_models   # bf16 vs gptq vs awq
     TRITON_INTERPRET=1 python benchmarks/gpu_int4.py kernels --smoke  # CPU, logic only
 
 `kernels`: Llama-3.1-8B projections (qkv 4096->6144, o 4096->4096, gate_up 4096->28672, down
-14336->4096), 4-bit group 128 (and 8-bit), each unpack variant; checked against the torch
+14336->4096), 4-bit group 128 (and 8-bit), each unpack variant and, from M = 256, the dense
+path (dequantize + cuBLAS, `PAGEDLLM_INT_GEMM_DENSE_MIN_M` sets where it starts); checked against the torch
 reference; time vs bf16 cuBLAS (`F.linear`), and as a share of the floor set by streaming the
 packed weights, scales and zero points (copy bandwidth measured at start-up).
 `write`: random GPTQ (4-bit, g128, sym, format gptq) and AWQ (4-bit, g128) checkpoints of the
@@ -28,7 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pagedllm.model_executor.layers.ops.int_gemm import choose_config, int_gemm  # noqa: E402
+from pagedllm.model_executor.layers.ops.int_gemm import (  # noqa: E402
+    choose_config,
+    int_gemm,
+    int_matmul,
+)
 from pagedllm.model_executor.layers.quantization.packed_int import (  # noqa: E402
     dequantize,
     int_linear_ref,
@@ -64,7 +69,7 @@ def run_kernels(smoke: bool) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = {"tiny": (256, 96)} if smoke else SHAPES_8B
-    ms_list = [1, 16] if smoke else [1, 16, 64, 256]
+    ms_list = [1, 256] if smoke else [1, 16, 64, 256, 1024, 4096]
     bw = _copy_bandwidth(device)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print("| shape | bits | M | unpack | split | rel err | kernel ms | bf16 ms | floor ms | "
@@ -91,13 +96,17 @@ def run_kernels(smoke: bool) -> int:
                 bf16_ms = _bench(lambda x=x, w=w_ref: torch.nn.functional.linear(x, w), device)
                 nbytes = k * n * bits / 8 + 2 * groups * n * 2 + (m * k + m * n) * 2
                 floor_ms = 1e3 * nbytes / bw
-                for unpack in ("gather", "reshape", "planes"):
-                    out = int_gemm(x, qweight, zeros, scales, bits, group, unpack=unpack)
+                args = (x, qweight, zeros, scales, bits, group)
+                variants = {u: (lambda a=args, u=u: int_gemm(*a, unpack=u))
+                            for u in ("gather", "reshape", "planes")}
+                if m >= 256:  # dequantize to a 16-bit buffer, then cuBLAS
+                    variants["dense"] = lambda a=args: int_matmul(*a, dense_min_m=1)
+                for unpack, fn in variants.items():
+                    out = fn()
                     err = ((out.double() - ref.double()).norm() / ref.double().norm()).item()
                     ok = err < 1e-2
                     failed |= not ok
-                    args = (x, qweight, zeros, scales, bits, group)
-                    ms = _bench(lambda a=args, u=unpack: int_gemm(*a, unpack=u), device)
+                    ms = _bench(fn, device)
                     split = choose_config(m, n, k, x.device).split_k
                     print(f"| {name} {k}x{n} | {bits} | {m} | {unpack} | {split} | {err:.1e}"
                           f"{'' if ok else ' FAIL'} | {ms:.4f} | {bf16_ms:.4f} | "

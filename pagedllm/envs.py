@@ -57,6 +57,12 @@ def int_gemm_unpack() -> str:
     return value
 
 
+def int_gemm_dense_min_m() -> int:
+    """Tokens in a step from which GPTQ/AWQ layers dequantize to a transient 16-bit weight
+    and use cuBLAS instead of the fused int GEMM (0: never)."""
+    return int(_float("PAGEDLLM_INT_GEMM_DENSE_MIN_M", 1024))
+
+
 def apply_openmp_defaults() -> None:
     """Sleep, don't spin, in OpenMP waits unless the user chose otherwise.
 

@@ -19,13 +19,16 @@ pytest.importorskip("triton", reason="triton is not installed: Triton kernels ar
 from pagedllm.model_executor.layers.ops.int_gemm import (  # noqa: E402
     GemmConfig,
     choose_config,
+    int_dequant,
     int_gemm,
+    int_matmul,
 )
 from pagedllm.model_executor.layers.quantization.int_linear import (  # noqa: E402
     CanonicalWeights,
     kernel_layout,
 )
 from pagedllm.model_executor.layers.quantization.packed_int import (  # noqa: E402
+    dequantize,
     int_linear_ref,
     pack_int32,
 )
@@ -122,3 +125,23 @@ def test_unsupported_width_is_refused() -> None:
     cw = _canonical(64, 32, 4, 32, False, seed=1)
     with pytest.raises(ValueError, match="not 3"):
         int_gemm(torch.zeros(1, 64, device=DEVICE), cw.qweight, cw.zeros, cw.scales, 3, 32)
+
+
+@pytest.mark.parametrize("bits,group_size,ragged", [(4, 64, False), (8, 48, False),
+                                                    (2, 32, True)])
+def test_dequant_kernel_and_the_dense_path(bits: int, group_size: int, ragged: bool) -> None:
+    k, n = 192, 40
+    cw = _canonical(k, n, bits, group_size, False, seed=11)
+    if ragged:
+        cw.g_idx = torch.randint(0, k // group_size, (k,),
+                                 generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    g32 = cw.g_idx.to(torch.int32) if cw.g_idx is not None else None
+    zeros, scales = cw.zeros.half(), cw.scales.half()
+    ref = dequantize(cw.qweight, cw.zeros, cw.scales, bits, group_size, cw.g_idx)
+    w = int_dequant(cw.qweight, zeros, scales, bits, group_size, g32, torch.float32)
+    assert torch.equal(w, ref)
+    x = torch.randn(6, k, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    dense = int_matmul(x, cw.qweight, zeros, scales, bits, group_size, g32, dense_min_m=4)
+    fused = int_matmul(x, cw.qweight, zeros, scales, bits, group_size, g32, dense_min_m=0)
+    expected = x @ ref
+    assert _rel_err(dense, expected) < 1e-5 and _rel_err(fused, expected) < 1e-5

@@ -14,7 +14,8 @@ loaded once and its values shifted out along a new axis; "planes", each word is 
 and value j of every word (input rows word * PACK + j) makes one dot against the matching
 strided columns of x, so no value ever changes register layout. Small M (decode) splits K across programs so
 that the weight stream, the bound at M = 1..32, is spread over every SM; the fp32 partials
-are summed afterwards.
+are summed afterwards. Large M (prefill) goes through `int_matmul`'s dense path instead:
+the weight dequantized once into a transient 16-bit [K, N] buffer, then cuBLAS.
 
 The reference is `packed_int.int_linear_ref`.
 """
@@ -157,6 +158,39 @@ def _int_gemm_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _int_dequant_kernel(
+    qw_ptr,  # [K * BITS / 32, N] int32
+    s_ptr,  # [G, N]
+    z_ptr,  # [G, N]
+    g_ptr,  # [K] int32 (read only when HAS_GIDX)
+    out_ptr,  # [K, N]
+    N,
+    K,
+    BITS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    HAS_GIDX: tl.constexpr,
+    GROUP_PER_BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_ok = offs_k < K
+    n_ok = offs_n < N
+    mask = k_ok[:, None] & n_ok[None, :]
+    packed = tl.load(qw_ptr + (offs_k[:, None] // PACK).to(tl.int64) * N + offs_n[None, :],
+                     mask=mask, other=0)
+    q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MASK
+    w = _dequant(q, offs_k, k_ok, k0, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N, GROUP_SIZE,
+                 HAS_GIDX, GROUP_PER_BLOCK)
+    tl.store(out_ptr + offs_k[:, None].to(tl.int64) * N + offs_n[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=mask)
+
+
 @dataclass(frozen=True, slots=True)
 class GemmConfig:
     block_m: int
@@ -249,3 +283,44 @@ def int_gemm(
     if split == 1:
         return out[0]
     return out.sum(0).to(x.dtype)
+
+
+def int_dequant(
+    qweight: torch.Tensor,  # [K * bits / 32, N] int32
+    zeros: torch.Tensor,  # [G, N]
+    scales: torch.Tensor,  # [G, N]
+    bits: int,
+    group_size: int,
+    g_idx: torch.Tensor | None,  # [K] int32
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """[K, N] dense weight in `dtype` (the reference is `packed_int.dequantize`)."""
+    k, n = qweight.shape[0] * (32 // bits), qweight.shape[1]
+    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    bk, bn = 64, 128
+    _int_dequant_kernel[(triton.cdiv(k, bk), triton.cdiv(n, bn))](
+        qweight, scales, zeros, g_idx if g_idx is not None else qweight, out, n, k,
+        BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
+        GROUP_PER_BLOCK=g_idx is None and group_size % bk == 0, BLOCK_K=bk, BLOCK_N=bn,
+    )
+    return out
+
+
+def int_matmul(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,  # [K * bits / 32, N] int32
+    zeros: torch.Tensor,  # [G, N]
+    scales: torch.Tensor,  # [G, N]
+    bits: int,
+    group_size: int,
+    g_idx: torch.Tensor | None = None,  # [K] int32
+    dense_min_m: int | None = None,
+) -> torch.Tensor:
+    """x @ dequant(qweight): the fused kernel for small M; from `dense_min_m` rows on (large
+    prefills, compute-bound) the weight is dequantized into a transient 16-bit buffer and
+    multiplied by cuBLAS, whose GEMM outruns the fused one there."""
+    threshold = dense_min_m if dense_min_m is not None else envs.int_gemm_dense_min_m()
+    if x.shape[0] >= threshold > 0:
+        w = int_dequant(qweight, zeros, scales, bits, group_size, g_idx, x.dtype)
+        return torch.mm(x, w)
+    return int_gemm(x, qweight, zeros, scales, bits, group_size, g_idx)

@@ -83,15 +83,15 @@ class PackedIntLinearMethod(LinearMethod):
     ) -> torch.Tensor:
         if "weight" in layer._parameters:
             return F.linear(x, layer.weight, bias)
-        from pagedllm.model_executor.layers.ops.int_gemm import int_gemm
+        from pagedllm.model_executor.layers.ops.int_gemm import int_matmul
 
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # [num_tokens, K]
         perm = layer._parameters.get("int_perm")
         if perm is not None:
             x2 = x2.index_select(1, perm)
-        out = int_gemm(x2, layer.int_qweight, layer.int_zeros, layer.int_scales,
-                       layer.int_bits, layer.int_group_size, layer._parameters.get("int_g_idx"))
+        out = int_matmul(x2, layer.int_qweight, layer.int_zeros, layer.int_scales,
+                         layer.int_bits, layer.int_group_size, layer._parameters.get("int_g_idx"))
         out = out.reshape(*shape[:-1], out.shape[-1])
         return out + bias if bias is not None else out
 
