@@ -101,7 +101,9 @@ def test_qkv_shards_match_the_full_weight(spec: QuantSpec, tp: int) -> None:
     QuantSpec("gptq", bits=4, group_size=32, desc_act=True, checkpoint_format="gptq_v2"),
     QuantSpec("gptq", bits=2, group_size=-1),
     QuantSpec("awq", group_size=64, sym=False),
-], ids=lambda s: f"{s.method}{s.bits}g{s.group_size}{'act' if s.desc_act else ''}")
+    QuantSpec("awq", group_size=32, sym=True, zero_point=False),  # no qzeros: offset 8
+], ids=lambda s: f"{s.method}{s.bits}g{s.group_size}{'act' if s.desc_act else ''}"
+                 f"{'' if s.zero_point else 'nozp'}")
 def test_row_parallel_shards_sum_to_the_full_product(spec: QuantSpec) -> None:
     k, n, tp = 256, 48, 2
     perm = np.random.default_rng(1).permutation(k) if spec.desc_act else None
