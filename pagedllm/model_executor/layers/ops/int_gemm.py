@@ -67,7 +67,10 @@ def _dequant(
         wmask = rows_ok[:, None] & n_ok[None, :]
         s = tl.load(s_ptr + goff, mask=wmask, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + goff, mask=wmask, other=0.0).to(tl.float32)
-    return (q.to(tl.float32) - z) * s
+    # q | 0x4B000000 read as fp32 is exactly 2^23 + q (q < 2^23): no int->float convert, and
+    # (2^23 + q) - (2^23 + z) = q - z exactly, so the result equals (q - z) * s.
+    v = (q | 0x4B000000).to(tl.float32, bitcast=True)
+    return (v - (z + 8388608.0)) * s
 
 
 @triton.jit
