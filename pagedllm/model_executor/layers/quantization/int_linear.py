@@ -4,7 +4,8 @@ Each method creates its checkpoint's tensors and, after loading, converts them t
 canonical form of `packed_int` (K-packed qweight, true zero points, scales, optional g_idx).
 `finalize` then lays the layer out for the device it runs on:
 
-- CUDA, 2/4/8-bit: the Triton GEMM of `layers/ops/int_gemm.py`. Act-order (`g_idx`) rows
+- CUDA, 2/4/8-bit: `layers/ops/int_gemm.py` (the fused Triton GEMM for decode-sized
+  batches, dequantize + cuBLAS for large prefills). Act-order (`g_idx`) rows
   are sorted by group at load (qweight repacked, activations gathered by the same
   permutation per call), so groups become contiguous and the kernel needs no g_idx unless the
   sorted groups are ragged (a TP shard of an act-order layer).
