@@ -175,9 +175,14 @@ def test_awq_other_versions_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="AWQ version 'gemv' is not supported"):
         awq.from_config({"quant_method": "awq", "bits": 4, "group_size": 128,
                          "version": "gemv"})
+    gptq = get_quantization_config_cls("gptq")
     with pytest.raises(ValueError, match="GPTQ checkpoint_format 'marlin'"):
-        get_quantization_config_cls("gptq").from_config(
-            {"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
+        gptq.from_config({"quant_method": "gptq", "bits": 4, "checkpoint_format": "marlin"})
+    with pytest.raises(ValueError, match="GPTQ pack_dtype 'int16'"):
+        gptq.from_config({"quant_method": "gptq", "bits": 4, "pack_dtype": "torch.int16"})
+    # GPTQModel's quantize_config.json spells the format `format`.
+    v2 = gptq.from_config({"quant_method": "gptq", "bits": 4, "format": "gptq_v2"})
+    assert v2.checkpoint_format == "gptq_v2" and not v2.spec.v1_zeros
 
 
 def test_flag_naming_the_method_is_accepted_and_a_contradiction_refused(gptq_dir) -> None:

@@ -83,10 +83,14 @@ class GPTQConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GPTQConfig:
-        fmt = str(config.get("checkpoint_format") or "gptq").lower()
+        # GPTQModel's own quantize_config.json names it `format`.
+        fmt = str(config.get("checkpoint_format") or config.get("format") or "gptq").lower()
         if fmt not in CHECKPOINT_FORMATS:
             raise ValueError(f"GPTQ checkpoint_format {fmt!r} is not supported (choose one of "
                              f"{', '.join(CHECKPOINT_FORMATS)})")
+        pack_dtype = str(config.get("pack_dtype") or "int32").replace("torch.", "")
+        if pack_dtype != "int32":
+            raise ValueError(f"GPTQ pack_dtype {pack_dtype!r} is not supported (int32 only)")
         if config.get("lm_head"):
             raise ValueError("GPTQ checkpoints with a quantized lm_head are not supported")
         try:
