@@ -192,6 +192,9 @@ def test_flag_naming_the_method_is_accepted_and_a_contradiction_refused(gptq_dir
                        SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2
+    # vLLM's kernel-specific name for the same format.
+    LLM(model=gptq_dir, quantization="gptq_marlin", skip_tokenizer_init=True, dtype="float32",
+        kv_cache_space=0.01)
     with pytest.raises(ValueError, match="--quantization awq contradicts the checkpoint"):
         LLM(model=gptq_dir, quantization="awq", skip_tokenizer_init=True, dtype="float32",
             kv_cache_space=0.01)

@@ -62,9 +62,11 @@ def get_quantization_config_cls(method: str) -> type[QuantizationConfig]:
 
 
 def normalize_method_name(method: str) -> str:
-    """Checkpoints spell some names differently (`compressed_tensors`, `bitsandbytes_4bit`)."""
+    """Checkpoints spell some names differently (`compressed_tensors`, `bitsandbytes_4bit`);
+    vLLM's kernel-specific names (`gptq_marlin`, `awq_marlin`) run pagedllm's one method."""
     m = method.strip().lower().replace("_", "-")
-    return {"bitsandbytes-4bit": "bitsandbytes", "bnb": "bitsandbytes"}.get(m, m)
+    return {"bitsandbytes-4bit": "bitsandbytes", "bnb": "bitsandbytes",
+            "gptq-marlin": "gptq", "awq-marlin": "awq"}.get(m, m)
 
 
 def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
