@@ -63,6 +63,16 @@ def int_gemm_dense_min_m() -> int:
     return int(_float("PAGEDLLM_INT_GEMM_DENSE_MIN_M", 1024))
 
 
+def int_gemm_split_k() -> int | None:
+    """A fixed K split for the int GEMM (1: none); unset: chosen per shape."""
+    value = os.environ.get("PAGEDLLM_INT_GEMM_SPLIT_K")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"PAGEDLLM_INT_GEMM_SPLIT_K={value!r} must be a positive integer")
+    return int(value)
+
+
 def apply_openmp_defaults() -> None:
     """Sleep, don't spin, in OpenMP waits unless the user chose otherwise.
 

@@ -12,10 +12,14 @@ expand the words (`PAGEDLLM_INT_GEMM_UNPACK`, for tuning on the GPU): "gather" (
 each of the BLOCK_K rows loads its word (the repeats are L1 hits); "reshape", each word is
 loaded once and its values shifted out along a new axis; "planes", each word is loaded once
 and value j of every word (input rows word * PACK + j) makes one dot against the matching
-strided columns of x, so no value ever changes register layout. Small M (decode) splits K across programs so
-that the weight stream, the bound at M = 1..32, is spread over every SM; the fp32 partials
-are summed afterwards. Large M (prefill) goes through `int_matmul`'s dense path instead:
-the weight dequantized once into a transient 16-bit [K, N] buffer, then cuBLAS.
+strided columns of x, so no value ever changes register layout.
+
+Small M (decode) splits K across programs so that the weight stream, the bound at M = 1..32,
+is spread over every SM; the fp32 partials are summed by the last split to finish each tile
+(an arrival counter), so a split-K GEMM is one launch, which matters inside decode CUDA
+graphs of a few hundred GEMMs (`PAGEDLLM_INT_GEMM_SPLIT_K` overrides the split). Large M
+(prefill) goes through `int_matmul`'s dense path instead: the weight dequantized once into a
+transient 16-bit [K, N] buffer, then cuBLAS.
 
 The reference is `packed_int.int_linear_ref`.
 """
@@ -88,13 +92,15 @@ def _int_gemm_kernel(
     s_ptr,  # [G, N]
     z_ptr,  # [G, N]
     g_ptr,  # [K] int32 (read only when HAS_GIDX)
-    out_ptr,  # [SPLIT_K, M, N]
+    out_ptr,  # [M, N], x's dtype
+    partial_ptr,  # [SPLIT_K, M, N] fp32 (split-K only)
+    lock_ptr,  # [tiles] int32 arrival counters, zero between launches (split-K only)
     M,
     N,
     K,
     stride_xm,
-    stride_os,
     K_PER_SPLIT,
+    SPLIT_K: tl.constexpr,
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     HAS_GIDX: tl.constexpr,
@@ -156,9 +162,25 @@ def _int_gemm_kernel(
             w = _dequant(q, offs_k, k_ok, k0, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N,
                          GROUP_SIZE, HAS_GIDX, GROUP_PER_BLOCK)
             acc = _mma(acc, x, w, DOT_UPCAST)
-    out = out_ptr + pid_k.to(tl.int64) * stride_os + offs_m[:, None].to(tl.int64) * N \
-        + offs_n[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+    tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    mask = m_ok[:, None] & n_ok[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Split-K in one launch: every split stores its fp32 partial; the last to arrive at
+        # the tile's counter sums them in split order (deterministic), writes the output and
+        # re-arms the counter for the next launch.
+        tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
+        lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
+        tl.debug_barrier()  # every thread's partial is stored before the release below
+        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for split in range(SPLIT_K):
+                total += tl.load(partial_ptr + split * M * N + tile, mask=mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(lock, 0)
 
 
 @triton.jit
@@ -222,6 +244,21 @@ def _num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
+# Split-K arrival counters per device, allocated once (before any CUDA graph capture, by
+# the first eager decode) and kept at zero between launches by the kernel itself.
+_LOCK_COUNT = 1 << 14
+_LOCKS: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _locks(device: torch.device, tiles: int) -> torch.Tensor | None:
+    if tiles > _LOCK_COUNT:
+        return None
+    key = (device.type, device.index)
+    if key not in _LOCKS:
+        _LOCKS[key] = torch.zeros(_LOCK_COUNT, dtype=torch.int32, device=device)
+    return _LOCKS[key]
+
+
 def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """Tile sizes by M: decode shapes split K until about two programs run per SM."""
     if m <= 16:
@@ -234,7 +271,10 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = 1
-    if m <= 64:
+    forced = envs.int_gemm_split_k()
+    if forced is not None:
+        split = forced
+    elif m <= 64:
         target = 2 * _num_sms(device)
         max_split = max(1, k // (4 * bk))  # each split streams at least four K blocks
         split = max(1, min(max_split, triton.cdiv(target, tiles)))
@@ -267,25 +307,29 @@ def int_gemm(
         bk = max(bk, 16 * (32 // bits))  # each plane's dot needs K >= 16
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), bk) * bk
     split = triton.cdiv(k, k_per_split)
-    out_dtype = x.dtype if split == 1 else torch.float32
-    out = torch.empty((split, m, n), dtype=out_dtype, device=x.device)
+    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
+    locks = _locks(x.device, grid[0] * grid[1]) if split > 1 else None
+    if split > 1 and locks is None:  # more tiles than counters: no split
+        split, k_per_split = 1, triton.cdiv(k, bk) * bk
+        grid = grid[:2] + (1,)
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    partial = (torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+               if split > 1 else out)
     # K blocks start at multiples of BLOCK_K, so a block lies inside one group when
     # BLOCK_K divides the group size: one row of scales and zeros per block.
     group_per_block = g_idx is None and group_size % bk == 0
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
     _int_gemm_kernel[grid](
-        x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out,
-        m, n, k, x.stride(0), out.stride(0), k_per_split,
-        BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
+        x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out, partial,
+        locks if locks is not None else qweight,
+        m, n, k, x.stride(0), k_per_split,
+        SPLIT_K=split, BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
         GROUP_PER_BLOCK=group_per_block,
         UNPACK=UNPACK_MODES[mode],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
         DOT_UPCAST=_interpreted() or x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if split == 1:
-        return out[0]
-    return out.sum(0).to(x.dtype)
+    return out
 
 
 def int_dequant(
