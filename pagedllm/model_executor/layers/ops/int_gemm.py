@@ -259,6 +259,11 @@ def _locks(device: torch.device, tiles: int) -> torch.Tensor | None:
     return _LOCKS[key]
 
 
+def prepare(device: torch.device) -> None:
+    """Allocates the device's split-K counters now (at load), not inside a graph capture."""
+    _locks(device, 0)
+
+
 def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     """Tile sizes by M: decode shapes split K until about two programs run per SM."""
     if m <= 16:

@@ -112,6 +112,9 @@ def finalize(layer: nn.Module, cw: CanonicalWeights, method_name: str) -> None:
         w = dequantize(cw.qweight, cw.zeros, cw.scales, cw.bits, cw.group_size, g_idx)
         _replace(layer, "weight", w.t().to(layer.params_dtype).contiguous())  # [N, K]
         return
+    from pagedllm.model_executor.layers.ops.int_gemm import prepare
+
+    prepare(device)
     kernel = kernel_layout(cw)
     for name in ("qweight", "zeros", "scales", "g_idx", "perm"):
         tensor = getattr(kernel, name)
