@@ -81,8 +81,10 @@ def _dequant(
 def _mma(acc, x, w, DOT_UPCAST: tl.constexpr):
     w = w.to(x.dtype)
     if DOT_UPCAST:
-        return acc + tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-    return acc + tl.dot(x, w)
+        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    else:
+        acc += tl.dot(x, w)
+    return acc
 
 
 @triton.jit
