@@ -46,11 +46,11 @@ def triton_interpret() -> bool:
 
 
 def int_gemm_unpack() -> str:
-    """How the int GEMM expands packed words in registers: "gather" (each row loads its word,
-    L1-served), "reshape" (each word loaded once, shifted out along a new axis) or "planes"
-    (each word loaded once, one dot per bit position). For kernel tuning on the GPU; see
+    """How the int GEMM expands packed words in registers: "planes" (default: each word loaded
+    once, one dot per bit position), "reshape" (each word loaded once, shifted out along a new
+    axis) or "gather" (each row loads its word, L1-served). For kernel tuning on the GPU; see
     model_executor/layers/ops/int_gemm.py."""
-    value = os.environ.get("PAGEDLLM_INT_GEMM_UNPACK", "gather")
+    value = os.environ.get("PAGEDLLM_INT_GEMM_UNPACK", "planes")
     if value not in ("gather", "reshape", "planes"):
         raise ValueError(f"PAGEDLLM_INT_GEMM_UNPACK={value!r}: choose gather, reshape or "
                          "planes")

@@ -8,11 +8,14 @@ g_idx [K] int32 (group of each row, after act-order rows were sorted at load). A
 owns a BLOCK_M x BLOCK_N tile of y and walks its K range; packed words are read as
 contiguous rows of BLOCK_N int32 (coalesced along N) and dequantized in registers as
 (q - z) * s in float32, then rounded to the activation dtype for `tl.dot`. Three ways to
-expand the words (`PAGEDLLM_INT_GEMM_UNPACK`, for tuning on the GPU): "gather" (default),
-each of the BLOCK_K rows loads its word (the repeats are L1 hits); "reshape", each word is
-loaded once and its values shifted out along a new axis; "planes", each word is loaded once
-and value j of every word (input rows word * PACK + j) makes one dot against the matching
-strided columns of x, so no value ever changes register layout.
+expand the words (`PAGEDLLM_INT_GEMM_UNPACK`, for tuning on the GPU): "planes" (default),
+each word is loaded once and value j of every word (input rows word * PACK + j) makes one dot
+against the matching strided columns of x, so no value changes register layout; "reshape",
+each word is loaded once and its values shifted out along a new axis; "gather", each of the
+BLOCK_K rows loads its word (the repeats are L1 hits). Compiled for sm_90 (Triton 3.9, no
+GPU: `benchmarks/int_gemm_aot.py`) the decode tile (16 x 64 x 128, 4 warps) takes 72-96
+registers a thread with "planes", 168-254 with "reshape", and 255 plus spills with "gather"
+(its [BLOCK_K, BLOCK_N] int32 load is PACK times the words it needs).
 
 Small M (decode) splits K across programs so that the weight stream, the bound at M = 1..32,
 is spread over every SM; the fp32 partials are summed by the last split to finish each tile
@@ -267,13 +270,14 @@ def prepare(device: torch.device) -> None:
 
 
 def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
-    """Tile sizes by M: decode shapes split K until about two programs run per SM."""
+    """Tile sizes by M: decode shapes split K until about four programs run per SM."""
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 32:
         bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
     elif m <= 64:
-        bm, bn, bk, warps, stages = 64, 128, 64, 4, 4
+        # 8 warps: with 4 this split-K tile spills (benchmarks/int_gemm_aot.py).
+        bm, bn, bk, warps, stages = 64, 128, 64, 8, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
@@ -282,7 +286,7 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
     if forced is not None:
         split = forced
     elif m <= 64:
-        target = 2 * _num_sms(device)
+        target = 4 * _num_sms(device)  # the planes tile is light: several per SM
         max_split = max(1, k // (4 * bk))  # each split streams at least four K blocks
         split = max(1, min(max_split, triton.cdiv(target, tiles)))
     return GemmConfig(bm, bn, bk, split, warps, stages)
