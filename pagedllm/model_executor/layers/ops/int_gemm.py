@@ -13,7 +13,7 @@ each word is loaded once and value j of every word (input rows word * PACK + j) 
 against the matching strided columns of x, so no value changes register layout; "reshape",
 each word is loaded once and its values shifted out along a new axis; "gather", each of the
 BLOCK_K rows loads its word (the repeats are L1 hits). Compiled for sm_90 (Triton 3.9, no
-GPU: `benchmarks/int_gemm_aot.py`) the decode tile (16 x 64 x 128, 4 warps) takes 72-96
+GPU: `benchmarks/int_gemm_aot.py`) the decode tile (16 x 64 x 128, 4 warps) takes 64-124
 registers a thread with "planes", 168-254 with "reshape", and 255 plus spills with "gather"
 (its [BLOCK_K, BLOCK_N] int32 load is PACK times the words it needs).
 
