@@ -45,6 +45,34 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def int_gemm_unpack() -> str:
+    """How the int GEMM expands packed words in registers: "planes" (default: each word loaded
+    once, one dot per bit position), "reshape" (each word loaded once, shifted out along a new
+    axis) or "gather" (each row loads its word, L1-served). For kernel tuning on the GPU; see
+    model_executor/layers/ops/int_gemm.py."""
+    value = os.environ.get("PAGEDLLM_INT_GEMM_UNPACK", "planes")
+    if value not in ("gather", "reshape", "planes"):
+        raise ValueError(f"PAGEDLLM_INT_GEMM_UNPACK={value!r}: choose gather, reshape or "
+                         "planes")
+    return value
+
+
+def int_gemm_dense_min_m() -> int:
+    """Tokens in a step from which GPTQ/AWQ layers dequantize to a transient 16-bit weight
+    and use cuBLAS instead of the fused int GEMM (0: never)."""
+    return int(_float("PAGEDLLM_INT_GEMM_DENSE_MIN_M", 1024))
+
+
+def int_gemm_split_k() -> int | None:
+    """A fixed K split for the int GEMM (1: none); unset: chosen per shape."""
+    value = os.environ.get("PAGEDLLM_INT_GEMM_SPLIT_K")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"PAGEDLLM_INT_GEMM_SPLIT_K={value!r} must be a positive integer")
+    return int(value)
+
+
 def apply_openmp_defaults() -> None:
     """Sleep, don't spin, in OpenMP waits unless the user chose otherwise.
 

@@ -10,6 +10,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata, get_attn_backend, kv_cache_shape
 from pagedllm.config import ModelConfig
+from pagedllm.model_executor.layers.quantization import resolve_quantization
 from pagedllm.model_executor.loader import load_model, resolve_model
 
 BLOCK_SIZE = 16
@@ -91,6 +92,7 @@ def load_ours(model: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module
         architecture=resolved.hf_config.architectures[0],
         dtype=dtype,
         tokenizer=resolved.tokenizer_path,
+        quantization=resolve_quantization(None, resolved.hf_config),
     )
     return load_model(model_config, torch.device("cpu"), get_attn_backend("torch_ref"))
 

@@ -5,10 +5,19 @@ decides what tensors hold the weight (plain, fp8, packed int4 ...) and how to mu
 Every parameter carries `weight_loader(param, loaded_weight, shard_id=None)` that copies this
 rank's slice of a full checkpoint tensor. Parameters mark the dimension split across output
 features with `output_dim` and the one split across input features with `input_dim`.
+
+Quantized parameters may be packed: `packed_dim` names the dimension that stores
+`packed_factor` logical values per element (an int, or a Fraction such as 32/3 for 3-bit
+GPTQ, which packs 32 values in 3 int32 words). Offsets and sizes of fused shards are given in
+logical features and converted with `_packed`. Group-wise tensors (scales, zeros) simply have
+fewer rows along `input_dim`; the method that creates them checks that each partition holds
+whole groups. A parameter marked `same_for_all_shards` (GPTQ's `g_idx` of a fused layer) is
+loaded from every shard and must agree across them.
 """
 
 from __future__ import annotations
 
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -144,6 +153,38 @@ def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     dst.copy_(src)
 
 
+def _packed(param: torch.Tensor, dim: int, n: int) -> int:
+    """`n` logical features along `dim` in the parameter's stored elements."""
+    if getattr(param, "packed_dim", None) != dim:
+        return n
+    stored = Fraction(n) / Fraction(param.packed_factor)
+    if stored.denominator != 1:
+        raise ValueError(
+            f"{n} features along dim {dim} do not fill whole packed words "
+            f"({param.packed_factor} values per element)"
+        )
+    return int(stored)
+
+
+def _load_same_for_all_shards(
+    layer: nn.Module, param: nn.Parameter, loaded_weight: torch.Tensor
+) -> None:
+    """The first shard's tensor is copied; every later shard must carry the same values."""
+    seen: set[int] = layer.__dict__.setdefault("_shared_tensors_loaded", set())
+    if id(param) not in seen:
+        _copy_checked(param.data, loaded_weight)
+        seen.add(id(param))
+        return
+    if tuple(param.shape) != tuple(loaded_weight.shape) or not torch.equal(
+        param.data, loaded_weight.to(param.device, param.dtype)
+    ):
+        raise ValueError(
+            "the checkpoint's parts of this fused layer disagree on a tensor they must share "
+            "(e.g. GPTQ g_idx of q/k/v or gate/up: their act-order permutations differ); "
+            "pagedllm cannot fuse them"
+        )
+
+
 def _shard(
     loaded_weight: torch.Tensor, dim: int, index: int, size: int, total: int
 ) -> torch.Tensor:
@@ -255,21 +296,29 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
         output_dim = getattr(param, "output_dim", None)
+        if shard_id is not None and output_dim is None and getattr(
+            param, "same_for_all_shards", False
+        ):
+            _load_same_for_all_shards(self, param, loaded_weight)
+            return
         if shard_id is None or output_dim is None:
             # A pre-merged checkpoint tensor, or a parameter not split by output.
             if output_dim is not None:
                 for i, size in enumerate(self.output_sizes):
-                    start = sum(self.output_sizes[:i])
-                    self.weight_loader(param, loaded_weight.narrow(output_dim, start, size), i)
+                    start = _packed(param, output_dim, sum(self.output_sizes[:i]))
+                    part = loaded_weight.narrow(output_dim, start, _packed(param, output_dim, size))
+                    self.weight_loader(param, part, i)
                 return
             _copy_checked(param.data, loaded_weight)
             return
         index = int(shard_id)
         sizes = self.output_partition_sizes
-        offset, size = sum(sizes[:index]), sizes[index]
+        offset = _packed(param, output_dim, sum(sizes[:index]))
+        size = _packed(param, output_dim, sizes[index])
+        total = _packed(param, output_dim, self.output_sizes[index])
         _copy_checked(
             param.data.narrow(output_dim, offset, size),
-            _shard(loaded_weight, output_dim, self.tp_rank, size, self.output_sizes[index]),
+            _shard(loaded_weight, output_dim, self.tp_rank, size, total),
         )
 
 
@@ -323,6 +372,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
         output_dim = getattr(param, "output_dim", None)
+        if shard_id is not None and output_dim is None and getattr(
+            param, "same_for_all_shards", False
+        ):
+            _load_same_for_all_shards(self, param, loaded_weight)
+            return
         if output_dim is None:
             _copy_checked(param.data, loaded_weight)
             return
@@ -333,7 +387,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             starts = {"q": 0, "k": q_total, "v": q_total + kv_total}
             sizes = {"q": q_total, "k": kv_total, "v": kv_total}
             for sid in ("q", "k", "v"):
-                part = loaded_weight.narrow(output_dim, starts[sid], sizes[sid])
+                part = loaded_weight.narrow(output_dim, _packed(param, output_dim, starts[sid]),
+                                            _packed(param, output_dim, sizes[sid]))
                 self.weight_loader(param, part, sid)
             return
         kv_rank = self.tp_rank // self.num_kv_head_replicas
@@ -348,6 +403,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             total = kv_total
         else:
             raise ValueError(f"unknown QKV shard id {shard_id!r}")
+        offset, size = _packed(param, output_dim, offset), _packed(param, output_dim, size)
+        total = _packed(param, output_dim, total)
         _copy_checked(
             param.data.narrow(output_dim, offset, size),
             _shard(loaded_weight, output_dim, index, size, total),

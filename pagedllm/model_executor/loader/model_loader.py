@@ -90,6 +90,17 @@ def _apply_quantization(
     return quant_config
 
 
+def _load_quantized(
+    model: nn.Module, model_config: ModelConfig, quant_config: QuantizationConfig
+) -> None:
+    """Loads and repacks a quantized checkpoint; errors name the method."""
+    try:
+        load_weights_checked(model, quant_config.intercept_weights(iterate_weights(model_config)))
+        process_weights_after_loading(model)
+    except ValueError as e:
+        raise ModelLoadError(f"{quant_config.get_name()} checkpoint: {e}") from e
+
+
 def load_model(
     model_config: ModelConfig, device: torch.device, attn_backend: AttentionBackend
 ) -> nn.Module:
@@ -109,12 +120,10 @@ def load_model(
         quant_config = _apply_quantization(model, model_config, device)
     # One allocation on the target device; values come from the checkpoint next.
     materialize(model, device)
-    weights = iterate_weights(model_config)
-    if quant_config is not None:
-        weights = quant_config.intercept_weights(weights)
-    load_weights_checked(model, weights)
-    if quant_config is not None:
-        process_weights_after_loading(model)
+    if quant_config is None:
+        load_weights_checked(model, iterate_weights(model_config))
+    else:
+        _load_quantized(model, model_config, quant_config)
     logger.info(
         "loaded %s (%s) on %s%s", model_config.model_path, model_cls.__name__, device,
         f", quantization {quant_config.describe()}" if quant_config is not None else "",

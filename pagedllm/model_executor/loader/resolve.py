@@ -124,9 +124,19 @@ def _hf_dir_config(model_dir: str, trust_remote_code: bool) -> Any:
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise ModelLoadError(f"cannot read config.json in {model_dir}: {e}") from e
+    if getattr(config, "quantization_config", None) is None:
+        from pagedllm.model_executor.layers.quantization import standalone_quant_config
+
+        try:
+            qc = standalone_quant_config(model_dir)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from e
+        if qc is not None:
+            config.quantization_config = qc
+    return config
 
 
 def check_architecture(hf_config: Any, where: str) -> None:

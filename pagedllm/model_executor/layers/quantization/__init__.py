@@ -62,9 +62,11 @@ def get_quantization_config_cls(method: str) -> type[QuantizationConfig]:
 
 
 def normalize_method_name(method: str) -> str:
-    """Checkpoints spell some names differently (`compressed_tensors`, `bitsandbytes_4bit`)."""
+    """Checkpoints spell some names differently (`compressed_tensors`, `bitsandbytes_4bit`);
+    vLLM's kernel-specific names (`gptq_marlin`, `awq_marlin`) run pagedllm's one method."""
     m = method.strip().lower().replace("_", "-")
-    return {"bitsandbytes-4bit": "bitsandbytes", "bnb": "bitsandbytes"}.get(m, m)
+    return {"bitsandbytes-4bit": "bitsandbytes", "bnb": "bitsandbytes",
+            "gptq-marlin": "gptq", "awq-marlin": "awq"}.get(m, m)
 
 
 def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
@@ -75,6 +77,34 @@ def checkpoint_quant_config(hf_config: Any) -> dict[str, Any] | None:
     if not isinstance(qc, dict):
         qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(vars(qc))
     return qc
+
+
+# Files older AutoGPTQ / AutoAWQ checkpoints keep beside config.json instead of its
+# `quantization_config`, and the method each implies when the file names none.
+STANDALONE_CONFIG_FILES: tuple[tuple[str, str], ...] = (
+    ("quantize_config.json", "gptq"),
+    ("quant_config.json", "awq"),
+)
+
+
+def standalone_quant_config(model_dir: str) -> dict[str, Any] | None:
+    """The quantization config of a checkpoint directory whose config.json has none."""
+    import json
+    import os
+
+    for filename, method in STANDALONE_CONFIG_FILES:
+        path = os.path.join(model_dir, filename)
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    qc = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"unreadable quantization config {path}: {e}") from e
+            if not isinstance(qc, dict):
+                raise ValueError(f"quantization config {path} is not a JSON object")
+            qc.setdefault("quant_method", method)
+            return qc
+    return None
 
 
 def resolve_quantization(flag: str | None, hf_config: Any) -> str | None:
@@ -134,7 +164,10 @@ def quantize_model(model: nn.Module, quant_config: QuantizationConfig) -> int:
         if isinstance(module, LinearBase):
             method = quant_config.get_linear_method(module, prefix)
             if method is not None:
-                module.replace_linear_method(method)
+                try:
+                    module.replace_linear_method(method)
+                except ValueError as e:
+                    raise ValueError(f"layer {prefix}: {e}") from e
                 count += 1
     return count
 
@@ -143,9 +176,12 @@ def process_weights_after_loading(model: nn.Module) -> None:
     """Lets each linear layer's method repack / quantize its loaded weights."""
     from pagedllm.model_executor.layers.linear import LinearBase
 
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         if isinstance(module, LinearBase):
-            module.linear_method.process_weights_after_loading(module)
+            try:
+                module.linear_method.process_weights_after_loading(module)
+            except ValueError as e:
+                raise ValueError(f"layer {prefix}: {e}") from e
 
 
 __all__ = [
