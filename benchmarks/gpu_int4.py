@@ -25,7 +25,6 @@ dense fallback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -47,9 +46,6 @@ from pagedllm.model_executor.layers.quantization.packed_int import (  # noqa: E4
 
 SHAPES_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
              "down": (14336, 4096)}
-LLAMA_3_1_70B_OVERRIDES = {"hidden_size": 8192, "intermediate_size": 28672,
-                           "num_hidden_layers": 80, "num_attention_heads": 64,
-                           "num_key_value_heads": 8}
 
 
 def _bench(fn, device: str) -> float:
@@ -124,100 +120,18 @@ def run_kernels(smoke: bool) -> int:
     return 1 if failed else 0
 
 
-def _linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
-    """HF module name -> (in, out) of every quantized projection."""
-    h, inter = cfg["hidden_size"], cfg["intermediate_size"]
-    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    out = {}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out.update({p + "self_attn.q_proj": (h, q), p + "self_attn.k_proj": (h, kv),
-                    p + "self_attn.v_proj": (h, kv), p + "self_attn.o_proj": (q, h),
-                    p + "mlp.gate_proj": (h, inter), p + "mlp.up_proj": (h, inter),
-                    p + "mlp.down_proj": (inter, h)})
-    return out
-
-
-def _quant_tensors(method: str, k: int, n: int, gen: torch.Generator, device: str
-                   ) -> dict[str, torch.Tensor]:
-    group = 128
-    words = lambda *shape: torch.randint(-2**31, 2**31 - 1, shape, generator=gen,
-                                         device=device, dtype=torch.int64).to(torch.int32)
-    scales = (torch.rand(k // group, n, generator=gen, device=device) * 0.004 + 0.001).half()
-    if method == "gptq":  # symmetric, format gptq: every zero point stored as 8 - 1
-        zeros = torch.full((k // group, n // 8), 0x77777777, dtype=torch.int32, device=device)
-        return {"qweight": words(k // 8, n), "qzeros": zeros, "scales": scales,
-                "g_idx": (torch.arange(k, device=device) // group).to(torch.int32)}
-    zeros = torch.full((k // group, n // 8), 0x88888888 - 2**32, dtype=torch.int32,
-                       device=device)
-    return {"qweight": words(k, n // 8), "qzeros": zeros, "scales": scales}
-
-
-QUANT_CONFIGS = {
-    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
-             "sym": True, "checkpoint_format": "gptq"},
-    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True,
-            "version": "gemm"},
-}
-
-
 def _config(model: str) -> dict:
-    from pagedllm.entrypoints.bench import LLAMA_3_1_8B, TINY_LLAMA
+    from pagedllm.entrypoints.bench import RANDOM_MODELS
 
-    if model == "tiny":  # a CPU check of the writer
-        return dict(TINY_LLAMA)
-    cfg = dict(LLAMA_3_1_8B)
-    if model == "llama-3.1-70b":
-        cfg.update(LLAMA_3_1_70B_OVERRIDES)
-    return cfg
+    return dict(RANDOM_MODELS[model])
 
 
 def write_model(out_root: str, model: str, method: str) -> str:
-    """A random int4 checkpoint of `model`, in shards of a few layers; returns its dir."""
-    from safetensors.torch import save_file
+    """A random int4 checkpoint of `model` (the published layout, drawn directly); its dir."""
+    from pagedllm.entrypoints.bench_quant import build_random_int4_llama
 
-    from pagedllm.entrypoints.bench import _param_shapes
-
-    cfg = _config(model)
-    out_dir = os.path.join(out_root, f"{model}-{method}-int4")
-    if os.path.exists(os.path.join(out_dir, "config.json")):
-        return out_dir
-    os.makedirs(out_dir, exist_ok=True)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator(device=device).manual_seed(0)
-    linears = _linear_shapes(cfg)
-    dense = {name: shape for name, shape in _param_shapes(cfg).items()
-             if name[: -len(".weight")] not in linears}
-    weight_map: dict[str, str] = {}
-    shard: dict[str, torch.Tensor] = {}
-    shard_no = 0
-
-    def flush() -> None:
-        nonlocal shard, shard_no
-        if shard:
-            fname = f"model-{shard_no:05d}.safetensors"
-            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, fname))
-            shard, shard_no = {}, shard_no + 1
-
-    for name, shape in dense.items():
-        t = (torch.ones(shape, device=device) if name.endswith("norm.weight") else
-             torch.randn(shape, generator=gen, device=device) * 0.02)
-        shard[name] = t.to(torch.bfloat16).cpu()
-    flush()
-    for i, (name, (k, n)) in enumerate(linears.items()):
-        for suffix, t in _quant_tensors(method, k, n, gen, device).items():
-            shard[f"{name}.{suffix}"] = t.cpu()
-        if (i + 1) % 28 == 0:
-            flush()
-    flush()
-    with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {}, "weight_map": weight_map}, f)
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump({**cfg, "torch_dtype": "float16",
-                   "quantization_config": QUANT_CONFIGS[method]}, f, indent=1)
-    return out_dir
+    return build_random_int4_llama(os.path.join(out_root, f"{model}-{method}-int4"),
+                                   _config(model), method)
 
 
 def run_decode(out_root: str, model: str) -> None:
