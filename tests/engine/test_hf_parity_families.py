@@ -40,6 +40,26 @@ def _gemma_configs() -> dict:
     }
 
 
+def _phi3_configs() -> dict:
+    from transformers import Phi3Config
+
+    phi = {k: v for k, v in COMMON.items() if k != "head_dim"}  # Phi-3 derives head_dim
+    half = 16 * 3 // 8  # rotary_dim / 2 with partial_rotary_factor 0.75 (as Phi-4-mini)
+    return {
+        "phi3": Phi3Config(**phi, architectures=["Phi3ForCausalLM"], sliding_window=WINDOW),
+        # Phi-3.5 / Phi-4-mini style LongRoPE: max_position_embeddings / original = 4, so the
+        # cos/sin attention factor is sqrt(1 + ln 4 / ln 128); sequences stay within the
+        # pretraining length (short factors; see LongRoPEScalingRotaryEmbedding for past it).
+        "phi3_longrope": Phi3Config(
+            **phi, architectures=["Phi3ForCausalLM"], partial_rotary_factor=0.75,
+            original_max_position_embeddings=128,
+            rope_scaling={"type": "longrope",
+                          "short_factor": [1.0 + 0.25 * i for i in range(half)],
+                          "long_factor": [3.0 + 0.5 * i for i in range(half)]},
+        ),
+    }
+
+
 def run_parity(config, tmp_path, std: float = 0.2) -> None:
     """Our greedy tokens and top-5 logprobs against HF's, batched (with preemption), alone and
     from the prefix cache."""
@@ -76,3 +96,8 @@ def run_parity(config, tmp_path, std: float = 0.2) -> None:
 @pytest.mark.parametrize("family", ["gemma", "gemma2"])
 def test_gemma_families_match_hf(family, tmp_path):
     run_parity(_gemma_configs()[family], tmp_path)
+
+
+@pytest.mark.parametrize("family", ["phi3", "phi3_longrope"])
+def test_phi3_families_match_hf(family, tmp_path):
+    run_parity(_phi3_configs()[family], tmp_path)
