@@ -60,6 +60,28 @@ def _phi3_configs() -> dict:
     }
 
 
+def _moe_configs() -> dict:
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+
+    moe = dict(COMMON, intermediate_size=96, num_experts_per_tok=2)
+    return {
+        "mixtral": MixtralConfig(**moe, architectures=["MixtralForCausalLM"],
+                                 num_local_experts=4, sliding_window=WINDOW),  # fmt: skip
+        # Layer 1 dense (mlp_only_layers), shared expert with its sigmoid gate, top-k weights
+        # not renormalised (as Qwen1.5-MoE ships).
+        "qwen2_moe": Qwen2MoeConfig(
+            **moe, architectures=["Qwen2MoeForCausalLM"], num_experts=6,
+            moe_intermediate_size=32, shared_expert_intermediate_size=80, norm_topk_prob=False,
+            mlp_only_layers=[1],
+        ),
+        # Top-1 routing, renormalised (a single weight of 1).
+        "qwen3_moe": Qwen3MoeConfig(
+            **{**moe, "num_experts_per_tok": 1}, architectures=["Qwen3MoeForCausalLM"],
+            num_experts=4, moe_intermediate_size=48, norm_topk_prob=True,
+        ),
+    }
+
+
 def run_parity(config, tmp_path, std: float = 0.2) -> None:
     """Our greedy tokens and top-5 logprobs against HF's, batched (with preemption), alone and
     from the prefix cache."""
@@ -101,3 +123,8 @@ def test_gemma_families_match_hf(family, tmp_path):
 @pytest.mark.parametrize("family", ["phi3", "phi3_longrope"])
 def test_phi3_families_match_hf(family, tmp_path):
     run_parity(_phi3_configs()[family], tmp_path)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
+def test_moe_families_match_hf(family, tmp_path):
+    run_parity(_moe_configs()[family], tmp_path)
