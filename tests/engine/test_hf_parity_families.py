@@ -82,6 +82,30 @@ def _moe_configs() -> dict:
     }
 
 
+def _gemma3_configs() -> dict:
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
+    text = dict(
+        **COMMON, sliding_window=WINDOW, query_pre_attn_scalar=24,
+        # 2:1 local/global here (5:1 in the releases); a RoPE base and scaling per layer type.
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+        },
+    )
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=32, patch_size=8)  # fmt: skip
+    return {
+        "gemma3": Gemma3TextConfig(**text, architectures=["Gemma3ForCausalLM"]),
+        # A multimodal checkpoint: we serve its language model, skipping the vision tower.
+        "gemma3_multimodal": Gemma3Config(
+            text_config=Gemma3TextConfig(**text), vision_config=vision, mm_tokens_per_image=4,
+            architectures=["Gemma3ForConditionalGeneration"],
+        ),
+    }
+
+
 def run_parity(config, tmp_path, std: float = 0.2) -> None:
     """Our greedy tokens and top-5 logprobs against HF's, batched (with preemption), alone and
     from the prefix cache."""
@@ -128,3 +152,8 @@ def test_phi3_families_match_hf(family, tmp_path):
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe"])
 def test_moe_families_match_hf(family, tmp_path):
     run_parity(_moe_configs()[family], tmp_path)
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma3_multimodal"])
+def test_gemma3_text_matches_hf(family, tmp_path):
+    run_parity(_gemma3_configs()[family], tmp_path)
