@@ -129,7 +129,11 @@ def moe_align_block_size(
     flat = topk_ids.reshape(-1).long()
     num_pairs = flat.numel()
     device = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)  # [num_experts]
+    # scatter_add, not bincount: bincount reads the largest id on the host (a sync, and an
+    # error inside CUDA graph capture).
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )  # [num_experts]
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     padded_start = padded_end - padded
