@@ -12,13 +12,13 @@ from test_hf_parity import _check_logprobs, _hf_greedy
 from pagedllm import LLM, SamplingParams
 from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
 
-NUM_TOKENS = 16
+NUM_TOKENS = 12
 VOCAB = 512
 WINDOW = 16  # every sliding layer's window: the longer prompts run well past it
-# Prompt lengths: a short one, then ones past the window; in 12 blocks of 16 slots the
-# batch cannot all stay resident while decoding, so requests get preempted and recomputed.
-PROMPT_LENS = (5, 23, 70, 41)
-NUM_BLOCKS = 12
+# Prompt lengths: a short one, then ones past the window; in 9 blocks of 16 slots the batch
+# is admitted but cannot all stay resident while decoding, so requests get preempted.
+PROMPT_LENS = (5, 23, 70)
+NUM_BLOCKS = 9
 
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
