@@ -9,7 +9,7 @@ the rest). No changes to llama.py: the blocks replace `layer.mlp` on the meta-de
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -58,6 +58,16 @@ class MoECausalLMMixin:
     expert_tensor_kinds: dict[str, str] = {}
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
 
+    def __init__(
+        self,
+        hf_config: Any,
+        attn_backend: AttentionBackend,
+        dtype: torch.dtype = torch.float32,
+        linear_method: LinearMethod | None = None,
+    ) -> None:
+        super().__init__(hf_config, attn_backend, dtype, linear_method)  # the dense model
+        self.install_moe_blocks(hf_config, dtype, linear_method)
+
     def make_moe_block(
         self, config: Any, layer_idx: int, dtype: torch.dtype, linear_method: LinearMethod | None
     ) -> nn.Module | None:
@@ -104,17 +114,8 @@ class MoECausalLMMixin:
                 expected = moe.expected_shards(target) if moe is not None else None
                 tracker.load(target, tensor, shard, expected, source_name=name)
 
-        loaded = LlamaForCausalLM.load_weights(self, dense())
+        loaded = super().load_weights(dense())
         return loaded | tracker.loaded
-
-
-def moe_causal_lm_init(
-    model: LlamaForCausalLM, base_init: Callable[..., None], hf_config: Any,
-    attn_backend: AttentionBackend, dtype: torch.dtype, linear_method: LinearMethod | None,
-) -> None:
-    """Builds the dense model, then puts the MoE blocks in."""
-    base_init(model, hf_config, attn_backend, dtype, linear_method)
-    model.install_moe_blocks(hf_config, dtype, linear_method)
 
 
 class MixtralForCausalLM(MoECausalLMMixin, LlamaForCausalLM):
@@ -123,17 +124,6 @@ class MixtralForCausalLM(MoECausalLMMixin, LlamaForCausalLM):
 
     expert_tensor_kinds = {"w1": "gate", "w3": "up", "w2": "down"}
     checkpoint_renames = ((".block_sparse_moe.", ".mlp."),)
-
-    def __init__(
-        self,
-        hf_config: Any,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype = torch.float32,
-        linear_method: LinearMethod | None = None,
-    ) -> None:
-        moe_causal_lm_init(
-            self, LlamaForCausalLM.__init__, hf_config, attn_backend, dtype, linear_method
-        )
 
     def make_moe_block(
         self, config: Any, layer_idx: int, dtype: torch.dtype, linear_method: LinearMethod | None

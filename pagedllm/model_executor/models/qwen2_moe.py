@@ -10,10 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import AttentionBackend
 from pagedllm.model_executor.layers.linear import LinearMethod, ReplicatedLinear
 from pagedllm.model_executor.models.llama import LlamaForCausalLM, LlamaMLP
-from pagedllm.model_executor.models.mixtral import MoEBlock, MoECausalLMMixin, moe_causal_lm_init
+from pagedllm.model_executor.models.mixtral import MoEBlock, MoECausalLMMixin
 from pagedllm.model_executor.models.qwen2 import Qwen2Attention
 
 
@@ -47,17 +46,6 @@ class Qwen2MoeSparseBlock(MoEBlock):
 
 class QwenMoeForCausalLMBase(MoECausalLMMixin, LlamaForCausalLM):
     expert_tensor_kinds = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
-
-    def __init__(
-        self,
-        hf_config: Any,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype = torch.float32,
-        linear_method: LinearMethod | None = None,
-    ) -> None:
-        moe_causal_lm_init(
-            self, LlamaForCausalLM.__init__, hf_config, attn_backend, dtype, linear_method
-        )
 
 
 class Qwen2MoeForCausalLM(QwenMoeForCausalLMBase):

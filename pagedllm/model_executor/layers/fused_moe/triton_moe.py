@@ -156,8 +156,12 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _launch(a, b, c, topk_weights, align, n, k, num_pairs, up_offset, a_row_div, fuse, mul,
-            cfg: MoELaunchConfig) -> None:  # fmt: skip
+def _launch(
+    a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weights: torch.Tensor,
+    align: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n: int, k: int, num_pairs: int,
+    up_offset: int, a_row_div: int, fuse: bool, mul: bool, cfg: MoELaunchConfig,
+) -> None:  # fmt: skip
+    """One grouped GEMM launch: c[pair, :n] = f(a[pair // a_row_div, :k] @ b[expert]^T)."""
     sorted_ids, expert_ids, num_padded = align
     grid = (expert_ids.shape[0] * triton.cdiv(n, cfg.block_n),)
     _fused_moe_kernel[grid](
