@@ -180,6 +180,12 @@ def test_logits_soft_cap_unified_and_split():
            logits_soft_cap=0.5, config=SMALL_SPLITS)  # fmt: skip
 
 
+def test_head_dim_256_soft_cap():
+    # Gemma 2 shapes: 256-wide heads (smaller default tiles), capped scores, a window.
+    _check([(20, 5), (33, 1)], 4, 2, 256, torch.float32, 1e-4, seed=18, logits_soft_cap=0.5,
+           sliding_window=16)  # fmt: skip
+
+
 def test_reference_soft_cap_changes_output():
     gen = torch.Generator().manual_seed(17)
     query, kv_cache, meta, n = _make_batch([(5, 6)], 2, 2, 16, torch.float64, gen)

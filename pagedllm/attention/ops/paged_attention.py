@@ -399,10 +399,15 @@ def unified_attention(
         block_m = 32
     else:
         block_m = 64
+    wide_heads = head_dim > 128  # Gemma (1, 2): head_dim 256
+    if wide_heads and cfg.block_m is None:
+        # Halved tiles keep the fp32 accumulator and the staged K/V tiles of 256-wide heads
+        # within registers and shared memory (not swept on the GPU; head_dim <= 128 unchanged).
+        block_m = min(block_m, 32)
     block_m = max(block_m, group_pad, 16)
     block_q = block_m // group_pad
     # Defaults from the H200 sweep in docs/kernels.md (Llama-3.1-8B shapes, bf16).
-    block_n = cfg.block_n or 64
+    block_n = cfg.block_n or (32 if wide_heads else 64)
     # 8 warps measured 1.8-2x slower than 4 at BLOCK_M 64 despite 4 warps spilling a little.
     num_warps = cfg.num_warps or 4
     num_stages = cfg.num_stages or (3 if max_query_len > 1 else 2)
