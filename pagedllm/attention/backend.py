@@ -48,7 +48,8 @@ class AttentionBackend:
     head_dim], kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim], metadata)
     -> [num_tokens, num_heads, head_dim]. GQA: num_heads % num_kv_heads == 0.
     `sliding_window`, when set, limits each query to the last `sliding_window` keys
-    (itself included).
+    (itself included). `logits_soft_cap`, when set, maps every score s (after the scale) to
+    cap * tanh(s / cap) before masking and softmax (Gemma 2).
     """
 
     name: str = "base"
@@ -62,6 +63,7 @@ class AttentionBackend:
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         raise NotImplementedError
 

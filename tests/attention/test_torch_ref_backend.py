@@ -7,7 +7,7 @@ import torch
 from pagedllm.attention.backend import AttentionMetadata, get_attn_backend, kv_cache_shape
 
 
-def _dense_reference(q, k, v, q_pos, scale, sliding_window=None):
+def _dense_reference(q, k, v, q_pos, scale, sliding_window=None, soft_cap=None):
     # q [q_len, nh, hd]; k, v [seq_len, nkv, hd]; float64, one head at a time.
     nh, nkv = q.shape[1], k.shape[1]
     out = torch.empty_like(q, dtype=torch.float64)
@@ -16,6 +16,8 @@ def _dense_reference(q, k, v, q_pos, scale, sliding_window=None):
         vh = v[:, h // (nh // nkv)].double()
         for j in range(q.shape[0]):
             s = (kh @ q[j, h].double()) * scale
+            if soft_cap is not None:
+                s = soft_cap * torch.tanh(s / soft_cap)
             allowed = torch.arange(k.shape[0]) <= q_pos[j]
             if sliding_window is not None:
                 allowed &= torch.arange(k.shape[0]) > q_pos[j] - sliding_window
@@ -24,7 +26,7 @@ def _dense_reference(q, k, v, q_pos, scale, sliding_window=None):
     return out
 
 
-def _run_mixed_batch(sliding_window=None, seed=0, reqs=None):
+def _run_mixed_batch(sliding_window=None, seed=0, reqs=None, soft_cap=None):
     g = torch.Generator().manual_seed(seed)
     nh, nkv, hd, bs, num_blocks = 4, 2, 8, 4, 256
     # (cached prefix length, new tokens): prefill, chunk with prefix, decode, decode, prefill
@@ -72,12 +74,14 @@ def _run_mixed_batch(sliding_window=None, seed=0, reqs=None):
         seq_lens_cpu=torch.tensor(seq_lens, dtype=torch.int32),
     )
     scale = hd**-0.5
+    extra = {"logits_soft_cap": soft_cap} if soft_cap is not None else {}
     out = get_attn_backend("torch_ref").forward(
-        torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, md, scale, sliding_window
+        torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, md, scale, sliding_window, **extra
     )
     for i, (cached, new) in enumerate(reqs):
         ref = _dense_reference(
-            qs[i], full_k[i], full_v[i], list(range(cached, cached + new)), scale, sliding_window
+            qs[i], full_k[i], full_v[i], list(range(cached, cached + new)), scale, sliding_window,
+            soft_cap,
         )
         torch.testing.assert_close(out[qsl[i] : qsl[i + 1]].double(), ref, atol=1e-5, rtol=1e-5)
         # the new K/V landed in their slots
@@ -100,6 +104,14 @@ def test_many_decodes_in_length_groups():
 
 def test_sliding_window():
     _run_mixed_batch(sliding_window=3, seed=1)
+
+
+def test_logits_soft_cap():
+    # Prefills, prefix chunks and grouped decodes all cap their scores; with a window too.
+    _run_mixed_batch(seed=4, soft_cap=0.7)
+    lengths = [(L * 5) % 37 + 1 for L in range(20)]
+    _run_mixed_batch(sliding_window=6, seed=5, soft_cap=0.7,
+                     reqs=[(L, 1) for L in lengths] + [(0, 9), (4, 3)])
 
 
 def test_negative_slots_are_not_written():

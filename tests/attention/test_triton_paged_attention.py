@@ -82,7 +82,8 @@ def _check(reqs, num_heads, num_kv_heads, head_dim, dtype, tol, seed, **kwargs):
     scale = head_dim**-0.5
     out = torch.full_like(query, float("nan"))
     paged_attention(query, kv_cache, scale=scale, out=out, **meta, **kwargs)
-    ref_kwargs = {k: v for k, v in kwargs.items() if k in ("sliding_window", "causal")}
+    ref_keys = ("sliding_window", "causal", "logits_soft_cap")
+    ref_kwargs = {k: v for k, v in kwargs.items() if k in ref_keys}
     ref = paged_attention_ref(
         query, kv_cache, meta["query_start_loc"], meta["seq_lens"], meta["block_table"],
         scale, compute_dtype=torch.float64, **ref_kwargs,
@@ -168,6 +169,38 @@ def test_choose_num_splits():
     assert choose_num_splits(21, 8, 1, 3000, 132) == 1
     assert choose_num_splits(32, 8, 1, 430, 132, 32 * 430) == 1
     assert choose_num_splits(160, 8, 1, 600, 132, 160 * 450) == 1
+
+
+def test_logits_soft_cap_unified_and_split():
+    # A cap of 0.5 on scores of spread ~1 changes every softmax row (Gemma 2 uses 50 on
+    # larger logits); windows and GQA on top, as Gemma 2's sliding layers run them.
+    _check(MIXED, 4, 2, 64, torch.float32, 1e-4, seed=14, logits_soft_cap=0.5)
+    _check(MIXED, 4, 2, 64, torch.float32, 1e-4, seed=15, logits_soft_cap=0.5, sliding_window=9)
+    _check([(130, 1), (3, 1)], 4, 2, 64, torch.float32, 1e-4, seed=16, num_splits=3,
+           logits_soft_cap=0.5, config=SMALL_SPLITS)  # fmt: skip
+
+
+def test_head_dim_256_soft_cap():
+    # Gemma 2 shapes: 256-wide heads (smaller default tiles), capped scores, a window.
+    _check([(20, 5), (33, 1)], 4, 2, 256, torch.float32, 1e-4, seed=18, logits_soft_cap=0.5,
+           sliding_window=16)  # fmt: skip
+
+
+def test_reference_soft_cap_changes_output():
+    gen = torch.Generator().manual_seed(17)
+    query, kv_cache, meta, n = _make_batch([(5, 6)], 2, 2, 16, torch.float64, gen)
+    args = (query, kv_cache, meta["query_start_loc"], meta["seq_lens"], meta["block_table"], 1.0)
+    plain = paged_attention_ref(*args, compute_dtype=torch.float64)
+    capped = paged_attention_ref(*args, compute_dtype=torch.float64, logits_soft_cap=0.3)
+    huge = paged_attention_ref(*args, compute_dtype=torch.float64, logits_soft_cap=1e6)
+    torch.testing.assert_close(huge[:n], plain[:n])
+    assert (capped[:n] - plain[:n]).abs().max() > 1e-2
+    # Capped at 0.3, all scores lie in (-0.3, 0.3): weights within exp(0.6) of each other.
+    q_row = query[0, 0]
+    k = kv_cache[0, meta["block_table"][0, 0], :6, 0]
+    w = torch.softmax(0.3 * torch.tanh(k @ q_row / 0.3), 0)
+    expect = (w[:, None] * kv_cache[1, meta["block_table"][0, 0], :6, 0]).sum(0)
+    torch.testing.assert_close(capped[0, 0], expect)
 
 
 def test_reference_matches_naive_loop():

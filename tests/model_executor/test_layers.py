@@ -18,7 +18,7 @@ from pagedllm.model_executor.layers.linear import (
     ReplicatedLinear,
     RowParallelLinear,
 )
-from pagedllm.model_executor.layers.rotary_embedding import get_rope
+from pagedllm.model_executor.layers.rotary_embedding import get_rope, rope_params_from_config
 from pagedllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
@@ -140,6 +140,31 @@ def test_rope_yarn_matches_transformers(scaling: dict) -> None:
     assert ours.cos_sin_cache.shape[0] == max(64, length)
     cos0 = ours.cos_sin_cache[0, :16]
     torch.testing.assert_close(cos0, torch.full_like(cos0, hf_attention_factor))
+
+
+@pytest.mark.parametrize("explicit", [{}, {"attention_factor": 1.3}])
+def test_rope_longrope_matches_transformers(explicit: dict) -> None:
+    from transformers import Phi3Config
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(8)],
+               "long_factor": [2.0 + i for i in range(8)], **explicit}  # fmt: skip
+    config = Phi3Config(hidden_size=64, num_attention_heads=4, max_position_embeddings=256,
+                        original_max_position_embeddings=64, rope_scaling=scaling)
+    hf = ROPE_INIT_FUNCTIONS["longrope"]
+    short_inv, factor = hf(config, "cpu")
+    long_inv, _ = hf(config, "cpu", seq_len=65)  # past the pretraining length
+    _, scaling = rope_params_from_config(config)
+    ours = get_rope(16, 16, 256, 10000.0, scaling)
+    assert factor == pytest.approx(explicit.get("attention_factor",
+                                                math.sqrt(1 + math.log(4) / math.log(64))))
+    # Positions below 64 use the short factors, 64 on the long ones; cos/sin scaled by factor.
+    t = torch.arange(256, dtype=torch.float32)[:, None]
+    angles = torch.where(t < 64, t * short_inv.float(), t * long_inv.float())
+    want = torch.cat([angles.cos(), angles.sin()], dim=-1) * factor
+    torch.testing.assert_close(ours.cos_sin_cache, want)
+    with pytest.raises(ValueError, match="rotary_dim / 2"):
+        get_rope(32, 32, 256, 10000.0, scaling)
 
 
 def test_rope_cache_recomputed_after_meta() -> None:

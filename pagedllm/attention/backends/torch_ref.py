@@ -48,6 +48,36 @@ def gather_kv(
     return k, v
 
 
+def attend(
+    q: torch.Tensor,  # [n, num_heads, q_len, head_dim]
+    k: torch.Tensor,  # [n, num_kv_heads, seq_len, head_dim]
+    v: torch.Tensor,
+    mask: torch.Tensor | None,  # bool (True = may attend) or additive, broadcast to scores
+    is_causal: bool,
+    scale: float,
+    logits_soft_cap: float | None,
+) -> torch.Tensor:  # [n, num_heads, q_len, head_dim]
+    """SDPA, or, with a soft cap (Gemma 2: scores -> cap * tanh(scores / cap) before the mask,
+    which SDPA cannot express), the same attention written out in fp32."""
+    gqa = q.shape[1] != k.shape[1]
+    if not logits_soft_cap:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
+        )
+    group = q.shape[1] // k.shape[1]
+    kf = k.float().repeat_interleave(group, dim=1)
+    vf = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ kf.transpose(-1, -2)) * scale
+    scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+    if is_causal:
+        q_len, seq_len = scores.shape[-2:]
+        mask = _prefill_mask(q_len, seq_len, None, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else (
+            scores + mask.float())
+    return (torch.softmax(scores, dim=-1) @ vf).to(q.dtype)
+
+
 def _prefill_mask(
     q_len: int, seq_len: int, sliding_window: int | None, device: torch.device
 ) -> torch.Tensor:
@@ -140,6 +170,7 @@ class TorchRefBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         write_to_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         if metadata.backend_cache is None:
@@ -150,7 +181,6 @@ class TorchRefBackend(AttentionBackend):
             plan = _plan(metadata, kv_cache.shape[2], sliding_window)
             metadata.backend_cache[plan_key] = plan
         out = torch.zeros_like(query)
-        gqa = query.shape[1] != key.shape[1]
         for i, start, end, seq_len in plan.prefills:
             q_len = end - start
             if q_len == seq_len:
@@ -169,17 +199,17 @@ class TorchRefBackend(AttentionBackend):
             else:
                 mask = _prefill_mask(q_len, seq_len, sliding_window, query.device)
                 is_causal = False
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa
-            )
+            o = attend(q, k, v, mask, is_causal, scale, logits_soft_cap)
             out[start:end] = o[0].transpose(0, 1)
         for group in plan.decode_groups:
-            out.index_copy_(0, group.rows, self._decode(query, kv_cache, group, scale))
+            decoded = self._decode(query, kv_cache, group, scale, logits_soft_cap)
+            out.index_copy_(0, group.rows, decoded)
         return out
 
     @staticmethod
     def _decode(
-        query: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup, scale: float
+        query: torch.Tensor, kv_cache: torch.Tensor, group: _DecodeGroup, scale: float,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         """[num_decodes, num_heads, head_dim] for the step's single-token queries."""
         n = group.rows.shape[0]
@@ -191,13 +221,9 @@ class TorchRefBackend(AttentionBackend):
         k = kv_cache[0].index_select(0, group.blocks).view(n, length, num_kv_heads, head_dim)
         v = kv_cache[1].index_select(0, group.blocks).view(n, length, num_kv_heads, head_dim)
         q = query.index_select(0, group.rows).view(n, num_heads, 1, head_dim)
-        o = F.scaled_dot_product_attention(
-            q,
-            k.transpose(1, 2).to(query.dtype),
-            v.transpose(1, 2).to(query.dtype),
-            attn_mask=group.bias.to(query.dtype),
-            scale=scale,
-            enable_gqa=num_heads != num_kv_heads,
+        o = attend(
+            q, k.transpose(1, 2).to(query.dtype), v.transpose(1, 2).to(query.dtype),
+            group.bias.to(query.dtype), False, scale, logits_soft_cap,
         )
         return o.view(n, num_heads, head_dim)
 

@@ -52,6 +52,7 @@ class TritonAttentionBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:
         num_actual = metadata.num_actual_tokens
         reshape_and_cache(key[:num_actual], value[:num_actual], kv_cache, metadata.slot_mapping)
@@ -81,6 +82,7 @@ class TritonAttentionBackend(AttentionBackend):
             causal=metadata.causal,
             num_splits=num_splits,
             out=out,
+            logits_soft_cap=logits_soft_cap,
         )
         if num_actual < out.shape[0]:
             out[num_actual:].zero_()  # padding rows: defined values, like the torch backend

@@ -13,7 +13,9 @@ Two paths:
 - `split-KV` (flash-decoding): decode-only batches with few (request, KV head) pairs and long
   contexts. Each request's context is cut into partitions processed by separate programs that
   write partial outputs and log-sum-exps; a second kernel merges them.
-Softmax is online and in fp32 (base 2, with log2(e) folded into the scale).
+Softmax is online and in fp32 (base 2, with log2(e) folded into the scale). Gemma 2's
+attention logit soft-capping (scores -> cap * tanh(scores / cap), before masking) is a
+compile-time constant, so models without it run the kernels they always did.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ def _attend_range(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    SOFT_CAP: tl.constexpr,  # 0.0: none; else cap * log2(e), the cap in the log2 domain
 ):
     dims = tl.arange(0, HD_PAD)
     dim_mask = dims < HEAD_DIM
@@ -78,6 +81,10 @@ def _attend_range(
         else:
             s = tl.dot(q, tl.trans(k).to(q.dtype), input_precision=DOT_PRECISION)
         s = s * qk_scale
+        if SOFT_CAP > 0.0:
+            # cap * tanh(raw / cap) on raw = s / log2(e); tanh via exp2 (no tl.tanh in Triton).
+            e = tl.exp2(s * (2.8853900817779268 / SOFT_CAP))  # 2 * log2(e) / SOFT_CAP
+            s = SOFT_CAP * (1.0 - 2.0 / (e + 1.0))
         allowed = key_valid[None, :]
         if CAUSAL:
             allowed = allowed & (keys[None, :] <= q_pos[:, None])
@@ -168,6 +175,7 @@ def _unified_attention_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -200,6 +208,7 @@ def _unified_attention_kernel(
         block_table_ptr + req.to(tl.int64) * stride_bt, kv_head, kv_start, kv_end,
         qk_scale, window, stride_c_b, stride_c_t, stride_c_h,
         HEAD_DIM, HD_PAD, BLOCK_N, BLOCK_SIZE, CAUSAL, USE_WINDOW, DOT_PRECISION, DOT_UPCAST,
+        SOFT_CAP,
     )  # fmt: skip
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
@@ -240,6 +249,7 @@ def _split_kv_decode_kernel(
     USE_WINDOW: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
+    SOFT_CAP: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -278,6 +288,7 @@ def _split_kv_decode_kernel(
         block_table_ptr + req.to(tl.int64) * stride_bt, kv_head, kv_start, kv_end,
         qk_scale, window, stride_c_b, stride_c_t, stride_c_h,
         HEAD_DIM, HD_PAD, BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, DOT_PRECISION, DOT_UPCAST,
+        SOFT_CAP,
     )  # fmt: skip
     empty = l_i == 0.0
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
@@ -345,6 +356,14 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _soft_cap_constant(logits_soft_cap: float | None) -> float:
+    """The kernels' SOFT_CAP constexpr: 0.0 compiles the capping out (every model without
+    one keeps its kernel), else the cap in the log2 domain the kernels' scores live in."""
+    if not logits_soft_cap:
+        return 0.0
+    return float(logits_soft_cap) * _LOG2E
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs (CPU tests, debugging) get exact products; half types ignore the flag.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -363,6 +382,7 @@ def unified_attention(
     sliding_window: int | None = None,
     causal: bool = True,
     config: AttentionLaunchConfig | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """One launch over a mixed batch; writes rows query_start_loc[0]:query_start_loc[num_reqs]."""
     num_tokens, num_heads, head_dim = query.shape
@@ -379,10 +399,15 @@ def unified_attention(
         block_m = 32
     else:
         block_m = 64
+    wide_heads = head_dim > 128  # Gemma (1, 2): head_dim 256
+    if wide_heads and cfg.block_m is None:
+        # Halved tiles keep the fp32 accumulator and the staged K/V tiles of 256-wide heads
+        # within registers and shared memory (not swept on the GPU; head_dim <= 128 unchanged).
+        block_m = min(block_m, 32)
     block_m = max(block_m, group_pad, 16)
     block_q = block_m // group_pad
     # Defaults from the H200 sweep in docs/kernels.md (Llama-3.1-8B shapes, bf16).
-    block_n = cfg.block_n or 64
+    block_n = cfg.block_n or (32 if wide_heads else 64)
     # 8 warps measured 1.8-2x slower than 4 at BLOCK_M 64 despite 4 warps spilling a little.
     num_warps = cfg.num_warps or 4
     num_stages = cfg.num_stages or (3 if max_query_len > 1 else 2)
@@ -400,6 +425,7 @@ def unified_attention(
         HEAD_DIM=head_dim, HD_PAD=triton.next_power_of_2(head_dim), BLOCK_N=block_n,
         BLOCK_SIZE=block_size, CAUSAL=causal, USE_WINDOW=use_window,
         DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=_interpreted(),
+        SOFT_CAP=_soft_cap_constant(logits_soft_cap),
         num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
@@ -417,6 +443,7 @@ def split_kv_decode_attention(
     num_splits: int,
     sliding_window: int | None = None,
     config: AttentionLaunchConfig | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Flash-decoding for batches where every request has query_len == 1 (causal); each
     request's context is split by its own length (see `_split_kv_decode_kernel`)."""
@@ -446,6 +473,7 @@ def split_kv_decode_attention(
         QUERIES_PER_KV=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
         HD_PAD=hd_pad, BLOCK_N=block_n, BLOCK_SIZE=block_size, USE_WINDOW=use_window,
         DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=_interpreted(),
+        SOFT_CAP=_soft_cap_constant(logits_soft_cap),
         num_warps=cfg.num_warps or 4, num_stages=cfg.num_stages or 2,
     )  # fmt: skip
     _split_kv_combine_kernel[(num_reqs, num_heads)](
@@ -514,6 +542,7 @@ def paged_attention(
     num_splits: int = 1,
     out: torch.Tensor | None = None,
     config: AttentionLaunchConfig | None = None,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Attention of every query row against its request's cached keys -> [num_tokens, ...].
 
@@ -526,11 +555,11 @@ def paged_attention(
         assert max_query_len == 1 and causal, "split-KV is for decode-only batches"
         return split_kv_decode_attention(
             out, query, kv_cache, query_start_loc, seq_lens, block_table, num_reqs,
-            scale, num_splits, sliding_window, config,
+            scale, num_splits, sliding_window, config, logits_soft_cap,
         )  # fmt: skip
     return unified_attention(
         out, query, kv_cache, query_start_loc, seq_lens, block_table, num_reqs,
-        max_query_len, scale, sliding_window, causal, config,
+        max_query_len, scale, sliding_window, causal, config, logits_soft_cap,
     )  # fmt: skip
 
 
@@ -544,6 +573,7 @@ def paged_attention_ref(
     sliding_window: int | None = None,
     causal: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    logits_soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Pure-torch reference: gathers each request's K/V and runs masked SDPA per request.
 
@@ -575,8 +605,9 @@ def paged_attention_ref(
             allowed &= k_pos <= q_pos
             if sliding_window:
                 allowed &= k_pos > q_pos - sliding_window
-        o = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, scale=scale
-        )
-        out[q_lo:q_hi] = o.transpose(0, 1)
+        scores = (q @ k.transpose(-1, -2)) * scale  # [num_heads, q_len, seq_len]
+        if logits_soft_cap:
+            scores = logits_soft_cap * torch.tanh(scores / logits_soft_cap)
+        probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+        out[q_lo:q_hi] = (probs @ v).transpose(0, 1)
     return out

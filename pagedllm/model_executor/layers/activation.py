@@ -17,3 +17,35 @@ class SiluAndMul(nn.Module):
             return silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]) * x[..., d:]
+
+
+# HF activation names of the gated GELU MLPs (Gemma) -> torch's `approximate` argument.
+_GELU_APPROXIMATIONS: dict[str, str] = {
+    "gelu": "none",
+    "gelu_pytorch_tanh": "tanh",
+    "gelu_new": "tanh",
+    "gelu_tanh": "tanh",
+}
+
+
+class GeluAndMul(nn.Module):
+    """[num_tokens, 2 * intermediate] (gate | up) -> [num_tokens, intermediate]: gelu(gate) * up."""
+
+    def __init__(self, approximate: str = "tanh") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU approximation must be 'none' or 'tanh', not {approximate!r}")
+        self.approximate = approximate
+
+    @classmethod
+    def from_hf_name(cls, name: str) -> GeluAndMul:
+        if name not in _GELU_APPROXIMATIONS:
+            raise ValueError(
+                f"unsupported activation {name!r} for a gated GELU MLP; supported: "
+                f"{sorted(_GELU_APPROXIMATIONS)}"
+            )
+        return cls(_GELU_APPROXIMATIONS[name])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1] // 2
+        return F.gelu(x[..., :d], approximate=self.approximate) * x[..., d:]

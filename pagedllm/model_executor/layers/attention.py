@@ -19,6 +19,7 @@ class Attention(nn.Module):
         num_kv_heads: int | None = None,
         backend: AttentionBackend | None = None,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
         super().__init__()
         if backend is None:
@@ -32,6 +33,7 @@ class Attention(nn.Module):
                              f"{self.num_kv_heads}")
         self.backend = backend
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap or None
 
     def forward(
         self,
@@ -42,6 +44,8 @@ class Attention(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         num_tokens = q.shape[0]
+        # Passed only when set, so backends written before soft-capping keep working.
+        extra = {"logits_soft_cap": self.logits_soft_cap} if self.logits_soft_cap else {}
         out = self.backend.forward(
             q.view(num_tokens, self.num_heads, self.head_size),
             k.view(num_tokens, self.num_kv_heads, self.head_size),
@@ -50,5 +54,6 @@ class Attention(nn.Module):
             attn_metadata,
             self.scale,
             self.sliding_window,
+            **extra,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_size)

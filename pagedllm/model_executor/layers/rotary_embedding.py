@@ -68,13 +68,16 @@ class RotaryEmbedding(nn.Module):
         key = (type(self).__name__, scalars, str(device))
         shared = _SHARED_TABLES.get(key)
         if shared is None:
-            inv_freq = self._compute_inv_freq()  # [rotary_dim // 2]
-            t = torch.arange(self.max_position, dtype=torch.float32, device="cpu")
-            freqs = torch.outer(t, inv_freq)  # [max_position, rotary_dim // 2]
-            scale = self._attention_scaling()
-            shared = torch.cat([freqs.cos() * scale, freqs.sin() * scale], dim=-1).to(device)
+            shared = self._compute_cos_sin_table().to(device)
             _SHARED_TABLES[key] = shared
         self.cos_sin_cache = shared
+
+    def _compute_cos_sin_table(self) -> torch.Tensor:
+        """[max_position, rotary_dim]: cos then sin of every position's angles, on the CPU."""
+        return _cos_sin(
+            torch.arange(self.max_position, dtype=torch.float32), self._compute_inv_freq(),
+            self._attention_scaling(),
+        )
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         # x: [num_tokens, num_heads, rotary_dim]; cos/sin: [num_tokens, 1, rotary_dim // 2]
@@ -111,6 +114,11 @@ class RotaryEmbedding(nn.Module):
                 rot = torch.cat([rot, x[..., self.rotary_dim :]], dim=-1)
             out.append(rot.reshape(num_tokens, -1))
         return out[0], out[1]
+
+
+def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
+    freqs = torch.outer(positions, inv_freq)  # [num_positions, rotary_dim // 2]
+    return torch.cat([freqs.cos() * scale, freqs.sin() * scale], dim=-1)
 
 
 class LinearScalingRotaryEmbedding(RotaryEmbedding):
@@ -229,6 +237,62 @@ def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+class LongRoPEScalingRotaryEmbedding(RotaryEmbedding):
+    """LongRoPE (Phi-3/3.5/4, HF rope_type "longrope"): each frequency divided by its own
+    factor, `short_factor` for positions below the pretraining length and `long_factor` from
+    there on; cos/sin scaled by sqrt(1 + ln(factor) / ln(original)) (or `attention_factor`),
+    factor = max_position / original unless the config gives it.
+
+    Departure from HF: HF switches the whole sequence to the long factors once it grows past
+    the pretraining length; here the choice is per position, so a request's tokens do not
+    depend on how it was chunked, batched or preempted. Sequences within the pretraining
+    length (where both use the short factors) match HF exactly.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        short_factor: list[float],
+        long_factor: list[float],
+        original_max_position: int,
+        factor: float | None = None,
+        attention_factor: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.short_factor = tuple(float(f) for f in short_factor)
+        self.long_factor = tuple(float(f) for f in long_factor)
+        # A string, so the factors are part of the shared-table key (which keeps scalars).
+        self.factors_key = repr((self.short_factor, self.long_factor))
+        self.original_max_position = original_max_position
+        max_position = args[2] if len(args) > 2 else kwargs["max_position"]
+        factor = factor if factor is not None else max_position / original_max_position
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(
+                1 + math.log(factor) / math.log(original_max_position))
+        self.attention_factor = float(attention_factor)
+        half = int(args[1] if len(args) > 1 else kwargs["rotary_dim"]) // 2
+        if len(self.short_factor) != half or len(self.long_factor) != half:
+            raise ValueError(
+                f"longrope short_factor/long_factor need rotary_dim / 2 = {half} values, got "
+                f"{len(self.short_factor)} and {len(self.long_factor)}"
+            )
+        super().__init__(*args, **kwargs)
+
+    def _inv_freq_with(self, factors: tuple[float, ...]) -> torch.Tensor:
+        return super()._compute_inv_freq() / torch.tensor(factors, dtype=torch.float32)
+
+    def _attention_scaling(self) -> float:
+        return self.attention_factor
+
+    def _compute_cos_sin_table(self) -> torch.Tensor:
+        t = torch.arange(self.max_position, dtype=torch.float32)
+        split = min(self.original_max_position, self.max_position)
+        scale = self._attention_scaling()
+        short = _cos_sin(t[:split], self._inv_freq_with(self.short_factor), scale)
+        long = _cos_sin(t[split:], self._inv_freq_with(self.long_factor), scale)
+        return torch.cat([short, long], dim=0)
+
+
 _RopeFactory = Callable[[int, int, int, float, bool, dict[str, Any]], RotaryEmbedding]
 
 
@@ -269,8 +333,20 @@ def _yarn(hs: int, rd: int, mp: int, base: float, neox: bool, s: dict) -> Rotary
     )  # fmt: skip
 
 
+def _longrope(hs: int, rd: int, mp: int, base: float, neox: bool, s: dict) -> RotaryEmbedding:
+    if "original_max_position_embeddings" not in s:
+        raise ValueError("longrope scaling needs original_max_position_embeddings")
+    opt = {k: float(s[k]) for k in ("factor", "attention_factor") if s.get(k) is not None}
+    return LongRoPEScalingRotaryEmbedding(
+        hs, rd, mp, base, neox, short_factor=list(s["short_factor"]),
+        long_factor=list(s["long_factor"]),
+        original_max_position=int(s["original_max_position_embeddings"]), **opt,
+    )  # fmt: skip
+
+
 _ROPE_TYPES: dict[str, _RopeFactory] = {
     "default": _default, "linear": _linear, "llama3": _llama3, "yarn": _yarn,
+    "longrope": _longrope,
 }  # fmt: skip
 
 
@@ -301,4 +377,9 @@ def rope_params_from_config(hf_config: Any) -> tuple[float, dict[str, Any] | Non
         scaling = {k: v for k, v in params.items() if k != "rope_theta"}
         return float(theta), scaling
     theta = getattr(hf_config, "rope_theta", None) or 10000.0
-    return float(theta), getattr(hf_config, "rope_scaling", None)
+    scaling = getattr(hf_config, "rope_scaling", None)
+    original = getattr(hf_config, "original_max_position_embeddings", None)
+    if scaling and original and "original_max_position_embeddings" not in scaling:
+        # Phi-3 keeps the pretraining length beside rope_scaling, not inside it.
+        scaling = {**scaling, "original_max_position_embeddings": original}
+    return float(theta), scaling

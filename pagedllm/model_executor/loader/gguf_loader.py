@@ -16,18 +16,8 @@ import numpy as np
 import torch
 
 from pagedllm.model_executor.loader.errors import ModelLoadError
+from pagedllm.model_executor.loader.gguf_archs import GGUFArch, gguf_arch_spec
 from pagedllm.model_executor.loader.gguf_file import GGUFFile, open_gguf
-
-# GGUF general.architecture -> (transformers config class name, HF architecture name)
-_GGUF_ARCHS: dict[str, tuple[str, str]] = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM"),
-    "mistral": ("MistralConfig", "MistralForCausalLM"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
-}
-
-# Architectures whose Q/K rows llama.cpp permuted at conversion.
-_PERMUTED_QK_ARCHS = frozenset({"llama", "mistral"})
 
 _TOP_LEVEL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -47,24 +37,42 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+    "attn_qkv": "self_attn.qkv_proj",
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
+
+# Stacked expert tensors [num_experts, out, in] -> index into GGUFArch.expert_names.
+_EXPERT_STACKS = {"ffn_gate_exps": 0, "ffn_up_exps": 1, "ffn_down_exps": 2}
+# Older Mixtral files: one tensor per expert, blk.N.ffn_gate.E.weight.
+_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+_EXPERT_KIND = {"gate": 0, "up": 1, "down": 2}
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 # Tensors that are not weights: rope_freqs becomes the config's llama3 rope_parameters.
-_SKIPPED = frozenset({"rope_freqs.weight"})
+_SKIPPED = frozenset({"rope_freqs.weight", "rope_factors_long.weight",
+                      "rope_factors_short.weight"})
 
 
-def gguf_to_hf_name(name: str) -> str | None:
+def gguf_to_hf_name(name: str, spec: GGUFArch | None = None) -> str | None:
     """HF checkpoint name for a GGUF tensor name; None when the tensor is not used."""
     if name in _SKIPPED:
         return None
     if name in _TOP_LEVEL_NAMES:
         return _TOP_LEVEL_NAMES[name]
+    expert = _EXPERT_RE.match(name)
+    if expert is not None and spec is not None:
+        hf = spec.expert_names[_EXPERT_KIND[expert.group(2)]]
+        return f"model.layers.{expert.group(1)}.mlp.experts.{expert.group(3)}.{hf}.weight"
     m = _BLOCK_RE.match(name)
-    if m is None or m.group(2) not in _BLOCK_NAMES:
+    names = {**_BLOCK_NAMES, **(spec.block_names if spec is not None else {})}
+    if m is None or m.group(2) not in names:
         raise ModelLoadError(f"GGUF tensor {name!r} has no known HF equivalent")
-    return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}.{m.group(3)}"
+    return f"model.layers.{m.group(1)}.{names[m.group(2)]}.{m.group(3)}"
 
 
 def gguf_metadata(gguf_file: GGUFFile, key: str, default: Any = None) -> Any:
@@ -157,14 +165,12 @@ def build_hf_config_from_gguf(path: str) -> Any:
 
     reader = open_gguf(path)
     arch = gguf_architecture(reader)
-    if arch not in _GGUF_ARCHS:
-        raise ModelLoadError(
-            f"GGUF architecture {arch!r} is not supported; supported: {sorted(_GGUF_ARCHS)}"
-        )
-    config_cls_name, hf_arch = _GGUF_ARCHS[arch]
 
     def get(key: str, default: Any = None) -> Any:
         return gguf_metadata(reader, f"{arch}.{key}", default)
+
+    spec = gguf_arch_spec(arch, get)
+    config_cls_name, hf_arch = spec.config_cls, spec.hf_arch
 
     hidden = get("embedding_length")
     num_heads = get("attention.head_count")
@@ -201,6 +207,10 @@ def build_hf_config_from_gguf(path: str) -> Any:
     window = get("attention.sliding_window")
     if window:
         kwargs["sliding_window"] = int(window)
+    if arch == "phi3":
+        _phi3_longrope(reader, get, kwargs)
+    if spec.configure is not None:
+        spec.configure(get, kwargs, tensor_names)
     for key, attr in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
                       ("padding_token_id", "pad_token_id")):
         value = gguf_metadata(reader, f"tokenizer.ggml.{key}")
@@ -209,6 +219,28 @@ def build_hf_config_from_gguf(path: str) -> Any:
     config = getattr(transformers, config_cls_name)(**kwargs)
     config.architectures = [hf_arch]
     return config
+
+
+def _phi3_longrope(reader: GGUFFile, get: Callable[..., Any], kwargs: dict[str, Any]) -> None:
+    """Phi-3's LongRoPE: llama.cpp keeps the factors as rope_factors_{short,long} tensors."""
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_factors_long.weight" not in tensors:
+        return
+    original = get("rope.scaling.original_context_length")
+    if original is None:
+        raise ModelLoadError("Phi-3 GGUF with rope factors lacks rope.scaling.original_context_length")
+    rope = dict(kwargs["rope_parameters"])
+    rope.update(
+        rope_type="longrope", original_max_position_embeddings=int(original),
+        long_factor=reader.dequantize(tensors["rope_factors_long.weight"]).reshape(-1).tolist(),
+        short_factor=reader.dequantize(tensors["rope_factors_short.weight"]).reshape(-1).tolist(),
+    )  # fmt: skip
+    if get("rope.scaling.attn_factor") is not None:
+        rope["attention_factor"] = float(get("rope.scaling.attn_factor"))
+    kwargs["rope_parameters"] = rope
+    kwargs["original_max_position_embeddings"] = int(original)
+    kwargs["partial_rotary_factor"] = int(get("rope.dimension_count", kwargs["head_dim"])) / (
+        kwargs["head_dim"])
 
 
 def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -225,19 +257,42 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time."""
     reader = open_gguf(path)
     arch = gguf_architecture(reader)
-    permuted = arch in _PERMUTED_QK_ARCHS
+    spec = gguf_arch_spec(arch, lambda key, default=None: gguf_metadata(
+        reader, f"{arch}.{key}", default))
     num_heads = int(hf_config.num_attention_heads)
     num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or num_heads)
     for tensor in reader.tensors:
-        hf_name = gguf_to_hf_name(tensor.name)
+        block = _BLOCK_RE.match(tensor.name)
+        if block is not None and block.group(2) in _EXPERT_STACKS:
+            yield from _split_experts(reader.dequantize(tensor), int(block.group(1)),
+                                      spec.expert_names[_EXPERT_STACKS[block.group(2)]])
+            continue
+        hf_name = gguf_to_hf_name(tensor.name, spec)
         if hf_name is None:
             continue
         array = reader.dequantize(tensor)
-        if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+        if spec.permuted_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             array = _unpermute_qk(array, num_heads)
-        elif permuted and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif spec.permuted_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _unpermute_qk(array, num_kv_heads)
-        if not array.flags.writeable or not array.flags.c_contiguous:
-            # F32 tensors come back as views of the read-only memory map.
-            array = np.array(array, dtype=np.float32, order="C", copy=True)
-        yield hf_name, torch.from_numpy(array)
+        if spec.norm_shift and hf_name.endswith("norm.weight"):
+            array = array - np.float32(spec.norm_shift)
+        if hf_name.endswith("shared_expert_gate.weight"):
+            array = array.reshape(1, -1)  # llama.cpp stores the [1, hidden] gate as [hidden]
+        yield hf_name, _writable_tensor(array)
+
+
+def _writable_tensor(array: np.ndarray) -> torch.Tensor:
+    if not array.flags.writeable or not array.flags.c_contiguous:
+        # F32 tensors come back as views of the read-only memory map.
+        array = np.array(array, dtype=np.float32, order="C", copy=True)
+    return torch.from_numpy(array)
+
+
+def _split_experts(
+    stacked: np.ndarray, layer: int, hf_name: str
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """[num_experts, out, in] -> one HF per-expert matrix each."""
+    for expert in range(stacked.shape[0]):
+        name = f"model.layers.{layer}.mlp.experts.{expert}.{hf_name}.weight"
+        yield name, _writable_tensor(np.ascontiguousarray(stacked[expert]))

@@ -195,7 +195,7 @@ def resolve_model(
                 )
             path = os.path.join(path, ggufs[0])
         else:
-            config = _hf_dir_config(path, trust_remote_code)
+            config = ModelRegistry.served_config(_hf_dir_config(path, trust_remote_code))
             if check_arch:
                 check_architecture(config, path)
             return ResolvedModel(path, "hf", config, path, max_model_len=_max_len_cap(path, config))
