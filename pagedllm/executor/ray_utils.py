@@ -64,8 +64,9 @@ def _cluster_running(address: str | None) -> bool:
 
 @dataclass(slots=True)
 class RayConnection:
-    """This process' use of Ray. `owned`: we started a local instance (stop it at the end)
-    or at least called ray.init (disconnect at the end); neither when the caller had."""
+    """This process' use of Ray: whether we called ray.init (so we disconnect at the end)
+    and whether that started a local instance (which disconnecting stops). Neither when
+    the caller (or the actor we run in) had initialised Ray."""
 
     started_local: bool
     initialized_here: bool
@@ -81,9 +82,10 @@ class RayConnection:
         self.initialized_here = False
 
 
-def connect(flag: str) -> RayConnection:
+def connect(flag: str, min_cpus: int = 0) -> RayConnection:
     """Joins Ray: reuses an initialised session (inside an actor, or the caller's), else
-    connects to the cluster RAY_ADDRESS or `ray start` names, else starts a local instance."""
+    connects to the cluster RAY_ADDRESS or `ray start` names, else starts a local instance
+    that declares at least `min_cpus` CPUs (CPU workers take one each)."""
     ray = import_ray(flag)
     if ray.is_initialized():
         return RayConnection(started_local=False, initialized_here=False)
@@ -91,7 +93,7 @@ def connect(flag: str) -> RayConnection:
     started_local = not _cluster_running(address)
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if started_local:
-        kwargs["include_dashboard"] = False
+        kwargs.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, min_cpus))
     ray.init(**kwargs)
     logger.info(
         "%s Ray: %s", "started a local" if started_local else "connected to the",

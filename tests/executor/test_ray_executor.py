@@ -1,0 +1,160 @@
+"""The Ray executor on CPU (gloo, CPU actors, the local Ray instance the engine starts).
+
+One engine and one local Ray instance for the whole module (Ray's start-up is the cost):
+the engine starts the instance, the tests that need it working run first, then one kills
+an actor and the last checks that shutdown stops everything. They run in file order.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.distributed.parallel_state import NO_MULTICAST_ENV
+from pagedllm.executor.multiproc import WorkerDiedError
+from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
+from tests.model_executor.conftest import tiny_config
+
+PROMPTS = [
+    {"prompt_token_ids": [1, 5, 9, 33, 7]},
+    {"prompt_token_ids": [3, 4, 100, 200, 17, 18, 19, 250, 2]},
+    {"prompt_token_ids": [11, 12]},
+]
+GREEDY = SamplingParams(max_tokens=12, temperature=0, logprobs=3, ignore_eos=True)
+_RAY_PROCESS_NAMES = ("raylet", "gcs_server", "ray::", "default_worker", "dashboard")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return build_random_hf_model_dir(
+        str(tmp_path_factory.mktemp("ray") / "llama"), tiny_config("LlamaForCausalLM"), seed=3
+    )
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama):
+    """Greedy outputs of the one-process engine."""
+    llm = LLM(tiny_llama, skip_tokenizer_init=True, kv_cache_space=0.05)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    llm.llm_engine.engine_core.shutdown()
+    return outs
+
+
+@pytest.fixture(scope="module")
+def ray_llm(tiny_llama):
+    """TP=2 over two Ray CPU actors; starts (and at shutdown stops) a local Ray instance."""
+    import ray
+
+    assert not ray.is_initialized()
+    llm = LLM(tiny_llama, skip_tokenizer_init=True, kv_cache_space=0.05,
+              tensor_parallel_size=2, distributed_executor_backend="ray")  # fmt: skip
+    yield llm
+    llm.llm_engine.engine_core.shutdown()
+
+
+def _ray_children() -> list[psutil.Process]:
+    """Ray's processes below this one (a local instance's GCS, raylet, workers)."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            text = child.name() + " " + " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        if any(name in text for name in _RAY_PROCESS_NAMES):
+            found.append(child)
+    return found
+
+
+def _wait_gone(pids: list[int], timeout: float = 15.0) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p)
+                 and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            return []
+        time.sleep(0.2)
+    return alive
+
+
+def test_ray_tp2_matches_one_process(ray_llm, reference):
+    outs = ray_llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    for got, want in zip(outs, reference, strict=True):
+        g, w = got.outputs[0], want.outputs[0]
+        assert g.token_ids == w.token_ids and len(g.token_ids) == GREEDY.max_tokens
+        for g_pos, w_pos in zip(g.logprobs, w.logprobs, strict=True):
+            assert g_pos.keys() == w_pos.keys()
+            for tok in w_pos:
+                assert abs(g_pos[tok].logprob - w_pos[tok].logprob) < 1e-4
+
+
+def test_ray_workers_are_actors_with_no_multicast_env(ray_llm):
+    import ray
+
+    executor = ray_llm.llm_engine.engine_core.executor
+    assert type(executor).__name__ == "RayExecutor"
+    pids = executor.worker_pids
+    assert len(pids) == 2 and os.getpid() not in pids
+    # Actors of the local instance, placed in a placement group made for them.
+    assert ray.is_initialized() and ray.cluster_resources().get("CPU", 0) >= 2
+    tables = ray.util.placement_group_table()
+    assert any(t["state"] == "CREATED" and len(t["bundles"]) == 2 for t in tables.values())
+    for pid in pids:
+        env = psutil.Process(pid).environ()
+        assert {k: env.get(k) for k in NO_MULTICAST_ENV} == NO_MULTICAST_ENV
+    # Every rank answers RPCs, in rank order.
+    blocks = executor.collective_rpc("determine_num_blocks")
+    assert len(blocks) == 2 and min(blocks) == ray_llm.llm_engine.engine_core.num_blocks
+
+
+def test_killed_actor_fails_the_engine_fast(ray_llm):
+    """SIGKILL one actor mid-generation: the running generate raises within seconds and the
+    engine stays failed (later calls raise at once, never hang). Destroys the module's
+    engine: runs after the tests that need it working."""
+    core = ray_llm.llm_engine.engine_core
+    pids = core.executor.worker_pids
+    params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        time.sleep(0.5)
+        killed_at.append(time.monotonic())
+        os.kill(pids[1], signal.SIGKILL)
+
+    killer = threading.Thread(target=kill)
+    killer.start()
+    try:
+        with pytest.raises(WorkerDiedError, match="rank"):
+            while True:
+                ray_llm.generate(PROMPTS * 4, params, use_tqdm=False)
+        assert killed_at and time.monotonic() - killed_at[0] < 10.0
+        t0 = time.monotonic()
+        with pytest.raises(WorkerDiedError):
+            ray_llm.generate(PROMPTS[:1], params, use_tqdm=False)
+        assert time.monotonic() - t0 < 5.0
+    finally:
+        killer.join()
+    assert _wait_gone(pids[1:]) == []
+
+
+def test_shutdown_stops_the_local_ray_instance(ray_llm):
+    """Runs last: the engine that started the local instance stops it, leaving no actor and
+    no Ray process behind (also after a rank died)."""
+    import ray
+
+    pids = ray_llm.llm_engine.engine_core.executor.worker_pids
+    assert _ray_children(), "the local Ray instance runs below this process"
+    t0 = time.monotonic()
+    ray_llm.llm_engine.engine_core.shutdown()
+    assert time.monotonic() - t0 < 15.0
+    assert not ray.is_initialized()
+    assert _wait_gone(pids) == []
+    deadline = time.monotonic() + 15.0
+    while _ray_children() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [p.name() for p in _ray_children()] == []
