@@ -10,6 +10,8 @@ import torch
 
 from pagedllm import envs
 from pagedllm.config import (
+    DISTRIBUTED_EXECUTOR_BACKENDS,
+    LOAD_FORMATS,
     SCHEDULING_POLICIES,
     CacheConfig,
     DeviceConfig,
@@ -18,6 +20,8 @@ from pagedllm.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from pagedllm.engine.parallel_checks import check_load_format, check_parallel_layout
+from pagedllm.executor.base import available_executor_backends
 from pagedllm.model_executor.layers.quantization import resolve_quantization
 from pagedllm.model_executor.layers.rotary_embedding import rope_params_from_config
 
@@ -107,8 +111,12 @@ class EngineArgs:
 
         self._check_supported()
         resolved = resolve_model(self.model)
+        check_load_format(self.load_format, resolved.model_format, resolved.model_path)
         device = self._resolve_device()
         model_config = self._model_config(resolved, device)
+        check_parallel_layout(
+            self.tensor_parallel_size, self.pipeline_parallel_size, model_config, device
+        )
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(
@@ -135,13 +143,36 @@ class EngineArgs:
         )  # fmt: skip
 
     def _check_supported(self) -> None:
-        parallel = (self.tensor_parallel_size, self.pipeline_parallel_size, self.data_parallel_size)
-        if parallel != (1, 1, 1):
+        for flag, size in (("--tensor-parallel-size", self.tensor_parallel_size),
+                           ("--pipeline-parallel-size", self.pipeline_parallel_size),
+                           ("--data-parallel-size", self.data_parallel_size)):  # fmt: skip
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{flag} must be a positive integer; got {size!r}")
+        if self.data_parallel_size != 1:
             raise NotImplementedError(
-                "tensor/pipeline/data parallel sizes > 1 are not implemented yet in pagedllm; use 1"
+                "data parallel sizes > 1 are not implemented yet in pagedllm; use 1"
             )
-        if self.load_format not in ("auto", "safetensors", "gguf"):
-            raise NotImplementedError(f"load_format={self.load_format!r} is not implemented yet")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"--distributed-executor-backend must be one of "
+                f"{', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}; got {backend!r}"
+            )
+        if backend is not None and backend not in available_executor_backends():
+            raise ValueError(
+                f"--distributed-executor-backend {backend} is not available in this build; "
+                f"available: {', '.join(available_executor_backends())}"
+            )
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if backend == "uni" and world > 1:
+            raise ValueError(
+                f"--distributed-executor-backend uni runs one worker, but tensor x pipeline "
+                f"parallel size is {world}; use mp"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"--load-format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}"
+            )
         if self.kv_cache_dtype != "auto":
             raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
         if self.block_size not in (8, 16, 32, 64, 128):

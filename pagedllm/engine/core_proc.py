@@ -217,6 +217,7 @@ def run_engine_core(
     output_socket.connect(output_address)
     encoder = msgspec.msgpack.Encoder()
     exit_code = 0
+    core = None
     try:
         from pagedllm.engine.core import EngineCore
 
@@ -245,6 +246,8 @@ def run_engine_core(
         except Exception:
             pass
     finally:
+        if core is not None:
+            core.shutdown()  # worker processes of a multi-rank executor
         input_socket.close(linger=0)
         output_socket.close()
         ctx.term()

@@ -16,6 +16,7 @@ from pagedllm.model_executor.layers.quantization import (
     process_weights_after_loading,
     quantize_model,
 )
+from pagedllm.model_executor.loader.dummy import initialize_dummy_weights
 from pagedllm.model_executor.loader.errors import ModelLoadError
 from pagedllm.model_executor.loader.gguf_loader import iterate_gguf_weights
 from pagedllm.model_executor.loader.safetensors_loader import iterate_hf_weights
@@ -109,11 +110,15 @@ def load_model(
         quant_config = _apply_quantization(model, model_config, device)
     # One allocation on the target device; values come from the checkpoint next.
     materialize(model, device)
-    load_weights_checked(model, iterate_weights(model_config))
+    if model_config.load_format == "dummy":
+        initialize_dummy_weights(model, hf_config, model_config.seed)
+    else:
+        load_weights_checked(model, iterate_weights(model_config))
     if quant_config is not None:
         process_weights_after_loading(model)
     logger.info(
-        "loaded %s (%s) on %s%s", model_config.model_path, model_cls.__name__, device,
+        "loaded %s (%s) on %s%s%s", model_config.model_path, model_cls.__name__, device,
+        " (dummy weights)" if model_config.load_format == "dummy" else "",
         f", quantization {quant_config.describe()}" if quant_config is not None else "",
     )
     return model.eval()
