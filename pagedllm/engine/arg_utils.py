@@ -22,6 +22,7 @@ from pagedllm.config import (
 )
 from pagedllm.engine.parallel_checks import check_load_format, check_parallel_layout
 from pagedllm.executor.base import available_executor_backends
+from pagedllm.executor.ray_utils import check_ray_installed
 from pagedllm.model_executor.layers.quantization import resolve_quantization
 from pagedllm.model_executor.layers.rotary_embedding import rope_params_from_config
 
@@ -115,7 +116,8 @@ class EngineArgs:
         device = self._resolve_device()
         model_config = self._model_config(resolved, device)
         check_parallel_layout(
-            self.tensor_parallel_size, self.pipeline_parallel_size, model_config, device
+            self.tensor_parallel_size, self.pipeline_parallel_size, model_config, device,
+            local_gpus=self.distributed_executor_backend != "ray",
         )
         return EngineConfig(
             model_config=model_config,
@@ -163,6 +165,7 @@ class EngineArgs:
                 f"--distributed-executor-backend {backend} is not available in this build; "
                 f"available: {', '.join(available_executor_backends())}"
             )
+        check_ray_installed(backend, self.data_parallel_backend, self.data_parallel_size)
         world = self.tensor_parallel_size * self.pipeline_parallel_size
         if backend == "uni" and world > 1:
             raise ValueError(

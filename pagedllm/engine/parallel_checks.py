@@ -22,9 +22,12 @@ def check_load_format(load_format: str, model_format: str, model_path: str) -> N
         )
 
 
-def check_parallel_layout(tp: int, pp: int, model_config: ModelConfig, device: str) -> None:
+def check_parallel_layout(
+    tp: int, pp: int, model_config: ModelConfig, device: str, local_gpus: bool = True
+) -> None:
     """Heads, KV heads, MLP width and layers must split over the ranks; the ranks must fit
-    the GPUs. Raises ValueError naming --tensor-parallel-size / --pipeline-parallel-size."""
+    the GPUs (this machine's; with `local_gpus` False the Ray executor checks its cluster's
+    at start-up). Raises ValueError naming --tensor-parallel-size / --pipeline-parallel-size."""
     cfg = model_config.hf_config
     if tp > 1:
         heads = int(cfg.num_attention_heads)
@@ -56,7 +59,7 @@ def check_parallel_layout(tp: int, pp: int, model_config: ModelConfig, device: s
                 "--pipeline-parallel-size > 1 supports generative (decoder) models only; "
                 "use --tensor-parallel-size for embedding models"
             )
-    if device == "cuda":
+    if device == "cuda" and local_gpus:
         gpus = torch.cuda.device_count()
         if tp * pp > gpus:
             raise ValueError(

@@ -56,6 +56,7 @@ class Executor(ABC):
 _EXECUTORS: dict[str, str] = {
     "uni": "pagedllm.executor.uniproc:UniProcExecutor",
     "mp": "pagedllm.executor.multiproc:MultiprocExecutor",
+    "ray": "pagedllm.executor.ray_executor:RayExecutor",
 }
 
 

@@ -31,15 +31,28 @@ def ray_installed() -> bool:
     return importlib.util.find_spec("ray") is not None
 
 
-def import_ray(flag: str) -> Any:
-    """The `ray` module, or a ValueError naming `flag` and how to install it."""
+def require_ray(flag: str) -> None:
+    """A ValueError naming `flag` and how to install Ray, unless it is installed."""
     if not ray_installed():
         raise ValueError(
             f"{flag} ray needs Ray, which is not installed; install it with {RAY_INSTALL_HINT}"
         )
+
+
+def import_ray(flag: str) -> Any:
+    """The `ray` module (see `require_ray`)."""
+    require_ray(flag)
     import ray
 
     return ray
+
+
+def check_ray_installed(executor_backend: str | None, dp_backend: str, dp_size: int) -> None:
+    """Start-up refusal of a Ray backend without Ray, naming the flag that asked for it."""
+    if executor_backend == "ray":
+        require_ray("--distributed-executor-backend")
+    if dp_backend == "ray" and dp_size > 1:
+        require_ray("--data-parallel-backend")
 
 
 def actor_env_vars() -> dict[str, str]:

@@ -112,6 +112,29 @@ def test_ray_workers_are_actors_with_no_multicast_env(ray_llm):
     assert len(blocks) == 2 and min(blocks) == ray_llm.llm_engine.engine_core.num_blocks
 
 
+def test_refuses_more_gpus_than_the_cluster_has(ray_llm):
+    from pagedllm.executor.ray_utils import check_cluster_capacity
+
+    with pytest.raises(ValueError, match=r"--tensor-parallel-size 4 needs 4 GPUs, but the Ray "
+                                         r"cluster has 0"):
+        check_cluster_capacity(4, "cuda", "--tensor-parallel-size 4")
+    with pytest.raises(ValueError, match="needs 4096 CPUs"):
+        check_cluster_capacity(4096, "cpu", "--tensor-parallel-size 4096")
+    check_cluster_capacity(2, "cpu", "--tensor-parallel-size 2")  # what the engine runs
+
+
+def test_ray_backend_without_ray_is_refused(tiny_llama, monkeypatch):
+    from pagedllm.engine.arg_utils import EngineArgs
+    from pagedllm.executor import ray_utils
+
+    monkeypatch.setattr(ray_utils, "ray_installed", lambda: False)
+    args = EngineArgs(model=tiny_llama, tensor_parallel_size=2, distributed_executor_backend="ray")
+    with pytest.raises(ValueError) as e:
+        args.create_engine_config()
+    assert "--distributed-executor-backend ray" in str(e.value)
+    assert "pip install 'pagedllm[ray]'" in str(e.value)
+
+
 def test_killed_actor_fails_the_engine_fast(ray_llm):
     """SIGKILL one actor mid-generation: the running generate raises within seconds and the
     engine stays failed (later calls raise at once, never hang). Destroys the module's
