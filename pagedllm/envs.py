@@ -63,3 +63,19 @@ def apply_openmp_defaults() -> None:
     engine step by an order of magnitude. Must run before torch is imported to take effect.
     """
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def cuda_visible_devices() -> list[str] | None:
+    """The user's CUDA_VISIBLE_DEVICES as a list of entries (ids or UUIDs); None when unset.
+
+    Data-parallel replicas each get a slice of it (engine/data_parallel.py).
+    """
+    value = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return [d.strip() for d in value.split(",") if d.strip()]
+
+
+def omp_num_threads_set() -> bool:
+    """Whether the user chose OpenMP's thread count (then replicas on CPU keep it)."""
+    return bool(os.environ.get("OMP_NUM_THREADS"))

@@ -10,6 +10,7 @@ import torch
 
 from pagedllm import envs
 from pagedllm.config import (
+    DATA_PARALLEL_BACKENDS,
     DISTRIBUTED_EXECUTOR_BACKENDS,
     LOAD_FORMATS,
     SCHEDULING_POLICIES,
@@ -20,6 +21,7 @@ from pagedllm.config import (
     ParallelConfig,
     SchedulerConfig,
 )
+from pagedllm.engine.data_parallel import check_gpu_count
 from pagedllm.engine.parallel_checks import check_load_format, check_parallel_layout
 from pagedllm.executor.base import available_executor_backends
 from pagedllm.executor.ray_utils import check_ray_installed
@@ -117,8 +119,17 @@ class EngineArgs:
         model_config = self._model_config(resolved, device)
         check_parallel_layout(
             self.tensor_parallel_size, self.pipeline_parallel_size, model_config, device,
-            local_gpus=self.distributed_executor_backend != "ray",
+            local_gpus=not self._ray_places_workers(),
         )
+        parallel_config = ParallelConfig(
+            tensor_parallel_size=self.tensor_parallel_size,
+            pipeline_parallel_size=self.pipeline_parallel_size,
+            data_parallel_size=self.data_parallel_size,
+            distributed_executor_backend=self.distributed_executor_backend,
+            data_parallel_backend=self.data_parallel_backend,
+        )
+        if device == "cuda" and not self._ray_places_workers():
+            check_gpu_count(parallel_config, torch.cuda.device_count())
         return EngineConfig(
             model_config=model_config,
             cache_config=CacheConfig(
@@ -133,13 +144,7 @@ class EngineArgs:
                 kv_cache_dtype=self.kv_cache_dtype,
             ),
             scheduler_config=self._scheduler_config(model_config, device),
-            parallel_config=ParallelConfig(
-                tensor_parallel_size=self.tensor_parallel_size,
-                pipeline_parallel_size=self.pipeline_parallel_size,
-                data_parallel_size=self.data_parallel_size,
-                distributed_executor_backend=self.distributed_executor_backend,
-                data_parallel_backend=self.data_parallel_backend,
-            ),
+            parallel_config=parallel_config,
             device_config=DeviceConfig(device),
             enforce_eager=self.enforce_eager,
         )  # fmt: skip
@@ -150,10 +155,7 @@ class EngineArgs:
                            ("--data-parallel-size", self.data_parallel_size)):  # fmt: skip
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"{flag} must be a positive integer; got {size!r}")
-        if self.data_parallel_size != 1:
-            raise NotImplementedError(
-                "data parallel sizes > 1 are not implemented yet in pagedllm; use 1"
-            )
+        self._check_data_parallel()
         backend = self.distributed_executor_backend
         if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
             raise ValueError(
@@ -184,6 +186,28 @@ class EngineArgs:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
                 f"got {self.scheduling_policy!r}"
+            )
+
+    def _ray_places_workers(self) -> bool:
+        """Ray puts the workers (or the replicas) on its cluster's GPUs, not this machine's."""
+        return self.distributed_executor_backend == "ray" or (
+            self.data_parallel_backend == "ray" and self.data_parallel_size > 1
+        )
+
+    def _check_data_parallel(self) -> None:
+        dp = self.data_parallel_size
+        if not isinstance(dp, int) or isinstance(dp, bool) or dp < 1:
+            raise ValueError(f"--data-parallel-size must be an integer >= 1; got {dp!r}")
+        backend = self.data_parallel_backend
+        if backend not in DATA_PARALLEL_BACKENDS:
+            raise ValueError(
+                f"--data-parallel-backend must be one of {', '.join(DATA_PARALLEL_BACKENDS)}; "
+                f"got {backend!r}"
+            )
+        if backend == "ray":
+            raise NotImplementedError(
+                "--data-parallel-backend ray is not implemented yet in pagedllm; use mp (the "
+                "default: one engine-core process per replica on this machine)"
             )
 
     def _resolve_task(self, archs: list[str]) -> str:

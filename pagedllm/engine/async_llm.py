@@ -1,12 +1,16 @@
-"""AsyncLLM: the asyncio front-end over the engine-core process (used by the API server).
+"""AsyncLLM: the asyncio front-end over the engine-core process(es) (used by the API server).
 
-It tokenizes and validates in the caller's task, sends requests over ZMQ, and one background
-task reads the output socket: detokenization and stop strings (OutputProcessor), per-request
-queues, metrics. Invariants:
+It tokenizes and validates in the caller's task, sends requests over ZMQ to one of the
+data-parallel replicas (DPEngineClient picks the least loaded; one replica without DP), and
+one background task per replica reads its output socket: detokenization and stop strings
+(OutputProcessor), per-request queues, metrics (labelled with the replica's index).
+Invariants:
 - every request's queue ends with a finished RequestOutput or an exception, never silence:
-  engine death fails every in-flight request with EngineDeadError;
+  a replica's death fails every in-flight request on it with EngineDeadError;
+- once any replica is dead the engine is unhealthy: new requests are refused (503 behind
+  the server) while the surviving replicas finish what they hold;
 - a generator that is closed or cancelled before its request finished aborts the request in
-  the engine core at once, freeing its KV blocks.
+  the engine core that owns it at once, freeing its KV blocks.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from typing import Protocol
 
 from pagedllm.config import EngineConfig
 from pagedllm.engine.arg_utils import EngineArgs
-from pagedllm.engine.client import EngineCoreProcClient, EngineDeadError
+from pagedllm.engine.client import EngineDeadError
+from pagedllm.engine.dp_client import DPEngineClient
 from pagedllm.engine.input_processor import InputProcessor, PromptType
 from pagedllm.engine.output_processor import OutputProcessor, ParentRequest, RequestState
 from pagedllm.engine.protocol import (
     EngineCoreOutput,
     EngineCoreOutputs,
+    EngineCoreRequest,
     RequestRejection,
     SchedulerStats,
     UtilityResult,
@@ -76,13 +82,17 @@ class IterationStats:
 
 
 class StatLogger(Protocol):
-    def record(self, scheduler_stats: SchedulerStats | None, iteration: IterationStats) -> None: ...
+    def record(
+        self, scheduler_stats: SchedulerStats | None, iteration: IterationStats,
+        engine_index: int = 0,
+    ) -> None: ...
 
 
 class AsyncLLM:
-    """Async generation over an engine core in its own process.
+    """Async generation over engine cores in their own processes (data_parallel_size of them).
 
-    Construct (spawns the process), then `await start()` in the event loop that serves requests.
+    Construct (spawns the processes), then `await start()` in the event loop that serves
+    requests.
     """
 
     def __init__(
@@ -93,8 +103,8 @@ class AsyncLLM:
     ) -> None:
         self.config = config
         self.model_config = config.model_config
-        self.client = EngineCoreProcClient(config, log_level=log_level)
-        self.client.start()
+        self.engines = DPEngineClient(config, log_level=log_level)
+        self.engines.start()
         # Loaded while the child loads the model.
         self.tokenizer = get_tokenizer(config.model_config)
         self.input_processor = InputProcessor(
@@ -102,15 +112,17 @@ class AsyncLLM:
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])
-        self.last_scheduler_stats = SchedulerStats()
+        # Per replica: its latest stats, and why it died (None while alive).
+        self.last_scheduler_stats = [SchedulerStats() for _ in range(self.engines.num_replicas)]
+        self._dead_errors: list[str | None] = [None] * self.engines.num_replicas
         self.num_blocks = 0
         self.block_size = config.cache_config.block_size
         self.max_model_len = config.model_config.max_model_len
         self._queues: dict[str, asyncio.Queue] = {}
-        self._utility_futures: dict[int, asyncio.Future] = {}
+        # call id -> (replica index, future)
+        self._utility_futures: dict[int, tuple[int, asyncio.Future]] = {}
         self._call_ids = itertools.count()
-        self._output_task: asyncio.Task | None = None
-        self.dead_error: str | None = None
+        self._output_tasks: list[asyncio.Task] = []
         # Totals since start.
         self.total_prompt_tokens = 0
         self.total_generation_tokens = 0
@@ -126,35 +138,53 @@ class AsyncLLM:
 
     async def start(self, timeout: float = 600.0) -> None:
         try:
-            ready = await self.client.wait_ready(timeout)
+            readies = await self.engines.wait_ready(timeout)
         except BaseException:
-            self.client.shutdown()
+            self.engines.shutdown()
             raise
-        self.num_blocks = ready.num_blocks
-        self.block_size = ready.block_size
-        self.max_model_len = ready.max_model_len
-        self._output_task = asyncio.create_task(self._output_loop(), name="engine-output-loop")
+        # Replicas are identical but size their caches from their own devices: the smallest
+        # bounds what a request may need wherever it is routed.
+        self.num_blocks = min(r.num_blocks for r in readies)
+        self.block_size = readies[0].block_size
+        self.max_model_len = min(r.max_model_len for r in readies)
+        self._output_tasks = [
+            asyncio.create_task(self._output_loop(i), name=f"engine-output-loop-{i}")
+            for i in range(self.engines.num_replicas)
+        ]
 
     def shutdown(self) -> None:
-        """Stops the output loop and the engine-core process (blocks up to a few seconds)."""
-        if self._output_task is not None:
-            self._output_task.cancel()
-        self.client.shutdown()
+        """Stops the output loops and the engine-core processes (blocks up to a few seconds)."""
+        for task in self._output_tasks:
+            task.cancel()
+        self.engines.shutdown()
 
     async def shutdown_async(self) -> None:
-        if self._output_task is not None:
-            self._output_task.cancel()
+        for task in self._output_tasks:
+            task.cancel()
+        for task in self._output_tasks:
             try:
-                await self._output_task
+                await task
             except BaseException:
                 pass
         # Sockets belong to this loop's thread: close them here (the join blocks a few seconds).
-        self.client.shutdown()
+        self.engines.shutdown()
 
     # ---- health ----
     @property
+    def dead_error(self) -> str | None:
+        """Why the (first) dead replica died; None while every replica is alive."""
+        for i, err in enumerate(self._dead_errors):
+            if err is not None:
+                return self._replica_error(i)
+        return None
+
+    def _replica_error(self, index: int) -> str:
+        err = self._dead_errors[index] or "engine core died"
+        return err if self.engines.num_replicas == 1 else f"data-parallel engine {index}: {err}"
+
+    @property
     def is_healthy(self) -> bool:
-        return self.dead_error is None and self.client.is_alive()
+        return self.dead_error is None and self.engines.all_alive()
 
     @property
     def errored(self) -> bool:
@@ -177,26 +207,14 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         arrival = time.time()
         n = params.n if params is not None else 1
-        if n == 1:
-            req, text = self.input_processor.process(
-                request_id, prompt, params, arrival, add_special_tokens, priority
-            )
-            self._check_fits_cache(len(req.prompt_token_ids))
-            self.output_processor.add_request(
-                request_id, request_id, text, req.prompt_token_ids, req.sampling_params,
-                arrival, queue=queue,
-            )
-            self._queues[request_id] = queue
-            self.client.add_request(req)
-            return
-        parent = ParentRequest(request_id, n, params.output_kind)
-        reqs = []
+        parent = ParentRequest(request_id, n, params.output_kind) if n > 1 else None
+        reqs: list[tuple[EngineCoreRequest, str | None]] = []
         for i in range(n):
-            child = ParentRequest.child_params(params, i)
-            req, text = self.input_processor.process(
-                parent.child_id(i), prompt, child, arrival, add_special_tokens, priority
-            )
-            reqs.append((req, text))
+            child_id = parent.child_id(i) if parent else request_id
+            child = ParentRequest.child_params(params, i) if parent else params
+            reqs.append(self.input_processor.process(
+                child_id, prompt, child, arrival, add_special_tokens, priority
+            ))
         self._check_fits_cache(len(reqs[0][0].prompt_token_ids))
         for i, (req, text) in enumerate(reqs):
             self.output_processor.add_request(
@@ -204,8 +222,8 @@ class AsyncLLM:
                 arrival, parent=parent, index=i, queue=queue,
             )
         self._queues[request_id] = queue
-        for req, _ in reqs:
-            self.client.add_request(req)
+        # n > 1 children stay on one replica: they share the prompt's blocks there.
+        self.engines.add_requests(request_id, [req for req, _ in reqs])
 
     def _check_fits_cache(self, num_prompt_tokens: int) -> None:
         capacity = self.num_blocks * self.block_size
@@ -245,6 +263,7 @@ class AsyncLLM:
             if not finished:
                 self._abort_now(request_id)
             self._queues.pop(request_id, None)
+            self.engines.release(request_id)
 
     async def encode(
         self, prompt: PromptType, request_id: str, add_special_tokens: bool = True
@@ -263,40 +282,45 @@ class AsyncLLM:
             if not done:
                 self._abort_now(request_id)
             self._queues.pop(request_id, None)
+            self.engines.release(request_id)
 
     def _abort_now(self, request_id: str) -> list[str]:
         dropped = self.output_processor.abort_requests([request_id])
-        if dropped and self.is_healthy:
-            self.client.abort_requests(dropped)
+        self.engines.abort(request_id, dropped)
         return dropped
 
     async def abort(self, request_id: str) -> None:
         """Aborts a request: frees its KV blocks now; its generator raises RequestAbortedError."""
         self._abort_now(request_id)
+        self.engines.release(request_id)
         queue = self._queues.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(RequestAbortedError(f"request {request_id} was aborted"))
 
     async def reset_prefix_cache(self) -> None:
-        await self._utility("reset_prefix_cache")
+        """Resets every replica's prefix cache."""
+        await asyncio.gather(*(
+            self._utility(i, "reset_prefix_cache") for i in range(self.engines.num_replicas)
+        ))
 
-    async def _utility(self, method: str, *args):
+    async def _utility(self, index: int, method: str, *args):
         await self.check_health()
         call_id = next(self._call_ids)
         fut = asyncio.get_running_loop().create_future()
-        self._utility_futures[call_id] = fut
-        self.client.call_utility(call_id, method, list(args))
+        self._utility_futures[call_id] = (index, fut)
+        self.engines.replicas[index].call_utility(call_id, method, list(args))
         return await fut
 
-    # ---- the output loop ----
-    async def _output_loop(self) -> None:
+    # ---- the output loops (one per replica) ----
+    async def _output_loop(self, index: int) -> None:
+        replica = self.engines.replicas[index]
         try:
             while True:
-                msg = await self.client.get_output()
+                msg = await replica.get_output()
                 if isinstance(msg, EngineCoreOutputs):
                     if msg.engine_error:
                         raise EngineDeadError(msg.engine_error)
-                    self._handle_outputs(msg)
+                    self._handle_outputs(index, msg)
                 elif isinstance(msg, RequestRejection):
                     self._handle_rejection(msg)
                 elif isinstance(msg, UtilityResult):
@@ -304,43 +328,53 @@ class AsyncLLM:
         except asyncio.CancelledError:
             raise
         except BaseException as e:
-            self._fail_everything(e)
+            self._fail_replica(index, e)
 
-    def _fail_everything(self, e: BaseException) -> None:
-        err = e if isinstance(e, EngineDeadError) else EngineDeadError(f"{type(e).__name__}: {e}")
-        self.dead_error = str(err) or "engine core died"
-        logger.error("engine core is dead; failing %d in-flight requests: %s",
-                     len(self._queues), self.dead_error.splitlines()[0])
-        self.output_processor.fail_all(err)
-        for queue in self._queues.values():
-            queue.put_nowait(err)  # harmless duplicate for requests fail_all reached
-        self._queues.clear()
-        for fut in self._utility_futures.values():
-            if not fut.done():
-                fut.set_exception(err)
-        self._utility_futures.clear()
-        self.last_scheduler_stats = SchedulerStats()
+    def _fail_replica(self, index: int, e: BaseException) -> None:
+        """Replica `index` is dead: every request and utility call on it fails now."""
+        cause = e if isinstance(e, EngineDeadError) else EngineDeadError(f"{type(e).__name__}: {e}")
+        self._dead_errors[index] = str(cause) or "engine core died"
+        self.engines.mark_dead(index)
+        err = EngineDeadError(self._replica_error(index))
+        lost = self.engines.requests_on(index)
+        logger.error("engine core %d is dead; failing its %d in-flight requests: %s",
+                     index, len(lost), self._dead_errors[index].splitlines()[0])
+        self.output_processor.abort_requests(lost)
+        for external_id in lost:
+            self.engines.release(external_id)
+            queue = self._queues.pop(external_id, None)
+            if queue is not None:
+                queue.put_nowait(err)
+        for call_id, (owner, fut) in list(self._utility_futures.items()):
+            if owner == index:
+                del self._utility_futures[call_id]
+                if not fut.done():
+                    fut.set_exception(err)
+        self.last_scheduler_stats[index] = SchedulerStats()
 
     def _handle_rejection(self, rej: RequestRejection) -> None:
         state = self.output_processor.requests.get(rej.request_id)
         if state is None:
             return
-        dropped = self.output_processor.abort_requests([state.external_id])
-        self.client.abort_requests([d for d in dropped if d != rej.request_id])
-        queue = self._queues.pop(state.external_id, None)
+        external_id = state.external_id
+        dropped = self.output_processor.abort_requests([external_id])
+        self.engines.abort(external_id, [d for d in dropped if d != rej.request_id])
+        self.engines.release(external_id)
+        queue = self._queues.pop(external_id, None)
         if queue is not None:
             queue.put_nowait(RequestRejectedError(rej.error))
 
     def _handle_utility(self, res: UtilityResult) -> None:
-        fut = self._utility_futures.pop(res.call_id, None)
-        if fut is None or fut.done():
+        entry = self._utility_futures.pop(res.call_id, None)
+        if entry is None or entry[1].done():
             return
+        fut = entry[1]
         if res.error is not None:
             fut.set_exception(RuntimeError(res.error))
         else:
             fut.set_result(res.result)
 
-    def _handle_outputs(self, outs: EngineCoreOutputs) -> None:
+    def _handle_outputs(self, index: int, outs: EngineCoreOutputs) -> None:
         now = time.time()
         op = self.output_processor
         iteration = IterationStats()
@@ -360,8 +394,7 @@ class AsyncLLM:
                 elif m.last_token_time is not None:
                     iteration.inter_token_latencies.append(now - m.last_token_time)
         processed = op.process_outputs(outs.outputs, now)
-        if processed.reqs_to_abort:
-            self.client.abort_requests(processed.reqs_to_abort)
+        self.engines.abort_on(index, processed.reqs_to_abort)
         stopped_by_string = set(processed.reqs_to_abort)
         for eco, state in states:
             if state.request_id in op.requests:
@@ -384,9 +417,10 @@ class AsyncLLM:
                     num_generation_tokens=num_gen,
                 )
             )
+        self.engines.record_outputs(index, outs)
         stats = outs.scheduler_stats
         if stats is not None:
-            self.last_scheduler_stats = stats
+            self.last_scheduler_stats[index] = stats
             self.total_prompt_tokens += stats.num_prompt_tokens
             self.total_generation_tokens += stats.num_generation_tokens
             self.total_prefix_cache_queries += stats.prefix_cache_queries
@@ -394,7 +428,7 @@ class AsyncLLM:
             self.total_num_preemptions += stats.num_preemptions
         for sl in self.stat_loggers:
             try:
-                sl.record(stats, iteration)
+                sl.record(stats, iteration, index)
             except Exception:
                 logger.exception("stat logger failed")
 

@@ -1,8 +1,10 @@
-"""The front-end's handle on the engine-core process: spawn, ZMQ sockets, messages, shutdown.
+"""The front-end's handle on one engine core: spawn, ZMQ sockets, messages, shutdown.
 
-`EngineCoreProcClient` owns the child process and both sockets. Sending never blocks (no
-high-water mark); receiving is async (zmq.asyncio) and reports the child's death as an
-EngineDeadError instead of waiting forever.
+`ReplicaClient` is the interface every engine-core handle offers (one per data-parallel
+replica; a Ray actor variant implements the same calls). `EngineCoreProcClient` is the local
+one: it owns the child process and both sockets. Sending never blocks (no high-water mark);
+receiving is async (zmq.asyncio) and reports the child's death as an EngineDeadError instead
+of waiting forever.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import shutil
 import tempfile
 import time
 import weakref
-from typing import Any
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Protocol
 
 import msgspec
 import zmq
@@ -45,16 +49,69 @@ class EngineDeadError(RuntimeError):
 EngineMessage = EngineCoreOutputs | RequestRejection | UtilityResult
 
 
+class ReplicaClient(Protocol):
+    """One engine core (a data-parallel replica) as the front-end sees it.
+
+    Invariants: `start()` returns at once (the core loads while the caller works);
+    `wait_ready` and `get_output` raise EngineDeadError when the core is gone instead of
+    waiting forever; sending never blocks; `shutdown` is idempotent and leaves no process.
+    """
+
+    engine_index: int
+    dead_error: str | None
+
+    def start(self) -> None: ...
+
+    async def wait_ready(self, timeout: float = 600.0) -> EngineCoreReady: ...
+
+    def add_request(self, request: EngineCoreRequest) -> None: ...
+
+    def abort_requests(self, request_ids: list[str]) -> None: ...
+
+    def call_utility(self, call_id: int, method: str, args: list[Any]) -> None: ...
+
+    async def get_output(self) -> EngineMessage: ...
+
+    def is_alive(self) -> bool: ...
+
+    def shutdown(self, timeout: float = 5.0) -> None: ...
+
+
+@contextmanager
+def _environ(overrides: dict[str, str]) -> Iterator[None]:
+    """Sets environment variables for the duration (a spawned child copies them at start)."""
+    saved = {k: os.environ.get(k) for k in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 class EngineCoreProcClient:
     """Starts the engine core in a spawned child and talks to it over ipc:// sockets.
 
     Call `start()` (sync, spawns at once so the caller can load its tokenizer meanwhile) and then
-    `await wait_ready()` inside the event loop that will read outputs.
+    `await wait_ready()` inside the event loop that will read outputs. `env` overrides the
+    child's environment (a data-parallel replica's CUDA_VISIBLE_DEVICES): it is in place
+    before the child imports anything, so CUDA initialises with it.
     """
 
-    def __init__(self, config: EngineConfig, log_level: str = "INFO") -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        log_level: str = "INFO",
+        engine_index: int = 0,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.log_level = log_level
+        self.engine_index = engine_index
+        self.env = dict(env or {})
         self._tmpdir = tempfile.mkdtemp(prefix="pagedllm-")
         self.input_address = f"ipc://{os.path.join(self._tmpdir, 'input.sock')}"
         self.output_address = f"ipc://{os.path.join(self._tmpdir, 'output.sock')}"
@@ -90,12 +147,15 @@ class EngineCoreProcClient:
         self.output_socket.setsockopt(zmq.LINGER, 0)
         self.output_socket.bind(self.output_address)
         mp = multiprocessing.get_context("spawn")
+        dp = self.config.parallel_config.data_parallel_size
         self.proc = mp.Process(
             target=run_engine_core,
-            name="EngineCore",
-            args=(self.config, self.input_address, self.output_address, os.getpid(), self.log_level),
+            name="EngineCore" if dp == 1 else f"EngineCore_{self.engine_index}",
+            args=(self.config, self.input_address, self.output_address, os.getpid(),
+                  self.log_level, self.engine_index),
         )
-        self.proc.start()
+        with _environ(self.env):
+            self.proc.start()
         # Runs before multiprocessing's own atexit hook (LIFO), which would join forever.
         atexit.register(_shutdown_ref, weakref.ref(self))
 

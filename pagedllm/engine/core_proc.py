@@ -97,6 +97,7 @@ class EngineCoreProc:
         self._scheduled_at: dict[str, float] = {}
         self._reported: set[str] = set()
         self._stats_dirty = False
+        self._num_received = 0
 
     # ---- output ----
     def send(self, kind: EngineCoreOutputType, message: msgspec.Struct) -> None:
@@ -117,6 +118,7 @@ class EngineCoreProc:
 
     def _handle(self, kind: EngineCoreRequestType, payload: bytes) -> None:
         if kind is EngineCoreRequestType.ADD:
+            self._num_received += 1
             req = decode_add_request(self.add_decoder, payload)
             try:
                 self.core.add_request(req)
@@ -160,6 +162,8 @@ class EngineCoreProc:
                 out.first_scheduled_time = self._scheduled_at.pop(rid, started)
             if out.finish_reason is not None:
                 self._reported.discard(rid)
+        # Input is only read between steps, so every request counted here is in the stats.
+        outputs.num_requests_received = self._num_received
         self.send(EngineCoreOutputType.OUTPUTS, outputs)
         self._stats_dirty = False
 
@@ -185,11 +189,16 @@ def run_engine_core(
     output_address: str,
     parent_pid: int,
     log_level: str = "INFO",
+    engine_index: int = 0,
 ) -> None:
-    """Entry point of the engine-core child process (multiprocessing spawn target)."""
+    """Entry point of the engine-core child process (multiprocessing spawn target).
+
+    `engine_index` is the data-parallel replica this process is (0 without data parallelism).
+    """
+    name = "EngineCore" if config.parallel_config.data_parallel_size == 1 else f"EngineCore_{engine_index}"
     logging.basicConfig(
         level=log_level,
-        format="%(levelname)s %(asctime)s [EngineCore pid=%(process)d] %(name)s: %(message)s",
+        format=f"%(levelname)s %(asctime)s [{name} pid=%(process)d] %(name)s: %(message)s",
     )
     # Ctrl-C reaches the whole process group; the front-end decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)

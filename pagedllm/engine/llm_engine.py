@@ -18,6 +18,13 @@ from pagedllm.tokenizer import get_tokenizer
 
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
+        dp = config.parallel_config.data_parallel_size
+        if dp > 1:
+            raise NotImplementedError(
+                f"data_parallel_size={dp} runs behind the server (`pagedllm serve "
+                f"--data-parallel-size {dp}`); the offline LLM runs one engine, so start one "
+                "LLM per GPU (CUDA_VISIBLE_DEVICES) for offline data parallelism"
+            )
         self.config = config
         self.model_config = config.model_config
         self.tokenizer = (

@@ -141,14 +141,6 @@ class OutputProcessor:
                     dropped.append(cid)
         return dropped
 
-    def fail_all(self, error: BaseException) -> None:
-        """Engine died: every waiting queue gets the error."""
-        for state in list(self.requests.values()):
-            if state.queue is not None:
-                state.queue.put_nowait(error)
-        self.requests.clear()
-        self.parents.clear()
-
     # ---- logprobs ----
     def _to_dicts(self, lists: LogprobsLists) -> list[dict[int, Logprob]]:
         out = []

@@ -79,6 +79,10 @@ class EngineCoreOutputs(msgspec.Struct, omit_defaults=True):
     timestamp: float = msgspec.field(default_factory=time.monotonic)
     # Set when the engine core failed; the front-end fails every in-flight request with it.
     engine_error: str | None = None
+    # ADD messages this engine core had taken in when it sent this (cumulative; set by the
+    # engine-core process). The data-parallel router counts the requests it sent beyond this
+    # as pending: routed, but not yet in `scheduler_stats`.
+    num_requests_received: int = 0
 
 
 # ---- Front-end <-> engine-core process (ZMQ multipart frames: [tag, msgpack payload]) ----

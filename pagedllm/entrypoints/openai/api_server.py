@@ -87,8 +87,9 @@ def build_app(
     log_level: str = "INFO",
 ) -> FastAPI:
     model_name = server_config.served_model_names[0]
-    prometheus = PrometheusStatLogger(model_name, config.model_config.max_model_len)
-    log_stats_logger = LoggingStatLogger()
+    num_engines = config.parallel_config.data_parallel_size
+    prometheus = PrometheusStatLogger(model_name, config.model_config.max_model_len, num_engines)
+    log_stats_logger = LoggingStatLogger(num_engines)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

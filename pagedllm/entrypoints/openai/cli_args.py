@@ -44,13 +44,17 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
-    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1)
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
+                        help="engine-core replicas behind this server, each a full engine on "
+                        "its own tp x pp GPUs; requests go to the least-loaded one")
     parser.add_argument("--distributed-executor-backend", default=None,
                         choices=list(DISTRIBUTED_EXECUTOR_BACKENDS),
                         help="how workers of one engine run: uni (in-process), mp (a process "
                         "per rank, the default for more than one), ray (Ray actors)")
     parser.add_argument("--data-parallel-backend", "-dpb", default="mp",
-                        choices=list(DATA_PARALLEL_BACKENDS))
+                        choices=list(DATA_PARALLEL_BACKENDS),
+                        help="how replicas run: mp (a process each, on this machine); ray "
+                        "(not implemented yet)")
     parser.add_argument("--quantization", "-q", default=None)
     parser.add_argument("--load-format", default="auto",
                         choices=["auto", "safetensors", "gguf", "dummy"],

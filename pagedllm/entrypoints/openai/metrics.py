@@ -1,8 +1,9 @@
 """Server metrics: Prometheus series (vLLM V1 names under `pagedllm:`) and the periodic log line.
 
-Both loggers implement AsyncLLM's StatLogger protocol: `record(scheduler_stats, iteration)` is
-called by the engine's output loop for every batch of outputs. Each server owns its own
-CollectorRegistry so several apps in one process never clash.
+Both loggers implement AsyncLLM's StatLogger protocol: `record(scheduler_stats, iteration,
+engine_index)` is called by the engine's output loop of each data-parallel replica for every
+batch of its outputs. Each server owns its own CollectorRegistry so several apps in one
+process never clash.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.registry import Collector
 
 from pagedllm.engine.async_llm import IterationStats
 from pagedllm.engine.protocol import SchedulerStats
@@ -49,23 +51,60 @@ def _token_buckets(max_model_len: int) -> list[float]:
         exp += 1
 
 
+class _TotalsCollector(Collector):
+    """Exposes the per-replica registry plus, for each summable series, its sum over replicas:
+    the same name and labels without `engine` (data parallelism only)."""
+
+    def __init__(self, per_engine: CollectorRegistry, skip: frozenset[str]) -> None:
+        self.per_engine = per_engine
+        self.skip = skip
+
+    def collect(self):
+        for family in self.per_engine.collect():
+            if family.name not in self.skip:
+                sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+                for sample in family.samples:
+                    key = (sample.name,
+                           tuple((k, v) for k, v in sample.labels.items() if k != "engine"))
+                    sums[key] = sums.get(key, 0.0) + sample.value
+                for (name, labels), value in sums.items():
+                    family.add_sample(name, dict(labels), value)
+            yield family
+
+
+# Not summable over replicas: a fraction of each replica's own cache.
+_NO_TOTAL = frozenset({"pagedllm:kv_cache_usage_perc"})
+
+
 class PrometheusStatLogger:
-    def __init__(self, model_name: str, max_model_len: int, registry: CollectorRegistry | None = None):
+    """Every series carries `model_name` and `engine` (the data-parallel replica, "0".."D-1",
+    as in vLLM). With more than one replica each summable series also appears without
+    `engine`: the total over replicas."""
+
+    def __init__(self, model_name: str, max_model_len: int, num_engines: int = 1,
+                 registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
-        r, labels = self.registry, ["model_name"]
+        # With one replica the series are vLLM's exactly; totals would only duplicate them.
+        r = self.registry if num_engines == 1 else CollectorRegistry()
+        if num_engines > 1:
+            self.registry.register(_TotalsCollector(r, _NO_TOTAL))
+        labels = ["model_name", "engine"]
+        engines = [str(i) for i in range(num_engines)]
         self.model_name = model_name
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(f"pagedllm:{name}", doc, labels, registry=r).labels(model_name)
+        def per_engine(metric) -> list:
+            return [metric.labels(model_name, e) for e in engines]
 
-        def counter(name: str, doc: str) -> Counter:
+        def gauge(name: str, doc: str) -> list[Gauge]:
+            return per_engine(Gauge(f"pagedllm:{name}", doc, labels, registry=r))
+
+        def counter(name: str, doc: str) -> list[Counter]:
             # prometheus_client appends `_total`.
-            return Counter(f"pagedllm:{name}", doc, labels, registry=r).labels(model_name)
+            return per_engine(Counter(f"pagedllm:{name}", doc, labels, registry=r))
 
-        def hist(name: str, doc: str, buckets: list[float]) -> Histogram:
-            return Histogram(f"pagedllm:{name}", doc, labels, buckets=buckets, registry=r).labels(
-                model_name
-            )
+        def hist(name: str, doc: str, buckets: list[float]) -> list[Histogram]:
+            return per_engine(Histogram(f"pagedllm:{name}", doc, labels, buckets=buckets,
+                                        registry=r))
 
         tokens = _token_buckets(max_model_len)
         self.running = gauge("num_requests_running", "Requests in the running batch.")
@@ -78,10 +117,11 @@ class PrometheusStatLogger:
         self.preemptions = counter("num_preemptions", "Preemptions of running requests.")
         self.success = Counter(
             "pagedllm:request_success", "Finished requests by finish reason.",
-            ["model_name", "finished_reason"], registry=r,
+            ["model_name", "engine", "finished_reason"], registry=r,
         )
-        for reason in ("stop", "length", "abort"):
-            self.success.labels(model_name, reason)
+        for e in engines:
+            for reason in ("stop", "length", "abort"):
+                self.success.labels(model_name, e, reason)
         self.ttft = hist("time_to_first_token_seconds", "Time to first token.", _LATENCY_BUCKETS)
         self.itl = hist("inter_token_latency_seconds", "Time between tokens.", _LATENCY_BUCKETS)
         self.e2e = hist("e2e_request_latency_seconds", "Request latency.", _LATENCY_BUCKETS)
@@ -92,35 +132,64 @@ class PrometheusStatLogger:
         self.iter_tokens = hist("iteration_tokens_total", "Tokens scheduled per engine step.",
                                 [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384])
 
-    def record(self, stats: SchedulerStats | None, it: IterationStats) -> None:
+    def record(self, stats: SchedulerStats | None, it: IterationStats, engine_index: int = 0) -> None:
+        i = engine_index
         if stats is not None:
-            self.running.set(stats.num_running_reqs)
-            self.waiting.set(stats.num_waiting_reqs)
-            self.kv_usage.set(stats.kv_cache_usage)
-            self.prompt_tokens.inc(stats.num_prompt_tokens)
-            self.generation_tokens.inc(stats.num_generation_tokens)
-            self.prefix_queries.inc(stats.prefix_cache_queries)
-            self.prefix_hits.inc(stats.prefix_cache_hits)
-            self.preemptions.inc(stats.num_preemptions)
+            self.running[i].set(stats.num_running_reqs)
+            self.waiting[i].set(stats.num_waiting_reqs)
+            self.kv_usage[i].set(stats.kv_cache_usage)
+            self.prompt_tokens[i].inc(stats.num_prompt_tokens)
+            self.generation_tokens[i].inc(stats.num_generation_tokens)
+            self.prefix_queries[i].inc(stats.prefix_cache_queries)
+            self.prefix_hits[i].inc(stats.prefix_cache_hits)
+            self.preemptions[i].inc(stats.num_preemptions)
             if stats.num_scheduled_tokens:
-                self.iter_tokens.observe(stats.num_scheduled_tokens)
+                self.iter_tokens[i].observe(stats.num_scheduled_tokens)
         for v in it.time_to_first_tokens:
-            self.ttft.observe(v)
+            self.ttft[i].observe(v)
         for v in it.inter_token_latencies:
-            self.itl.observe(v)
+            self.itl[i].observe(v)
         for f in it.finished_requests:
-            self.success.labels(self.model_name, f.finish_reason).inc()
-            self.e2e.observe(f.e2e_latency)
-            self.queue_time.observe(f.queue_time)
-            self.req_prompt.observe(f.num_prompt_tokens)
-            self.req_gen.observe(f.num_generation_tokens)
+            self.success.labels(self.model_name, str(i), f.finish_reason).inc()
+            self.e2e[i].observe(f.e2e_latency)
+            self.queue_time[i].observe(f.queue_time)
+            self.req_prompt[i].observe(f.num_prompt_tokens)
+            self.req_gen[i].observe(f.num_generation_tokens)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
 
 class LoggingStatLogger:
-    """Accumulates throughput; `maybe_log()` writes one line when there was activity."""
+    """Accumulates throughput per replica; `maybe_log()` writes one line per replica that saw
+    activity (prefixed `Engine 000:` etc. under data parallelism, as vLLM does)."""
+
+    def __init__(self, num_engines: int = 1) -> None:
+        self.engines = [_EngineTally() for _ in range(num_engines)]
+
+    def record(self, stats: SchedulerStats | None, it: IterationStats, engine_index: int = 0) -> None:
+        if stats is None:
+            return
+        t = self.engines[engine_index]
+        t.last_stats = stats
+        t.prompt_tokens += stats.num_prompt_tokens
+        t.generation_tokens += stats.num_generation_tokens
+        t.prefix_queries += stats.prefix_cache_queries
+        t.prefix_hits += stats.prefix_cache_hits
+
+    def maybe_log(self) -> str | None:
+        lines = []
+        for i, t in enumerate(self.engines):
+            line = t.take_line()
+            if line is not None:
+                lines.append(line if len(self.engines) == 1 else f"Engine {i:03d}: {line}")
+        for line in lines:
+            logger.info(line)
+        return "\n".join(lines) if lines else None
+
+
+class _EngineTally:
+    """One replica's counts since its last log line."""
 
     def __init__(self) -> None:
         self.last_log = time.monotonic()
@@ -130,22 +199,13 @@ class LoggingStatLogger:
         self.prefix_hits = 0
         self.last_stats = SchedulerStats()
 
-    def record(self, stats: SchedulerStats | None, it: IterationStats) -> None:
-        if stats is None:
-            return
-        self.last_stats = stats
-        self.prompt_tokens += stats.num_prompt_tokens
-        self.generation_tokens += stats.num_generation_tokens
-        self.prefix_queries += stats.prefix_cache_queries
-        self.prefix_hits += stats.prefix_cache_hits
-
-    def maybe_log(self) -> str | None:
+    def take_line(self) -> str | None:
         now = time.monotonic()
         elapsed = max(now - self.last_log, 1e-6)
         s = self.last_stats
         busy = self.prompt_tokens or self.generation_tokens or s.num_running_reqs or s.num_waiting_reqs
+        self.last_log = now
         if not busy:
-            self.last_log = now
             return None
         hit_rate = 100.0 * self.prefix_hits / self.prefix_queries if self.prefix_queries else 0.0
         line = (
@@ -155,8 +215,6 @@ class LoggingStatLogger:
             f"KV cache usage: {100.0 * s.kv_cache_usage:.1f}%, "
             f"Prefix cache hit rate: {hit_rate:.1f}%"
         )
-        logger.info(line)
-        self.last_log = now
         self.prompt_tokens = self.generation_tokens = 0
         self.prefix_queries = self.prefix_hits = 0
         return line

@@ -1,0 +1,133 @@
+"""The front-end's handle on all engine cores: D data-parallel replicas behind one API server.
+
+`DPEngineClient` starts one `ReplicaClient` per replica (each a full engine: scheduler,
+executor, its own GPUs), routes every new request to the least-loaded live replica
+(`LoadBalancer`), remembers which replica owns each request so aborts reach it, and feeds
+the balancer from each replica's stats. With `data_parallel_size` 1 it is a single replica
+and routing is trivial; the server always goes through it.
+
+Invariants:
+- a request (with all its n > 1 children) lives on exactly one replica, from add to release;
+- a dead replica is never chosen again, and `requests_on(i)` names what died with it;
+- sending never blocks; nothing here reads sockets (the caller runs one reader per replica).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import torch
+
+from pagedllm.config import EngineConfig
+from pagedllm.engine.client import EngineCoreProcClient, EngineDeadError, ReplicaClient
+from pagedllm.engine.data_parallel import replica_env
+from pagedllm.engine.load_balancer import LoadBalancer
+from pagedllm.engine.protocol import EngineCoreOutputs, EngineCoreReady, EngineCoreRequest
+
+logger = logging.getLogger(__name__)
+
+# --data-parallel-backend -> how one replica is started and reached. A Ray backend adds a
+# ReplicaClient over a Ray actor here; nothing else changes.
+ReplicaFactory = Callable[..., ReplicaClient]
+REPLICA_CLIENTS: dict[str, ReplicaFactory] = {"mp": EngineCoreProcClient}
+
+
+def _num_visible_gpus(config: EngineConfig) -> int:
+    return torch.cuda.device_count() if config.device_config.device == "cuda" else 0
+
+
+class DPEngineClient:
+    """Routes requests over `data_parallel_size` engine-core replicas."""
+
+    def __init__(self, config: EngineConfig, log_level: str = "INFO") -> None:
+        parallel = config.parallel_config
+        backend = parallel.data_parallel_backend
+        factory = REPLICA_CLIENTS.get(backend)
+        if factory is None:
+            raise NotImplementedError(
+                f"--data-parallel-backend {backend} is not implemented; use "
+                + " or ".join(sorted(REPLICA_CLIENTS))
+            )
+        num_gpus = _num_visible_gpus(config)
+        threads = torch.get_num_threads()
+        self.replicas: list[ReplicaClient] = [
+            factory(config, log_level=log_level, engine_index=i,
+                    env=replica_env(config, i, num_gpus, threads))
+            for i in range(parallel.data_parallel_size)
+        ]
+        self.balancer = LoadBalancer(len(self.replicas))
+        self._owner: dict[str, int] = {}  # external request id -> replica index
+
+    @property
+    def num_replicas(self) -> int:
+        return len(self.replicas)
+
+    # ---- lifecycle ----
+    def start(self) -> None:
+        """Starts every replica at once (they load their models in parallel)."""
+        for r in self.replicas:
+            r.start()
+
+    async def wait_ready(self, timeout: float = 600.0) -> list[EngineCoreReady]:
+        """Every replica's handshake; the first failure is raised (the caller shuts down)."""
+        results = await asyncio.gather(
+            *(r.wait_ready(timeout) for r in self.replicas), return_exceptions=True
+        )
+        for i, res in enumerate(results):
+            if isinstance(res, BaseException):
+                if self.num_replicas > 1 and isinstance(res, EngineDeadError):
+                    raise EngineDeadError(f"data-parallel engine {i}: {res}") from res
+                raise res
+        return list(results)
+
+    def shutdown(self) -> None:
+        for r in self.replicas:
+            r.shutdown()
+
+    # ---- health ----
+    def is_alive(self, index: int) -> bool:
+        return self.balancer.replicas[index].alive and self.replicas[index].is_alive()
+
+    def all_alive(self) -> bool:
+        return all(self.is_alive(i) for i in range(self.num_replicas))
+
+    def mark_dead(self, index: int) -> None:
+        self.balancer.mark_dead(index)
+
+    # ---- requests ----
+    def add_requests(self, external_id: str, requests: list[EngineCoreRequest]) -> int:
+        """Sends one external request's engine-core requests to the least-loaded replica."""
+        index = self.balancer.pick()
+        self._owner[external_id] = index
+        replica = self.replicas[index]
+        for req in requests:
+            replica.add_request(req)
+        self.balancer.on_routed(index, len(requests))
+        return index
+
+    def owner_of(self, external_id: str) -> int | None:
+        return self._owner.get(external_id)
+
+    def abort(self, external_id: str, core_ids: list[str]) -> None:
+        """Aborts engine-core requests of `external_id` on the replica that owns it."""
+        index = self._owner.get(external_id)
+        if index is not None and core_ids and self.is_alive(index):
+            self.replicas[index].abort_requests(core_ids)
+
+    def abort_on(self, index: int, core_ids: list[str]) -> None:
+        if core_ids and self.is_alive(index):
+            self.replicas[index].abort_requests(core_ids)
+
+    def release(self, external_id: str) -> None:
+        """The request is done (finished, failed or aborted): forget its owner."""
+        self._owner.pop(external_id, None)
+
+    def requests_on(self, index: int) -> list[str]:
+        """External ids of the requests replica `index` owns now."""
+        return [eid for eid, i in self._owner.items() if i == index]
+
+    def record_outputs(self, index: int, outputs: EngineCoreOutputs) -> None:
+        if outputs.scheduler_stats is not None:
+            self.balancer.on_stats(index, outputs.scheduler_stats, outputs.num_requests_received)

@@ -1,0 +1,169 @@
+"""Data parallelism without processes: the router's choice, each replica's devices, refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm.config import (
+    CacheConfig,
+    DeviceConfig,
+    EngineConfig,
+    ModelConfig,
+    ParallelConfig,
+    SchedulerConfig,
+)
+from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.data_parallel import check_gpu_count, replica_env
+from pagedllm.engine.load_balancer import LoadBalancer
+from pagedllm.engine.protocol import SchedulerStats
+
+
+def stats(waiting: int, running: int, kv: float = 0.0) -> SchedulerStats:
+    return SchedulerStats(num_waiting_reqs=waiting, num_running_reqs=running, kv_cache_usage=kv)
+
+
+# ---- the router ----
+def test_least_loaded_by_waiting_plus_running():
+    lb = LoadBalancer(3)
+    lb.on_routed(0, 5)
+    lb.on_routed(1, 3)
+    lb.on_routed(2, 4)
+    lb.on_stats(0, stats(waiting=4, running=1), num_received=5)  # load 5
+    lb.on_stats(1, stats(waiting=0, running=3), num_received=3)  # load 3
+    lb.on_stats(2, stats(waiting=2, running=2), num_received=4)  # load 4
+    assert lb.pick() == 1
+    # Waiting and running count alike: 1 waiting + 1 running beats 3 running.
+    lb.on_stats(2, stats(waiting=1, running=1), num_received=4)
+    assert lb.pick() == 2
+
+
+def test_kv_usage_breaks_ties_then_index():
+    lb = LoadBalancer(3)
+    for i in range(3):
+        lb.on_routed(i, 2)
+    lb.on_stats(0, stats(0, 2, kv=0.50), num_received=2)
+    lb.on_stats(1, stats(1, 1, kv=0.20), num_received=2)
+    lb.on_stats(2, stats(0, 2, kv=0.35), num_received=2)
+    assert lb.pick() == 1
+    lb.on_stats(1, stats(1, 1, kv=0.50), num_received=2)
+    assert lb.pick() == 2
+    lb.on_stats(2, stats(0, 2, kv=0.50), num_received=2)
+    assert lb.pick() == 0  # all equal: the lowest index
+
+
+def test_burst_spreads_before_any_stats_come_back():
+    """64 requests routed with no stats in between land 32 / 32, not all on one replica."""
+    lb = LoadBalancer(2)
+    counts = [0, 0]
+    for _ in range(64):
+        i = lb.pick()
+        lb.on_routed(i)
+        counts[i] += 1
+    assert counts == [32, 32]
+    assert [r.num_pending for r in lb.replicas] == [32, 32]
+
+
+def test_pending_counts_only_what_stats_have_not_seen():
+    lb = LoadBalancer(2)
+    for _ in range(6):
+        lb.on_routed(0)
+    lb.on_routed(1, 2)
+    # Replica 0's stats have seen 4 of its 6 (2 still in flight); 3 of those 4 are done.
+    lb.on_stats(0, stats(waiting=0, running=1), num_received=4)
+    assert lb.replicas[0].num_pending == 2 and lb.replicas[0].load == 3
+    # Replica 1 has seen both of its 2 and still runs them.
+    lb.on_stats(1, stats(waiting=0, running=2), num_received=2)
+    assert lb.replicas[1].load == 2
+    assert lb.pick() == 1
+    # Stats that arrive out of date (older count) never un-see requests.
+    lb.on_stats(0, stats(waiting=0, running=0), num_received=3)
+    assert lb.replicas[0].num_received == 4 and lb.replicas[0].load == 2
+    # n > 1 fans out into n engine requests, all counted.
+    lb.on_routed(1, 4)
+    assert lb.replicas[1].load == 6 and lb.pick() == 0
+
+
+def test_dead_replica_is_never_picked():
+    lb = LoadBalancer(2)
+    lb.on_routed(1, 10)
+    lb.mark_dead(0)
+    assert lb.pick() == 1
+    lb.mark_dead(1)
+    with pytest.raises(LookupError):
+        lb.pick()
+
+
+# ---- where replicas run ----
+def _config(device: str, dp: int, tp: int = 1, pp: int = 1) -> EngineConfig:
+    return EngineConfig(
+        model_config=ModelConfig(model="m", model_path="m", model_format="hf", hf_config=None),
+        cache_config=CacheConfig(),
+        scheduler_config=SchedulerConfig(),
+        parallel_config=ParallelConfig(tensor_parallel_size=tp, pipeline_parallel_size=pp,
+                                       data_parallel_size=dp),
+        device_config=DeviceConfig(device),
+    )
+
+
+def test_replica_gpus_follow_index_times_world_size(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    cfg = _config("cuda", dp=2)
+    assert [replica_env(cfg, i, 2, 16) for i in range(2)] == [
+        {"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}]
+    cfg = _config("cuda", dp=2, tp=2, pp=2)  # W = 4 GPUs a replica
+    assert replica_env(cfg, 1, 8, 16) == {"CUDA_VISIBLE_DEVICES": "4,5,6,7"}
+    assert replica_env(_config("cuda", dp=1), 0, 8, 16) == {}
+
+
+def test_replica_gpus_respect_the_users_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, 5,GPU-abc,7")
+    cfg = _config("cuda", dp=2, tp=2)
+    assert replica_env(cfg, 0, 4, 16) == {"CUDA_VISIBLE_DEVICES": "3,5"}
+    assert replica_env(cfg, 1, 4, 16) == {"CUDA_VISIBLE_DEVICES": "GPU-abc,7"}
+    # Entries past what CUDA reports (fewer real GPUs) are not handed out.
+    with pytest.raises(ValueError, match="replica 1"):
+        replica_env(cfg, 1, 3, 16)
+
+
+def test_cpu_replicas_split_the_threads(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cfg = _config("cpu", dp=2)
+    assert replica_env(cfg, 1, 0, 16) == {"OMP_NUM_THREADS": "8"}
+    assert replica_env(_config("cpu", dp=4), 3, 0, 2) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert replica_env(cfg, 1, 0, 16) == {}
+
+
+def test_more_gpus_than_visible_is_refused_naming_the_flag():
+    check_gpu_count(ParallelConfig(data_parallel_size=2, tensor_parallel_size=2), 4)
+    with pytest.raises(ValueError, match="--data-parallel-size 2 x --tensor-parallel-size 2") as e:
+        check_gpu_count(ParallelConfig(data_parallel_size=2, tensor_parallel_size=2), 3)
+    assert "needs 4 GPUs, but only 3" in str(e.value)
+    with pytest.raises(ValueError, match="lower --data-parallel-size"):
+        check_gpu_count(ParallelConfig(data_parallel_size=3), 2)
+
+
+# ---- refusals ----
+@pytest.mark.parametrize(("kwargs", "error", "match"), [
+    ({"data_parallel_size": 0}, ValueError, "--data-parallel-size must be an integer >= 1"),
+    ({"data_parallel_size": 2, "data_parallel_backend": "ray"}, NotImplementedError,
+     "--data-parallel-backend ray is not implemented"),
+    ({"data_parallel_backend": "slurm"}, ValueError, "--data-parallel-backend must be one of"),
+])
+def test_engine_args_refusals(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        EngineArgs(**kwargs).create_engine_config()
+
+
+def test_serve_refuses_ray_backend_naming_the_flag(capsys):
+    from pagedllm.entrypoints.openai.api_server import main
+
+    assert main(["-dp", "2", "--data-parallel-backend", "ray"]) == 2
+    assert "--data-parallel-backend ray is not implemented" in capsys.readouterr().err
+
+
+def test_offline_llm_refuses_data_parallel():
+    from pagedllm import LLM
+
+    with pytest.raises(NotImplementedError, match="pagedllm serve --data-parallel-size 2"):
+        LLM(data_parallel_size=2)
