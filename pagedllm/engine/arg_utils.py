@@ -151,8 +151,7 @@ class EngineArgs:
 
     def _check_supported(self) -> None:
         for flag, size in (("--tensor-parallel-size", self.tensor_parallel_size),
-                           ("--pipeline-parallel-size", self.pipeline_parallel_size),
-                           ("--data-parallel-size", self.data_parallel_size)):  # fmt: skip
+                           ("--pipeline-parallel-size", self.pipeline_parallel_size)):  # fmt: skip
             if not isinstance(size, int) or size < 1:
                 raise ValueError(f"{flag} must be a positive integer; got {size!r}")
         self._check_data_parallel()
