@@ -221,8 +221,11 @@ def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time."""
+def iterate_gguf_weights(
+    path: str, hf_config: Any, needed: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every tensor in the file (those `needed` accepts),
+    dequantized one at a time."""
     reader = open_gguf(path)
     arch = gguf_architecture(reader)
     permuted = arch in _PERMUTED_QK_ARCHS
@@ -230,7 +233,7 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     num_kv_heads = int(getattr(hf_config, "num_key_value_heads", None) or num_heads)
     for tensor in reader.tensors:
         hf_name = gguf_to_hf_name(tensor.name)
-        if hf_name is None:
+        if hf_name is None or (needed is not None and not needed(hf_name)):
             continue
         array = reader.dequantize(tensor)
         if permuted and hf_name.endswith(("q_proj.weight", "q_proj.bias")):

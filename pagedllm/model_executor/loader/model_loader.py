@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -25,12 +25,15 @@ from pagedllm.model_executor.models.registry import ModelRegistry
 logger = logging.getLogger(__name__)
 
 
-def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named checkpoint tensors of the model, whatever its on-disk format."""
+def iterate_weights(
+    model_config: ModelConfig, needed: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named checkpoint tensors of the model, whatever its on-disk format; with `needed`,
+    only the names it accepts are read."""
     if model_config.model_format == "gguf":
-        return iterate_gguf_weights(model_config.model_path, model_config.hf_config)
+        return iterate_gguf_weights(model_config.model_path, model_config.hf_config, needed)
     if model_config.model_format == "hf":
-        return iterate_hf_weights(model_config.model_path)
+        return iterate_hf_weights(model_config.model_path, needed)
     raise ModelLoadError(f"unknown model format {model_config.model_format!r}")
 
 
@@ -113,7 +116,9 @@ def load_model(
     if model_config.load_format == "dummy":
         initialize_dummy_weights(model, hf_config, model_config.seed)
     else:
-        load_weights_checked(model, iterate_weights(model_config))
+        # A pipeline stage reads only its own layers' tensors.
+        needed = getattr(model, "weight_needed", None)
+        load_weights_checked(model, iterate_weights(model_config, needed))
     if quant_config is not None:
         process_weights_after_loading(model)
     logger.info(

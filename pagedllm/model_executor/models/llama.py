@@ -320,6 +320,14 @@ class LlamaForCausalLM(nn.Module):
             return isinstance(self.lm_head, PPMissingLayer)
         return False
 
+    def weight_needed(self, name: str) -> bool:
+        """False for checkpoint tensors only other pipeline stages use (left unread)."""
+        if not name.startswith(("model.", "lm_head.")):
+            name = "model." + name
+        if name == "model.embed_tokens.weight":
+            return self.model.is_first_stage or isinstance(self.lm_head, ParallelLMHead)
+        return not self._on_other_stage(name)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Loads HF-named tensors; returns the names of the parameters that got loaded.
         Tensors of layers on other pipeline stages are skipped."""
