@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pagedllm.config import ParallelConfig
 from pagedllm.engine.arg_utils import EngineArgs
 from pagedllm.engine.parallel_checks import check_parallel_layout
 from pagedllm.model_executor.loader import ModelLoadError
@@ -31,7 +32,6 @@ def _config(path: str, **kwargs):
         ({"pipeline_parallel_size": 3}, ValueError,
          "--pipeline-parallel-size 3 exceeds the model's 2 layers"),
         ({"tensor_parallel_size": 0}, ValueError, "--tensor-parallel-size must be a positive"),
-        ({"data_parallel_size": 2}, NotImplementedError, "data parallel"),
         ({"tensor_parallel_size": 2, "distributed_executor_backend": "uni"}, ValueError,
          "--distributed-executor-backend uni runs one worker"),
         ({"load_format": "pt"}, ValueError, "--load-format must be one of"),
@@ -67,13 +67,13 @@ def test_pipeline_parallel_refuses_encoders(tmp_path):
         _config(path, pipeline_parallel_size=2)
 
 
-def test_ray_backend_without_an_executor_is_refused(llama_dir):
-    from pagedllm.executor.base import available_executor_backends
+def test_ray_backend_is_registered():
+    from pagedllm.executor.base import available_executor_backends, get_executor_class
+    from pagedllm.executor.ray_executor import RayExecutor
 
-    if "ray" in available_executor_backends():
-        pytest.skip("the Ray executor is registered")
-    with pytest.raises(ValueError, match="--distributed-executor-backend ray is not available"):
-        _config(llama_dir, distributed_executor_backend="ray")
+    assert "ray" in available_executor_backends()
+    parallel = ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="ray")
+    assert get_executor_class(parallel) is RayExecutor
 
 
 def test_dummy_load_format_reads_no_weights(tmp_path):
