@@ -203,11 +203,6 @@ class EngineArgs:
                 f"--data-parallel-backend must be one of {', '.join(DATA_PARALLEL_BACKENDS)}; "
                 f"got {backend!r}"
             )
-        if backend == "ray":
-            raise NotImplementedError(
-                "--data-parallel-backend ray is not implemented yet in pagedllm; use mp (the "
-                "default: one engine-core process per replica on this machine)"
-            )
 
     def _resolve_task(self, archs: list[str]) -> str:
         task = self.task

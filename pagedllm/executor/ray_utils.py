@@ -14,6 +14,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,39 +79,71 @@ def _cluster_running(address: str | None) -> bool:
         return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
+# How many live RayConnections in this process came through a ray.init we made: the last
+# one released disconnects (stopping a local instance we started). Executors and replica
+# clients of one process share the session.
+_INIT_USERS = 0
+
+
 @dataclass(slots=True)
 class RayConnection:
-    """This process' use of Ray: whether we called ray.init (so we disconnect at the end)
-    and whether that started a local instance (which disconnecting stops). Neither when
-    the caller (or the actor we run in) had initialised Ray."""
+    """One user's hold on this process' Ray session. `initialized_here`: the session came
+    from our ray.init (released by the last such user), not from the caller or the actor
+    we run in; `started_local`: that ray.init started a local instance."""
 
     started_local: bool
     initialized_here: bool
 
     def release(self) -> None:
-        """Disconnects if we connected; that also stops a local instance we started."""
+        """Drops this hold (idempotent); the last hold on our own session disconnects."""
+        global _INIT_USERS
         if not self.initialized_here:
+            return
+        self.initialized_here = False
+        _INIT_USERS -= 1
+        if _INIT_USERS > 0:
             return
         import ray
 
         if ray.is_initialized():
             ray.shutdown()
-        self.initialized_here = False
+
+
+@contextmanager
+def _keep_signal_handlers() -> Iterator[None]:
+    """ray.init replaces SIGTERM's handler with one that exits at once; the server and the
+    engine-core process keep theirs (a graceful drain, then our own shutdown stops Ray)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 def connect(flag: str, min_cpus: int = 0) -> RayConnection:
     """Joins Ray: reuses an initialised session (inside an actor, or the caller's), else
     connects to the cluster RAY_ADDRESS or `ray start` names, else starts a local instance
     that declares at least `min_cpus` CPUs (CPU workers take one each)."""
+    global _INIT_USERS
     ray = import_ray(flag)
     if ray.is_initialized():
+        if _INIT_USERS > 0:  # our own session: hold it too
+            _INIT_USERS += 1
+            return RayConnection(started_local=False, initialized_here=True)
         return RayConnection(started_local=False, initialized_here=False)
     address = os.environ.get("RAY_ADDRESS") or None
     started_local = not _cluster_running(address)
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if started_local:
         kwargs.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, min_cpus))
-    ray.init(**kwargs)
+    with _keep_signal_handlers():
+        ray.init(**kwargs)
+    _INIT_USERS = 1
     logger.info(
         "%s Ray: %s", "started a local" if started_local else "connected to the",
         ray.cluster_resources(),
