@@ -74,9 +74,9 @@ class RayExecutor(MultiprocExecutor):
         cpu_workers = 0 if config.device_config.device == "cuda" else self.world_size
         self._connection = ray_utils.connect(_FLAG, min_cpus=cpu_workers)
         self._ray = ray_utils.import_ray(_FLAG)
-        self._init_channels(self._ray.util.get_node_ip_address())
         atexit.register(_shutdown_ref, weakref.ref(self))
         try:
+            self._init_channels(self._ray.util.get_node_ip_address())
             self._start_actors()
         except BaseException:
             self.shutdown()
