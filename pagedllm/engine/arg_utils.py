@@ -203,6 +203,11 @@ class EngineArgs:
                 f"--data-parallel-backend must be one of {', '.join(DATA_PARALLEL_BACKENDS)}; "
                 f"got {backend!r}"
             )
+        if backend == "ray" and self.distributed_executor_backend == "mp":
+            raise ValueError(
+                "--data-parallel-backend ray runs each replica's workers as Ray actors; use "
+                "--distributed-executor-backend ray (or leave it unset) instead of mp"
+            )
 
     def _resolve_task(self, archs: list[str]) -> str:
         task = self.task

@@ -81,16 +81,10 @@ class _ActorProcess:
 
 
 def replica_config(config: EngineConfig) -> EngineConfig:
-    """A replica's config: more than one worker runs on Ray actors (in the replica's
-    placement group) unless the user chose otherwise; mp inside an actor is refused."""
+    """A replica's config: more than one worker runs on Ray actors, in the replica's
+    placement group (EngineArgs refuses mp with the Ray DP backend)."""
     pc = config.parallel_config
-    backend = pc.distributed_executor_backend
-    if backend == "mp":
-        raise ValueError(
-            "--data-parallel-backend ray runs each replica's workers as Ray actors; use "
-            "--distributed-executor-backend ray (or leave it unset) instead of mp"
-        )
-    if backend is None and pc.world_size > 1:
+    if pc.distributed_executor_backend is None and pc.world_size > 1:
         pc = dataclasses.replace(pc, distributed_executor_backend="ray")
     return dataclasses.replace(config, parallel_config=pc)
 
