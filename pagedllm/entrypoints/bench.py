@@ -52,7 +52,13 @@ TINY_LLAMA: dict = {
     "torch_dtype": "float32",
 }  # fmt: skip
 
-RANDOM_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "tiny": TINY_LLAMA}
+# Llama-3.1-70B's configuration: run it with --load-format dummy (weights made on the GPUs).
+LLAMA_3_1_70B: dict = {
+    **LLAMA_3_1_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+    "num_attention_heads": 64, "num_key_value_heads": 8,
+}  # fmt: skip
+
+RANDOM_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B, "tiny": TINY_LLAMA}
 
 WORKLOADS = ("sharegpt-shaped", "prefill-heavy", "decode-heavy", "single-stream")
 
@@ -117,14 +123,23 @@ def build_random_llama(
     return out_dir
 
 
-def resolve_model_arg(model: str, dtype: str, cache_dir: str = "/tmp/pagedllm_models") -> str:
-    """`random:NAME` -> a built random model directory; anything else is returned as is."""
+def resolve_model_arg(
+    model: str, dtype: str, cache_dir: str = "/tmp/pagedllm_models", load_format: str = "auto"
+) -> str:
+    """`random:NAME` -> a built random model directory (only its config.json under
+    `--load-format dummy`); anything else is returned as is."""
     if not model.startswith("random:"):
         return model
     name = model.split(":", 1)[1]
     if name not in RANDOM_MODELS:
         raise SystemExit(f"unknown random model {name!r}; known: {sorted(RANDOM_MODELS)}")
     d = dtype if dtype != "auto" else RANDOM_MODELS[name]["torch_dtype"]
+    if load_format == "dummy":
+        out_dir = os.path.join(cache_dir, f"{name}-{d}-config-only")
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump({**RANDOM_MODELS[name], "torch_dtype": d}, f, indent=1)
+        return out_dir
     return build_random_llama(os.path.join(cache_dir, f"{name}-{d}"), RANDOM_MODELS[name], d)
 
 
@@ -317,9 +332,12 @@ def run_hf(model_dir: str, wl: Workload, batch_size: int, dtype: str = "bfloat16
     return _rates(wl, elapsed, total_out)
 
 
-def roofline(wl: Workload, cfg: dict, max_num_seqs: int, elem_bytes: int = 2) -> dict:
+def roofline(
+    wl: Workload, cfg: dict, max_num_seqs: int, elem_bytes: int = 2, num_gpus: int = 1
+) -> dict:
     """Lower bounds on the workload's time: matmul FLOPs at the measured bf16 rate, and bytes
-    (weights once per decode step at full batch, plus every KV read) at the copy bandwidth."""
+    (weights once per decode step at full batch, plus every KV read) at the copy bandwidth,
+    both spread over `num_gpus` (tensor parallelism; communication not counted)."""
     h, inter, v, layers = (cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"],
                            cfg["num_hidden_layers"])  # fmt: skip
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
@@ -331,8 +349,8 @@ def roofline(wl: Workload, cfg: dict, max_num_seqs: int, elem_bytes: int = 2) ->
     kv_per_token = 2 * layers * kv * elem_bytes
     kv_reads = float((outs * ins + outs * (outs - 1) / 2).sum()) * kv_per_token
     steps = math.ceil(outs.sum() / min(max_num_seqs, len(wl.prompts)))
-    t_bytes = (steps * params * elem_bytes + kv_reads) / H200_BANDWIDTH
-    t_flops = flops / H200_BF16_FLOPS
+    t_bytes = (steps * params * elem_bytes + kv_reads) / (H200_BANDWIDTH * num_gpus)
+    t_flops = flops / (H200_BF16_FLOPS * num_gpus)
     t = max(t_bytes, t_flops)
     return {
         "params": params, "t_flops_s": t_flops, "t_bytes_s": t_bytes, "t_floor_s": t,
@@ -357,6 +375,10 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--load-format", default="auto",
+                   choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--output-json", default=None)
     p.add_argument("--profile-stages", action="store_true",
                    help="report host time per engine stage and GPU time of the forward")
@@ -372,17 +394,21 @@ def make_llm(args: argparse.Namespace, model_dir: str):
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
         async_scheduling=getattr(args, "async_scheduling", None), device=args.device, skip_tokenizer_init=True, seed=0,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
+        pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1),
+        load_format=getattr(args, "load_format", "auto"),
     )  # fmt: skip
     startup = time.perf_counter() - t0
-    runner = llm.llm_engine.engine_core.executor.worker.model_runner
-    timings = dict(runner.timings)
+    executor = llm.llm_engine.engine_core.executor
+    timings = dict(executor.collective_rpc("timings")[0])  # rank 0's start-up stages
     timings["startup_total"] = startup
     timings["startup_excl_weights"] = startup - timings.get("load_model", 0.0)
-    return llm, timings, getattr(runner, "memory_profile", {})
+    return llm, timings, executor.collective_rpc("memory_profile")[0]
 
 
 def run_throughput(args: argparse.Namespace) -> dict:
-    model_dir = resolve_model_arg(args.model, args.dtype)
+    model_dir = resolve_model_arg(args.model, args.dtype,
+                                  load_format=getattr(args, "load_format", "auto"))
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     wl = make_workload(args.dataset, cfg["vocab_size"], args.num_prompts)
@@ -391,13 +417,17 @@ def run_throughput(args: argparse.Namespace) -> dict:
     warm = [rng.integers(0, cfg["vocab_size"], n).tolist() for n in (300, 40)]
     run_pagedllm(llm, Workload("warm-up", warm, [8, 8]))
     result: dict = {"dataset": wl.name, "startup": timings, "memory": memory}
-    timer = StageTimer(llm) if getattr(args, "profile_stages", False) else None
+    profile = getattr(args, "profile_stages", False)
+    if profile and llm.llm_engine.config.parallel_config.world_size > 1:
+        raise SystemExit("--profile-stages instruments one in-process worker; use -tp 1 -pp 1")
+    timer = StageTimer(llm) if profile else None
     result["pagedllm"] = run_pagedllm(llm, wl)
     if timer is not None:
         result["stages"] = timer.report()
         result["stages"]["by_step_kind"] = summarize_timeline(result["stages"]["timeline"])
     max_num_seqs = llm.llm_engine.config.scheduler_config.max_num_seqs
-    result["roofline"] = roofline(wl, cfg, max_num_seqs)
+    result["roofline"] = roofline(wl, cfg, max_num_seqs,
+                                  num_gpus=llm.llm_engine.config.parallel_config.world_size)
     rl = result["roofline"]
     result["pagedllm"]["roofline_fraction"] = rl["t_floor_s"] / result["pagedllm"]["seconds"]
     if args.hf_compare:

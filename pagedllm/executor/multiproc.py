@@ -95,7 +95,11 @@ class MultiprocExecutor(Executor):
         self._next_call = 0
         self._ready: dict[int, int] = {}  # rank -> pid
         self.procs: list[multiprocessing.process.BaseProcess] = []
-        atexit.register(_shutdown_ref, weakref.ref(self))
+        # Runs on shutdown(), when this executor is collected, or at exit (before
+        # multiprocessing's own exit hook, LIFO, which would wait on the workers forever).
+        self._stopper = _WorkerStopper(self.procs, self._ctx, self._pub, self._tmpdir)
+        weakref.finalize(self, self._stopper)
+        atexit.register(self._stopper)
         try:
             self._start_workers(WorkerAddresses(broadcast, results,
                                                 f"tcp://127.0.0.1:{_free_port()}"))
@@ -115,6 +119,7 @@ class MultiprocExecutor(Executor):
             proc = ctx.Process(
                 target=run_worker,
                 name=f"PagedLLMWorker-{rank}",
+                daemon=True,  # never outlives the engine core, even past a missed shutdown
                 args=(rank, rank, cfg, addresses, backend, os.getpid(), envs.logging_level(),
                       timeout_s),
             )  # fmt: skip
@@ -151,7 +156,15 @@ class MultiprocExecutor(Executor):
                 raise WorkerDiedError(f"worker process died: {desc}")
 
     def _poll_once(self) -> None:
-        """Handles one answer if one arrives within a poll slice; raises if a rank died."""
+        """Handles one answer if one arrives within a poll slice; raises if a rank died
+        (after ending the others, which would wait on it in their next collective)."""
+        try:
+            self._receive()
+        except WorkerDiedError:
+            self.shutdown()
+            raise
+
+    def _receive(self) -> None:
         if not self._pull.poll(_POLL_MS):
             self._check_alive()
             return
@@ -208,11 +221,24 @@ class MultiprocExecutor(Executor):
         return [answers[r].result for r in range(self.world_size)]
 
     def shutdown(self) -> None:
-        if self._closed:
-            return
         self._closed = True
+        self._stopper()
+
+
+class _WorkerStopper:
+    """Ends the workers and frees the sockets, once. Holds no reference to the executor, so
+    it also runs when the executor is garbage-collected (weakref.finalize) and at exit."""
+
+    def __init__(self, procs, ctx: zmq.Context, pub: zmq.Socket, tmpdir: str) -> None:
+        self.procs, self.ctx, self.pub, self.tmpdir = procs, ctx, pub, tmpdir
+        self.done = False
+
+    def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
         try:
-            self._pub.send_multipart([m.TO_WORKER_SHUTDOWN, b""])
+            self.pub.send_multipart([m.TO_WORKER_SHUTDOWN, b""])
         except zmq.ZMQError:
             pass
         # A rank that died leaves the others blocked in a collective: no grace then.
@@ -228,11 +254,5 @@ class MultiprocExecutor(Executor):
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)
-        self._ctx.destroy(linger=0)
-        shutil.rmtree(self._tmpdir, ignore_errors=True)
-
-
-def _shutdown_ref(ref: weakref.ref) -> None:
-    executor = ref()
-    if executor is not None:
-        executor.shutdown()
+        self.ctx.destroy(linger=0)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)

@@ -16,12 +16,20 @@ import torch
 from pagedllm.attention.backend import AttentionMetadata, get_attn_backend, kv_cache_shape
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.distributed.parallel_state import get_pp_group, recv_tensor_dict, send_tensor_dict
+from pagedllm.distributed.parallel_state import (
+    get_pp_group,
+    get_tensor_model_parallel_world_size,
+    recv_tensor_dict,
+    send_tensor_dict,
+)
 from pagedllm.engine.protocol import LogprobsLists
 from pagedllm.sample.sampler import Sampler, SamplerOutput, compute_logprobs
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
 from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
+from pagedllm.worker.step_handle import StepHandle
+
+__all__ = ["ModelRunner", "StepHandle", "zeroed_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +251,10 @@ class ModelRunner:
     def capture_model(self) -> None:
         """Captures decode graphs at the padded batch sizes (skipped under enforce_eager)."""
         sizes = capture_sizes(self.max_num_reqs)
-        self.graph_runner = CudaGraphRunner(sizes)
+        # The decode graphs hold the tensor-parallel all-reduces (NCCL, captured): every
+        # rank captures the same sizes in the same order.
+        mode = "thread_local" if get_tensor_model_parallel_world_size() > 1 else "global"
+        self.graph_runner = CudaGraphRunner(sizes, capture_error_mode=mode)
         backend, kv_heads = self.attn_backend, self.model.num_kv_heads
         max_len = self.model_config.max_model_len
 
@@ -470,64 +481,3 @@ def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
-
-
-class StepHandle:
-    """A submitted step. `get()` waits (once) for its sampled tokens, appends them to the
-    requests' states and returns the step's output; later calls return the same output."""
-
-    def __init__(
-        self,
-        out: ModelRunnerOutput,
-        sample_rows: list[int] | None = None,
-        sample_states: list[CachedRequestState] | None = None,
-        result: SamplerOutput | None = None,
-    ) -> None:
-        self._out = out
-        self._rows = sample_rows or []
-        self.sample_states = sample_states or []  # row j of the sampled tensor
-        self._done = result is None
-        if result is None:
-            return
-        self.sampled_device = result.sampled_token_ids
-        lp = result.logprobs
-        host = [result.sampled_token_ids] + (
-            [lp.token_ids, lp.logprobs, lp.ranks] if lp is not None else []
-        )
-        self._event = None
-        if self.sampled_device.device.type == "cuda":
-            # Non-blocking copies into pinned memory; the event marks their completion.
-            host = [_pinned_copy(t) for t in host]
-            self._event = torch.cuda.Event()
-            self._event.record()
-        self._host = host
-
-    def get(self) -> ModelRunnerOutput:
-        if self._done:
-            return self._out
-        self._done = True
-        if self._event is not None:
-            self._event.synchronize()
-        sampled = self._host[0].tolist()
-        lp = None
-        if len(self._host) > 1:
-            lp = [t.tolist() for t in self._host[1:]]
-        out = self._out
-        for j, (i, state) in enumerate(zip(self._rows, self.sample_states)):
-            tok = sampled[j]
-            state.output_token_ids.append(tok)
-            state.num_pending -= 1
-            out.sampled_token_ids[i] = [tok]
-            num_lp = state.sampling_params.logprobs
-            if lp is not None and num_lp is not None:
-                out.logprobs[state.req_id] = LogprobsLists(
-                    [lp[0][j][: num_lp + 1]], [lp[1][j][: num_lp + 1]], [lp[2][j]]
-                )
-        self._host = []
-        return out
-
-
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host

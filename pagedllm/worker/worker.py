@@ -49,3 +49,7 @@ class Worker:
     def timings(self) -> dict[str, float]:
         """Start-up stage durations of this rank, seconds."""
         return dict(self.model_runner.timings)
+
+    def memory_profile(self) -> dict[str, float]:
+        """This rank's GPU memory split from KV-cache sizing ({} on CPU)."""
+        return dict(getattr(self.model_runner, "memory_profile", {}))
