@@ -30,6 +30,13 @@ def worker_start_timeout_s() -> float:
     return _float("PAGEDLLM_WORKER_START_TIMEOUT", 1800.0)
 
 
+def ray_local_num_cpus() -> int | None:
+    """Logical CPUs a local Ray instance started by pagedllm declares (None: the machine's,
+    at least one per CPU worker). CPU workers take one each; the count only gates placement."""
+    value = _float("PAGEDLLM_RAY_NUM_CPUS", 0.0)
+    return int(value) if value > 0 else None
+
+
 def api_key() -> str | None:
     return os.environ.get("PAGEDLLM_API_KEY") or None
 

@@ -128,7 +128,8 @@ def _keep_signal_handlers() -> Iterator[None]:
 def connect(flag: str, min_cpus: int = 0) -> RayConnection:
     """Joins Ray: reuses an initialised session (inside an actor, or the caller's), else
     connects to the cluster RAY_ADDRESS or `ray start` names, else starts a local instance
-    that declares at least `min_cpus` CPUs (CPU workers take one each)."""
+    that declares PAGEDLLM_RAY_NUM_CPUS CPUs, by default the machine's but at least
+    `min_cpus` (CPU workers take one each)."""
     global _INIT_USERS
     ray = import_ray(flag)
     if ray.is_initialized():
@@ -140,7 +141,8 @@ def connect(flag: str, min_cpus: int = 0) -> RayConnection:
     started_local = not _cluster_running(address)
     kwargs: dict[str, Any] = {"address": address, "logging_level": logging.WARNING}
     if started_local:
-        kwargs.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, min_cpus))
+        num_cpus = envs.ray_local_num_cpus() or max(os.cpu_count() or 1, min_cpus)
+        kwargs.update(include_dashboard=False, num_cpus=num_cpus)
     with _keep_signal_handlers():
         ray.init(**kwargs)
     _INIT_USERS = 1

@@ -1,8 +1,8 @@
 """The Ray executor on CPU (gloo, CPU actors, the local Ray instance the engine starts).
 
-One engine and one local Ray instance for the whole module (Ray's start-up is the cost):
-the engine starts the instance, the tests that need it working run first, then one kills
-an actor and the last checks that shutdown stops everything. They run in file order.
+One local Ray instance for the whole module (Ray's start-up is the cost): the module's
+engine starts it, a second engine joins it for the kill test, and the last test checks that
+the first engine's shutdown stops everything. They run in file order.
 """
 
 from __future__ import annotations
@@ -48,12 +48,16 @@ def reference(tiny_llama):
 
 @pytest.fixture(scope="module")
 def ray_llm(tiny_llama):
-    """TP=2 over two Ray CPU actors; starts (and at shutdown stops) a local Ray instance."""
+    """TP=2 over two Ray CPU actors; starts (and at shutdown stops) a local Ray instance
+    with room for a second such engine (PAGEDLLM_RAY_NUM_CPUS)."""
     import ray
 
     assert not ray.is_initialized()
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PAGEDLLM_RAY_NUM_CPUS", "4")
     llm = LLM(tiny_llama, skip_tokenizer_init=True, kv_cache_space=0.05,
               tensor_parallel_size=2, distributed_executor_backend="ray")  # fmt: skip
+    mp.undo()
     yield llm
     llm.llm_engine.engine_core.shutdown()
 
@@ -120,7 +124,7 @@ def test_refuses_more_gpus_than_the_cluster_has(ray_llm):
         check_cluster_capacity(4, "cuda", "--tensor-parallel-size 4")
     with pytest.raises(ValueError, match="needs 4096 CPUs"):
         check_cluster_capacity(4096, "cpu", "--tensor-parallel-size 4096")
-    check_cluster_capacity(2, "cpu", "--tensor-parallel-size 2")  # what the engine runs
+    check_cluster_capacity(4, "cpu", "--tensor-parallel-size 4")  # PAGEDLLM_RAY_NUM_CPUS
 
 
 def test_ray_backend_without_ray_is_refused(tiny_llama, monkeypatch):
@@ -135,12 +139,17 @@ def test_ray_backend_without_ray_is_refused(tiny_llama, monkeypatch):
     assert "pip install 'pagedllm[ray]'" in str(e.value)
 
 
-def test_killed_actor_fails_the_engine_fast(ray_llm):
-    """SIGKILL one actor mid-generation: the running generate raises within seconds and the
-    engine stays failed (later calls raise at once, never hang). Destroys the module's
-    engine: runs after the tests that need it working."""
-    core = ray_llm.llm_engine.engine_core
+def test_killed_actor_fails_the_engine_fast(ray_llm, tiny_llama):
+    """A second engine joins the module's Ray instance; SIGKILL one of its actors
+    mid-generation: generate raises within seconds, the executor ends its other actor at
+    once, later calls raise at once (never hang), and the module's engine and Ray live on."""
+    import ray
+
+    llm = LLM(tiny_llama, skip_tokenizer_init=True, kv_cache_space=0.05,
+              tensor_parallel_size=2, distributed_executor_backend="ray")  # fmt: skip
+    core = llm.llm_engine.engine_core
     pids = core.executor.worker_pids
+    assert not set(pids) & set(ray_llm.llm_engine.engine_core.executor.worker_pids)
     params = SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)
     killed_at: list[float] = []
 
@@ -154,20 +163,23 @@ def test_killed_actor_fails_the_engine_fast(ray_llm):
     try:
         with pytest.raises(WorkerDiedError, match="rank"):
             while True:
-                ray_llm.generate(PROMPTS * 4, params, use_tqdm=False)
+                llm.generate(PROMPTS * 4, params, use_tqdm=False)
         assert killed_at and time.monotonic() - killed_at[0] < 10.0
         t0 = time.monotonic()
         with pytest.raises(WorkerDiedError):
-            ray_llm.generate(PROMPTS[:1], params, use_tqdm=False)
+            llm.generate(PROMPTS[:1], params, use_tqdm=False)
         assert time.monotonic() - t0 < 5.0
+        assert _wait_gone(pids) == []
     finally:
         killer.join()
-    assert _wait_gone(pids[1:]) == []
+        core.shutdown()
+    assert ray.is_initialized()  # held by the module's engine, which started it
+    assert ray_llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
 
 
 def test_shutdown_stops_the_local_ray_instance(ray_llm):
-    """Runs last: the engine that started the local instance stops it, leaving no actor and
-    no Ray process behind (also after a rank died)."""
+    """Runs last: the engine that started the local instance shuts down cleanly and stops
+    it, leaving no actor and no Ray process behind."""
     import ray
 
     pids = ray_llm.llm_engine.engine_core.executor.worker_pids
