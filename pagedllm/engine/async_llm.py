@@ -200,11 +200,13 @@ class AsyncLLM:
 
     # ---- requests ----
     def _add(self, request_id: str, prompt: PromptType, params: SamplingParams | None,
-             add_special_tokens: bool, queue: asyncio.Queue, priority: int = 0) -> None:
+             add_special_tokens: bool, queue: asyncio.Queue, priority: int = 0,
+             data_parallel_rank: int | None = None) -> None:
         if not self.is_healthy:
             raise EngineDeadError(self.dead_error or "engine core process is not running")
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
+        self.engines.check_rank(data_parallel_rank)
         arrival = time.time()
         n = params.n if params is not None else 1
         parent = ParentRequest(request_id, n, params.output_kind) if n > 1 else None
@@ -223,7 +225,7 @@ class AsyncLLM:
             )
         self._queues[request_id] = queue
         # n > 1 children stay on one replica: they share the prompt's blocks there.
-        self.engines.add_requests(request_id, [req for req, _ in reqs])
+        self.engines.add_requests(request_id, [req for req, _ in reqs], data_parallel_rank)
 
     def _check_fits_cache(self, num_prompt_tokens: int) -> None:
         capacity = self.num_blocks * self.block_size
@@ -240,14 +242,18 @@ class AsyncLLM:
         request_id: str,
         add_special_tokens: bool = True,
         priority: int = 0,
+        data_parallel_rank: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yields RequestOutputs (per `params.output_kind`) until the finished one.
 
-        Raises ValueError for an invalid request (before yielding), RequestRejectedError if the
-        core refuses it, EngineDeadError if the engine dies, RequestAbortedError after abort().
+        `data_parallel_rank` pins the request to one replica (vLLM's argument); None: the
+        least-loaded. Raises ValueError for an invalid request (before yielding),
+        RequestRejectedError if the core refuses it, EngineDeadError if the engine dies,
+        RequestAbortedError after abort().
         """
         queue: asyncio.Queue = asyncio.Queue()
-        self._add(request_id, prompt, params, add_special_tokens, queue, priority)
+        self._add(request_id, prompt, params, add_special_tokens, queue, priority,
+                  data_parallel_rank)
         finished = False
         try:
             while True:
@@ -266,11 +272,13 @@ class AsyncLLM:
             self.engines.release(request_id)
 
     async def encode(
-        self, prompt: PromptType, request_id: str, add_special_tokens: bool = True
+        self, prompt: PromptType, request_id: str, add_special_tokens: bool = True,
+        data_parallel_rank: int | None = None,
     ) -> EmbeddingRequestOutput:
         """Runs one pooling (embedding) request and returns its output."""
         queue: asyncio.Queue = asyncio.Queue()
-        self._add(request_id, prompt, None, add_special_tokens, queue)
+        self._add(request_id, prompt, None, add_special_tokens, queue,
+                  data_parallel_rank=data_parallel_rank)
         done = False
         try:
             item = await queue.get()

@@ -74,6 +74,10 @@ class ReplicaClient(Protocol):
 
     def is_alive(self) -> bool: ...
 
+    def begin_shutdown(self) -> None:
+        """Asks the core to stop and returns at once (several replicas then stop together)."""
+        ...
+
     def shutdown(self, timeout: float = 5.0) -> None: ...
 
 
@@ -130,6 +134,7 @@ class EngineCoreProcClient:
             EngineCoreOutputType.UTILITY: msgspec.msgpack.Decoder(UtilityResult),
         }
         self._closed = False
+        self._shutdown_sent = False
 
     # ---- lifecycle ----
     def start(self) -> None:
@@ -191,17 +196,24 @@ class EngineCoreProcClient:
     def is_alive(self) -> bool:
         return self.proc is not None and self.proc.is_alive()
 
-    def shutdown(self, timeout: float = 5.0) -> None:
-        """Asks the child to stop, then terminates and kills it if needed. Idempotent."""
-        if self._closed:
+    def begin_shutdown(self) -> None:
+        if self._closed or self._shutdown_sent:
             return
-        self._closed = True
-        proc = self.proc
-        if proc is not None and proc.is_alive():
+        self._shutdown_sent = True
+        if self.proc is not None and self.proc.is_alive():
             try:
                 self._send(EngineCoreRequestType.SHUTDOWN, b"")
             except zmq.ZMQError:
                 pass
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Asks the child to stop, then terminates and kills it if needed. Idempotent."""
+        if self._closed:
+            return
+        self.begin_shutdown()
+        self._closed = True
+        proc = self.proc
+        if proc is not None and proc.is_alive():
             proc.join(timeout)
             if proc.is_alive():
                 proc.terminate()

@@ -61,11 +61,16 @@ class DPEngineClient:
             )
         num_gpus = _num_visible_gpus(config) if backend == "mp" else 0
         threads = torch.get_num_threads()
+        # Ray gives each replica actor its own GPUs and threads: no environment to narrow.
+        envs = [replica_env(config, i, num_gpus, threads) if backend == "mp" else {}
+                for i in range(parallel.data_parallel_size)]
         self.replicas: list[ReplicaClient] = [
-            factory(config, log_level=log_level, engine_index=i,
-                    env=replica_env(config, i, num_gpus, threads) if backend == "mp" else {})
-            for i in range(parallel.data_parallel_size)
+            factory(config, log_level=log_level, engine_index=i, env=env)
+            for i, env in enumerate(envs)
         ]
+        if len(self.replicas) > 1:
+            logger.info("data parallelism: %d engine-core replicas (%s backend); %s", len(envs),
+                        backend, "; ".join(f"engine {i}: {env}" for i, env in enumerate(envs)))
         self.balancer = LoadBalancer(len(self.replicas))
         self._owner: dict[str, int] = {}  # external request id -> replica index
 
@@ -76,22 +81,34 @@ class DPEngineClient:
     # ---- lifecycle ----
     def start(self) -> None:
         """Starts every replica at once (they load their models in parallel)."""
-        for r in self.replicas:
-            r.start()
+        try:
+            for r in self.replicas:
+                r.start()
+        except BaseException:
+            self.shutdown()  # none left half-started
+            raise
 
     async def wait_ready(self, timeout: float = 600.0) -> list[EngineCoreReady]:
-        """Every replica's handshake; the first failure is raised (the caller shuts down)."""
-        results = await asyncio.gather(
-            *(r.wait_ready(timeout) for r in self.replicas), return_exceptions=True
-        )
-        for i, res in enumerate(results):
-            if isinstance(res, BaseException):
-                if self.num_replicas > 1 and isinstance(res, EngineDeadError):
-                    raise EngineDeadError(f"data-parallel engine {i}: {res}") from res
-                raise res
-        return list(results)
+        """Every replica's handshake. The first failure is raised at once, without waiting for
+        the other replicas to finish loading (the caller shuts them all down)."""
+        tasks = [asyncio.ensure_future(r.wait_ready(timeout)) for r in self.replicas]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for t in tasks:
+                t.cancel()
+        for i, t in enumerate(tasks):
+            if t.done() and not t.cancelled() and t.exception() is not None:
+                err = t.exception()
+                if self.num_replicas > 1 and isinstance(err, EngineDeadError):
+                    raise EngineDeadError(f"data-parallel engine {i}: {err}") from err
+                raise err
+        return [t.result() for t in tasks]
 
     def shutdown(self) -> None:
+        """Stops every replica: all are asked first, so they wind down together."""
+        for r in self.replicas:
+            r.begin_shutdown()
         for r in self.replicas:
             r.shutdown()
 
@@ -106,9 +123,19 @@ class DPEngineClient:
         self.balancer.mark_dead(index)
 
     # ---- requests ----
-    def add_requests(self, external_id: str, requests: list[EngineCoreRequest]) -> int:
-        """Sends one external request's engine-core requests to the least-loaded replica."""
-        index = self.balancer.pick()
+    def check_rank(self, rank: int | None) -> None:
+        """Refuses a pinned replica (vLLM's data_parallel_rank) that does not exist."""
+        if rank is not None and not 0 <= rank < self.num_replicas:
+            raise ValueError(
+                f"data_parallel_rank {rank} is out of range: this server runs "
+                f"{self.num_replicas} data-parallel replica(s), ranks 0..{self.num_replicas - 1}"
+            )
+
+    def add_requests(self, external_id: str, requests: list[EngineCoreRequest],
+                     rank: int | None = None) -> int:
+        """Sends one external request's engine-core requests to the least-loaded replica, or
+        to replica `rank` when the caller pins one (checked with `check_rank` first)."""
+        index = self.balancer.pick() if rank is None else rank
         self._owner[external_id] = index
         replica = self.replicas[index]
         for req in requests:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from pagedllm.config import (
@@ -13,9 +16,16 @@ from pagedllm.config import (
     SchedulerConfig,
 )
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.engine.client import EngineDeadError
 from pagedllm.engine.data_parallel import check_gpu_count, replica_env
+from pagedllm.engine.dp_client import REPLICA_CLIENTS, DPEngineClient
 from pagedllm.engine.load_balancer import LoadBalancer
-from pagedllm.engine.protocol import SchedulerStats
+from pagedllm.engine.protocol import (
+    EngineCoreOutputs,
+    EngineCoreReady,
+    EngineCoreRequest,
+    SchedulerStats,
+)
 
 
 def stats(waiting: int, running: int, kv: float = 0.0) -> SchedulerStats:
@@ -170,3 +180,100 @@ def test_offline_llm_refuses_data_parallel():
 
     with pytest.raises(NotImplementedError, match="pagedllm serve --data-parallel-size 2"):
         LLM(data_parallel_size=2)
+
+
+# ---- the client over replicas, with in-memory replicas (the ReplicaClient seam) ----
+class FakeReplica:
+    """A ReplicaClient that records what it is sent."""
+
+    def __init__(self, config, log_level="INFO", engine_index=0, env=None):
+        self.engine_index, self.env = engine_index, env
+        self.dead_error = None
+        self.added: list[str] = []
+        self.aborted: list[str] = []
+        self.ready_error: BaseException | None = None
+        self.ready_delay = 0.0
+        self.stopping = self.stopped = False
+
+    def start(self) -> None:
+        pass
+
+    async def wait_ready(self, timeout: float = 600.0) -> EngineCoreReady:
+        await asyncio.sleep(self.ready_delay)
+        if self.ready_error is not None:
+            raise self.ready_error
+        return EngineCoreReady(num_blocks=10 + self.engine_index, block_size=16,
+                               max_model_len=64, pid=0)
+
+    def add_request(self, request) -> None:
+        self.added.append(request.request_id)
+
+    def abort_requests(self, request_ids) -> None:
+        self.aborted.extend(request_ids)
+
+    def call_utility(self, call_id, method, args) -> None:
+        pass
+
+    async def get_output(self):
+        await asyncio.Event().wait()
+
+    def is_alive(self) -> bool:
+        return True
+
+    def begin_shutdown(self) -> None:
+        self.stopping = True
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        assert self.stopping
+        self.stopped = True
+
+
+def _request(rid: str) -> EngineCoreRequest:
+    return EngineCoreRequest(rid, [1, 2], None, None, 0.0, pooling=True)
+
+
+@pytest.fixture
+def fake_dp(monkeypatch):
+    monkeypatch.setitem(REPLICA_CLIENTS, "mp", FakeReplica)
+    return DPEngineClient(_config("cpu", dp=2))
+
+
+def test_requests_stay_with_their_replica(fake_dp):
+    dp = fake_dp
+    a, b = dp.replicas
+    assert dp.add_requests("x", [_request("0_x"), _request("1_x")]) == 0  # n=2: together
+    assert dp.add_requests("y", [_request("y")]) == 1
+    assert a.added == ["0_x", "1_x"] and b.added == ["y"]
+    dp.abort("x", ["1_x"])
+    dp.abort("y", ["y"])
+    assert a.aborted == ["1_x"] and b.aborted == ["y"]
+    assert dp.requests_on(0) == ["x"] and dp.requests_on(1) == ["y"]
+    # Replica 1's stats show y done; replica 0 has seen both of x's and runs them.
+    dp.record_outputs(1, EngineCoreOutputs(scheduler_stats=stats(0, 0), num_requests_received=1))
+    dp.record_outputs(0, EngineCoreOutputs(scheduler_stats=stats(0, 2), num_requests_received=2))
+    dp.release("y")
+    assert dp.owner_of("y") is None and dp.add_requests("z", [_request("z")]) == 1
+    dp.mark_dead(1)
+    assert not dp.all_alive() and dp.add_requests("w", [_request("w")]) == 0
+    dp.abort("z", ["z"])  # its replica is dead: nothing is sent there
+    assert b.aborted == ["y"]
+    dp.shutdown()
+    assert a.stopped and b.stopped
+
+
+def test_one_replica_failing_to_start_fails_at_once(fake_dp):
+    dp = fake_dp
+    dp.replicas[0].ready_delay = 30.0  # still loading
+    dp.replicas[1].ready_error = EngineDeadError("engine core process exited with code 1")
+
+    async def main():
+        t0 = time.monotonic()
+        with pytest.raises(EngineDeadError, match="data-parallel engine 1: engine core process"):
+            await dp.wait_ready()
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 5.0
+    dp.replicas[0].ready_delay = 0.0
+    dp.replicas[1].ready_error = None
+    readies = asyncio.run(dp.wait_ready())
+    assert [r.num_blocks for r in readies] == [10, 11]

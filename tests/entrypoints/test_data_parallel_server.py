@@ -21,7 +21,7 @@ import torch
 
 from pagedllm.engine.async_llm import FinishedRequestStats, IterationStats
 from pagedllm.engine.protocol import SchedulerStats
-from pagedllm.entrypoints.openai.metrics import PrometheusStatLogger
+from pagedllm.entrypoints.openai.metrics import LoggingStatLogger, PrometheusStatLogger
 from tests.entrypoints.remote_server import RemoteServer, assert_children_exit
 
 MODEL = "smol"
@@ -66,6 +66,17 @@ def test_per_engine_series_and_totals():
     # One replica: vLLM's series exactly (engine="0"), no duplicate totals.
     one = PrometheusStatLogger(MODEL, 128).render().decode()
     assert series(one, "pagedllm:num_requests_running") == {"0": 0}
+
+
+def test_log_line_per_replica():
+    logger = LoggingStatLogger(num_engines=2)
+    logger.record(SchedulerStats(num_running_reqs=3, num_generation_tokens=7), IterationStats(), 1)
+    line = logger.maybe_log()
+    assert line is not None and line.startswith("Engine 001: ") and "Running: 3 reqs" in line
+    assert "Engine 000" not in line  # idle replicas stay quiet
+    one = LoggingStatLogger()
+    one.record(SchedulerStats(num_waiting_reqs=2), IterationStats())
+    assert one.maybe_log().startswith("Avg prompt throughput")  # vLLM's line without DP
 
 
 # ---- live server ----
@@ -127,6 +138,42 @@ def test_64_concurrent_requests_spread_over_both_replicas(dp_server):
     assert gen1["0"] - gen0["0"] + gen1["1"] - gen0["1"] == sum(max_tokens)
 
 
+def test_data_parallel_rank_header_pins_the_replica(dp_server):
+    """vLLM's X-data-parallel-rank: every request lands on the named replica."""
+    url = dp_server.url
+    before = series(httpx.get(url + "/metrics").text, "pagedllm:request_success_total",
+                    finished_reason="length")
+    for rank in (1, 1, 1, 0):
+        r = httpx.post(url + "/v1/chat/completions", headers={"X-data-parallel-rank": str(rank)},
+                       json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                             "ignore_eos": True}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    after = series(httpx.get(url + "/metrics").text, "pagedllm:request_success_total",
+                   finished_reason="length")
+    assert after["1"] - before["1"] == 3 and after["0"] - before["0"] == 1
+    for bad, words in (("2", "out of range"), ("one", "must be an integer")):
+        r = httpx.post(url + "/v1/completions", headers={"X-data-parallel-rank": bad},
+                       json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_n_children_stay_on_one_replica(dp_server):
+    """n > 1 fans out into n engine requests that share the prompt's blocks: one replica."""
+    url = dp_server.url
+    for _ in range(2):
+        before = series(httpx.get(url + "/metrics").text, "pagedllm:request_success_total",
+                        finished_reason="length")
+        r = httpx.post(url + "/v1/completions", timeout=60, json={
+            "prompt": "Once upon a time", "max_tokens": 3, "n": 3, "ignore_eos": True,
+            "seed": 1})
+        assert r.status_code == 200
+        assert sorted(c["index"] for c in r.json()["choices"]) == [0, 1, 2]
+        assert r.json()["usage"]["completion_tokens"] == 9
+        after = series(httpx.get(url + "/metrics").text, "pagedllm:request_success_total",
+                       finished_reason="length")
+        assert sorted(after[e] - before[e] for e in ("0", "1")) == [0, 3]
+
+
 def test_aborts_reach_the_owning_replica(dp_server):
     """Cancelled streams on both replicas stop running at once (a misrouted abort would leave
     them generating up to their max_tokens)."""
@@ -178,7 +225,7 @@ async def _stream_tokens(ac: httpx.AsyncClient, started: asyncio.Event, counter:
     """Streams one completion; returns (completion tokens, ended in an error, end time)."""
     tokens, errored = 0, False
     async with ac.stream("POST", "/v1/completions", json={
-            "model": MODEL, "prompt": "Hello", "max_tokens": 40, "ignore_eos": True,
+            "model": MODEL, "prompt": "Hello", "max_tokens": 24, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}) as resp:
         assert resp.status_code == 200
         first = True
@@ -220,7 +267,7 @@ def test_replica_death_fails_its_requests_and_health(dp_server):
     assert failed and survived, results
     assert all(end - killed_at < 5.0 for _, _, end in failed)
     # ...and the survivor's finish whole.
-    assert all(tokens == 40 for tokens, _, _ in survived)
+    assert all(tokens == 24 for tokens, _, _ in survived)
     health = httpx.get(url + "/health")
     assert health.status_code == 503
     assert "data-parallel engine" in health.json()["error"]["message"]

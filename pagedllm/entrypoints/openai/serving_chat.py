@@ -54,10 +54,11 @@ class OpenAIServingChat(OpenAIServing):
                 ids = ids[-params.truncate_prompt_tokens:]
             self.check_context_length(len(ids), params.max_tokens, "messages")
             request_id = req.request_id or self.new_id("chatcmpl")
+            rank = self.data_parallel_rank(raw)
             self.log_request(request_id, params)
             gen = self.engine.generate(
                 {"prompt_token_ids": ids, "prompt": text}, params, request_id,
-                add_special_tokens=False, priority=req.priority,
+                add_special_tokens=False, priority=req.priority, data_parallel_rank=rank,
             )
             if req.stream:
                 first = await run_until_disconnected(raw, gen.__anext__())

@@ -59,6 +59,7 @@ class OpenAIServingCompletion(OpenAIServing):
             params = req.to_sampling_params(default_max_tokens=None)
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
             request_id = req.request_id or self.new_id("cmpl")
+            rank = self.data_parallel_rank(raw)
             self.log_request(request_id, params)
             prepared = []
             for p in prompts:
@@ -69,7 +70,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 rid = request_id if len(prepared) == 1 else f"{request_id}-{i}"
                 gens.append(self.engine.generate(
                     {"prompt_token_ids": ids, "prompt": text}, params, rid,
-                    add_special_tokens=False, priority=req.priority,
+                    add_special_tokens=False, priority=req.priority, data_parallel_rank=rank,
                 ))
             merged = merge(gens)
             if req.stream:

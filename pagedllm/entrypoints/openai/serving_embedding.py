@@ -126,17 +126,19 @@ class OpenAIServingEmbedding(OpenAIServing):
             for ids in prompts:
                 self._check_length(len(ids))
             request_id = req.request_id or self.new_id("embd")
-            outputs = await run_until_disconnected(raw, self._run(request_id, prompts))
+            rank = self.data_parallel_rank(raw)
+            outputs = await run_until_disconnected(raw, self._run(request_id, prompts, rank))
             return JSONResponse(self.response(model, request_id, outputs, req.encoding_format))
         except Exception as e:
             return self.error_response(e)
 
-    async def _run(self, request_id: str, prompts: list[list[int]]) -> list[EmbeddingRequestOutput]:
+    async def _run(self, request_id: str, prompts: list[list[int]],
+                   rank: int | None = None) -> list[EmbeddingRequestOutput]:
         """All inputs in flight at once; the first failure cancels (aborts) the rest."""
         tasks = [
             asyncio.ensure_future(self.engine.encode(
                 {"prompt_token_ids": ids}, request_id if len(prompts) == 1 else f"{request_id}-{i}",
-                add_special_tokens=False,
+                add_special_tokens=False, data_parallel_rank=rank,
             ))
             for i, ids in enumerate(prompts)
         ]

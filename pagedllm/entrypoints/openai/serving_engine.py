@@ -10,6 +10,7 @@ import logging
 import uuid
 from dataclasses import dataclass
 
+from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
@@ -100,6 +101,19 @@ class OpenAIServing:
                 "completion). Please reduce the length of the input or completion.",
                 400, param="max_tokens", code="context_length_exceeded",
             )
+
+    @staticmethod
+    def data_parallel_rank(raw: Request) -> int | None:
+        """vLLM's `X-data-parallel-rank` header: pins the request to one data-parallel replica
+        (range-checked by the engine); absent: the least-loaded replica."""
+        value = raw.headers.get("x-data-parallel-rank")
+        if value is None:
+            return None
+        try:
+            return int(value)
+        except ValueError:
+            raise APIError(f"X-data-parallel-rank: must be an integer; got {value!r}", 400,
+                           param="X-data-parallel-rank") from None
 
     def log_request(self, request_id: str, params) -> None:
         if not self.config.disable_log_requests:
