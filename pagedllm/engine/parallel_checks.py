@@ -20,6 +20,14 @@ def check_load_format(load_format: str, model_format: str, model_path: str) -> N
             f"--load-format {load_format} does not fit {model_path}, which is {found}; use "
             "--load-format auto"
         )
+    if load_format == "safetensors":
+        from pagedllm.model_executor.loader.safetensors_loader import find_weight_files
+
+        if find_weight_files(model_path)[1] != "safetensors":
+            raise ModelLoadError(
+                f"--load-format safetensors: {model_path} holds PyTorch .bin weights, no "
+                "safetensors; use --load-format auto"
+            )
 
 
 def check_parallel_layout(

@@ -43,6 +43,20 @@ def test_impossible_layouts_are_refused(llama_dir, kwargs, error, match):
         _config(llama_dir, **kwargs)
 
 
+def test_load_format_must_fit_the_checkpoint(llama_dir, tmp_path):
+    assert _config(llama_dir, load_format="safetensors").model_config.load_format == "safetensors"
+    import shutil
+
+    from safetensors.torch import load_file
+
+    (tmp_path / "bin").mkdir()
+    shutil.copy(f"{llama_dir}/config.json", tmp_path / "bin" / "config.json")
+    torch.save(load_file(f"{llama_dir}/model.safetensors"), tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="--load-format safetensors: .* PyTorch .bin"):
+        _config(str(tmp_path / "bin"), load_format="safetensors")
+    assert _config(str(tmp_path / "bin")).model_config.load_format == "auto"
+
+
 def test_kv_heads_must_divide_or_be_divided(tmp_path):
     cfg = tiny_config("LlamaForCausalLM", hidden_size=96, num_attention_heads=6,
                       num_key_value_heads=4, head_dim=16, intermediate_size=192)
