@@ -377,6 +377,7 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"), default=None)
     p.add_argument("--load-format", default="auto",
                    choices=["auto", "safetensors", "gguf", "dummy"])
     p.add_argument("--output-json", default=None)
@@ -396,6 +397,7 @@ def make_llm(args: argparse.Namespace, model_dir: str):
         async_scheduling=getattr(args, "async_scheduling", None), device=args.device, skip_tokenizer_init=True, seed=0,
         tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
         pipeline_parallel_size=getattr(args, "pipeline_parallel_size", 1),
+        distributed_executor_backend=getattr(args, "distributed_executor_backend", None),
         load_format=getattr(args, "load_format", "auto"),
     )  # fmt: skip
     startup = time.perf_counter() - t0
