@@ -15,8 +15,6 @@ import importlib.util
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +23,7 @@ from typing import Any
 
 from pagedllm import envs
 from pagedllm.distributed.parallel_state import NO_MULTICAST_ENV
+from pagedllm.executor import ray_reaper
 
 logger = logging.getLogger(__name__)
 
@@ -81,53 +80,6 @@ def _cluster_running(address: str | None) -> bool:
         return bool(address or os.environ.get("RAY_ADDRESS"))
 
 
-# Run in a child of the process that started a local Ray instance: while that process lives,
-# remember its descendants (Ray's GCS, raylet, agents, workers); once it is gone (killed, so
-# its own shutdown never ran), kill the ones that are left. Ray's own reaper stops the GCS and
-# raylet but leaves the raylet's agents running.
-_REAPER = """
-import os, sys, time
-import psutil
-parent, me, known = int(sys.argv[1]), os.getpid(), {}
-while True:
-    try:
-        proc = psutil.Process(parent)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            break
-        known = {c.pid: c.create_time() for c in proc.children(recursive=True) if c.pid != me}
-    except psutil.Error:
-        break
-    time.sleep(0.5)
-for pid, created in known.items():
-    try:
-        child = psutil.Process(pid)
-        if child.create_time() == created:
-            child.kill()
-    except psutil.Error:
-        pass
-"""
-_reaper: subprocess.Popen | None = None
-
-
-def orphan_reaper_command(pid: int) -> list[str]:
-    """The reaper process' command line, watching `pid`."""
-    return [sys.executable, "-c", _REAPER, str(pid)]
-
-
-def _start_orphan_reaper() -> None:
-    global _reaper
-    _reaper = subprocess.Popen(orphan_reaper_command(os.getpid()), stdin=subprocess.DEVNULL,
-                               start_new_session=True)  # fmt: skip
-
-
-def _stop_orphan_reaper() -> None:
-    global _reaper
-    if _reaper is not None:
-        _reaper.kill()
-        _reaper.wait()
-        _reaper = None
-
-
 # How many live RayConnections in this process came through a ray.init we made: the last
 # one released disconnects (stopping a local instance we started). Executors and replica
 # clients of one process share the session.
@@ -156,7 +108,7 @@ class RayConnection:
 
         if ray.is_initialized():
             ray.shutdown()
-        _stop_orphan_reaper()
+        ray_reaper.stop()
 
 
 @contextmanager
@@ -196,7 +148,7 @@ def connect(flag: str, min_cpus: int = 0) -> RayConnection:
     with _keep_signal_handlers():
         ray.init(**kwargs)
     if started_local:
-        _start_orphan_reaper()
+        ray_reaper.start()
     _INIT_USERS = 1
     logger.info(
         "%s Ray: %s", "started a local" if started_local else "connected to the",

@@ -12,7 +12,7 @@ import time
 
 import psutil
 
-from pagedllm.executor.ray_utils import orphan_reaper_command
+from pagedllm.executor.ray_reaper import orphan_reaper_command
 
 _PARENT = (
     "import subprocess, time\n"
