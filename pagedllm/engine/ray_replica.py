@@ -26,6 +26,7 @@ from typing import Any
 from pagedllm.config import EngineConfig
 from pagedllm.engine.client import EngineCoreProcClient, _shutdown_ref
 from pagedllm.executor import ray_utils
+from pagedllm.executor.base import resolve_backend_name
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class RayEngineCoreClient(EngineCoreProcClient):
         self._placement_group = placement_group(
             [dict(bundle) for _ in range(pc.world_size)], strategy=strategy
         )
-        if pc.world_size == 1:  # the worker runs in the engine core: it holds the bundle
+        if resolve_backend_name(pc) == "uni":  # the worker runs in the engine core
             resources = ({"num_gpus": 1, "num_cpus": 0} if "GPU" in bundle
                          else {"num_cpus": 1})  # fmt: skip
         else:  # its RayExecutor places the worker actors in the group's bundles

@@ -1,6 +1,9 @@
-"""`--data-parallel-backend ray` behind a live server: two engine-core replicas as Ray actors
-(a local Ray instance the server starts), requests spread over both, a killed replica fails
-its in-flight request and /health, and stopping the server leaves no process, Ray's included.
+"""Both Ray backends behind a live server: `--data-parallel-backend ray` runs two
+engine-core replicas as Ray actors (a local Ray instance the server starts) and
+`--distributed-executor-backend ray` gives each its worker as a Ray actor in the replica's
+placement group. Requests spread over both replicas; a killed worker actor fails its
+replica (the executor path) and /health, a killed engine-core actor fails the other (the
+replica path) and the in-flight stream; stopping the server leaves no process, Ray's included.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from tests.entrypoints.remote_server import RemoteServer, assert_children_exit
 from tests.model_executor.conftest import tiny_config
 
 
-def _replica_actors(server_pid: int) -> list[int]:
-    """Pids of the Ray worker processes running a replica (Ray titles them by the call)."""
+def _actors(server_pid: int, cls: str) -> list[int]:
+    """Pids of the Ray worker processes running actors of `cls` (Ray titles them by the call)."""
     found = []
     for child in psutil.Process(server_pid).children(recursive=True):
         try:
-            if "RayEngineCore" in " ".join(child.cmdline()):
+            if f"ray::{cls}" in " ".join(child.cmdline()):
                 found.append(child.pid)
         except psutil.Error:
             continue
@@ -44,11 +47,11 @@ def test_ray_replicas_serve_and_fail_fast(tmp_path):
     config = tiny_config("LlamaForCausalLM", vocab_size=49152, max_position_embeddings=4096)
     path = build_random_hf_model_dir(str(tmp_path / "tiny-llama"), config)
     srv = RemoteServer(["--model", path, "--tokenizer", default_model_path(), "-dp", "2",
-                        "--data-parallel-backend", "ray", "--served-model-name", "tiny",
-                        "--uvicorn-log-level", "warning"])  # fmt: skip
+                        "--data-parallel-backend", "ray", "--distributed-executor-backend", "ray",
+                        "--served-model-name", "tiny", "--uvicorn-log-level", "warning"])  # fmt: skip
     try:
-        actors = _replica_actors(srv.proc.pid)
-        assert len(actors) == 2, srv.read_log()
+        cores, workers = _actors(srv.proc.pid, "RayEngineCore"), _actors(srv.proc.pid, "RayWorker")
+        assert len(cores) == 2 and len(workers) == 2, srv.read_log()
         body = {"model": "tiny", "prompt": "Hello there", "max_tokens": 7, "ignore_eos": True}
         with ThreadPoolExecutor(16) as pool:
             responses = list(pool.map(
@@ -65,16 +68,19 @@ def test_ray_replicas_serve_and_fail_fast(tmp_path):
             assert resp.status_code == 200
             chunks = resp.iter_bytes()
             assert b"data:" in next(chunks)
-            for pid in actors:  # the replica serving it is one of the two
-                os.kill(pid, signal.SIGKILL)
+            os.kill(workers[0], signal.SIGKILL)  # one replica's only rank
+            deadline = time.monotonic() + 5
+            while httpx.get(srv.url + "/health").status_code != 503:
+                assert time.monotonic() < deadline, "/health still healthy after a worker died"
+                time.sleep(0.1)
+            for pid in cores:  # the replica path for the other (the first one is failed already)
+                if psutil.pid_exists(pid):
+                    os.kill(pid, signal.SIGKILL)
             t0 = time.monotonic()
             streamed = b"".join(chunks)
         assert time.monotonic() - t0 < 5.0
         assert b'"error"' in streamed and streamed.endswith(b"data: [DONE]\n\n")
-        deadline = time.monotonic() + 5
-        while httpx.get(srv.url + "/health").status_code != 503:
-            assert time.monotonic() < deadline, "/health still healthy after a replica died"
-            time.sleep(0.1)
+        assert httpx.get(srv.url + "/health").status_code == 503
         children = srv.engine_pids()  # the local Ray instance's processes among them
         assert any("raylet" in " ".join(psutil.Process(p).cmdline()) for p in children
                    if psutil.pid_exists(p))  # fmt: skip
