@@ -1,8 +1,8 @@
 """A worker process: one rank of the engine core's executor, serving steps and RPCs.
 
-`run_worker` is the process entry (multiprocessing spawn target); `WorkerProc` is the loop
-over one built `Worker` and its two sockets, reusable by any launcher (a Ray actor builds a
-`Worker` after `init_worker_distributed` the same way).
+`run_worker` is the process entry (multiprocessing spawn target); `init_rank` joins the
+groups and loads the shard (any launcher, e.g. a Ray actor, calls it and then drives the
+`Worker` directly); `WorkerProc` is the loop over one built `Worker` and its two sockets.
 
 Invariants:
 - Every rank receives every message (one SUB socket on the executor's PUB) and runs the same
@@ -130,6 +130,33 @@ def _connect(ctx: zmq.Context, addresses: WorkerAddresses) -> tuple[zmq.Socket, 
     return sub, push
 
 
+def init_rank(
+    rank: int, local_rank: int, config: EngineConfig, init_method: str, backend: str,
+    timeout_s: float = 600.0,
+):
+    """Joins the process groups and loads this rank's shard; returns the ready `Worker`.
+    What every launcher runs first in a rank (this module's processes, a Ray actor)."""
+    from pagedllm.distributed.parallel_state import (
+        apply_no_multicast_env,
+        init_worker_distributed,
+        initialize_model_parallel,
+    )
+    from pagedllm.worker.worker import Worker
+
+    apply_no_multicast_env()
+    pc = config.parallel_config
+    init_worker_distributed(rank, pc.world_size, local_rank, init_method, backend, timeout_s)
+    initialize_model_parallel(pc.tensor_parallel_size, pc.pipeline_parallel_size)
+    if config.device_config.device == "cpu":
+        import torch
+
+        # The ranks share the host's cores: no oversubscription of OpenMP threads.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.world_size))
+    worker = Worker(config, local_rank=local_rank, rank=rank)
+    worker.load_model()
+    return worker
+
+
 def run_worker(
     rank: int,
     local_rank: int,
@@ -141,11 +168,7 @@ def run_worker(
     timeout_s: float = 600.0,
 ) -> None:
     """Entry point of one worker process: join the groups, load the shard, serve."""
-    from pagedllm.distributed.parallel_state import (
-        apply_no_multicast_env,
-        init_worker_distributed,
-        initialize_model_parallel,
-    )
+    from pagedllm.distributed.parallel_state import apply_no_multicast_env
 
     apply_no_multicast_env()
     logging.basicConfig(
@@ -160,18 +183,7 @@ def run_worker(
     sub, push = _connect(ctx, addresses)
     encoder = msgspec.msgpack.Encoder()
     try:
-        init_worker_distributed(rank, pc.world_size, local_rank, addresses.init_method, backend,
-                                timeout_s)  # fmt: skip
-        initialize_model_parallel(pc.tensor_parallel_size, pc.pipeline_parallel_size)
-        from pagedllm.worker.worker import Worker
-
-        if config.device_config.device == "cpu":
-            import torch
-
-            # The ranks share the host's cores: no oversubscription of OpenMP threads.
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // pc.world_size))
-        worker = Worker(config, local_rank=local_rank, rank=rank)
-        worker.load_model()
+        worker = init_rank(rank, local_rank, config, addresses.init_method, backend, timeout_s)
         push.send_multipart([m.FROM_WORKER_READY, encoder.encode(m.WorkerReady(rank, os.getpid()))])
         is_output = rank == output_rank(pc.tensor_parallel_size, pc.pipeline_parallel_size)
         WorkerProc(worker, rank, is_output, sub, push).run()
