@@ -7,8 +7,8 @@ SHUTDOWN. Steps therefore never travel as Ray calls: they arrive on the executor
 socket (msgspec), and the `serve` call's result doubles as the actor's liveness signal (it
 completes, with an error, the moment the actor dies).
 
-This module imports no torch and no CUDA at import time: `setup` must set
-CUDA_VISIBLE_DEVICES before CUDA initialises.
+Nothing initialises CUDA before `setup` has set CUDA_VISIBLE_DEVICES (Ray sets it to the
+actor's own GPU before each call; CUDA reads it once, in `init_rank`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import os
 from typing import Any
 
 from pagedllm.config import EngineConfig
-from pagedllm.executor.worker_proc import WorkerAddresses
+from pagedllm.executor.worker_proc import WorkerAddresses, WorkerProc, init_rank, output_rank
 
 logger = logging.getLogger(__name__)
 
@@ -73,22 +73,10 @@ class RayWorker:
             format=f"%(levelname)s %(asctime)s [RayWorker rank={rank} pid=%(process)d] "
                    "%(name)s: %(message)s",
         )  # fmt: skip
-        from pagedllm.distributed.parallel_state import (
-            init_worker_distributed,
-            initialize_model_parallel,
-        )
-        from pagedllm.worker.worker import Worker
-
         self.rank = rank
         pc = config.parallel_config
-        init_worker_distributed(rank, pc.world_size, local_rank, addresses.init_method, backend,
-                                timeout_s)  # fmt: skip
-        initialize_model_parallel(pc.tensor_parallel_size, pc.pipeline_parallel_size)
-        worker = Worker(config, local_rank=local_rank, rank=rank)
-        worker.load_model()
+        worker = init_rank(rank, local_rank, config, addresses.init_method, backend, timeout_s)
         self._sockets = _connect(addresses)
-        from pagedllm.executor.worker_proc import WorkerProc, output_rank
-
         is_output = rank == output_rank(pc.tensor_parallel_size, pc.pipeline_parallel_size)
         _, sub, push = self._sockets
         self._proc = WorkerProc(worker, rank, is_output, sub, push)
