@@ -38,7 +38,7 @@ def main() -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     t0 = time.perf_counter()
-    model_dir = resolve_model_arg(args.model, args.dtype, weights=args.load_format != "dummy")
+    model_dir = resolve_model_arg(args.model, args.dtype, load_format=args.load_format)
     build_s = time.perf_counter() - t0
     llm, timings, memory = make_llm(args, model_dir)
     hf_n = args.hf_compare

@@ -68,6 +68,9 @@ class SchedulerConfig:
     policy: str = "fcfs"  # one of SCHEDULING_POLICIES
 
 
+# --load-format values ("dummy": random weights made in place, nothing read from disk).
+LOAD_FORMATS = ("auto", "safetensors", "gguf", "dummy")
+
 # --distributed-executor-backend values ("uni": the one worker in the engine-core process).
 DISTRIBUTED_EXECUTOR_BACKENDS = ("uni", "mp", "ray")
 # --data-parallel-backend values.

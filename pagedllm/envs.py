@@ -20,6 +20,23 @@ def cpu_kvcache_space_gib() -> float:
     return _float("PAGEDLLM_CPU_KVCACHE_SPACE", 4.0)
 
 
+def distributed_timeout_s() -> float:
+    """How long a rank waits in one collective before failing (a dead peer never answers)."""
+    return _float("PAGEDLLM_DISTRIBUTED_TIMEOUT", 600.0)
+
+
+def worker_start_timeout_s() -> float:
+    """How long the executor waits for every worker to load its shard."""
+    return _float("PAGEDLLM_WORKER_START_TIMEOUT", 1800.0)
+
+
+def ray_local_num_cpus() -> int | None:
+    """Logical CPUs a local Ray instance started by pagedllm declares (None: the machine's,
+    at least one per CPU worker). CPU workers take one each; the count only gates placement."""
+    value = _float("PAGEDLLM_RAY_NUM_CPUS", 0.0)
+    return int(value) if value > 0 else None
+
+
 def api_key() -> str | None:
     return os.environ.get("PAGEDLLM_API_KEY") or None
 

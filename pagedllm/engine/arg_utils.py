@@ -11,6 +11,8 @@ import torch
 from pagedllm import envs
 from pagedllm.config import (
     DATA_PARALLEL_BACKENDS,
+    DISTRIBUTED_EXECUTOR_BACKENDS,
+    LOAD_FORMATS,
     SCHEDULING_POLICIES,
     CacheConfig,
     DeviceConfig,
@@ -20,6 +22,9 @@ from pagedllm.config import (
     SchedulerConfig,
 )
 from pagedllm.engine.data_parallel import check_gpu_count
+from pagedllm.engine.parallel_checks import check_load_format, check_parallel_layout
+from pagedllm.executor.base import available_executor_backends
+from pagedllm.executor.ray_utils import check_ray_installed
 from pagedllm.model_executor.layers.quantization import build_quant_config, resolve_quantization
 from pagedllm.model_executor.layers.rotary_embedding import rope_params_from_config
 
@@ -109,8 +114,13 @@ class EngineArgs:
 
         self._check_supported()
         resolved = resolve_model(self.model)
+        check_load_format(self.load_format, resolved.model_format, resolved.model_path)
         device = self._resolve_device()
         model_config = self._model_config(resolved, device)
+        check_parallel_layout(
+            self.tensor_parallel_size, self.pipeline_parallel_size, model_config, device,
+            local_gpus=not self._ray_places_workers(),
+        )
         parallel_config = ParallelConfig(
             tensor_parallel_size=self.tensor_parallel_size,
             pipeline_parallel_size=self.pipeline_parallel_size,
@@ -118,7 +128,7 @@ class EngineArgs:
             distributed_executor_backend=self.distributed_executor_backend,
             data_parallel_backend=self.data_parallel_backend,
         )
-        if device == "cuda":
+        if device == "cuda" and not self._ray_places_workers():
             check_gpu_count(parallel_config, torch.cuda.device_count())
         return EngineConfig(
             model_config=model_config,
@@ -140,13 +150,33 @@ class EngineArgs:
         )  # fmt: skip
 
     def _check_supported(self) -> None:
-        if (self.tensor_parallel_size, self.pipeline_parallel_size) != (1, 1):
-            raise NotImplementedError(
-                "tensor/pipeline parallel sizes > 1 are not implemented yet in pagedllm; use 1"
-            )
+        for flag, size in (("--tensor-parallel-size", self.tensor_parallel_size),
+                           ("--pipeline-parallel-size", self.pipeline_parallel_size)):  # fmt: skip
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{flag} must be a positive integer; got {size!r}")
         self._check_data_parallel()
-        if self.load_format not in ("auto", "safetensors", "gguf"):
-            raise NotImplementedError(f"load_format={self.load_format!r} is not implemented yet")
+        backend = self.distributed_executor_backend
+        if backend is not None and backend not in DISTRIBUTED_EXECUTOR_BACKENDS:
+            raise ValueError(
+                f"--distributed-executor-backend must be one of "
+                f"{', '.join(DISTRIBUTED_EXECUTOR_BACKENDS)}; got {backend!r}"
+            )
+        if backend is not None and backend not in available_executor_backends():
+            raise ValueError(
+                f"--distributed-executor-backend {backend} is not available in this build; "
+                f"available: {', '.join(available_executor_backends())}"
+            )
+        check_ray_installed(backend, self.data_parallel_backend, self.data_parallel_size)
+        world = self.tensor_parallel_size * self.pipeline_parallel_size
+        if backend == "uni" and world > 1:
+            raise ValueError(
+                f"--distributed-executor-backend uni runs one worker, but tensor x pipeline "
+                f"parallel size is {world}; use mp"
+            )
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(
+                f"--load-format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}"
+            )
         if self.kv_cache_dtype != "auto":
             raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
         if self.block_size not in (8, 16, 32, 64, 128):
@@ -156,6 +186,12 @@ class EngineArgs:
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "
                 f"got {self.scheduling_policy!r}"
             )
+
+    def _ray_places_workers(self) -> bool:
+        """Ray puts the workers (or the replicas) on its cluster's GPUs, not this machine's."""
+        return self.distributed_executor_backend == "ray" or (
+            self.data_parallel_backend == "ray" and self.data_parallel_size > 1
+        )
 
     def _check_data_parallel(self) -> None:
         dp = self.data_parallel_size
@@ -167,10 +203,10 @@ class EngineArgs:
                 f"--data-parallel-backend must be one of {', '.join(DATA_PARALLEL_BACKENDS)}; "
                 f"got {backend!r}"
             )
-        if backend == "ray":
-            raise NotImplementedError(
-                "--data-parallel-backend ray is not implemented yet in pagedllm; use mp (the "
-                "default: one engine-core process per replica on this machine)"
+        if backend == "ray" and self.distributed_executor_backend == "mp":
+            raise ValueError(
+                "--data-parallel-backend ray runs each replica's workers as Ray actors; use "
+                "--distributed-executor-backend ray (or leave it unset) instead of mp"
             )
 
     def _resolve_task(self, archs: list[str]) -> str:

@@ -141,16 +141,7 @@ class EngineCoreProcClient:
         """Binds both sockets and spawns the engine-core process."""
         from pagedllm.engine.core_proc import run_engine_core
 
-        self._sync_ctx = zmq.Context()
-        self.input_socket = self._sync_ctx.socket(zmq.PUSH)
-        self.input_socket.setsockopt(zmq.SNDHWM, 0)
-        self.input_socket.setsockopt(zmq.LINGER, 0)
-        self.input_socket.bind(self.input_address)
-        self._ctx = zmq.asyncio.Context()
-        self.output_socket = self._ctx.socket(zmq.PULL)
-        self.output_socket.setsockopt(zmq.RCVHWM, 0)
-        self.output_socket.setsockopt(zmq.LINGER, 0)
-        self.output_socket.bind(self.output_address)
+        self._bind_sockets()
         mp = multiprocessing.get_context("spawn")
         dp = self.config.parallel_config.data_parallel_size
         self.proc = mp.Process(
@@ -163,6 +154,22 @@ class EngineCoreProcClient:
             self.proc.start()
         # Runs before multiprocessing's own atexit hook (LIFO), which would join forever.
         atexit.register(_shutdown_ref, weakref.ref(self))
+
+    def _bind_sockets(self) -> None:
+        """Binds the input PUSH and output PULL sockets at `input_address`/`output_address`
+        (a `tcp://host:*` address binds a free port; the address then names it)."""
+        self._sync_ctx = zmq.Context()
+        self.input_socket = self._sync_ctx.socket(zmq.PUSH)
+        self.input_socket.setsockopt(zmq.SNDHWM, 0)
+        self.input_socket.setsockopt(zmq.LINGER, 0)
+        self.input_socket.bind(self.input_address)
+        self.input_address = self.input_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._ctx = zmq.asyncio.Context()
+        self.output_socket = self._ctx.socket(zmq.PULL)
+        self.output_socket.setsockopt(zmq.RCVHWM, 0)
+        self.output_socket.setsockopt(zmq.LINGER, 0)
+        self.output_socket.bind(self.output_address)
+        self.output_address = self.output_socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     async def wait_ready(self, timeout: float = 600.0) -> EngineCoreReady:
         """Waits for the handshake; raises EngineDeadError if the child dies or fails first."""

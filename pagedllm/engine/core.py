@@ -11,8 +11,7 @@ from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.engine.protocol import EngineCoreOutputs, EngineCoreRequest
-from pagedllm.executor.uniproc import UniProcExecutor
-from pagedllm.worker.model_runner import StepHandle
+from pagedllm.executor.base import StepFuture, get_executor_class
 
 logger = logging.getLogger(__name__)
 
@@ -23,9 +22,13 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         t0 = time.perf_counter()
-        self.executor = UniProcExecutor(config)
-        num_blocks = self.executor.determine_num_blocks()
-        self.executor.initialize_kv_cache(num_blocks)
+        self.executor = get_executor_class(config.parallel_config)(config)
+        try:
+            num_blocks = self.executor.determine_num_blocks()
+            self.executor.initialize_kv_cache(num_blocks)
+        except BaseException:
+            self.executor.shutdown()
+            raise
         self.num_blocks = num_blocks
         cc, mc = config.cache_config, config.model_config
         self.scheduler = Scheduler(
@@ -37,7 +40,7 @@ class EngineCore:
         )
         # Async scheduling: submitted steps whose outputs the scheduler has not seen, oldest
         # first (at most two: the one the GPU runs and the one queued behind it).
-        self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
+        self._in_flight: deque[tuple[SchedulerOutput, StepFuture]] = deque()
         logger.info(
             "engine core ready in %.2f s: %d KV blocks of %d tokens (%d tokens, %.1fx max_model_len)",
             time.perf_counter() - t0,
@@ -94,3 +97,7 @@ class EngineCore:
 
     def reset_prefix_cache(self) -> None:
         self.scheduler.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stops the executor's workers (idempotent)."""
+        self.executor.shutdown()

@@ -215,7 +215,15 @@ def run_engine_core(
 
     signal.signal(signal.SIGTERM, on_sigterm)
     _start_parent_watchdog(parent_pid)
+    exit_code = serve_engine_core(config, input_address, output_address)
+    if exit_code:
+        os._exit(exit_code)
 
+
+def serve_engine_core(config: EngineConfig, input_address: str, output_address: str) -> int:
+    """Builds the EngineCore, connects both sockets and runs the busy loop until SHUTDOWN
+    (returns 0) or a failure, which is reported on the output socket first (returns 1).
+    Shared by the engine-core process and the Ray data-parallel replica actor."""
     ctx = zmq.Context()
     input_socket = ctx.socket(zmq.PULL)
     input_socket.setsockopt(zmq.RCVHWM, 0)
@@ -226,6 +234,7 @@ def run_engine_core(
     output_socket.connect(output_address)
     encoder = msgspec.msgpack.Encoder()
     exit_code = 0
+    core = None
     try:
         from pagedllm.engine.core import EngineCore
 
@@ -254,8 +263,9 @@ def run_engine_core(
         except Exception:
             pass
     finally:
+        if core is not None:
+            core.shutdown()  # worker processes of a multi-rank executor
         input_socket.close(linger=0)
         output_socket.close()
         ctx.term()
-    if exit_code:
-        os._exit(exit_code)
+    return exit_code

@@ -31,7 +31,16 @@ logger = logging.getLogger(__name__)
 # --data-parallel-backend -> how one replica is started and reached. A Ray backend adds a
 # ReplicaClient over a Ray actor here; nothing else changes.
 ReplicaFactory = Callable[..., ReplicaClient]
-REPLICA_CLIENTS: dict[str, ReplicaFactory] = {"mp": EngineCoreProcClient}
+
+
+def _ray_replica_client(config: EngineConfig, **kwargs) -> ReplicaClient:
+    from pagedllm.engine.ray_replica import RayEngineCoreClient  # Ray is an optional extra
+
+    return RayEngineCoreClient(config, **kwargs)
+
+
+REPLICA_CLIENTS: dict[str, ReplicaFactory] = {"mp": EngineCoreProcClient,
+                                              "ray": _ray_replica_client}
 
 
 def _num_visible_gpus(config: EngineConfig) -> int:
@@ -50,9 +59,10 @@ class DPEngineClient:
                 f"--data-parallel-backend {backend} is not implemented; use "
                 + " or ".join(sorted(REPLICA_CLIENTS))
             )
-        num_gpus = _num_visible_gpus(config)
+        num_gpus = _num_visible_gpus(config) if backend == "mp" else 0
         threads = torch.get_num_threads()
-        envs = [replica_env(config, i, num_gpus, threads)
+        # Ray gives each replica actor its own GPUs and threads: no environment to narrow.
+        envs = [replica_env(config, i, num_gpus, threads) if backend == "mp" else {}
                 for i in range(parallel.data_parallel_size)]
         self.replicas: list[ReplicaClient] = [
             factory(config, log_level=log_level, engine_index=i, env=env)

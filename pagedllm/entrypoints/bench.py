@@ -52,7 +52,7 @@ TINY_LLAMA: dict = {
     "torch_dtype": "float32",
 }  # fmt: skip
 
-# Llama-3.1-70B's configuration (for --load-format dummy runs: its checkpoint fits no disk here).
+# Llama-3.1-70B's configuration: run it with --load-format dummy (weights made on the GPUs).
 LLAMA_3_1_70B: dict = {
     **LLAMA_3_1_8B, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
     "num_attention_heads": 64, "num_key_value_heads": 8,
@@ -124,10 +124,10 @@ def build_random_llama(
 
 
 def resolve_model_arg(
-    model: str, dtype: str, cache_dir: str = "/tmp/pagedllm_models", weights: bool = True
+    model: str, dtype: str, cache_dir: str = "/tmp/pagedllm_models", load_format: str = "auto"
 ) -> str:
-    """`random:NAME` -> a built random model directory; anything else is returned as is.
-    With `weights=False` (for `--load-format dummy`) only config.json is written."""
+    """`random:NAME` -> a built random model directory (only its config.json under
+    `--load-format dummy`); anything else is returned as is."""
     if not model.startswith("random:"):
         return model
     # random:NAME, or random:NAME:gptq / :awq for a random int4 checkpoint of that config.
@@ -136,6 +136,7 @@ def resolve_model_arg(
         raise SystemExit(f"unknown random model {name!r}; known: {sorted(RANDOM_MODELS)}")
     from pagedllm.entrypoints.bench_quant import build_random_int4_llama, quant_config_for
 
+    weights = load_format != "dummy"
     if method and weights:
         return build_random_int4_llama(os.path.join(cache_dir, f"{name}-{method}"),
                                        RANDOM_MODELS[name], method)
@@ -344,9 +345,12 @@ def run_hf(model_dir: str, wl: Workload, batch_size: int, dtype: str = "bfloat16
     return _rates(wl, elapsed, total_out)
 
 
-def roofline(wl: Workload, cfg: dict, max_num_seqs: int, elem_bytes: int = 2) -> dict:
+def roofline(
+    wl: Workload, cfg: dict, max_num_seqs: int, elem_bytes: int = 2, num_gpus: int = 1
+) -> dict:
     """Lower bounds on the workload's time: matmul FLOPs at the measured bf16 rate, and bytes
-    (weights once per decode step at full batch, plus every KV read) at the copy bandwidth."""
+    (weights once per decode step at full batch, plus every KV read) at the copy bandwidth,
+    both spread over `num_gpus` (tensor parallelism; communication not counted)."""
     h, inter, v, layers = (cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"],
                            cfg["num_hidden_layers"])  # fmt: skip
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
@@ -358,8 +362,8 @@ def roofline(wl: Workload, cfg: dict, max_num_seqs: int, elem_bytes: int = 2) ->
     kv_per_token = 2 * layers * kv * elem_bytes
     kv_reads = float((outs * ins + outs * (outs - 1) / 2).sum()) * kv_per_token
     steps = math.ceil(outs.sum() / min(max_num_seqs, len(wl.prompts)))
-    t_bytes = (steps * params * elem_bytes + kv_reads) / H200_BANDWIDTH
-    t_flops = flops / H200_BF16_FLOPS
+    t_bytes = (steps * params * elem_bytes + kv_reads) / (H200_BANDWIDTH * num_gpus)
+    t_flops = flops / (H200_BF16_FLOPS * num_gpus)
     t = max(t_bytes, t_flops)
     return {
         "params": params, "t_flops_s": t_flops, "t_bytes_s": t_bytes, "t_floor_s": t,
@@ -388,9 +392,11 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
                    help="fp8 / awq / gptq / bitsandbytes / compressed-tensors (vLLM's names)")
     p.add_argument("--kv-cache-dtype", default="auto")
     p.add_argument("--load-format", default="auto",
+                   choices=["auto", "safetensors", "gguf", "dummy"],
                    help="dummy: random weights made in place (random:NAME then writes no file)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"), default=None)
     p.add_argument("--output-json", default=None)
     p.add_argument("--profile-stages", action="store_true",
                    help="report host time per engine stage and GPU time of the forward")
@@ -402,7 +408,7 @@ def _engine_extras(args: argparse.Namespace) -> dict:
     extras = {}
     for name, default in (("quantization", None), ("kv_cache_dtype", "auto"),
                           ("load_format", "auto"), ("tensor_parallel_size", 1),
-                          ("pipeline_parallel_size", 1)):
+                          ("pipeline_parallel_size", 1), ("distributed_executor_backend", None)):
         value = getattr(args, name, default)
         if value != default:
             extras[name] = value
@@ -421,16 +427,16 @@ def make_llm(args: argparse.Namespace, model_dir: str):
         **_engine_extras(args),
     )  # fmt: skip
     startup = time.perf_counter() - t0
-    runner = llm.llm_engine.engine_core.executor.worker.model_runner
-    timings = dict(runner.timings)
+    executor = llm.llm_engine.engine_core.executor
+    timings = dict(executor.collective_rpc("timings")[0])  # rank 0's start-up stages
     timings["startup_total"] = startup
     timings["startup_excl_weights"] = startup - timings.get("load_model", 0.0)
-    return llm, timings, getattr(runner, "memory_profile", {})
+    return llm, timings, executor.collective_rpc("memory_profile")[0]
 
 
 def run_throughput(args: argparse.Namespace) -> dict:
     model_dir = resolve_model_arg(args.model, args.dtype,
-                                  weights=getattr(args, "load_format", "auto") != "dummy")
+                                  load_format=getattr(args, "load_format", "auto"))
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     wl = make_workload(args.dataset, cfg["vocab_size"], args.num_prompts)
@@ -439,13 +445,17 @@ def run_throughput(args: argparse.Namespace) -> dict:
     warm = [rng.integers(0, cfg["vocab_size"], n).tolist() for n in (300, 40)]
     run_pagedllm(llm, Workload("warm-up", warm, [8, 8]))
     result: dict = {"dataset": wl.name, "startup": timings, "memory": memory}
-    timer = StageTimer(llm) if getattr(args, "profile_stages", False) else None
+    profile = getattr(args, "profile_stages", False)
+    if profile and llm.llm_engine.config.parallel_config.world_size > 1:
+        raise SystemExit("--profile-stages instruments one in-process worker; use -tp 1 -pp 1")
+    timer = StageTimer(llm) if profile else None
     result["pagedllm"] = run_pagedllm(llm, wl)
     if timer is not None:
         result["stages"] = timer.report()
         result["stages"]["by_step_kind"] = summarize_timeline(result["stages"]["timeline"])
     max_num_seqs = llm.llm_engine.config.scheduler_config.max_num_seqs
-    result["roofline"] = roofline(wl, cfg, max_num_seqs)
+    result["roofline"] = roofline(wl, cfg, max_num_seqs,
+                                  num_gpus=llm.llm_engine.config.parallel_config.world_size)
     rl = result["roofline"]
     result["pagedllm"]["roofline_fraction"] = rl["t_floor_s"] / result["pagedllm"]["seconds"]
     if args.hf_compare:

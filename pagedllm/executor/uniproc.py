@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.executor.base import Executor
 from pagedllm.worker.model_runner import StepHandle
 from pagedllm.worker.worker import Worker
 
 
-class UniProcExecutor:
+class UniProcExecutor(Executor):
     def __init__(self, config: EngineConfig) -> None:
+        super().__init__(config)
         self.worker = Worker(config)
         self.worker.load_model()
+
+    def collective_rpc(self, method: str, args: tuple[Any, ...] = ()) -> list[Any]:
+        return [getattr(self.worker, method)(*args)]
 
     def determine_num_blocks(self) -> int:
         return self.worker.determine_num_blocks()

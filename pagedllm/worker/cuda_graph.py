@@ -58,8 +58,11 @@ Variant = int | None  # a split-KV count (None: the backend's choice)
 class CudaGraphRunner:
     """Captures and replays `forward(num_tokens, metadata) -> hidden [num_tokens, hidden]`."""
 
-    def __init__(self, sizes: list[int]) -> None:
+    def __init__(self, sizes: list[int], capture_error_mode: str = "global") -> None:
         self.sizes = sizes
+        # "thread_local" under tensor parallelism: NCCL's watchdog thread queries events
+        # while this thread captures, which "global" mode turns into a capture error.
+        self.capture_error_mode = capture_error_mode
         self.variants: dict[int, tuple[Variant, ...]] = {}
         self.graphs: dict[tuple[int, Variant], torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple[int, Variant], torch.Tensor] = {}
@@ -87,7 +90,8 @@ class CudaGraphRunner:
                     for _ in range(2):
                         forward(size, md)
                     graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    with torch.cuda.graph(graph, pool=self.pool, stream=stream,
+                                          capture_error_mode=self.capture_error_mode):
                         out = forward(size, md)
                     if self.pool is None:
                         self.pool = graph.pool()

@@ -16,11 +16,20 @@ import torch
 from pagedllm.attention.backend import AttentionMetadata, get_attn_backend, kv_cache_shape
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.distributed.parallel_state import (
+    get_pp_group,
+    get_tensor_model_parallel_world_size,
+    recv_tensor_dict,
+    send_tensor_dict,
+)
 from pagedllm.engine.protocol import LogprobsLists
 from pagedllm.sample.sampler import Sampler, SamplerOutput, compute_logprobs
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
 from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
+from pagedllm.worker.step_handle import StepHandle
+
+__all__ = ["ModelRunner", "StepHandle", "zeroed_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +57,11 @@ class ModelRunner:
             device,
         )
         self.graph_runner: CudaGraphRunner | None = None
+        # Pipeline stages run eagerly: their inputs arrive from the previous stage.
+        self.pp = get_pp_group()
         self.use_cuda_graph = (
             device.type == "cuda" and not config.enforce_eager and self.model_config.task == "generate"
+            and self.pp.world_size == 1
         )
         self.timings: dict[str, float] = {}  # start-up stages, seconds
         self._last: StepHandle | None = None  # the newest submitted step that sampled
@@ -133,8 +145,16 @@ class ModelRunner:
         )  # fmt: skip
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=dev)
         positions = torch.cat([torch.arange(n, device=dev) for n in lens])
-        hidden = m(input_ids, positions, caches, md)
-        if sample and self.model_config.task == "generate":
+        if self.pp.world_size > 1:
+            # Each stage profiles alone: made-up inputs instead of the previous stage's.
+            inter = None
+            if not self.pp.is_first_rank:
+                inter = {k: v.zero_() for k, v in
+                         m.make_empty_intermediate_tensors(num_tokens, dev).items()}
+            hidden = m(input_ids, positions, caches, md, inter)
+        else:
+            hidden = m(input_ids, positions, caches, md)
+        if sample and self.model_config.task == "generate" and self.pp.is_last_rank:
             logits = m.compute_logits(hidden[:num_reqs])
             # The sampler's worst case: temperature, top-k/top-p (a sort) and a draw.
             probs = logits.div(0.7).sort(dim=-1, descending=True).values.softmax(dim=-1)
@@ -231,7 +251,10 @@ class ModelRunner:
     def capture_model(self) -> None:
         """Captures decode graphs at the padded batch sizes (skipped under enforce_eager)."""
         sizes = capture_sizes(self.max_num_reqs)
-        self.graph_runner = CudaGraphRunner(sizes)
+        # The decode graphs hold the tensor-parallel all-reduces (NCCL, captured): every
+        # rank captures the same sizes in the same order.
+        mode = "thread_local" if get_tensor_model_parallel_world_size() > 1 else "global"
+        self.graph_runner = CudaGraphRunner(sizes, capture_error_mode=mode)
         backend, kv_heads = self.attn_backend, self.model.num_kv_heads
         max_len = self.model_config.max_model_len
 
@@ -290,8 +313,10 @@ class ModelRunner:
         step = self.buffers.prepare(states, counts, pad_to=graph_size)
         if step.pending_token_idx:
             self._copy_pending_inputs(step)
-        hidden = self._run_model(step, graph_size)
+        hidden = self._run_stage(step, graph_size)
         out = ModelRunnerOutput(req_ids=req_ids, sampled_token_ids=[[] for _ in req_ids])
+        if hidden is None:
+            return self._non_last_stage_handle(out, step, states)
         if self.pooling is not None:
             out.pooler_output = self.pooling.pool(hidden, states, counts)
             return StepHandle(out)
@@ -313,6 +338,9 @@ class ModelRunner:
             self._last.get()  # penalties and friends read every output token on the host
         smd = build_sampling_metadata(sample_states, self.vocab_size, self.device, host_tokens)
         result = self.sampler(logits, smd)
+        if self.pp.world_size > 1:
+            # Earlier stages keep the same request states (the first builds inputs from them).
+            self.pp.broadcast(result.sampled_token_ids, src=self.pp.world_size - 1)
         for state in sample_states:
             if state.want_prompt_logprobs:
                 out.prompt_logprobs[state.req_id] = LogprobsLists(
@@ -321,6 +349,40 @@ class ModelRunner:
                 state.want_prompt_logprobs = False
             state.num_pending += 1
         handle = StepHandle(out, sample_rows, sample_states, result)
+        self._last = handle
+        return handle
+
+    def _run_stage(self, step: StepInputs, graph_size: int | None) -> torch.Tensor | None:
+        """This pipeline stage's part of the forward: receives the previous stage's hidden
+        states, sends its own on; None on a stage that is not the last."""
+        pp = self.pp
+        if pp.world_size == 1:
+            return self._run_model(step, graph_size)
+        inter = None
+        if not pp.is_first_rank:
+            empty = self.model.make_empty_intermediate_tensors(step.num_tokens, self.device)
+            inter = recv_tensor_dict(empty)
+        out = self._run_model(step, None, inter)
+        if pp.is_last_rank:
+            return out
+        send_tensor_dict(out)
+        return None
+
+    def _non_last_stage_handle(
+        self, out: ModelRunnerOutput, step: StepInputs, states: list[CachedRequestState]
+    ) -> StepHandle:
+        """A stage before the last learns the step's sampled ids from the last stage's
+        broadcast, so its request states (and the next step's inputs) match."""
+        sample_rows = step.sample_rows.tolist()
+        if not sample_rows:
+            return StepHandle(out)
+        sampled = torch.empty(len(sample_rows), dtype=torch.int64, device=self.device)
+        self.pp.broadcast(sampled, src=self.pp.world_size - 1)
+        sample_states = [states[i] for i in sample_rows]
+        for state in sample_states:
+            state.want_prompt_logprobs = False
+            state.num_pending += 1
+        handle = StepHandle(out, sample_rows, sample_states, SamplerOutput(sampled, None))
         self._last = handle
         return handle
 
@@ -333,8 +395,11 @@ class ModelRunner:
         src = prev.sampled_device.index_select(0, to_device(rows, torch.int64, self.device))
         self.buffers.input_ids.index_copy_(0, idx, src)
 
-    def _run_model(self, step: StepInputs, graph_size: int | None) -> torch.Tensor:
-        """Runs the model on the uploaded buffers -> hidden [num_tokens, hidden_size]."""
+    def _run_model(
+        self, step: StepInputs, graph_size: int | None, intermediate_tensors=None
+    ) -> torch.Tensor:
+        """Runs the model on the uploaded buffers -> hidden [num_tokens, hidden_size] (or,
+        on a pipeline stage before the last, its intermediate tensors)."""
         b = self.buffers
         if graph_size is not None:
             gr = self.graph_runner
@@ -358,6 +423,9 @@ class ModelRunner:
             causal=getattr(self.model, "is_causal", True),
             total_seq_len=step.total_seq_len,
         )
+        if intermediate_tensors is not None or self.pp.world_size > 1:
+            return self.model(b.input_ids[:n], b.positions[:n], self.kv_caches, md,
+                              intermediate_tensors)
         return self.model(b.input_ids[:n], b.positions[:n], self.kv_caches, md)
 
     @staticmethod
@@ -413,64 +481,3 @@ def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
-
-
-class StepHandle:
-    """A submitted step. `get()` waits (once) for its sampled tokens, appends them to the
-    requests' states and returns the step's output; later calls return the same output."""
-
-    def __init__(
-        self,
-        out: ModelRunnerOutput,
-        sample_rows: list[int] | None = None,
-        sample_states: list[CachedRequestState] | None = None,
-        result: SamplerOutput | None = None,
-    ) -> None:
-        self._out = out
-        self._rows = sample_rows or []
-        self.sample_states = sample_states or []  # row j of the sampled tensor
-        self._done = result is None
-        if result is None:
-            return
-        self.sampled_device = result.sampled_token_ids
-        lp = result.logprobs
-        host = [result.sampled_token_ids] + (
-            [lp.token_ids, lp.logprobs, lp.ranks] if lp is not None else []
-        )
-        self._event = None
-        if self.sampled_device.device.type == "cuda":
-            # Non-blocking copies into pinned memory; the event marks their completion.
-            host = [_pinned_copy(t) for t in host]
-            self._event = torch.cuda.Event()
-            self._event.record()
-        self._host = host
-
-    def get(self) -> ModelRunnerOutput:
-        if self._done:
-            return self._out
-        self._done = True
-        if self._event is not None:
-            self._event.synchronize()
-        sampled = self._host[0].tolist()
-        lp = None
-        if len(self._host) > 1:
-            lp = [t.tolist() for t in self._host[1:]]
-        out = self._out
-        for j, (i, state) in enumerate(zip(self._rows, self.sample_states)):
-            tok = sampled[j]
-            state.output_token_ids.append(tok)
-            state.num_pending -= 1
-            out.sampled_token_ids[i] = [tok]
-            num_lp = state.sampling_params.logprobs
-            if lp is not None and num_lp is not None:
-                out.logprobs[state.req_id] = LogprobsLists(
-                    [lp[0][j][: num_lp + 1]], [lp[1][j][: num_lp + 1]], [lp[2][j]]
-                )
-        self._host = []
-        return out
-
-
-def _pinned_copy(t: torch.Tensor) -> torch.Tensor:
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    return host

@@ -1,4 +1,4 @@
-"""Worker: one device, one model replica (one TP rank later)."""
+"""Worker: one device, one model replica or one rank's shard of it (TP/PP rank)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,19 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig) -> None:
+    """Owns a ModelRunner on one device. Under tensor/pipeline parallelism the process
+    groups are initialised before construction (`init_worker_distributed` then
+    `initialize_model_parallel`); every rank then runs the same calls in the same order."""
+
+    def __init__(self, config: EngineConfig, local_rank: int = 0, rank: int = 0) -> None:
         self.config = config
-        self.device = torch.device(config.device_config.device)
+        self.rank = rank
+        if config.device_config.device == "cuda":
+            self.device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device(config.device_config.device)
+        # The same seed on every rank: tensor-parallel ranks draw identical random samples.
         torch.manual_seed(config.model_config.seed)
         self.model_runner = ModelRunner(config, self.device)
 
@@ -35,3 +45,11 @@ class Worker:
     def submit(self, scheduler_output: SchedulerOutput) -> StepHandle:
         """Launches a step without waiting for its sampled tokens (async scheduling)."""
         return self.model_runner.submit(scheduler_output)
+
+    def timings(self) -> dict[str, float]:
+        """Start-up stage durations of this rank, seconds."""
+        return dict(self.model_runner.timings)
+
+    def memory_profile(self) -> dict[str, float]:
+        """This rank's GPU memory split from KV-cache sizing ({} on CPU)."""
+        return dict(getattr(self.model_runner, "memory_profile", {}))

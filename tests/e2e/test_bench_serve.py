@@ -172,12 +172,12 @@ def test_throughput_workloads_and_config_only_random_models(tmp_path):
     assert len(wl.prompts) == 16 and {len(p) for p in wl.prompts} == {512}
     assert set(wl.output_lens) == {256}
     d = resolve_model_arg("random:llama-3.1-70b", "bfloat16", cache_dir=str(tmp_path),
-                          weights=False)
+                          load_format="dummy")
     cfg = json.loads((tmp_path / "llama-3.1-70b-bfloat16-config" / "config.json").read_text())
     assert cfg["num_hidden_layers"] == 80 and cfg["hidden_size"] == 8192
     assert os.listdir(d) == ["config.json"]
     d = resolve_model_arg("random:llama-3.1-70b:gptq", "auto", cache_dir=str(tmp_path),
-                          weights=False)
+                          load_format="dummy")
     cfg = json.loads(open(os.path.join(d, "config.json")).read())
     assert os.listdir(d) == ["config.json"] and cfg["quantization_config"]["bits"] == 4
     ns = argparse.Namespace(quantization="fp8", kv_cache_dtype="auto", load_format="dummy",

@@ -156,8 +156,9 @@ def test_more_gpus_than_visible_is_refused_naming_the_flag():
 # ---- refusals ----
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"data_parallel_size": 0}, ValueError, "--data-parallel-size must be an integer >= 1"),
-    ({"data_parallel_size": 2, "data_parallel_backend": "ray"}, NotImplementedError,
-     "--data-parallel-backend ray is not implemented"),
+    ({"data_parallel_size": 2, "data_parallel_backend": "ray", "tensor_parallel_size": 2,
+      "distributed_executor_backend": "mp"}, ValueError,
+     "--data-parallel-backend ray runs each replica's workers as Ray actors"),
     ({"data_parallel_backend": "slurm"}, ValueError, "--data-parallel-backend must be one of"),
 ])
 def test_engine_args_refusals(kwargs, error, match):
@@ -165,11 +166,13 @@ def test_engine_args_refusals(kwargs, error, match):
         EngineArgs(**kwargs).create_engine_config()
 
 
-def test_serve_refuses_ray_backend_naming_the_flag(capsys):
+def test_serve_refuses_mp_workers_under_ray_replicas_naming_the_flag(capsys):
     from pagedllm.entrypoints.openai.api_server import main
 
-    assert main(["-dp", "2", "--data-parallel-backend", "ray"]) == 2
-    assert "--data-parallel-backend ray is not implemented" in capsys.readouterr().err
+    assert main(["-dp", "2", "-tp", "3", "--data-parallel-backend", "ray",
+                 "--distributed-executor-backend", "mp"]) == 2
+    err = capsys.readouterr().err
+    assert "--data-parallel-backend ray" in err and "--distributed-executor-backend ray" in err
 
 
 def test_offline_llm_refuses_data_parallel():

@@ -253,8 +253,11 @@ def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
     )
 
 
-def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, float32 tensor) for every tensor in the file, dequantized one at a time."""
+def iterate_gguf_weights(
+    path: str, hf_config: Any, needed: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float32 tensor) for every tensor in the file (those `needed` accepts),
+    dequantized one at a time."""
     reader = open_gguf(path)
     arch = gguf_architecture(reader)
     spec = gguf_arch_spec(arch, lambda key, default=None: gguf_metadata(
@@ -264,11 +267,12 @@ def iterate_gguf_weights(path: str, hf_config: Any) -> Iterator[tuple[str, torch
     for tensor in reader.tensors:
         block = _BLOCK_RE.match(tensor.name)
         if block is not None and block.group(2) in _EXPERT_STACKS:
-            yield from _split_experts(reader.dequantize(tensor), int(block.group(1)),
-                                      spec.expert_names[_EXPERT_STACKS[block.group(2)]])
+            experts = _split_experts(reader.dequantize(tensor), int(block.group(1)),
+                                     spec.expert_names[_EXPERT_STACKS[block.group(2)]])
+            yield from ((n, t) for n, t in experts if needed is None or needed(n))
             continue
         hf_name = gguf_to_hf_name(tensor.name, spec)
-        if hf_name is None:
+        if hf_name is None or (needed is not None and not needed(hf_name)):
             continue
         array = reader.dequantize(tensor)
         if spec.permuted_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):

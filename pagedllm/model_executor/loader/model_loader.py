@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -16,6 +16,7 @@ from pagedllm.model_executor.layers.quantization import (
     process_weights_after_loading,
     quantize_model,
 )
+from pagedllm.model_executor.loader.dummy import initialize_dummy_weights
 from pagedllm.model_executor.loader.errors import ModelLoadError
 from pagedllm.model_executor.loader.gguf_loader import iterate_gguf_weights
 from pagedllm.model_executor.loader.safetensors_loader import iterate_hf_weights
@@ -24,12 +25,15 @@ from pagedllm.model_executor.models.registry import ModelRegistry
 logger = logging.getLogger(__name__)
 
 
-def iterate_weights(model_config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
-    """HF-named checkpoint tensors of the model, whatever its on-disk format."""
+def iterate_weights(
+    model_config: ModelConfig, needed: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF-named checkpoint tensors of the model, whatever its on-disk format; with `needed`,
+    only the names it accepts are read."""
     if model_config.model_format == "gguf":
-        return iterate_gguf_weights(model_config.model_path, model_config.hf_config)
+        return iterate_gguf_weights(model_config.model_path, model_config.hf_config, needed)
     if model_config.model_format == "hf":
-        return iterate_hf_weights(model_config.model_path)
+        return iterate_hf_weights(model_config.model_path, needed)
     raise ModelLoadError(f"unknown model format {model_config.model_format!r}")
 
 
@@ -91,11 +95,15 @@ def _apply_quantization(
 
 
 def _load_quantized(
-    model: nn.Module, model_config: ModelConfig, quant_config: QuantizationConfig
+    model: nn.Module,
+    model_config: ModelConfig,
+    quant_config: QuantizationConfig,
+    needed: Callable[[str], bool] | None = None,
 ) -> None:
     """Loads and repacks a quantized checkpoint; errors name the method."""
     try:
-        load_weights_checked(model, quant_config.intercept_weights(iterate_weights(model_config)))
+        weights = iterate_weights(model_config, needed)
+        load_weights_checked(model, quant_config.intercept_weights(weights))
         process_weights_after_loading(model)
     except ValueError as e:
         raise ModelLoadError(f"{quant_config.get_name()} checkpoint: {e}") from e
@@ -120,12 +128,19 @@ def load_model(
         quant_config = _apply_quantization(model, model_config, device)
     # One allocation on the target device; values come from the checkpoint next.
     materialize(model, device)
-    if quant_config is None:
-        load_weights_checked(model, iterate_weights(model_config))
+    # A pipeline stage reads only its own layers' tensors.
+    needed = getattr(model, "weight_needed", None)
+    if model_config.load_format == "dummy":
+        initialize_dummy_weights(model, hf_config, model_config.seed)
+        if quant_config is not None:
+            process_weights_after_loading(model)
+    elif quant_config is None:
+        load_weights_checked(model, iterate_weights(model_config, needed))
     else:
-        _load_quantized(model, model_config, quant_config)
+        _load_quantized(model, model_config, quant_config, needed)
     logger.info(
-        "loaded %s (%s) on %s%s", model_config.model_path, model_cls.__name__, device,
+        "loaded %s (%s) on %s%s%s", model_config.model_path, model_cls.__name__, device,
+        " (dummy weights)" if model_config.load_format == "dummy" else "",
         f", quantization {quant_config.describe()}" if quant_config is not None else "",
     )
     return model.eval()

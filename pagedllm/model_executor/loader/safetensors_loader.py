@@ -5,7 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -49,8 +49,11 @@ def find_weight_files(model_dir: str) -> tuple[list[str], str]:
     )
 
 
-def iterate_hf_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, CPU tensor), one tensor in memory at a time for safetensors."""
+def iterate_hf_weights(
+    model_dir: str, needed: Callable[[str], bool] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, CPU tensor), one tensor in memory at a time for safetensors; names
+    `needed` rejects are not read (the layers of other pipeline stages)."""
     from safetensors import safe_open
 
     files, kind = find_weight_files(model_dir)
@@ -62,8 +65,9 @@ def iterate_hf_weights(model_dir: str) -> Iterator[tuple[str, torch.Tensor]]:
                 raise ModelLoadError(f"corrupt safetensors file {path}: {e}") from e
             with handle as f:
                 for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    yield name, f.get_tensor(name)
+                    if needed is None or needed(name):
+                        yield name, f.get_tensor(name)
         else:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            yield from state.items()
+            yield from ((k, v) for k, v in state.items() if needed is None or needed(k))
             del state

@@ -15,7 +15,11 @@ import torch
 from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
-from pagedllm.distributed.parallel_state import get_tensor_model_parallel_world_size
+from pagedllm.distributed.parallel_state import (
+    get_pp_group,
+    get_pp_layer_range,
+    get_tensor_model_parallel_world_size,
+)
 from pagedllm.model_executor.layers.activation import SiluAndMul
 from pagedllm.model_executor.layers.attention import Attention
 from pagedllm.model_executor.layers.layernorm import RMSNorm
@@ -31,6 +35,12 @@ from pagedllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
     compute_logits,
+)
+from pagedllm.model_executor.models.pp_utils import (
+    IntermediateTensors,
+    PPMissingLayer,
+    empty_intermediate_tensors,
+    layer_index,
 )
 
 logger = logging.getLogger(__name__)
@@ -184,6 +194,9 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
+    """The decoder stack of one pipeline stage: the embedding on the first stage, layers
+    [start_layer, end_layer), the final norm on the last; the rest are `PPMissingLayer`s."""
+
     def __init__(
         self,
         config: Any,
@@ -193,26 +206,42 @@ class LlamaModel(nn.Module):
         attention_cls: type[LlamaAttention],
     ) -> None:
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, params_dtype=dtype
-        )
+        pp = get_pp_group()
+        self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
+        self.start_layer, self.end_layer = get_pp_layer_range(config.num_hidden_layers)
+        self.embed_tokens = (
+            VocabParallelEmbedding(config.vocab_size, config.hidden_size, params_dtype=dtype)
+            if self.is_first_stage else PPMissingLayer()
+        )  # fmt: skip
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, i, attn_backend, dtype, linear_method, attention_cls)
+            if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
-        )
-        self.norm = RMSNorm(config.hidden_size, float(config.rms_norm_eps), params_dtype=dtype)
+        )  # fmt: skip
+        self.norm = (
+            RMSNorm(config.hidden_size, float(config.rms_norm_eps), params_dtype=dtype)
+            if self.is_last_stage else PPMissingLayer()
+        )  # fmt: skip
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[torch.Tensor],  # one per layer of this stage
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        intermediate_tensors: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        if self.is_first_stage:
+            hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+            residual = None
+        else:
+            hidden = intermediate_tensors["hidden_states"]
+            residual = intermediate_tensors["residual"]
+        layers = self.layers[self.start_layer : self.end_layer]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        if not self.is_last_stage:
+            return {"hidden_states": hidden, "residual": residual}
         hidden, _ = self.norm(hidden, residual)
         return hidden
 
@@ -244,17 +273,27 @@ class LlamaForCausalLM(nn.Module):
         self.dtype = dtype
         self.model = LlamaModel(hf_config, attn_backend, dtype, linear_method, self.attention_cls)
         self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        model = self.model
+        if not model.is_last_stage:
+            self.lm_head = PPMissingLayer()
+        elif self.tie_word_embeddings and model.is_first_stage:
             # The same module, so materialisation and loading keep one shared weight.
-            self.lm_head = self.model.embed_tokens
+            self.lm_head = model.embed_tokens
         else:
             self.lm_head = ParallelLMHead(
                 hf_config.vocab_size, hf_config.hidden_size, params_dtype=dtype
             )
-        attn0 = self.model.layers[0].self_attn
-        self.num_layers = int(hf_config.num_hidden_layers)
+        attn0 = model.layers[model.start_layer].self_attn
+        self.num_layers = model.end_layer - model.start_layer  # KV caches on this stage
         self.num_kv_heads = attn0.num_kv_heads  # per tensor-parallel rank
         self.head_dim = attn0.head_dim
+        self.hidden_size = int(hf_config.hidden_size)
+
+    def make_empty_intermediate_tensors(
+        self, num_tokens: int, device: torch.device
+    ) -> IntermediateTensors:
+        """Buffers for what the previous pipeline stage sends for `num_tokens` tokens."""
+        return empty_intermediate_tensors(num_tokens, self.hidden_size, self.dtype, device)
 
     def forward(
         self,
@@ -262,20 +301,46 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,  # [num_tokens] int64
         kv_caches: list[torch.Tensor],  # one per layer
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden_size]
-        return self.model(input_ids, positions, kv_caches, attn_metadata)
+        intermediate_tensors: IntermediateTensors | None = None,
+    ) -> torch.Tensor | IntermediateTensors:  # [num_tokens, hidden_size] on the last stage
+        return self.model(input_ids, positions, kv_caches, attn_metadata, intermediate_tensors)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> [n, vocab_size] float32."""
         return compute_logits(self.lm_head, hidden)
 
+    def _on_other_stage(self, name: str) -> bool:
+        """Whether checkpoint tensor `name` belongs to a module another stage holds."""
+        idx = layer_index(name)
+        if idx is not None:
+            return not self.model.start_layer <= idx < self.model.end_layer
+        if name.startswith("model.norm."):
+            return not self.model.is_last_stage
+        if name.startswith("lm_head."):
+            return isinstance(self.lm_head, PPMissingLayer)
+        return False
+
+    def weight_needed(self, name: str) -> bool:
+        """False for checkpoint tensors only other pipeline stages use (left unread)."""
+        if not name.startswith(("model.", "lm_head.")):
+            name = "model." + name
+        if name == "model.embed_tokens.weight":
+            return self.model.is_first_stage or isinstance(self.lm_head, ParallelLMHead)
+        return not self._on_other_stage(name)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Loads HF-named tensors; returns the names of the parameters that got loaded."""
+        """Loads HF-named tensors; returns the names of the parameters that got loaded.
+        Tensors of layers on other pipeline stages are skipped."""
         tracker = WeightLoadTracker(self)
         # A fused parameter counts as loaded once every one of its shards arrived.
         expected_shards: dict[str, set[Any]] = {}
         for ours, _, sid in _STACKED_PARAMS:
             expected_shards.setdefault(ours, set()).add(sid)
+        embed = "model.embed_tokens.weight"
+        # A last stage without the embedding still needs it as its output matrix when tied
+        # (or when the checkpoint has no lm_head.weight).
+        separate_head = isinstance(self.lm_head, ParallelLMHead)
+        head_from_embed = False
         for name, tensor in weights:
             if "rotary_emb.inv_freq" in name or "rotary_emb.cos_cached" in name:
                 continue
@@ -283,6 +348,17 @@ class LlamaForCausalLM(nn.Module):
                 continue
             if not name.startswith(("model.", "lm_head.")):
                 name = "model." + name
+            if name == embed and separate_head and (
+                self.tie_word_embeddings
+                or (not self.model.is_first_stage and "lm_head.weight" not in tracker.loaded)
+            ):
+                tracker.load("lm_head.weight", tensor, source_name=name)
+                tracker.loaded.discard("lm_head.weight")
+                head_from_embed = True
+            if name == embed and not self.model.is_first_stage:
+                continue
+            if self._on_other_stage(name):
+                continue
             target, shard_id, fused = name, None, None
             for ours, theirs, sid in _STACKED_PARAMS:
                 if theirs in name:
@@ -290,13 +366,13 @@ class LlamaForCausalLM(nn.Module):
                     break
             tracker.load(target, tensor, shard_id, expected_shards.get(fused), source_name=name)
         params, loaded = tracker.params, tracker.loaded
-        if "lm_head.weight" in params and "lm_head.weight" not in loaded:
-            embed = "model.embed_tokens.weight"
-            if embed in loaded:
-                # Checkpoints without an output matrix reuse the input embedding.
-                with torch.no_grad():
-                    params["lm_head.weight"].data.copy_(params[embed].data)
-                loaded.add("lm_head.weight")
+        if head_from_embed and "lm_head.weight" not in loaded:
+            loaded.add("lm_head.weight")
+        if "lm_head.weight" in params and "lm_head.weight" not in loaded and embed in loaded:
+            # Checkpoints without an output matrix reuse the input embedding.
+            with torch.no_grad():
+                params["lm_head.weight"].data.copy_(params[embed].data)
+            loaded.add("lm_head.weight")
         return loaded
 
 

@@ -1,0 +1,110 @@
+"""Tensor and pipeline parallelism end to end on CPU (gloo): the same greedy tokens as one
+process and logprobs within 1e-4 (fp32), for tiny random Llama and Qwen3, BERT embeddings,
+and the default SmolLM2 under pipeline parallelism. Each engine starts once per module."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedllm import LLM, SamplingParams
+from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
+from tests.model_executor.conftest import tiny_config
+
+PROMPTS = [
+    {"prompt_token_ids": [1, 5, 9, 33, 7]},
+    {"prompt_token_ids": list(range(3, 40))},  # past two blocks: chunked over block edges
+    {"prompt_token_ids": [200, 17, 4] * 6},
+]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=8, logprobs=2)
+KV_GIB = 0.02
+
+
+def _generate(path: str, **kwargs) -> tuple[list[list[int]], list[list[float]], int]:
+    """(tokens, sampled-token logprobs, KV blocks) of PROMPTS; the engine is shut down after."""
+    llm = LLM(path, skip_tokenizer_init=True, kv_cache_space=KV_GIB, **kwargs)
+    try:
+        outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+        num_blocks = llm.llm_engine.engine_core.num_blocks
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [
+        [lp[tok].logprob for tok, lp in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]
+        for o in outs
+    ]
+    return tokens, logprobs, num_blocks
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("tp-models")
+    # 4 layers (2 per stage under PP=2); 4 heads over 2 KV heads (1 each under TP=2).
+    return {
+        arch: build_random_hf_model_dir(str(root / arch), tiny_config(arch, num_hidden_layers=4))
+        for arch in ("LlamaForCausalLM", "Qwen3ForCausalLM")
+    }
+
+
+@pytest.fixture(scope="module")
+def references(models) -> dict[str, tuple]:
+    return {arch: _generate(path) for arch, path in models.items()}
+
+
+@pytest.mark.parametrize(
+    ("arch", "tp", "pp", "async_scheduling"),
+    [
+        ("LlamaForCausalLM", 2, 1, False),
+        ("LlamaForCausalLM", 1, 2, True),
+        ("LlamaForCausalLM", 2, 2, False),
+        ("Qwen3ForCausalLM", 2, 1, True),
+        ("Qwen3ForCausalLM", 1, 2, False),
+    ],
+)
+def test_parallel_layout_matches_one_process(models, references, arch, tp, pp, async_scheduling):
+    ref_tokens, ref_logprobs, ref_blocks = references[arch]
+    tokens, logprobs, num_blocks = _generate(
+        models[arch], tensor_parallel_size=tp, pipeline_parallel_size=pp,
+        async_scheduling=async_scheduling,
+    )
+    assert tokens == ref_tokens
+    for got, want in zip(logprobs, ref_logprobs):
+        assert got == pytest.approx(want, abs=1e-4)
+    # Each rank sizes its cache from its own share (1/tp of the KV heads, 1/pp of the
+    # layers) in the same budget, and the engine takes the minimum over ranks.
+    assert ref_blocks * tp * pp <= num_blocks <= (ref_blocks + 1) * tp * pp
+
+
+def test_bert_embeddings_tensor_parallel(minilm_path):
+    texts = ["A sentence to embed.", "Tensor parallel encoders give the same vectors."]
+
+    def embed(**kwargs) -> list[list[float]]:
+        llm = LLM(minilm_path, kv_cache_space=KV_GIB, **kwargs)
+        try:
+            return [o.outputs.embedding for o in llm.embed(texts, use_tqdm=False)]
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+
+    ref, got = embed(), embed(tensor_parallel_size=2)
+    assert len(got) == len(ref) == 2
+    for a, b in zip(got, ref):
+        assert len(a) == 384
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_smollm2_pipeline_parallel_matches_one_process():
+    """The default model (9 heads, 3 KV heads, 30 layers, tied embeddings: the last stage
+    holds its own copy of the embedding as LM head) split into two stages of 15 layers."""
+    prompts = ["The capital of France is", "def fibonacci(n):"]
+    sp = SamplingParams(temperature=0.0, max_tokens=6)
+
+    def run(**kwargs) -> list[list[int]]:
+        llm = LLM(kv_cache_space=KV_GIB, max_model_len=256, **kwargs)
+        try:
+            return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp,
+                                                                        use_tqdm=False)]
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+
+    ref = run()
+    assert run(pipeline_parallel_size=2) == ref
+    assert all(len(t) == 6 for t in ref)
