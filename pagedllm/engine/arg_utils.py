@@ -17,6 +17,7 @@ from pagedllm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
 )
 from pagedllm.model_executor.layers.quantization import resolve_quantization
 from pagedllm.model_executor.layers.rotary_embedding import rope_params_from_config
@@ -62,6 +63,7 @@ class EngineArgs:
     # to gain: the same cores run the host work and the model).
     async_scheduling: bool | None = None
     scheduling_policy: str = "fcfs"  # or "priority" (vLLM's --scheduling-policy)
+    structured_outputs_backend: str = "auto"  # "auto" | "xgrammar" | "guidance"
     device: str = "auto"
     max_logprobs: int = 20
     trust_remote_code: bool = False
@@ -132,6 +134,7 @@ class EngineArgs:
             ),
             device_config=DeviceConfig(device),
             enforce_eager=self.enforce_eager,
+            structured_outputs_config=StructuredOutputsConfig(self.structured_outputs_backend),
         )  # fmt: skip
 
     def _check_supported(self) -> None:
@@ -146,6 +149,9 @@ class EngineArgs:
             raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
+        from pagedllm.structured_output.backend import backend_class
+
+        backend_class(self.structured_outputs_backend)  # unknown or not installed: refused
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "

@@ -91,3 +91,20 @@ def apply_top_k_top_p_min_p(
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def apply_token_bitmask(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Structured outputs: tokens a row's grammar forbids get -inf (in place).
+
+    `md.grammar_bitmask` [num_constrained, ceil(vocab_size / 32)] int32 packs the allowed
+    tokens of rows `md.grammar_rows`; bit j of word w is token 32 w + j.
+    """
+    if md.grammar_bitmask is None:
+        return logits
+    bitmask, rows = md.grammar_bitmask, md.grammar_rows
+    vocab = logits.shape[-1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    # [num_constrained, words, 32] -> [num_constrained, vocab_size]
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab]
+    sub = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    return logits.index_copy_(0, rows, sub)
