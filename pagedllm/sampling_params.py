@@ -36,6 +36,9 @@ class StructuredOutputsParams:
     disable_any_whitespace: bool = False
     disable_additional_properties: bool = False
     whitespace_pattern: str | None = None
+    # Set by the chat handler under a reasoning parser, not by users: the token ids that end
+    # the reasoning; the constraint applies from there on.
+    reasoning_end: list[int] | None = None
 
     def __post_init__(self) -> None:
         given = self.constraint_names()

@@ -67,18 +67,34 @@ class GrammarBitmask:
 class RequestGrammar:
     """One request's grammar: the compile future until ready, then its matcher."""
 
-    __slots__ = ("spec", "future", "matcher", "error", "num_accepted", "stop_token_ids")
+    __slots__ = ("spec", "future", "matcher", "error", "num_accepted", "stop_token_ids",
+                 "reasoning_end", "num_reasoning", "_recent")
 
-    def __init__(self, spec: GrammarSpec, future: Future, stop_token_ids: list[int]) -> None:
+    def __init__(self, spec: GrammarSpec, future: Future, stop_token_ids: list[int],
+                 reasoning_end: list[int] | None = None) -> None:
         self.spec = spec
         self.future = future
         self.matcher: Matcher | None = None
         self.error: str | None = None
-        self.num_accepted = 0
+        self.num_accepted = 0  # tokens the matcher consumed
         self.stop_token_ids = stop_token_ids
+        # Under a reasoning parser: unconstrained until these tokens end the reasoning.
+        self.reasoning_end = reasoning_end or None
+        self.num_reasoning = 0  # output tokens before the constraint started
+        self._recent: list[int] = []
+
+    @property
+    def in_reasoning(self) -> bool:
+        return self.reasoning_end is not None
 
     def accept(self, token_id: int) -> bool:
         """Advances the matcher by a sampled token; False if the grammar refused it."""
+        if self.reasoning_end is not None:
+            self.num_reasoning += 1
+            self._recent = (self._recent + [token_id])[-len(self.reasoning_end):]
+            if self._recent == self.reasoning_end:
+                self.reasoning_end = None  # the answer starts: constrain from here on
+            return True
         if self.matcher is None:
             return True  # failed grammar: the request is being aborted
         ok = self.matcher.accept_token(token_id)
@@ -87,11 +103,12 @@ class RequestGrammar:
         return ok
 
     def sync_to(self, num_output_tokens: int) -> None:
-        """Rolls the matcher back to `num_output_tokens` accepted tokens (preemption)."""
-        extra = self.num_accepted - num_output_tokens
+        """Rolls the matcher back to `num_output_tokens` output tokens (preemption)."""
+        extra = self.num_reasoning + self.num_accepted - num_output_tokens
         if extra > 0 and self.matcher is not None:
+            extra = min(extra, self.num_accepted)
             self.matcher.rollback(extra)
-            self.num_accepted = num_output_tokens
+            self.num_accepted -= extra
 
     @property
     def is_terminated(self) -> bool:
@@ -154,7 +171,8 @@ class StructuredOutputManager:
         self, params: StructuredOutputsParams, stop_token_ids: list[int]
     ) -> RequestGrammar:
         spec = grammar_spec(params)
-        return RequestGrammar(spec, self.compile_async(spec), sorted(set(stop_token_ids)))
+        return RequestGrammar(spec, self.compile_async(spec), sorted(set(stop_token_ids)),
+                              params.reasoning_end)
 
     def is_ready(self, grammar: RequestGrammar) -> bool:
         """Whether the grammar has compiled (making its matcher) or failed (`error` set)."""
@@ -183,7 +201,8 @@ class StructuredOutputManager:
         """The bitmask rows of the requests that sample under a live matcher this step
         (finished or failed ones are left out: their rows stay unconstrained)."""
         live = [(r, g) for r, g in zip(req_ids, grammars)
-                if g is not None and g.matcher is not None and not g.is_terminated]
+                if g is not None and g.matcher is not None and not g.in_reasoning
+                and not g.is_terminated]
         if not live:
             return None
         vocab = self.model_config.vocab_size
