@@ -13,8 +13,6 @@ from pagedllm.structured_output.backend import GrammarBackend, GrammarSpec, Matc
 
 # JSON is never free with whitespace: compact separators, no optional spaces or newlines.
 _SEPARATORS = (",", ":")
-# Tokens a matcher can undo (preemption drops at most the tokens in flight).
-_MAX_ROLLBACK_TOKENS = 16
 
 
 class XgrammarMatcher(Matcher):
@@ -76,8 +74,7 @@ class XgrammarBackend(GrammarBackend):
 
     def new_matcher(self, compiled: Any, stop_token_ids: list[int]) -> Matcher:
         return XgrammarMatcher(
-            xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids,
-                                  max_rollback_tokens=_MAX_ROLLBACK_TOKENS)
+            xgr.GrammarMatcher(compiled, override_stop_tokens=stop_token_ids)
         )
 
     def fill_bitmask(self, matchers: list[Matcher], bitmask: np.ndarray) -> None:

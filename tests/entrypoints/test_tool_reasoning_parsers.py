@@ -1,0 +1,182 @@
+"""Every tool and reasoning parser on recorded outputs in its model's format, whole and
+streamed in random fragment sizes: the streamed deltas assemble into the whole answer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from pagedllm.entrypoints.openai.chat_output import ChoiceOutput
+from pagedllm.entrypoints.openai.reasoning_parsers import get_reasoning_parser
+from pagedllm.entrypoints.openai.tool_choice import NamedToolParser, RequiredToolParser
+from pagedllm.entrypoints.openai.tool_parsers import (
+    TOOL_PARSERS,
+    ToolParser,
+    get_tool_parser,
+    load_tool_parser_plugin,
+)
+
+WEATHER_ARGS = '{"city": "Paris, FR", "unit": "celsius"}'
+
+# (parser, recorded output, expected content, expected [(name, arguments as objects)])
+TOOL_CASES = [
+    ("hermes",  # Qwen2.5 / Qwen3 / Hermes-2-Pro
+     'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": ' + WEATHER_ARGS
+     + '}\n</tool_call>\n<tool_call>\n{"name": "ping", "arguments": {}}\n</tool_call>',
+     "Let me check.\n", [("get_weather", json.loads(WEATHER_ARGS)), ("ping", {})]),
+    ("hermes", "No tools needed: 2 < 3 and <tool is not a tag.", "No tools needed: 2 < 3 and "
+     "<tool is not a tag.", []),
+    ("llama3_json",  # Llama 3.1 / 3.2 JSON
+     '{"name": "get_weather", "parameters": ' + WEATHER_ARGS + '}; {"name": "ping", '
+     '"parameters": {}}', None, [("get_weather", json.loads(WEATHER_ARGS)), ("ping", {})]),
+    ("llama3_json", '<|python_tag|>{"name": "ping", "parameters": {}}', None, [("ping", {})]),
+    ("llama3_json", "The weather is fine {mostly}.", "The weather is fine {mostly}.", []),
+    ("mistral",  # Mistral-7B-Instruct-v0.3 (special tokens kept)
+     '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + WEATHER_ARGS + '}, {"name": '
+     '"ping", "arguments": {}}]', None, [("get_weather", json.loads(WEATHER_ARGS)),
+                                          ("ping", {})]),
+    ("mistral",  # Mistral-Small-3.2 / Magistral: name[ARGS]{...}
+     'Sure.[TOOL_CALLS]get_weather[ARGS]' + WEATHER_ARGS, "Sure.",
+     [("get_weather", json.loads(WEATHER_ARGS))]),
+    ("pythonic",  # Llama 3.2 / Llama 4 pythonic
+     '[get_weather(city="Paris, FR", unit="celsius"), ping()]', None,
+     [("get_weather", json.loads(WEATHER_ARGS)), ("ping", {})]),
+    ("pythonic", "<|python_start|>[ping()]<|python_end|>", None, [("ping", {})]),
+    ("pythonic", "Paris is sunny [citation needed].", "Paris is sunny [citation needed].", []),
+]
+
+
+def _fragments(text: str, rng: random.Random) -> list[str]:
+    out, i = [], 0
+    while i < len(text):
+        n = rng.randint(1, 7)
+        out.append(text[i:i + n])
+        i += n
+    return out
+
+
+def _stream(make, text: str, seed: int) -> tuple[str, str, list[dict]]:
+    """(content, reasoning, calls) assembled from deltas; checks OpenAI's delta shape."""
+    parsed = make()
+    content, reasoning, calls = "", "", {}
+    frags = _fragments(text, random.Random(seed))
+    for k, frag in enumerate(frags):
+        delta = parsed.delta(frag, k == len(frags) - 1) or {}
+        content += delta.get("content", "")
+        reasoning += delta.get("reasoning", "")
+        assert delta.get("reasoning") == delta.get("reasoning_content")
+        for tc in delta.get("tool_calls", []):
+            if tc["index"] not in calls:
+                assert tc["type"] == "function" and tc["id"] and tc["function"]["name"]
+                assert tc["function"]["arguments"] == ""
+                calls[tc["index"]] = {"name": tc["function"]["name"], "arguments": ""}
+            else:
+                assert set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
+                calls[tc["index"]]["arguments"] += tc["function"]["arguments"]
+    return content, reasoning, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("name,text,content,expected", TOOL_CASES)
+def test_tool_parser_whole_and_streamed(name, text, content, expected):
+    cls = get_tool_parser(name)
+
+    def make() -> ChoiceOutput:
+        return ChoiceOutput(None, cls())
+
+    msg, has_calls = make().message(text)
+    assert has_calls == bool(expected)
+    assert msg["content"] == content
+    got = [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+           for c in msg["tool_calls"]]
+    assert got == expected
+    for seed in range(8):
+        s_content, _, s_calls = _stream(make, text, seed)
+        assert s_content == (content or "")
+        assert [(c["name"], c["arguments"]) for c in s_calls] == [
+            (c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]]
+
+
+def test_parallel_tool_calls_false_keeps_the_first():
+    text = TOOL_CASES[0][1]
+    msg, _ = ChoiceOutput(None, get_tool_parser("hermes")(), parallel=False).message(text)
+    assert [c["function"]["name"] for c in msg["tool_calls"]] == ["get_weather"]
+    _, _, calls = _stream(lambda: ChoiceOutput(None, get_tool_parser("hermes")(), False), text, 1)
+    assert [c["name"] for c in calls] == ["get_weather"]
+
+
+def test_constrained_tool_forms_stream_exactly():
+    required = '[{"name":"get_weather","parameters":{"city":"Oslo","unit":"celsius"}},' \
+               '{"name":"ping","parameters":{}}]'
+    msg, _ = ChoiceOutput(None, RequiredToolParser()).message(required)
+    assert [(c["function"]["name"], c["function"]["arguments"]) for c in msg["tool_calls"]] == [
+        ("get_weather", '{"city":"Oslo","unit":"celsius"}'), ("ping", "{}")]
+    for seed in range(5):
+        _, _, calls = _stream(lambda: ChoiceOutput(None, RequiredToolParser()), required, seed)
+        assert [(c["name"], c["arguments"]) for c in calls] == [
+            ("get_weather", '{"city":"Oslo","unit":"celsius"}'), ("ping", "{}")]
+        _, _, calls = _stream(lambda: ChoiceOutput(None, NamedToolParser("ping")), "{}", seed)
+        assert calls == [{"name": "ping", "arguments": "{}"}]
+
+
+REASONING_CASES = [
+    # DeepSeek-R1: the template opens <think> in the prompt.
+    ("deepseek_r1", None, "The user wants 2+2. That is 4.\n</think>\n\nThe answer is 4.",
+     "The user wants 2+2. That is 4.\n", "The answer is 4."),
+    ("deepseek_r1", None, "<think>Hmm, cut off before the end", "Hmm, cut off before the end", ""),
+    ("qwen3", None, "<think>\nCount the r's: three.\n</think>\n\nThere are 3.",
+     "\nCount the r's: three.\n", "There are 3."),
+    ("qwen3", None, "Just an answer with < and </thin.", "", "Just an answer with < and </thin."),
+    ("qwen3", {"enable_thinking": False}, "<think>literal</think> text", "",
+     "<think>literal</think> text"),
+]
+
+
+@pytest.mark.parametrize("name,kwargs,text,reasoning,content", REASONING_CASES)
+def test_reasoning_parser_whole_and_streamed(name, kwargs, text, reasoning, content):
+    cls = get_reasoning_parser(name)
+
+    def make() -> ChoiceOutput:
+        return ChoiceOutput(cls(kwargs), None)
+
+    msg, _ = make().message(text)
+    assert msg["reasoning"] == (reasoning or None) == msg["reasoning_content"]
+    assert msg["content"] == content
+    for seed in range(8):
+        s_content, s_reasoning, _ = _stream(make, text, seed)
+        assert (s_reasoning, s_content) == (reasoning, content)
+
+
+def test_reasoning_then_tool_call():
+    text = "<think>Need the weather.</think>\n\n<tool_call>\n{\"name\": \"ping\", " \
+           "\"arguments\": {}}\n</tool_call>"
+
+    def make() -> ChoiceOutput:
+        return ChoiceOutput(get_reasoning_parser("qwen3")(), get_tool_parser("hermes")())
+
+    msg, has_calls = make().message(text)
+    assert has_calls and msg["reasoning"] == "Need the weather." and msg["content"] is None
+    for seed in range(5):
+        content, reasoning, calls = _stream(make, text, seed)
+        assert reasoning == "Need the weather." and content == ""
+        assert calls == [{"name": "ping", "arguments": "{}"}]
+
+
+def test_tool_parser_plugin(tmp_path):
+    plugin = tmp_path / "my_parser.py"
+    plugin.write_text(
+        "from pagedllm.entrypoints.openai.tool_parsers import ToolParser, ParsedToolCall, "
+        "register_tool_parser\n\n"
+        "@register_tool_parser('shout')\n"
+        "class Shout(ToolParser):\n"
+        "    def parse(self, text, final):\n"
+        "        if text.startswith('CALL '):\n"
+        "            return '', [ParsedToolCall(text[5:].strip(), '{}', final)]\n"
+        "        return text, []\n")
+    load_tool_parser_plugin(str(plugin))
+    assert issubclass(TOOL_PARSERS["shout"], ToolParser)
+    msg, has_calls = ChoiceOutput(None, get_tool_parser("shout")()).message("CALL ping")
+    assert has_calls and msg["tool_calls"][0]["function"]["name"] == "ping"
+    with pytest.raises(ValueError, match="unknown"):
+        get_tool_parser("no_such_parser")
