@@ -34,14 +34,14 @@ class GrammarSpec:
     spec: str
 
 
-def _close_objects(schema: Any) -> Any:
+def close_objects(schema: Any) -> Any:
     """disable_additional_properties: every object schema without its own
     `additionalProperties` gets `false`, recursively."""
     if isinstance(schema, list):
-        return [_close_objects(s) for s in schema]
+        return [close_objects(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: _close_objects(v) for k, v in schema.items()}
+    out = {k: close_objects(v) for k, v in schema.items()}
     is_object = out.get("type") == "object" or "properties" in out
     if is_object and "additionalProperties" not in out:
         out["additionalProperties"] = False
@@ -67,7 +67,7 @@ def grammar_spec(params: StructuredOutputsParams) -> GrammarSpec:
         if not isinstance(schema, (dict, bool)):
             raise ValueError("structured_outputs.json: a JSON schema must be an object")
         if params.disable_additional_properties:
-            schema = _close_objects(schema)
+            schema = close_objects(schema)
         return GrammarSpec("json", json.dumps(schema, ensure_ascii=False))
     if kind == "json_object":
         return GrammarSpec("json_object", "")

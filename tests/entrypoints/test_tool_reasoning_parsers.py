@@ -180,3 +180,35 @@ def test_tool_parser_plugin(tmp_path):
     assert has_calls and msg["tool_calls"][0]["function"]["name"] == "ping"
     with pytest.raises(ValueError, match="unknown"):
         get_tool_parser("no_such_parser")
+
+
+QWEN_LIKE_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{% for tc in m.tool_calls %}<tool_call>\n"
+    '{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}'
+    "\n</tool_call>{% for k, v in tc.function.arguments.items() %}[{{ k }}={{ v }}]"
+    "{% endfor %}{% endfor %}{% elif m.role == 'tool' %}<tool_response>\n{{ m.content }}"
+    "\n</tool_response>{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if tools %}TOOLS:{% for t in tools %}{{ t.function.name }};{% endfor %}{% endif %}"
+)
+
+
+def test_tool_history_renders_through_the_chat_template():
+    from pagedllm.entrypoints.chat_utils import render_chat
+    from pagedllm.tokenizer import get_tokenizer
+    from tests.engine.conftest import smollm2_path
+
+    tok = get_tokenizer(smollm2_path())
+    msgs = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "21 C"},
+    ]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    text = render_chat(tok, msgs, QWEN_LIKE_TEMPLATE, add_generation_prompt=False, tools=tools)
+    # Arguments reach the template as an object (it iterates them), the tool result renders.
+    assert '"arguments": {"city": "Paris"}' in text and "[city=Paris]" in text
+    assert "<tool_response>\n21 C\n</tool_response>" in text and "TOOLS:get_weather;" in text
+    assert "TOOLS" not in render_chat(tok, msgs, QWEN_LIKE_TEMPLATE, False, tools=None)
