@@ -224,3 +224,18 @@ def test_bad_requests_are_400_naming_the_field(server):
     _err(httpx.post(comp, json={"prompt": "hi", "guided_regex": "a"}), "guided_regex")
     _err(httpx.post(comp, json={"prompt": "hi", "response_format": {"type": "json_schema"}}),
          "response_format.json_schema")
+
+
+def test_bench_serve_sends_structured_requests(server, tmp_path):
+    from pagedllm.entrypoints.cli import main as cli_main
+
+    out = tmp_path / "result.json"
+    n = 4
+    rc = cli_main(["bench", "serve", "--base-url", server.url, "--result-file", str(out),
+                   "--disable-tqdm", "--dataset", "random", "--num-prompts", str(n),
+                   "--random-input-len", "16", "--random-output-len", "30",
+                   "--structured-outputs", "choice"])
+    res = json.loads(out.read_text())
+    assert rc == 0 and (res["completed"], res["failed"]) == (n, 0)
+    # Every answer is one of three short words: the grammar ended each request early.
+    assert res["total_output_tokens"] <= n * 4 and res["output_len_mismatches"] == n
