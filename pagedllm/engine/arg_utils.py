@@ -149,9 +149,9 @@ class EngineArgs:
             raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
-        from pagedllm.structured_output.backend import backend_class
+        from pagedllm.structured_output.backend import check_backend
 
-        backend_class(self.structured_outputs_backend)  # unknown or not installed: refused
+        check_backend(self.structured_outputs_backend)  # unknown or not installed: refused
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "

@@ -8,6 +8,7 @@ loop), makes a per-request matcher from it, and fills a batch's token bitmask.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -48,6 +49,19 @@ def close_objects(schema: Any) -> Any:
     return out
 
 
+def _structural_tag_format(tag: dict) -> dict:
+    """vLLM's original form `{"structures": [{"begin", "schema", "end"}], "triggers": [...]}`
+    in xgrammar's `format` form (tags triggered by a prefix, JSON inside); others unchanged."""
+    if "format" in tag or "structures" not in tag:
+        return tag
+    tags = [{"type": "tag", "begin": s["begin"], "end": s["end"],
+             "content": {"type": "json_schema", "json_schema": s.get("schema", {})}}
+            for s in tag["structures"]]
+    return {"type": "structural_tag",
+            "format": {"type": "triggered_tags", "triggers": tag.get("triggers", []),
+                       "tags": tags}}
+
+
 def _ebnf_literal(text: str) -> str:
     # JSON string escaping is valid EBNF literal escaping (\" \\ \n \uXXXX).
     return json.dumps(text, ensure_ascii=False)
@@ -75,7 +89,14 @@ def grammar_spec(params: StructuredOutputsParams) -> GrammarSpec:
         return GrammarSpec("grammar", "root ::= " + " | ".join(map(_ebnf_literal, params.choice)))
     if kind == "structural_tag":
         tag = params.structural_tag
-        return GrammarSpec("structural_tag", tag if isinstance(tag, str) else json.dumps(tag))
+        if isinstance(tag, str):
+            try:
+                tag = json.loads(tag)
+            except ValueError as e:
+                raise ValueError(f"structured_outputs.structural_tag: is not valid JSON: {e}") from e
+        if not isinstance(tag, dict):
+            raise ValueError("structured_outputs.structural_tag: must be an object")
+        return GrammarSpec("structural_tag", json.dumps(_structural_tag_format(tag)))
     value = getattr(params, kind)
     if not isinstance(value, str) or not value:
         raise ValueError(f"structured_outputs.{kind}: must be a non-empty string")
@@ -126,14 +147,24 @@ class GrammarBackend(ABC):
         -1, everything allowed) gets matcher i's allowed next tokens."""
 
 
-def backend_class(name: str) -> type[GrammarBackend]:
-    """The backend class for a --structured-outputs-backend name ("auto": xgrammar)."""
+def check_backend(name: str) -> str:
+    """The backend a --structured-outputs-backend name means ("auto": xgrammar); ValueError if
+    unknown or its library is not installed. Cheap: the library is imported on first use."""
     if name == "auto":
         name = "xgrammar"
     if name not in BACKENDS:
         raise ValueError(
             f"structured outputs backend must be one of {', '.join(BACKEND_CHOICES)}; got {name!r}"
         )
+    if importlib.util.find_spec(_PACKAGES[name]) is None:
+        raise ValueError(f"structured outputs backend {name!r} is not available: install the "
+                         f"{_PACKAGES[name]} package")
+    return name
+
+
+def backend_class(name: str) -> type[GrammarBackend]:
+    """The backend class for a --structured-outputs-backend name (imports its library)."""
+    name = check_backend(name)
     try:
         module = importlib.import_module(BACKENDS[name])
     except ImportError as e:

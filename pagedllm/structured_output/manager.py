@@ -28,6 +28,7 @@ from pagedllm.structured_output.backend import (
     GrammarSpec,
     Matcher,
     backend_class,
+    check_backend,
     grammar_spec,
 )
 
@@ -120,7 +121,7 @@ class StructuredOutputManager:
                  max_workers: int = 2) -> None:
         self.model_config = model_config
         self.backend_name = backend
-        self._backend_cls = backend_class(backend)  # unknown or unavailable: refused now
+        check_backend(backend)  # unknown or not installed: refused now, imported on first use
         self._pool = ThreadPoolExecutor(max_workers, thread_name_prefix="grammar")
         self._backend_future: Future[GrammarBackend] | None = None
         self._cache: OrderedDict[GrammarSpec, Future] = OrderedDict()
@@ -132,7 +133,7 @@ class StructuredOutputManager:
         from pagedllm.tokenizer import get_tokenizer
 
         tokenizer = get_tokenizer(self.model_config)
-        return self._backend_cls(tokenizer, self.model_config.vocab_size)
+        return backend_class(self.backend_name)(tokenizer, self.model_config.vocab_size)
 
     @property
     def backend(self) -> GrammarBackend:

@@ -184,3 +184,19 @@ def test_bad_constraints_are_value_errors_naming_the_field(smol_llm):
         with pytest.raises(ValueError, match=re.escape(field)):
             smol_llm.generate(["x"], SamplingParams(structured_outputs=so), use_tqdm=False)
     assert _texts(smol_llm, ["Hi"], SamplingParams(max_tokens=2, temperature=0))[0]
+
+
+def test_structural_tag_vllm_form(smol_llm):
+    # vLLM's original form: JSON between begin/end once a trigger appears; free text around.
+    tag = {"type": "structural_tag", "triggers": ["<fn="], "structures": [{
+        "begin": "<fn=add>", "end": "</fn>",
+        "schema": {"type": "object", "properties": {"a": {"type": "integer", "maximum": 99}},
+                   "required": ["a"]}}]}
+    params = SamplingParams(max_tokens=40, temperature=0, structured_outputs=(
+        StructuredOutputsParams(structural_tag=json.dumps(tag))))
+    prompt = "".join(f'<fn=add>{{"a":{i}}}</fn>\n' for i in range(3))
+    text = _texts(smol_llm, [prompt], params)[0]
+    bodies = re.findall(r"<fn=add>(.*?)</fn>", text)
+    assert len(bodies) >= 2
+    for body in bodies:
+        assert set(json.loads(body)) == {"a"} and ": " not in body

@@ -1,5 +1,6 @@
 """Structured outputs and tool calling through a live server and the real `openai` SDK
-(issue #14). The grammar, not the 135M model, makes the outputs valid."""
+(issue #14). The grammar, not the 135M model, makes the outputs valid. The server is the
+session one (tests/entrypoints/conftest.py), started with --enable-auto-tool-choice."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import httpx
 import openai
 import pydantic
 import pytest
-
-from tests.entrypoints.remote_server import RemoteServer
 
 MODEL = "smol"
 ASK = [{"role": "user", "content": "Describe a person called Ann, aged 31, as JSON."}]
@@ -30,14 +29,6 @@ class Person(pydantic.BaseModel):
     name: str = pydantic.Field(max_length=16)
     age: int = pydantic.Field(ge=0, le=150)
     tags: list[Annotated[str, pydantic.Field(max_length=8)]] = pydantic.Field(max_length=2)
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = RemoteServer(["--max-num-seqs", "16", "--served-model-name", MODEL,
-                        "--enable-auto-tool-choice", "--tool-call-parser", "hermes"])
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
