@@ -212,3 +212,33 @@ def test_tool_history_renders_through_the_chat_template():
     assert '"arguments": {"city": "Paris"}' in text and "[city=Paris]" in text
     assert "<tool_response>\n21 C\n</tool_response>" in text and "TOOLS:get_weather;" in text
     assert "TOOLS" not in render_chat(tok, msgs, QWEN_LIKE_TEMPLATE, False, tools=None)
+
+
+def test_tool_choice_resolution_and_schema():
+    from pagedllm.entrypoints.openai.tool_choice import (
+        resolve_tool_choice,
+        tool_constraint,
+        tools_for_template,
+    )
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": {"type": "integer"}}}}},
+        {"type": "function", "function": {"name": "g"}}]
+    none = resolve_tool_choice(tools, "none", None, auto_enabled=False)
+    assert tools_for_template(tools, none, exclude_when_none=True) is None
+    assert tools_for_template(tools, none, exclude_when_none=False) == tools
+    assert tool_constraint(tools, none) is None
+    # tools without tool_choice means "auto" (as vLLM), which needs the server flags.
+    with pytest.raises(ValueError, match="--enable-auto-tool-choice"):
+        resolve_tool_choice(tools, None, None, auto_enabled=False)
+    assert resolve_tool_choice(tools, None, None, auto_enabled=True).mode == "auto"
+    req = resolve_tool_choice(tools, "required", False, auto_enabled=False)
+    schema = tool_constraint(tools, req).json
+    assert schema["maxItems"] == 1 and schema["minItems"] == 1
+    names = [item["properties"]["name"]["enum"] for item in schema["items"]["anyOf"]]
+    assert names == [["f"], ["g"]]
+    named = resolve_tool_choice(tools, {"type": "function", "function": {"name": "g"}}, None,
+                                auto_enabled=False)
+    assert tool_constraint(tools, named).json == {"type": "object", "properties": {}}
+    with pytest.raises(ValueError, match="tools\\[0\\]"):
+        resolve_tool_choice([{"type": "function"}], "required", None, auto_enabled=False)
