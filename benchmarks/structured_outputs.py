@@ -2,6 +2,7 @@
 schema, at batch 1, 16 and 64, plus grammar compile time (cold and cached).
 
     python benchmarks/structured_outputs.py [--model PATH] [--batches 1,16,64] [--steps 24]
+        [--rounds 3]
         [--async-scheduling] [--backend auto|xgrammar|guidance] [--json OUT]
 
 Each row: B requests of the same prompt decode together; after every request has its first
@@ -49,8 +50,8 @@ class FillTimer:
         return out
 
 
-def time_steps(llm: LLM, batch: int, constrained: bool, steps: int, tag: str) -> float:
-    """Median seconds per engine step of a decode batch of `batch` requests."""
+def time_steps(llm: LLM, batch: int, constrained: bool, steps: int, tag: str) -> list[float]:
+    """Seconds of each timed engine step of a decode batch of `batch` requests."""
     engine = llm.llm_engine
     params = _params(constrained, max_tokens=4 * steps + 64)
     for i in range(batch):
@@ -71,7 +72,7 @@ def time_steps(llm: LLM, batch: int, constrained: bool, steps: int, tag: str) ->
     engine.abort_request([f"{tag}-{i}" for i in range(batch)])
     while engine.has_unfinished_requests():
         engine.step()
-    return statistics.median(times)
+    return times
 
 
 def compile_times(llm: LLM) -> dict[str, float]:
@@ -97,6 +98,7 @@ def main() -> int:
     p.add_argument("--model", default=None)
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--steps", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--backend", default="auto")
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--json", default=None, help="write the results here")
@@ -111,12 +113,16 @@ def main() -> int:
     print(f"{'batch':>5} {'plain ms/step':>14} {'json ms/step':>13} {'overhead':>9} "
           f"{'mask fill ms':>13}")
     for b in map(int, args.batches.split(",")):
-        plain = time_steps(llm, b, False, args.steps, f"p{b}")
+        # Alternating rounds, medians over all steps: a busy machine drifts less between them.
+        plain_t, json_t = [], []
         fill.times.clear()
-        constrained = time_steps(llm, b, True, args.steps, f"c{b}")
+        for r in range(args.rounds):
+            plain_t += time_steps(llm, b, False, args.steps, f"p{b}-{r}")
+            json_t += time_steps(llm, b, True, args.steps, f"c{b}-{r}")
+        plain, constrained = statistics.median(plain_t), statistics.median(json_t)
         row = {"batch": b, "plain_step_s": plain, "json_step_s": constrained,
                "overhead": constrained / plain - 1,
-               "mask_fill_s": statistics.median(fill.times[-args.steps:])}
+               "mask_fill_s": statistics.median(fill.times)}
         results["rows"].append(row)
         print(f"{b:>5} {plain * 1e3:>14.2f} {constrained * 1e3:>13.2f} "
               f"{row['overhead'] * 100:>8.1f}% {row['mask_fill_s'] * 1e3:>13.3f}")

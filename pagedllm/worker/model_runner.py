@@ -346,7 +346,8 @@ class ModelRunner:
         mask = torch.from_numpy(bitmask.bitmask)
         if len(src) != len(bitmask.req_ids):
             mask = mask[list(src)]
-        smd.grammar_rows = to_device(list(rows), torch.int64, self.device)
+        if list(rows) != list(range(len(sample_states))):  # else None: every row, in order
+            smd.grammar_rows = to_device(list(rows), torch.int64, self.device)
         if self.device.type != "cpu":
             # Pinned + non-blocking: a pageable copy would wait for the forward to finish.
             mask = mask.pin_memory().to(self.device, non_blocking=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pagedllm.sample.logits_processors import apply_token_bitmask
+from pagedllm.sample.logits_processors import apply_token_bitmask, unpack_bitmask_torch
 from pagedllm.sample.metadata import SamplingMetadata
 from pagedllm.sampling_params import StructuredOutputsParams
 from pagedllm.structured_output import StructuredOutputManager, grammar_spec
@@ -92,6 +92,11 @@ def test_token_bitmask_matches_a_reference(device):
     for i, r in enumerate(rows):
         want[r][~allowed[i]] = float("-inf")
     assert torch.equal(got, want)
+    assert torch.equal(unpack_bitmask_torch(bitmask, vocab), allowed)  # the GPU path, on CPU
+    # Every row in order: rows None.
+    md.grammar_rows, md.grammar_bitmask = None, bitmask.to(device)
+    got = apply_token_bitmask(logits[:3].clone().to(device), md).cpu()
+    assert torch.equal(got, logits[:3].masked_fill(~allowed, float("-inf")))
 
 
 def test_manager_caches_and_reasoning_end_defers_the_constraint(model_config, tokenizer):
