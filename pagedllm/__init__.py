@@ -2,7 +2,7 @@
 
 from pagedllm import envs as _envs
 from pagedllm.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 # Before anything imports torch (none of the imports above does).
 _envs.apply_openmp_defaults()
@@ -27,6 +27,7 @@ __all__ = [
     "LLM",
     "EngineArgs",
     "SamplingParams",
+    "StructuredOutputsParams",
     "RequestOutput",
     "CompletionOutput",
     "Logprob",

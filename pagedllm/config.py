@@ -103,6 +103,12 @@ class DeviceConfig:
 
 
 @dataclass(frozen=True)
+class StructuredOutputsConfig:
+    # --structured-outputs-backend: "auto" (xgrammar), "xgrammar" or "guidance" (llguidance).
+    backend: str = "auto"
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     model_config: ModelConfig
     cache_config: CacheConfig
@@ -110,3 +116,4 @@ class EngineConfig:
     parallel_config: ParallelConfig = ParallelConfig()
     device_config: DeviceConfig = DeviceConfig()
     enforce_eager: bool = False
+    structured_outputs_config: StructuredOutputsConfig = StructuredOutputsConfig()

@@ -11,6 +11,64 @@ _SAMPLING_EPS = 1e-5
 DEFAULT_MAX_LOGPROBS = 20
 
 
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """One output constraint (vLLM's `StructuredOutputsParams`): exactly one of `json` (a JSON
+    schema, dict or string), `regex`, `choice` (a list of strings), `grammar` (EBNF),
+    `json_object` (any JSON object) or `structural_tag` (xgrammar's format, dict or string).
+
+    JSON output never has free whitespace (a model can otherwise loop on it): separators are
+    compact (`,` and `:`), so `disable_any_whitespace` (vLLM's opt-in) is always in effect and
+    accepted for compatibility. `disable_additional_properties` closes every object of the
+    schema that does not say otherwise.
+    """
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: str | dict[str, Any] | None = None
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    # Set by the chat handler under a reasoning parser, not by users: the token ids that end
+    # the reasoning; the constraint applies from there on.
+    reasoning_end: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        given = self.constraint_names()
+        if len(given) != 1:
+            what = " and ".join(given) if given else "none"
+            raise ValueError(
+                "structured_outputs: exactly one of json, regex, choice, grammar, json_object, "
+                f"structural_tag must be set; got {what}"
+            )
+        if self.choice is not None:
+            if not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise ValueError("structured_outputs.choice: must be a non-empty list of strings")
+        if self.whitespace_pattern is not None:
+            raise ValueError(
+                "structured_outputs.whitespace_pattern: is not supported (JSON separators "
+                "are always compact)"
+            )
+
+    def constraint_names(self) -> list[str]:
+        """The constraint fields that are set (json_object only when true)."""
+        return [
+            n for n in _CONSTRAINTS
+            if getattr(self, n) is not None and (n != "json_object" or self.json_object)
+        ]
+
+    @property
+    def kind(self) -> str:
+        return self.constraint_names()[0]
+
+
 class RequestOutputKind(enum.IntEnum):
     CUMULATIVE = 0  # every output holds all text and tokens so far
     DELTA = 1  # every output holds only what is new since the last one
@@ -48,11 +106,14 @@ class SamplingParams:
     truncate_prompt_tokens: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     extra_args: dict[str, Any] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     # Filled by the input processor, not by users.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
     bad_words_token_ids: list[list[int]] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError(
                 f"best_of is not supported (got best_of={self.best_of}, n={self.n}); "

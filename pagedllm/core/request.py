@@ -64,6 +64,7 @@ class Request:
         "max_tokens",
         "num_output_placeholders",
         "priority",
+        "grammar",
     )
 
     def __init__(
@@ -102,6 +103,8 @@ class Request:
         self.block_hashes: list[BlockHash] = compute_block_hashes(self.all_token_ids, block_size)
         # Async scheduling: tokens sampled by steps in flight, not yet appended.
         self.num_output_placeholders = 0
+        # Structured outputs: a structured_output.RequestGrammar, set by the scheduler.
+        self.grammar = None
 
     @classmethod
     def from_engine_core_request(cls, req: EngineCoreRequest, block_size: int) -> Request:
@@ -131,6 +134,11 @@ class Request:
     @property
     def is_finished(self) -> bool:
         return self.status.is_finished
+
+    @property
+    def use_structured_output(self) -> bool:
+        sp = self.sampling_params
+        return sp is not None and sp.structured_outputs is not None
 
     @property
     def finish_reason(self) -> FinishReason | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -36,6 +37,9 @@ from pagedllm.engine.protocol import (
 
 if TYPE_CHECKING:
     from pagedllm.config import CacheConfig, SchedulerConfig
+    from pagedllm.structured_output import StructuredOutputManager
+
+logger = logging.getLogger(__name__)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -92,6 +96,7 @@ class Scheduler:
         num_blocks: int,
         max_model_len: int | None = None,
         async_scheduling: bool = False,
+        structured_output_manager: StructuredOutputManager | None = None,
     ) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
@@ -115,6 +120,8 @@ class Scheduler:
             PriorityQueue() if self.policy == "priority" else FCFSQueue()
         )
         self.running: list[Request] = []
+        # Compiles grammars and owns matchers; None: constrained requests are refused.
+        self.structured_output_manager = structured_output_manager
         # Since the last schedule(): the worker must drop these requests' state.
         self.finished_req_ids: set[str] = set()
         self.preempted_req_ids: set[str] = set()
@@ -166,9 +173,31 @@ class Scheduler:
                 f"The prompt ({num_prompt} tokens) must be computed in one step but exceeds "
                 f"max_num_batched_tokens ({self.max_num_batched_tokens})."
             )
+        if request.use_structured_output:
+            self._attach_grammar(request)
         request.status = RequestStatus.WAITING
         self.requests[rid] = request
         self.waiting.append(request)
+
+    def _attach_grammar(self, request: Request) -> None:
+        """Starts compiling the request's grammar (or takes it from the cache)."""
+        if self.structured_output_manager is None:
+            raise ValueError("structured_outputs: this engine does not support structured outputs")
+        sp = request.sampling_params
+        stops = set(sp.all_stop_token_ids)
+        if request.eos_token_id is not None:
+            stops.add(request.eos_token_id)  # the grammar's end is an end even with ignore_eos
+        request.grammar = self.structured_output_manager.new_request_grammar(
+            sp.structured_outputs, sorted(stops)
+        )
+
+    def pending_grammars(self) -> list:
+        """Grammars of waiting requests that are still compiling."""
+        mgr = self.structured_output_manager
+        if mgr is None:
+            return []
+        return [r.grammar for r in self.waiting
+                if r.grammar is not None and not mgr.is_ready(r.grammar)]
 
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Finish (typically abort) requests wherever they are; unknown ids are ignored."""
@@ -259,6 +288,7 @@ class Scheduler:
                 CachedRequestData(rid, block_ids, self.requests[rid].num_computed_tokens)
             )
         total = sum(num_scheduled.values())
+        structured_ids: list[str] = []
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
@@ -266,6 +296,7 @@ class Scheduler:
             total_num_scheduled_tokens=total,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids=self.preempted_req_ids,
+            structured_output_request_ids=structured_ids,
         )
         self.finished_req_ids = set()
         self.preempted_req_ids = set()
@@ -276,9 +307,12 @@ class Scheduler:
                 start = req.num_computed_tokens
                 self._num_prompt_tokens += max(0, min(req.num_prompt_tokens, start + n) - start)
                 req.num_computed_tokens = start + n
-                if self.async_scheduling and not req.pooling and (
+                samples = not req.pooling and (
                     start + n == req.num_tokens + req.num_output_placeholders
-                ):
+                )
+                if samples and req.grammar is not None:
+                    structured_ids.append(req.request_id)
+                if samples and self.async_scheduling:
                     req.num_output_placeholders += 1  # this step samples for it
         self._num_scheduled_tokens = total
         return out
@@ -295,8 +329,13 @@ class Scheduler:
         """Admit waiting requests in queue order until one does not fit; returns the budget
         left."""
         kvm = self.kv_cache_manager
+        mgr = self.structured_output_manager
+        compiling: list[Request] = []  # skipped, not blocking: their grammar is not ready
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             req = self.waiting[0]
+            if req.grammar is not None and not mgr.is_ready(req.grammar):
+                compiling.append(self.waiting.popleft())
+                continue
             hit_blocks, num_hit = kvm.get_computed_blocks(req)
             num_new = req.num_tokens - num_hit
             if num_new > budget and (req.pooling or not self.enable_chunked_prefill):
@@ -322,6 +361,8 @@ class Scheduler:
             )
             num_scheduled[req.request_id] = num_new
             budget -= num_new
+        for req in reversed(compiling):
+            self.waiting.appendleft(req)
         return budget
 
     def _pick_victim(self) -> tuple[Request, int]:
@@ -338,6 +379,8 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_output_placeholders = 0  # tokens in flight are dropped (recomputed)
+        if request.grammar is not None:
+            request.grammar.sync_to(request.num_output_tokens)
         request.num_preemptions += 1
         self._num_preemptions += 1
         self.preempted_req_ids.add(request.request_id)
@@ -396,14 +439,28 @@ class Scheduler:
             sampled = []  # a partial prefill chunk: any sample is meaningless
         first_output = req.num_output_tokens == 0
         new_token_ids: list[int] = []
+        grammar = req.grammar
+        if grammar is not None and grammar.error is not None:
+            logger.warning("request %s aborted: %s", rid, grammar.error)
+            req.status = RequestStatus.FINISHED_ABORTED
+            sampled = []
         for tok in sampled:
+            if grammar is not None and not grammar.accept(tok):
+                logger.warning("request %s: token %d violates its grammar; aborted", rid, tok)
+                req.status = RequestStatus.FINISHED_ABORTED
+                break
             req.append_output_token_ids(tok)
             new_token_ids.append(tok)
             if self._check_stop(req):
                 break
+            if grammar is not None and grammar.is_terminated:
+                req.status = RequestStatus.FINISHED_STOPPED  # the grammar has ended
+                if tok in req.sampling_params.stop_token_ids:
+                    req.stop_reason = tok
+                break
         self._num_generation_tokens += len(new_token_ids)
         prompt_logprobs = mro.prompt_logprobs.get(rid) if first_output else None
-        if not new_token_ids and prompt_logprobs is None:
+        if not new_token_ids and prompt_logprobs is None and not req.is_finished:
             return None
         logprobs = mro.logprobs.get(rid)
         if logprobs is not None and len(logprobs.sampled_token_ranks) > len(new_token_ids):

@@ -39,6 +39,9 @@ class SchedulerOutput:
     # Requests the worker must drop (finished, aborted or preempted since last step).
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Structured outputs: the constrained requests that sample this step, in batch order
+    # (their token bitmask is computed just before sampling, see EngineCore).
+    structured_output_request_ids: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)

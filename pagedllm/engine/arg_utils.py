@@ -20,6 +20,7 @@ from pagedllm.config import (
     ModelConfig,
     ParallelConfig,
     SchedulerConfig,
+    StructuredOutputsConfig,
 )
 from pagedllm.engine.data_parallel import check_gpu_count
 from pagedllm.engine.parallel_checks import check_load_format, check_parallel_layout
@@ -69,6 +70,7 @@ class EngineArgs:
     # to gain: the same cores run the host work and the model).
     async_scheduling: bool | None = None
     scheduling_policy: str = "fcfs"  # or "priority" (vLLM's --scheduling-policy)
+    structured_outputs_backend: str = "auto"  # "auto" | "xgrammar" | "guidance"
     device: str = "auto"
     max_logprobs: int = 20
     trust_remote_code: bool = False
@@ -147,6 +149,7 @@ class EngineArgs:
             parallel_config=parallel_config,
             device_config=DeviceConfig(device),
             enforce_eager=self.enforce_eager or _quantization_needs_eager(model_config),
+            structured_outputs_config=StructuredOutputsConfig(self.structured_outputs_backend),
         )  # fmt: skip
 
     def _check_supported(self) -> None:
@@ -181,6 +184,9 @@ class EngineArgs:
             raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
+        from pagedllm.structured_output.backend import check_backend
+
+        check_backend(self.structured_outputs_backend)  # unknown or not installed: refused
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(
                 f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; "

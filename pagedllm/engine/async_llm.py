@@ -108,7 +108,8 @@ class AsyncLLM:
         # Loaded while the child loads the model.
         self.tokenizer = get_tokenizer(config.model_config)
         self.input_processor = InputProcessor(
-            config.model_config, self.tokenizer, config.scheduler_config.policy
+            config.model_config, self.tokenizer, config.scheduler_config.policy,
+            config.structured_outputs_config.backend,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stat_loggers: list[StatLogger] = list(stat_loggers or [])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.request import Request, RequestStatus
@@ -12,6 +13,7 @@ from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput
 from pagedllm.engine.protocol import EngineCoreOutputs, EngineCoreRequest
 from pagedllm.executor.base import StepFuture, get_executor_class
+from pagedllm.structured_output import GrammarBitmask, StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +33,18 @@ class EngineCore:
             raise
         self.num_blocks = num_blocks
         cc, mc = config.cache_config, config.model_config
+        self.structured_output_manager = None
+        if mc.task == "generate":
+            self.structured_output_manager = StructuredOutputManager(
+                mc, config.structured_outputs_config.backend
+            )
         self.scheduler = Scheduler(
             config.scheduler_config,
             cc,
             num_blocks=num_blocks,
             max_model_len=mc.max_model_len,
             async_scheduling=config.scheduler_config.async_scheduling,
+            structured_output_manager=self.structured_output_manager,
         )
         # Async scheduling: submitted steps whose outputs the scheduler has not seen, oldest
         # first (at most two: the one the GPU runs and the one queued behind it).
@@ -74,22 +82,78 @@ class EngineCore:
         if not self.scheduler.has_unfinished_requests():
             return EngineCoreOutputs(outputs=[], scheduler_stats=self.scheduler.make_stats())
         scheduler_output = self.scheduler.schedule()
-        runner_output = self.executor.execute_model(scheduler_output)
+        if scheduler_output.total_num_scheduled_tokens == 0:
+            self._wait_for_grammars()
+        runner_output = self.executor.execute_model(
+            scheduler_output, self._grammar_fn(scheduler_output)
+        )
         return self.scheduler.update_from_output(scheduler_output, runner_output)
+
+    # ---- structured outputs ----
+    def _grammar_fn(self, so: SchedulerOutput) -> Callable[[], GrammarBitmask | None] | None:
+        """What the worker calls, after launching the forward, for the step's bitmask."""
+        ids = so.structured_output_request_ids
+        if not ids:
+            return None
+        requests = self.scheduler.requests
+
+        def fill() -> GrammarBitmask | None:
+            # Requests finished since scheduling (by the previous step) get no row.
+            grammars = [getattr(requests.get(r), "grammar", None) for r in ids]
+            return self.structured_output_manager.grammar_bitmask(ids, grammars)
+
+        return fill
+
+    def _resolving_grammar_fn(
+        self, so: SchedulerOutput, resolved: list[EngineCoreOutputs]
+    ) -> Callable[[], GrammarBitmask | None] | None:
+        """Async scheduling: a constrained request's matcher needs the token the previous
+        step sampled. When one still has a token in flight, the previous step is resolved
+        (its outputs applied, into `resolved`) inside the worker's call, after this step's
+        forward is launched, so that wait overlaps the device running it."""
+        fill = self._grammar_fn(so)
+        if fill is None:
+            return None
+        requests = self.scheduler.requests
+        waits = any(
+            (r := requests.get(rid)) is not None and r.num_output_placeholders > 1
+            for rid in so.structured_output_request_ids
+        )
+        if not waits or not self._in_flight:
+            return fill
+
+        def resolve_then_fill() -> GrammarBitmask | None:
+            prev_so, handle = self._in_flight.popleft()
+            resolved.append(self.scheduler.update_from_output(prev_so, handle.get()))
+            return fill()
+
+        return resolve_then_fill
+
+    def _wait_for_grammars(self) -> None:
+        """Nothing could run: if requests wait on grammars, block briefly for one instead of
+        spinning the loop."""
+        pending = self.scheduler.pending_grammars()
+        if pending:
+            self.structured_output_manager.wait_for_any(pending, timeout=0.05)
 
     def _step_async(self) -> EngineCoreOutputs:
         """Keeps two steps submitted: schedules and launches step N+1, then waits for step
         N's tokens and applies them, so host work overlaps the device running N+1."""
         q = self._in_flight
-        while len(q) < 2 and self.scheduler.has_unfinished_requests():
+        resolved: list[EngineCoreOutputs] = []  # a previous step applied during a submit
+        while len(q) < 2 and self.scheduler.has_unfinished_requests() and not resolved:
             so = self.scheduler.schedule()
             if so.total_num_scheduled_tokens == 0:
-                # Nothing to run (every request waits on a token in flight, or on memory);
-                # the worker must still drop the states of finished or preempted requests.
+                # Nothing to run (every request waits on a token in flight, on memory or on
+                # a grammar); the worker must still drop finished or preempted states.
                 if so.finished_req_ids or so.preempted_req_ids:
                     self.executor.execute_model(so)
+                if not q:
+                    self._wait_for_grammars()
                 break
-            q.append((so, self.executor.submit(so)))
+            q.append((so, self.executor.submit(so, self._resolving_grammar_fn(so, resolved))))
+        if resolved:
+            return resolved[0]
         if not q:
             return EngineCoreOutputs(outputs=[], scheduler_stats=self.scheduler.make_stats())
         so, handle = q.popleft()

@@ -45,8 +45,10 @@ def _generation_config_eos_ids(model_config: ModelConfig) -> list[int]:
 
 
 class InputProcessor:
-    def __init__(self, model_config: ModelConfig, tokenizer, scheduling_policy: str = "fcfs") -> None:
+    def __init__(self, model_config: ModelConfig, tokenizer, scheduling_policy: str = "fcfs",
+                 structured_outputs_backend: str = "auto") -> None:
         self.model_config = model_config
+        self.structured_outputs_backend = structured_outputs_backend
         self.tokenizer = tokenizer
         self.scheduling_policy = scheduling_policy
         self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
@@ -107,6 +109,10 @@ class InputProcessor:
         params.all_stop_token_ids = stops
         if self.tokenizer is None:
             params.detokenize = False
+        if params.structured_outputs is not None:
+            from pagedllm.structured_output import validate_structured_outputs
+
+            validate_structured_outputs(params.structured_outputs, self.structured_outputs_backend)
         if params.bad_words and self.tokenizer is not None:
             seqs: list[list[int]] = []
             for word in params.bad_words:

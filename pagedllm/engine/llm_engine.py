@@ -31,7 +31,8 @@ class LLMEngine:
             None if config.model_config.skip_tokenizer_init else get_tokenizer(config.model_config)
         )
         self.input_processor = InputProcessor(
-            config.model_config, self.tokenizer, config.scheduler_config.policy
+            config.model_config, self.tokenizer, config.scheduler_config.policy,
+            config.structured_outputs_config.backend,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.engine_core = EngineCore(config)

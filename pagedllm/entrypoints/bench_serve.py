@@ -139,6 +139,30 @@ def prompt_text(prompt: list[int] | str) -> str:
 # One request
 
 
+def schema_20_fields() -> dict:
+    """The structured-outputs benchmark schema: 20 fields of every JSON kind, strings
+    bounded so the object ends."""
+    kinds = [
+        {"type": "string", "maxLength": 16},
+        {"type": "integer", "minimum": 0, "maximum": 100000},
+        {"type": "boolean"},
+        {"type": "string", "enum": ["red", "green", "blue", "cyan"]},
+        {"type": "number"},
+        {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 3},
+    ]
+    props = {f"field_{i:02d}": kinds[i % len(kinds)] for i in range(20)}
+    return {"type": "object", "properties": props, "required": list(props)}
+
+
+# --structured-outputs KIND -> the request's `structured_outputs` object.
+STRUCTURED_KINDS = {
+    "json": lambda: {"json": schema_20_fields()},
+    "json_object": lambda: {"json_object": True},
+    "regex": lambda: {"regex": r"[A-Z][a-z]{2,12}( [A-Z][a-z]{2,12}){0,3}\."},
+    "choice": lambda: {"choice": ["positive", "negative", "neutral"]},
+}
+
+
 def _request_body(endpoint: str, model: str, req: SampleRequest, args: argparse.Namespace) -> dict:
     body: dict = {
         "model": model,
@@ -153,6 +177,9 @@ def _request_body(endpoint: str, model: str, req: SampleRequest, args: argparse.
     else:
         body["prompt"] = req.prompt
         body["max_tokens"] = req.output_len
+    kind = getattr(args, "structured_outputs", None)
+    if kind and kind != "none":
+        body["structured_outputs"] = STRUCTURED_KINDS[kind]()
     return body
 
 
@@ -431,6 +458,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="at most this many requests in flight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--structured-outputs", default="none",
+                        choices=["none", *STRUCTURED_KINDS],
+                        help="constrain every request: json (a 20-field schema), json_object, "
+                        "regex or choice (sent as the structured_outputs request field)")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="send ignore_eos so every request generates exactly max_tokens")
     parser.add_argument("--request-timeout", type=float, default=6 * 3600.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -25,8 +26,22 @@ def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             content = "\n".join(parts)
         msg = dict(m)
         msg["content"] = "" if content is None else content
+        if msg.get("tool_calls"):
+            msg["tool_calls"] = [_template_tool_call(c) for c in msg["tool_calls"]]
         out.append(msg)
     return out
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """Templates index into a call's arguments, so its JSON string becomes the object."""
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(fn["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**fn, "arguments": args}}
 
 
 def render_chat(

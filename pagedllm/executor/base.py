@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pagedllm.config import EngineConfig, ParallelConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+
+if TYPE_CHECKING:
+    from pagedllm.worker.model_runner import GrammarFn
 
 
 class StepFuture(Protocol):
@@ -42,11 +45,18 @@ class Executor(ABC):
         self.collective_rpc("initialize_kv_cache", (num_blocks,))
 
     @abstractmethod
-    def submit(self, scheduler_output: SchedulerOutput) -> StepFuture:
-        """Launches a step without waiting for its sampled tokens (async scheduling)."""
+    def submit(
+        self, scheduler_output: SchedulerOutput, grammar: GrammarFn | None = None
+    ) -> StepFuture:
+        """Launches a step without waiting for its sampled tokens (async scheduling).
+        `grammar`, when given, returns the step's structured-output bitmask; an executor
+        calls it once (in-process: after launching the forward; across processes: before
+        publishing the step, which then carries the bitmask to every rank)."""
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.submit(scheduler_output).get()
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar: GrammarFn | None = None
+    ) -> ModelRunnerOutput:
+        return self.submit(scheduler_output, grammar).get()
 
     def shutdown(self) -> None:  # noqa: B027 - nothing to stop in-process
         """Stops every worker; idempotent."""

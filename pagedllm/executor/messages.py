@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
+import numpy as np
 
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from pagedllm.structured_output.manager import GrammarBitmask
 
 TO_WORKER_STEP = b"S"
 TO_WORKER_FLUSH = b"F"  # resolve every submitted step now (someone waits on the newest)
@@ -32,6 +34,10 @@ class StepMessage(msgspec.Struct, array_like=True):
     # Per new request: SamplingParams.all_stop_token_ids, which its __post_init__ resets on
     # decode (it holds the EOS id the input processor added).
     stop_token_ids: list[list[int]]
+    # Structured outputs: the step's token bitmask (int32 [len(grammar_req_ids), words]),
+    # filled by the engine core before the step is published.
+    grammar_req_ids: list[str] | None = None
+    grammar_bitmask: bytes | None = None
 
 
 class StepResult(msgspec.Struct, array_like=True):
@@ -62,12 +68,26 @@ class WorkerError(msgspec.Struct, array_like=True):
     error: str
 
 
-def make_step_message(seq: int, flush: bool, so: SchedulerOutput) -> StepMessage:
+def make_step_message(
+    seq: int, flush: bool, so: SchedulerOutput, bitmask: GrammarBitmask | None = None
+) -> StepMessage:
     stops = [
         sorted(nr.sampling_params.all_stop_token_ids) if nr.sampling_params is not None else []
         for nr in so.scheduled_new_reqs
     ]
-    return StepMessage(seq, flush, so, stops)
+    if bitmask is None:
+        return StepMessage(seq, flush, so, stops)
+    words = np.ascontiguousarray(bitmask.bitmask, dtype=np.int32)
+    return StepMessage(seq, flush, so, stops, list(bitmask.req_ids), words.tobytes())
+
+
+def step_grammar_bitmask(msg: StepMessage) -> GrammarBitmask | None:
+    """The bitmask a step message carries, or None."""
+    if msg.grammar_req_ids is None or msg.grammar_bitmask is None:
+        return None
+    flat = np.frombuffer(msg.grammar_bitmask, dtype=np.int32)
+    rows = len(msg.grammar_req_ids)
+    return GrammarBitmask(msg.grammar_req_ids, flat.reshape(rows, -1) if rows else flat)
 
 
 def restore_step_message(msg: StepMessage) -> SchedulerOutput:

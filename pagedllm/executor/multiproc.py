@@ -22,7 +22,7 @@ import socket
 import tempfile
 import time
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import zmq
@@ -34,6 +34,9 @@ from pagedllm.distributed.parallel_state import NO_MULTICAST_ENV, apply_no_multi
 from pagedllm.executor import messages as m
 from pagedllm.executor.base import Executor
 from pagedllm.executor.worker_proc import WorkerAddresses, run_worker
+
+if TYPE_CHECKING:
+    from pagedllm.worker.model_runner import GrammarFn
 
 logger = logging.getLogger(__name__)
 
@@ -185,17 +188,25 @@ class MultiprocExecutor(Executor):
         self._pub.send_multipart([kind, payload], copy=False)
 
     # ---- the Executor interface ----
-    def submit(self, scheduler_output: SchedulerOutput, flush: bool = False) -> _MPStepFuture:
+    def submit(
+        self, scheduler_output: SchedulerOutput, grammar: GrammarFn | None = None,
+        flush: bool = False,
+    ) -> _MPStepFuture:
+        # Structured outputs: the bitmask travels with the step, so it is filled before the
+        # step is published (the in-process executor fills it while the forward runs).
+        bitmask = grammar() if grammar is not None else None
         seq = self._next_seq
         self._next_seq += 1
-        msg = m.make_step_message(seq, flush, scheduler_output)
+        msg = m.make_step_message(seq, flush, scheduler_output, bitmask)
         self._publish(m.TO_WORKER_STEP, self._encoder.encode(msg))
         if flush:
             self._flushed_seq = seq
         return _MPStepFuture(self, seq)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.submit(scheduler_output, flush=True).get()
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar: GrammarFn | None = None
+    ) -> ModelRunnerOutput:
+        return self.submit(scheduler_output, grammar, flush=True).get()
 
     def _wait_step(self, seq: int) -> ModelRunnerOutput:
         if seq not in self._outputs and seq == self._next_seq - 1 and self._flushed_seq < seq:

@@ -7,7 +7,7 @@ from typing import Any
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.executor.base import Executor
-from pagedllm.worker.model_runner import StepHandle
+from pagedllm.worker.model_runner import GrammarFn, StepHandle
 from pagedllm.worker.worker import Worker
 
 
@@ -26,8 +26,12 @@ class UniProcExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.worker.initialize_kv_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.worker.execute_model(scheduler_output)
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar: GrammarFn | None = None
+    ) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output, grammar)
 
-    def submit(self, scheduler_output: SchedulerOutput) -> StepHandle:
-        return self.worker.submit(scheduler_output)
+    def submit(
+        self, scheduler_output: SchedulerOutput, grammar: GrammarFn | None = None
+    ) -> StepHandle:
+        return self.worker.submit(scheduler_output, grammar)

@@ -104,7 +104,9 @@ class WorkerProc:
             kind, payload = self.sub.recv_multipart()
             if kind == m.TO_WORKER_STEP:
                 msg = self.step_decoder.decode(payload)
-                handle = self.worker.submit(m.restore_step_message(msg))
+                bitmask = m.step_grammar_bitmask(msg)
+                grammar = (lambda bm=bitmask: bm) if bitmask is not None else None
+                handle = self.worker.submit(m.restore_step_message(msg), grammar)
                 self.pending.append((msg.seq, handle))
                 if msg.flush:
                     self._resolve_all()

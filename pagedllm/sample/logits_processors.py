@@ -5,6 +5,9 @@ Everything is batched over rows; no loop over the vocabulary.
 
 from __future__ import annotations
 
+import sys
+
+import numpy as np
 import torch
 
 from pagedllm.sample.metadata import SamplingMetadata
@@ -91,3 +94,37 @@ def apply_top_k_top_p_min_p(
     drop[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.empty_like(logits).scatter_(1, sorted_idx, sorted_logits)
+
+
+def apply_token_bitmask(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Structured outputs: tokens a row's grammar forbids get -inf (in place).
+
+    `md.grammar_bitmask` [num_constrained, ceil(vocab_size / 32)] int32 packs the allowed
+    tokens of rows `md.grammar_rows` (None: every row, in order); bit j of word w is token
+    32 w + j.
+    """
+    if md.grammar_bitmask is None:
+        return logits
+    bitmask, rows = md.grammar_bitmask, md.grammar_rows
+    allowed = unpack_bitmask(bitmask, logits.shape[-1])
+    if rows is None:  # every row, in order
+        return logits.masked_fill_(~allowed, float("-inf"))
+    sub = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
+    return logits.index_copy_(0, rows, sub)
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[n, words] int32 packed -> [n, vocab_size] bool (bit j of word w = token 32 w + j).
+
+    On the CPU numpy's unpackbits (little-endian words, little bit order) is ~20x faster than
+    shifting; on the GPU the shifts are one elementwise kernel on the uploaded packed mask."""
+    if bitmask.device.type == "cpu" and sys.byteorder == "little":
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
+        return torch.from_numpy(bits).view(torch.bool)[:, :vocab_size]
+    return unpack_bitmask_torch(bitmask, vocab_size)
+
+
+def unpack_bitmask_torch(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    # [n, words, 32] -> [n, words * 32]
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, :vocab_size]

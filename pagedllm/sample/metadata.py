@@ -35,3 +35,7 @@ class SamplingMetadata:
     allowed_token_mask: torch.Tensor | None = None  # [num_reqs, vocab_size] bool, True = allowed
     # (row, token id) pairs forced to -inf: min_tokens suppression and bad words.
     banned: list[tuple[int, int]] | None = None
+    # Structured outputs: rows under a grammar and their packed allowed-token bitmask
+    # (bit j of word w allows token 32 w + j).
+    grammar_rows: torch.Tensor | None = None  # [num_constrained] int64; None: all rows
+    grammar_bitmask: torch.Tensor | None = None  # [num_constrained, ceil(vocab_size / 32)] int32

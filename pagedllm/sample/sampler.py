@@ -9,6 +9,7 @@ import torch
 from pagedllm.sample.logits_processors import (
     apply_constraints,
     apply_penalties,
+    apply_token_bitmask,
     apply_top_k_top_p_min_p,
 )
 from pagedllm.sample.metadata import SamplingMetadata
@@ -59,7 +60,7 @@ class Sampler:
     """Samples one token per row of `logits` [num_reqs, vocab_size] (float32).
 
     Logprobs are "raw": computed from the model's logits before any processing, like vLLM's
-    default. Greedy-only batches skip every random-sampling step.
+    default; for a constrained request they are of the unconstrained distribution. Greedy-only batches skip every random-sampling step.
     """
 
     def __call__(self, logits: torch.Tensor, md: SamplingMetadata) -> SamplerOutput:
@@ -67,6 +68,7 @@ class Sampler:
         raw_logprobs = None
         if md.max_num_logprobs is not None:
             raw_logprobs = logits.log_softmax(dim=-1)
+        logits = apply_token_bitmask(logits, md)
         logits = apply_constraints(logits, md)
         logits = apply_penalties(logits, md)
         greedy = logits.argmax(dim=-1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -24,6 +25,7 @@ from pagedllm.distributed.parallel_state import (
 )
 from pagedllm.engine.protocol import LogprobsLists
 from pagedllm.sample.sampler import Sampler, SamplerOutput, compute_logprobs
+from pagedllm.structured_output import GrammarBitmask
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
 from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
@@ -32,6 +34,9 @@ from pagedllm.worker.step_handle import StepHandle
 __all__ = ["ModelRunner", "StepHandle", "zeroed_cache"]
 
 logger = logging.getLogger(__name__)
+
+# Called by `submit` after launching the forward: the step's structured-output bitmask.
+GrammarFn = Callable[[], GrammarBitmask | None]
 
 
 class ModelRunner:
@@ -287,18 +292,22 @@ class ModelRunner:
             state.num_computed_tokens = cr.num_computed_tokens
 
     # ---- step ----
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(self, so: SchedulerOutput, grammar: GrammarFn | None = None
+                      ) -> ModelRunnerOutput:
         """Runs one step and waits for its sampled tokens."""
-        return self.submit(so).get()
+        return self.submit(so, grammar).get()
 
     @torch.inference_mode()
-    def submit(self, so: SchedulerOutput) -> StepHandle:
+    def submit(self, so: SchedulerOutput, grammar: GrammarFn | None = None) -> StepHandle:
         """Launches one step; returns before its sampled tokens reach the host.
 
         Async scheduling submits step N+1 while step N runs: N+1's decode inputs are the
         tokens N sampled, which are copied from N's device tensor (`StepInputs.pending_*`)
         into the input buffer on the device, in stream order. The host learns them at
         `StepHandle.get()`, which must be called in submission order.
+
+        `grammar` (structured outputs) is called once the forward is launched, so the
+        bitmask fill overlaps it; the sampler masks the constrained rows with its result.
         """
         self._update_states(so)
         req_ids = list(so.num_scheduled_tokens.keys())
@@ -333,10 +342,13 @@ class ModelRunner:
             sample_hidden = hidden.index_select(0, self.buffers.sample_idx[:num_sampling])
         logits = self.model.compute_logits(sample_hidden)
         sample_states = [states[i] for i in sample_rows]
+        bitmask = grammar() if grammar is not None else None
         host_tokens = any(s.needs_host_tokens for s in sample_states)
         if host_tokens and self._last is not None:
             self._last.get()  # penalties and friends read every output token on the host
         smd = build_sampling_metadata(sample_states, self.vocab_size, self.device, host_tokens)
+        if bitmask is not None:
+            self._set_grammar_bitmask(smd, bitmask, sample_states)
         result = self.sampler(logits, smd)
         if self.pp.world_size > 1:
             # Earlier stages keep the same request states (the first builds inputs from them).
@@ -385,6 +397,23 @@ class ModelRunner:
         handle = StepHandle(out, sample_rows, sample_states, SamplerOutput(sampled, None))
         self._last = handle
         return handle
+
+    def _set_grammar_bitmask(self, smd, bitmask: GrammarBitmask,
+                             sample_states: list[CachedRequestState]) -> None:
+        row_of = {s.req_id: j for j, s in enumerate(sample_states)}
+        pairs = [(row_of[r], i) for i, r in enumerate(bitmask.req_ids) if r in row_of]
+        if not pairs:
+            return
+        rows, src = zip(*pairs)
+        mask = torch.from_numpy(bitmask.bitmask)
+        if len(src) != len(bitmask.req_ids):
+            mask = mask[list(src)]
+        if list(rows) != list(range(len(sample_states))):  # else None: every row, in order
+            smd.grammar_rows = to_device(list(rows), torch.int64, self.device)
+        if self.device.type != "cpu":
+            # Pinned + non-blocking: a pageable copy would wait for the forward to finish.
+            mask = mask.pin_memory().to(self.device, non_blocking=True)
+        smd.grammar_bitmask = mask
 
     def _copy_pending_inputs(self, step: StepInputs) -> None:
         """Input ids sampled by the previous step, copied device to device into the buffer."""

@@ -8,7 +8,7 @@ import torch
 
 from pagedllm.config import EngineConfig
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from pagedllm.worker.model_runner import ModelRunner, StepHandle
+from pagedllm.worker.model_runner import GrammarFn, ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -39,12 +39,16 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.model_runner.initialize_kv_cache(num_blocks)
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.model_runner.execute_model(scheduler_output)
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar: GrammarFn | None = None
+    ) -> ModelRunnerOutput:
+        return self.model_runner.execute_model(scheduler_output, grammar)
 
-    def submit(self, scheduler_output: SchedulerOutput) -> StepHandle:
+    def submit(
+        self, scheduler_output: SchedulerOutput, grammar: GrammarFn | None = None
+    ) -> StepHandle:
         """Launches a step without waiting for its sampled tokens (async scheduling)."""
-        return self.model_runner.submit(scheduler_output)
+        return self.model_runner.submit(scheduler_output, grammar)
 
     def timings(self) -> dict[str, float]:
         """Start-up stage durations of this rank, seconds."""

@@ -4,9 +4,11 @@ and the default SmolLM2 under pipeline parallelism. Each engine starts once per 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from pagedllm import LLM, SamplingParams
+from pagedllm import LLM, SamplingParams, StructuredOutputsParams
 from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
 from tests.model_executor.conftest import tiny_config
 
@@ -93,18 +95,24 @@ def test_bert_embeddings_tensor_parallel(minilm_path):
 
 def test_smollm2_pipeline_parallel_matches_one_process():
     """The default model (9 heads, 3 KV heads, 30 layers, tied embeddings: the last stage
-    holds its own copy of the embedding as LM head) split into two stages of 15 layers."""
-    prompts = ["The capital of France is", "def fibonacci(n):"]
-    sp = SamplingParams(temperature=0.0, max_tokens=6)
+    holds its own copy of the embedding as LM head) split into two stages of 15 layers; a
+    JSON-constrained request in the batch gets the step's bitmask through the broadcast."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Describe a cat as JSON:"]
+    schema = {"type": "object", "properties": {"name": {"type": "string"}},
+              "required": ["name"], "additionalProperties": False}
+    sp = [SamplingParams(temperature=0.0, max_tokens=6)] * 2 + [SamplingParams(
+        temperature=0.0, max_tokens=24, structured_outputs=StructuredOutputsParams(json=schema))]
 
     def run(**kwargs) -> list[list[int]]:
         llm = LLM(kv_cache_space=KV_GIB, max_model_len=256, **kwargs)
         try:
-            return [list(o.outputs[0].token_ids) for o in llm.generate(prompts, sp,
-                                                                        use_tqdm=False)]
+            outs = llm.generate(prompts, sp, use_tqdm=False)
+            return [list(o.outputs[0].token_ids) for o in outs], outs[2].outputs[0].text
         finally:
             llm.llm_engine.engine_core.shutdown()
 
-    ref = run()
-    assert run(pipeline_parallel_size=2) == ref
-    assert all(len(t) == 6 for t in ref)
+    ref, ref_json = run()
+    tokens, text = run(pipeline_parallel_size=2)
+    assert tokens == ref
+    assert all(len(t) == 6 for t in ref[:2])
+    assert text == ref_json and set(json.loads(ref_json)) == {"name"}

@@ -271,7 +271,8 @@ def test_error_cases(server):
     assert_error(httpx.post(chat, json={**base, "max_tokens": "many"}), 400, "max_tokens")
     assert_error(httpx.post(chat, json={**base, "model": "gpt-4"}), 404, "model")
     assert_error(httpx.post(chat, json={**base, "chat_template": "{{ 1 }}"}), 400, "chat_template")
-    assert_error(httpx.post(chat, json={**base, "response_format": {"type": "json_object"}}), 400)
+    assert_error(httpx.post(chat, json={**base, "response_format": {"type": "xml"}}), 400,
+                 "response_format.type")
     assert_error(httpx.get(url + "/v1/nothing-here"), 404)
     assert_error(httpx.get(url + "/v1/chat/completions"), 405)
     comp = url + "/v1/completions"

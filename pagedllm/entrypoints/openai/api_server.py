@@ -213,6 +213,10 @@ def run_server(args: argparse.Namespace) -> int:
         chat_template=chat_template,
         trust_request_chat_template=args.trust_request_chat_template,
         disable_log_requests=args.disable_log_requests,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
+        exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+        reasoning_parser=args.reasoning_parser,
     )
     app = build_app(
         config, server_config, api_key=cli_args.api_key_from_args(args),

@@ -74,6 +74,20 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction,
                         default=None,
                         help="schedule step N+1 while the GPU runs step N (default: on with CUDA)")
+    parser.add_argument("--structured-outputs-backend", default="auto",
+                        choices=["auto", "xgrammar", "guidance"],
+                        help="grammar library for structured outputs (auto: xgrammar)")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help='allow tool_choice "auto" (needs --tool-call-parser)')
+    parser.add_argument("--tool-call-parser", default=None,
+                        help="how tool calls are read from the output: hermes, llama3_json, "
+                        "mistral, pythonic, or one registered by --tool-parser-plugin")
+    parser.add_argument("--tool-parser-plugin", default=None,
+                        help="a Python file registering tool parsers (@register_tool_parser)")
+    parser.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                        help='leave tools out of the prompt when tool_choice is "none"')
+    parser.add_argument("--reasoning-parser", default=None,
+                        help="split reasoning from the answer: deepseek_r1, qwen3")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--trust-remote-code", action="store_true")
     parser.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
@@ -110,6 +124,24 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--gpu-memory-utilization must be in (0, 1]")
     if args.max_logprobs < -1:
         raise ValueError("--max-logprobs must be >= -1")
+    validate_tool_and_reasoning_args(args)
+
+
+def validate_tool_and_reasoning_args(args: argparse.Namespace) -> None:
+    """Loads the tool-parser plugin and checks the parser names (ValueError if unknown)."""
+    from pagedllm.entrypoints.openai.reasoning_parsers import get_reasoning_parser
+    from pagedllm.entrypoints.openai.tool_parsers import get_tool_parser, load_tool_parser_plugin
+
+    if args.tool_parser_plugin:
+        if not os.path.isfile(args.tool_parser_plugin):
+            raise ValueError(f"--tool-parser-plugin {args.tool_parser_plugin!r}: no such file")
+        load_tool_parser_plugin(args.tool_parser_plugin)
+    if args.enable_auto_tool_choice and not args.tool_call_parser:
+        raise ValueError("--enable-auto-tool-choice requires --tool-call-parser")
+    if args.tool_call_parser:
+        get_tool_parser(args.tool_call_parser)
+    if args.reasoning_parser:
+        get_reasoning_parser(args.reasoning_parser)
 
 
 def load_chat_template(value: str | None) -> str | None:
@@ -153,6 +185,7 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         scheduling_policy=args.scheduling_policy,
+        structured_outputs_backend=args.structured_outputs_backend,
         device=args.device,
         max_logprobs=args.max_logprobs,
         trust_remote_code=args.trust_remote_code,

@@ -31,7 +31,10 @@ _TYPES = {
 _PARAM_NAMES = {f for f in SamplingParams.__dataclass_fields__} | {
     "max_completion_tokens", "top_logprobs", "response_format", "tool_choice", "modalities",
     "audio", "suffix", "best_of", "logit_bias", "prompt", "messages", "model", "echo",
-    "priority",
+    "priority", "structured_outputs", "tools", "parallel_tool_calls",
+    "chat_template_kwargs", *(f"guided_{k}" for k in (
+        "json", "regex", "choice", "grammar", "json_object", "decoding_backend",
+        "whitespace_pattern")),
 }
 
 
@@ -66,7 +69,7 @@ def bad_request_from_value_error(e: ValueError) -> APIError:
     """A ValueError from validation; its first word names the field when it is one."""
     message = str(e) or type(e).__name__
     head = message.split(" ", 1)[0].rstrip(":")
-    param = head if head in _PARAM_NAMES else None
+    param = head if head.split(".", 1)[0] in _PARAM_NAMES else None
     code = "context_length_exceeded" if "maximum context length" in message else None
     return APIError(message, 400, param=param, code=code)
 

@@ -11,7 +11,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pagedllm.sampling_params import RequestOutputKind, SamplingParams
+from pagedllm.entrypoints.openai.structured_outputs import (
+    REMOVED_GUIDED_FIELDS,
+    from_response_format,
+    from_structured_outputs,
+    pick_constraint,
+    refuse_removed_fields,
+)
+from pagedllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
 # OpenAI's chat top_logprobs limit; completions' legacy `logprobs` is bounded by --max-logprobs.
 MAX_TOP_LOGPROBS = 20
@@ -76,9 +83,34 @@ class SamplingFields(OpenAIBaseModel):
     add_special_tokens: bool | None = None
     request_id: str | None = None
     priority: int = 0
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # Removed by vLLM; declared only to be refused by name (see structured_outputs.py).
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_json_object: Any = None
+    guided_decoding_backend: Any = None
+    guided_whitespace_pattern: Any = None
+
+    def check_structured_fields(self) -> None:
+        refuse_removed_fields({n: getattr(self, n) for n in REMOVED_GUIDED_FIELDS})
+
+    def output_constraint(
+        self, tool_constraint: StructuredOutputsParams | None = None
+    ) -> StructuredOutputsParams | None:
+        """The request's one output constraint (response_format, structured_outputs or a
+        required/named tool_choice); ValueError naming the fields if more than one."""
+        return pick_constraint({
+            "response_format": from_response_format(self.response_format),
+            "structured_outputs": from_structured_outputs(self.structured_outputs),
+            "tool_choice": tool_constraint,
+        })
 
     def _sampling_params(
-        self, max_tokens: int | None, logprobs: int | None, default_max_tokens: int | None
+        self, max_tokens: int | None, logprobs: int | None, default_max_tokens: int | None,
+        constraint: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         bias = None
         if self.logit_bias:
@@ -111,6 +143,7 @@ class SamplingFields(OpenAIBaseModel):
             allowed_token_ids=self.allowed_token_ids,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
             output_kind=RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+            structured_outputs=constraint,
         )
 
 
@@ -120,7 +153,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(default=None, ge=0)
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
-    response_format: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -160,12 +192,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def check_supported(self) -> None:
         """Rejects fields whose meaning we cannot honour (instead of silently ignoring them)."""
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ValueError(
-                "response_format: only {'type': 'text'} is supported (no structured output yet)"
-            )
-        if isinstance(self.tool_choice, dict) or self.tool_choice == "required":
-            raise ValueError("tool_choice: only 'none' and 'auto' are supported")
+        self.check_structured_fields()
         if self.modalities and any(m != "text" for m in self.modalities):
             raise ValueError("modalities: only 'text' is supported")
         if self.audio is not None:
@@ -175,13 +202,18 @@ class ChatCompletionRequest(SamplingFields):
         if self.top_logprobs is not None and self.top_logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs: must be at most {MAX_TOP_LOGPROBS}")
 
-    def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
+    def to_sampling_params(
+        self, default_max_tokens: int | None,
+        tool_constraint: StructuredOutputsParams | None = None,
+    ) -> SamplingParams:
         max_tokens = (
             self.max_completion_tokens if self.max_completion_tokens is not None
             else self.max_tokens
         )
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(max_tokens, logprobs, default_max_tokens)
+        return self._sampling_params(
+            max_tokens, logprobs, default_max_tokens, self.output_constraint(tool_constraint)
+        )
 
 
 PromptInput = str | list[str] | list[int] | list[list[int]]
@@ -196,6 +228,7 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
     def check_supported(self) -> None:
+        self.check_structured_fields()
         if self.suffix:
             raise ValueError("suffix: is not supported (no fill-in-the-middle models)")
         if self.best_of is not None and self.best_of != self.n:
@@ -212,7 +245,9 @@ class CompletionRequest(SamplingFields):
 
     def to_sampling_params(self, default_max_tokens: int | None) -> SamplingParams:
         max_tokens = 1 if self.echo_only else self.max_tokens
-        params = self._sampling_params(max_tokens, self.logprobs, default_max_tokens)
+        params = self._sampling_params(
+            max_tokens, self.logprobs, default_max_tokens, self.output_constraint()
+        )
         if self.echo and self.logprobs is not None and params.prompt_logprobs is None:
             params.prompt_logprobs = self.logprobs
         return params

@@ -32,6 +32,10 @@ class ServerConfig:
     chat_template: str | None = None
     trust_request_chat_template: bool = False
     disable_log_requests: bool = False
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    exclude_tools_when_tool_choice_none: bool = False
+    reasoning_parser: str | None = None
 
 
 class OpenAIServing:

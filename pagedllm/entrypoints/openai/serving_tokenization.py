@@ -17,7 +17,7 @@ class OpenAIServingTokenization(OpenAIServing):
         self.check_request(req.model)
         if isinstance(req, TokenizeChatRequest):
             chat = OpenAIServingChat(self.engine, self.config)
-            text = chat.render(req)  # same template rules as /v1/chat/completions
+            text = chat.render(req, req.tools)  # same template rules as /v1/chat/completions
         else:
             text = req.prompt
         ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
