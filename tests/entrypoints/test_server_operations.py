@@ -1,0 +1,180 @@
+"""Live server with operations flags: request limits and strict types (400 naming the field),
+body-size limit (413), backpressure (503 + Retry-After), --generation-config defaults and
+--shutdown-timeout. One server for the module; the shutdown test stops it and runs last."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.entrypoints.remote_server import RemoteServer, assert_children_exit
+from tests.entrypoints.test_server import assert_error, metric
+
+CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
+PROMPT = "The capital of France is"
+SHUTDOWN_TIMEOUT_S = 2
+BODY_LIMIT_MB = 0.01  # 10485 bytes
+
+
+@pytest.fixture(scope="module")
+def ops_server(tmp_path_factory):
+    gen_dir = tmp_path_factory.mktemp("genconfig")
+    # temperature 0 by default: requests that leave it unset are greedy (and so repeatable).
+    (gen_dir / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.0, "top_p": 0.9, "top_k": 40, "repetition_penalty": 1.0,
+         "eos_token_id": 2}))
+    srv = RemoteServer([
+        "--max-num-seqs", "1", "--max-waiting-requests", "1", "--max-n", "4",
+        "--max-stop-strings", "2", "--max-logit-bias", "2",
+        "--max-request-body-mb", str(BODY_LIMIT_MB), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
+        "--generation-config", str(gen_dir), "--disable-log-requests",
+    ])
+    yield srv
+    children = srv.engine_pids()
+    srv.stop()
+    assert_children_exit(children)
+
+
+def post(srv, path: str, body: dict, **kw) -> httpx.Response:
+    return httpx.post(srv.url + path, json=body, timeout=120, **kw)
+
+
+def chat(**fields) -> dict:
+    return {"messages": CHAT, "max_tokens": 2, **fields}
+
+
+def completion(**fields) -> dict:
+    return {"prompt": PROMPT, "max_tokens": 2, **fields}
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", completion(n=5), "n"),
+    ("/v1/chat/completions", chat(n=100000), "n"),
+    ("/v1/completions", completion(best_of=200), "best_of"),
+    ("/v1/completions", completion(n=0), "n"),
+    ("/v1/completions", completion(stop=["a", "b", "c"]), "stop"),
+    ("/v1/chat/completions", chat(logit_bias={"1": 1, "2": 1, "3": 1}), "logit_bias"),
+    ("/v1/completions", completion(seed=2**64), "seed"),
+    ("/v1/chat/completions", chat(seed=2**63), "seed"),
+    ("/v1/completions", completion(seed=-(2**63) - 1), "seed"),
+    ("/v1/completions", completion(max_tokens="10"), "max_tokens"),
+    ("/v1/completions", completion(max_tokens=10.5), "max_tokens"),
+    ("/v1/chat/completions", chat(max_tokens=True), "max_tokens"),
+    ("/v1/chat/completions", chat(max_completion_tokens="3"), "max_completion_tokens"),
+    ("/v1/completions", completion(logprobs="2"), "logprobs"),
+    ("/v1/completions", completion(logprobs=1.5), "logprobs"),
+    ("/v1/chat/completions", chat(logprobs="yes"), "logprobs"),
+    ("/v1/chat/completions", chat(logprobs=True, top_logprobs="2"), "top_logprobs"),
+    ("/v1/chat/completions", chat(logprobs=True, top_logprobs=2.5), "top_logprobs"),
+    ("/v1/chat/completions",
+     {"messages": [{"role": "robot", "content": "hi"}], "max_tokens": 2}, "messages.0.role"),
+])
+def test_bad_field_is_400_naming_it(ops_server, path, body, param):
+    err = assert_error(post(ops_server, path, body), 400, param)
+    assert err["type"] == "invalid_request_error"
+
+
+def test_limits_edges_are_accepted(ops_server):
+    """The largest allowed values work end to end (a seed of 2^63-1 crosses msgpack)."""
+    r = post(ops_server, "/v1/completions", completion(
+        n=4, seed=2**63 - 1, stop=["x", "y"], logit_bias={"1": -1, "2": -1}, logprobs=1))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 4
+    r = post(ops_server, "/v1/chat/completions", chat(
+        seed=-(2**63), messages=[{"role": "developer", "content": "Be brief."}, *CHAT],
+        logprobs=True, top_logprobs=2))
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 2
+
+
+def test_request_body_over_limit_is_413(ops_server):
+    big = completion(prompt="word " * 3000)  # ~15 kB > 10485 bytes
+    err = assert_error(post(ops_server, "/v1/completions", big), 413, None)
+    assert "--max-request-body-mb" in err["message"] and err["code"] == "request_too_large"
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 4096):
+            yield data[i:i + 4096]
+
+    r = httpx.post(ops_server.url + "/v1/completions", content=chunks(),
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert_error(r, 413, None)
+    # Under the limit, still served.
+    assert post(ops_server, "/v1/completions", completion()).status_code == 200
+
+
+def test_generation_config_defaults_apply_when_unset(ops_server):
+    assert "default sampling parameters from" in ops_server.read_log()
+    kw = {"prompt": PROMPT, "max_tokens": 6, "ignore_eos": True}
+    texts = {post(ops_server, "/v1/completions", kw).json()["choices"][0]["text"]
+             for _ in range(2)}
+    assert len(texts) == 1  # temperature 0 from generation_config.json: greedy
+    greedy = post(ops_server, "/v1/completions",
+                  {**kw, "temperature": 0, "top_p": 0.9, "top_k": 40}).json()
+    assert greedy["choices"][0]["text"] in texts
+    # A request that sets temperature overrides the default: n=4 hot samples differ.
+    hot = post(ops_server, "/v1/completions", {**kw, "temperature": 1.5, "top_k": 0,
+                                               "top_p": 1.0, "n": 3, "seed": 3}).json()
+    assert len({c["text"] for c in hot["choices"]}) > 1
+
+
+def _waiting(srv) -> float:
+    return metric(httpx.get(srv.url + "/metrics").text, "pagedllm:num_requests_waiting")
+
+
+def test_max_waiting_requests_503_with_retry_after(ops_server):
+    """--max-num-seqs 1 and --max-waiting-requests 1: one runs, one waits, the next is
+    refused at once with a 503 and Retry-After; the waiting one is still served."""
+    long = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", ops_server.url + "/v1/completions", json=long, timeout=120) as s:
+        lines = s.iter_lines()
+        assert next(lines).startswith("data: ")  # running
+        second: dict = {}
+        t = threading.Thread(target=lambda: second.update(
+            r=post(ops_server, "/v1/completions", completion(max_tokens=3))))
+        t.start()
+        deadline = time.monotonic() + 30
+        while _waiting(ops_server) < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _waiting(ops_server) == 1
+        t0 = time.monotonic()
+        r = post(ops_server, "/v1/chat/completions", chat())
+        assert time.monotonic() - t0 < 5
+        err = assert_error(r, 503, None)
+        assert err["code"] == "server_overloaded" and "--max-waiting-requests" in err["message"]
+        assert int(r.headers["retry-after"]) >= 1
+    # Closing the stream aborts the long request; the waiting one then runs.
+    t.join(60)
+    assert second["r"].status_code == 200, second["r"].text
+    assert post(ops_server, "/v1/completions", completion()).status_code == 200
+
+
+def test_zz_sigterm_drains_for_shutdown_timeout_then_exits(ops_server):
+    """A request far longer than --shutdown-timeout is in flight: SIGTERM stops the server
+    after the drain time, not after the default 30 s nor when the request ends."""
+    long = {"prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
+    received: list[str] = []
+    with httpx.stream("POST", ops_server.url + "/v1/completions", json=long, timeout=120) as s:
+        lines = s.iter_lines()
+        received.append(next(lines))
+        assert received[0].startswith("data: ")
+        children = ops_server.engine_pids()
+        t0 = time.monotonic()
+        code = ops_server.stop(timeout=60)
+        elapsed = time.monotonic() - t0
+        try:
+            received.extend(lines)
+        except httpx.HTTPError:
+            pass  # the server cut the stream
+    with open(ops_server.log_path) as f:
+        log = f.read()
+    assert code in (0, -15), log[-2000:]  # uvicorn re-raises SIGTERM once it has shut down
+    assert "data: [DONE]" not in received, (elapsed, received[-3:], log[-3000:])
+    assert "timeout graceful shutdown exceeded" in log, (elapsed, received[-3:], log[-3000:])
+    assert SHUTDOWN_TIMEOUT_S <= elapsed < SHUTDOWN_TIMEOUT_S + 20, elapsed
+    assert_children_exit(children)
