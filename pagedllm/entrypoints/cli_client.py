@@ -117,7 +117,9 @@ def _inputs(args: argparse.Namespace, stdin: TextIO, prompt: str) -> Iterator[st
             yield line
 
 
-def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None,
+             out: TextIO | None = None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     client, model = _connect(args)
     messages: list[dict] = []
     if args.system_prompt:
@@ -137,8 +139,9 @@ def run_chat(args: argparse.Namespace, stdin: TextIO = sys.stdin, out: TextIO = 
     return 0
 
 
-def run_complete(args: argparse.Namespace, stdin: TextIO = sys.stdin,
-                 out: TextIO = sys.stdout) -> int:
+def run_complete(args: argparse.Namespace, stdin: TextIO | None = None,
+                 out: TextIO | None = None) -> int:
+    stdin, out = stdin or sys.stdin, out or sys.stdout
     client, model = _connect(args)
     for text in _inputs(args, stdin, "> "):
         body = {"model": model, "prompt": text, **_sampling(args)}
