@@ -1,10 +1,12 @@
 """Live server with operations flags: request limits and strict types (400 naming the field),
-body-size limit (413), backpressure (503 + Retry-After), --generation-config defaults and
---shutdown-timeout. One server for the module; the shutdown test stops it and runs last."""
+body-size limit (413), backpressure (503 + Retry-After), --generation-config defaults, the
+/dashboard page and its stats under load (behind --api-key) and --shutdown-timeout. One
+server for the module; the shutdown test stops it and runs last."""
 
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 
@@ -18,6 +20,8 @@ CHAT = [{"role": "user", "content": "Write one sentence about the sea."}]
 PROMPT = "The capital of France is"
 SHUTDOWN_TIMEOUT_S = 2
 BODY_LIMIT_MB = 0.01  # 10485 bytes
+KEY = "ops-test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +35,7 @@ def ops_server(tmp_path_factory):
         "--max-num-seqs", "1", "--max-waiting-requests", "1", "--max-n", "4",
         "--max-stop-strings", "2", "--max-logit-bias", "2",
         "--max-request-body-mb", str(BODY_LIMIT_MB), "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
-        "--generation-config", str(gen_dir), "--disable-log-requests",
+        "--generation-config", str(gen_dir), "--disable-log-requests", "--api-key", KEY,
     ])
     yield srv
     children = srv.engine_pids()
@@ -40,7 +44,11 @@ def ops_server(tmp_path_factory):
 
 
 def post(srv, path: str, body: dict, **kw) -> httpx.Response:
-    return httpx.post(srv.url + path, json=body, timeout=120, **kw)
+    return httpx.post(srv.url + path, json=body, timeout=120, headers=AUTH, **kw)
+
+
+def get(srv, path: str, **kw) -> httpx.Response:
+    return httpx.get(srv.url + path, timeout=30, headers=AUTH, **kw)
 
 
 def chat(**fields) -> dict:
@@ -102,7 +110,7 @@ def test_request_body_over_limit_is_413(ops_server):
             yield data[i:i + 4096]
 
     r = httpx.post(ops_server.url + "/v1/completions", content=chunks(),
-                   headers={"content-type": "application/json"}, timeout=60)
+                   headers={"content-type": "application/json", **AUTH}, timeout=60)
     assert_error(r, 413, None)
     # Under the limit, still served.
     assert post(ops_server, "/v1/completions", completion()).status_code == 200
@@ -124,14 +132,15 @@ def test_generation_config_defaults_apply_when_unset(ops_server):
 
 
 def _waiting(srv) -> float:
-    return metric(httpx.get(srv.url + "/metrics").text, "pagedllm:num_requests_waiting")
+    return metric(get(srv, "/metrics").text, "pagedllm:num_requests_waiting")
 
 
 def test_max_waiting_requests_503_with_retry_after(ops_server):
     """--max-num-seqs 1 and --max-waiting-requests 1: one runs, one waits, the next is
     refused at once with a 503 and Retry-After; the waiting one is still served."""
     long = {"prompt": PROMPT, "max_tokens": 400, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", ops_server.url + "/v1/completions", json=long, timeout=120) as s:
+    with httpx.stream("POST", ops_server.url + "/v1/completions", json=long, timeout=120,
+                      headers=AUTH) as s:
         lines = s.iter_lines()
         assert next(lines).startswith("data: ")  # running
         second: dict = {}
@@ -154,12 +163,62 @@ def test_max_waiting_requests_503_with_retry_after(ops_server):
     assert post(ops_server, "/v1/completions", completion()).status_code == 200
 
 
+def test_dashboard_page_is_self_contained_and_public(ops_server):
+    r = httpx.get(ops_server.url + "/dashboard")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert "dashboard/stats" in page and "setInterval(poll, 1000)" in page
+    assert "Authorization" in page and 'type="password"' in page  # it asks for the key
+    # No external assets: nothing loaded from another origin.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<script src" not in page and "<link" not in page
+    assert_error(httpx.get(ops_server.url + "/dashboard/stats"), 401, None)
+
+
+def test_dashboard_stats_follow_load_and_agree_with_metrics(ops_server):
+    long = {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", ops_server.url + "/v1/completions", json=long, timeout=120,
+                      headers=AUTH) as s:
+        lines = s.iter_lines()
+        assert next(lines).startswith("data: ")
+        first = get(ops_server, "/dashboard/stats").json()
+        time.sleep(1.0)
+        second = get(ops_server, "/dashboard/stats").json()
+        for snap in (first, second):
+            assert snap["running"] == 1 and snap["kv_cache_usage"] > 0
+            rows = [r for r in snap["requests"] if r["max_tokens"] == 40]
+            assert len(rows) == 1 and rows[0]["state"] == "running"
+            assert rows[0]["prompt_tokens"] > 0
+        before = [r for r in first["requests"] if r["max_tokens"] == 40][0]
+        after = [r for r in second["requests"] if r["max_tokens"] == 40][0]
+        assert after["generated_tokens"] > before["generated_tokens"]
+        assert second["generation_tokens_total"] > first["generation_tokens_total"]
+        assert second["generation_tokens_per_s"] > 0
+        assert second["ttft_s"]["p50"] is not None and second["tpot_s"]["p50"] is not None
+        assert second["ttft_s"]["p50"] <= second["ttft_s"]["p99"]
+        list(lines)  # to the end
+    deadline = time.monotonic() + 10
+    while get(ops_server, "/dashboard/stats").json()["requests"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    idle = get(ops_server, "/dashboard/stats").json()
+    text = get(ops_server, "/metrics").text
+    assert idle["requests"] == [] and idle["running"] == 0 and idle["waiting"] == 0
+    assert idle["running"] == metric(text, "pagedllm:num_requests_running")
+    assert idle["generation_tokens_total"] == metric(text, "pagedllm:generation_tokens_total")
+    assert idle["prompt_tokens_total"] == metric(text, "pagedllm:prompt_tokens_total")
+    assert idle["num_preemptions_total"] == metric(text, "pagedllm:num_preemptions_total")
+    finished = sum(metric(text, "pagedllm:request_success_total", finished_reason=r)
+                   for r in ("stop", "length", "abort"))
+    assert idle["finished_requests_total"] == finished
+
+
 def test_zz_sigterm_drains_for_shutdown_timeout_then_exits(ops_server):
     """A request far longer than --shutdown-timeout is in flight: SIGTERM stops the server
     after the drain time, not after the default 30 s nor when the request ends."""
     long = {"prompt": PROMPT, "max_tokens": 1000, "ignore_eos": True, "stream": True}
     received: list[str] = []
-    with httpx.stream("POST", ops_server.url + "/v1/completions", json=long, timeout=120) as s:
+    with httpx.stream("POST", ops_server.url + "/v1/completions", json=long, timeout=120,
+                      headers=AUTH) as s:
         lines = s.iter_lines()
         received.append(next(lines))
         assert received[0].startswith("data: ")

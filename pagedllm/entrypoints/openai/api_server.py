@@ -23,6 +23,7 @@ from pagedllm.config import EngineConfig
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.openai import cli_args
 from pagedllm.entrypoints.openai.body_limit import BodySizeLimitMiddleware
+from pagedllm.entrypoints.openai.dashboard import DashboardStats, install_dashboard_routes
 from pagedllm.entrypoints.openai.errors import (
     APIError,
     error_body,
@@ -50,8 +51,9 @@ from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokeni
 logger = logging.getLogger("pagedllm.api_server")
 
 STATS_LOG_INTERVAL_S = 10.0
-# Reachable without the API key (vLLM guards only /v1/*; we deny by default).
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/version"})
+# Reachable without the API key (vLLM guards only /v1/*; we deny by default). The dashboard
+# page holds no data: it asks for the key and sends it with /dashboard/stats.
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/dashboard"})
 
 
 class APIKeyMiddleware:
@@ -92,10 +94,11 @@ def build_app(
     num_engines = config.parallel_config.data_parallel_size
     prometheus = PrometheusStatLogger(model_name, config.model_config.max_model_len, num_engines)
     log_stats_logger = LoggingStatLogger(num_engines)
+    dashboard_stats = DashboardStats(num_engines)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = AsyncLLM(config, stat_loggers=[prometheus, log_stats_logger], log_level=log_level)
+        engine = AsyncLLM(config, stat_loggers=[prometheus, log_stats_logger, dashboard_stats], log_level=log_level)
         await engine.start()
         state = app.state
         state.engine = engine
@@ -122,6 +125,7 @@ def build_app(
     from pagedllm.entrypoints.openai.serving_embedding import install_embedding_routes
 
     install_embedding_routes(app, config)
+    install_dashboard_routes(app, dashboard_stats)
     if max_request_body_bytes is not None:
         app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:
