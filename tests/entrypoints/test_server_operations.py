@@ -6,7 +6,9 @@ server for the module; the shutdown test stops it and runs last."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import threading
 import time
 
@@ -210,6 +212,51 @@ def test_dashboard_stats_follow_load_and_agree_with_metrics(ops_server):
     finished = sum(metric(text, "pagedllm:request_success_total", finished_reason=r)
                    for r in ("stop", "length", "abort"))
     assert idle["finished_requests_total"] == finished
+
+
+def test_dashboard_in_headless_chromium_under_load(ops_server, tmp_path):
+    """The real page in Chromium (system package) driven by Playwright: it asks for the key,
+    then its figures follow a live request and end equal to /metrics."""
+    from playwright.sync_api import expect, sync_playwright
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is not installed (make test installs it as root)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(ops_server.url + "/dashboard")
+            expect(page.locator("#status")).to_have_text("API key required", timeout=20_000)
+            page.fill("#key", KEY)
+            page.click("button[type=submit]")
+            expect(page.locator("#status")).to_contain_text("live", timeout=20_000)
+            long = {"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True}
+            worker = threading.Thread(target=lambda: post(ops_server, "/v1/completions", long))
+            worker.start()
+            expect(page.locator("#running")).to_have_text("1", timeout=30_000)
+            row = page.locator("tr.request").first
+            expect(row).to_contain_text("running", timeout=10_000)
+            generated = int(row.locator("td").nth(3).inner_text())
+            total = int(page.inner_text("#gen_total"))
+            page.wait_for_function(
+                f"Number(document.getElementById('gen_total').textContent) > {total}",
+                timeout=20_000)
+            page.wait_for_function(
+                "(g) => { const r = document.querySelector('tr.request');"
+                " return r !== null && Number(r.children[3].textContent) > g; }",
+                arg=generated, timeout=20_000)
+            assert float(page.inner_text("#gen_tps")) > 0
+            assert "ms" in page.inner_text("#ttft")
+            shot = os.environ.get("PAGEDLLM_DASHBOARD_SCREENSHOT") or str(tmp_path / "dash.png")
+            page.screenshot(path=shot, full_page=True)
+            worker.join(120)
+            expect(page.locator("#running")).to_have_text("0", timeout=30_000)
+            expect(page.locator("tr.request")).to_have_count(0, timeout=10_000)
+            text = get(ops_server, "/metrics").text
+            expected = int(metric(text, "pagedllm:generation_tokens_total"))
+            expect(page.locator("#gen_total")).to_have_text(str(expected), timeout=10_000)
+        finally:
+            browser.close()
 
 
 def test_zz_sigterm_drains_for_shutdown_timeout_then_exits(ops_server):
