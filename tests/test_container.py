@@ -104,6 +104,7 @@ def test_compose_shape():
     assert gpu["driver"] == "nvidia" and gpu["capabilities"] == ["gpu"]
     assert "http://localhost:8000/health" in " ".join(server["healthcheck"]["test"])
     assert server["restart"] == "unless-stopped"
+    assert int(server["stop_grace_period"].rstrip("s")) > 30  # the default --shutdown-timeout
     assert "profiles" not in server
     for name in ("prometheus", "grafana"):
         assert compose["services"][name]["profiles"] == ["monitoring"]
