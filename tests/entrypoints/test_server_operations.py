@@ -15,6 +15,7 @@ import time
 import httpx
 import pytest
 
+from pagedllm.entrypoints import cli
 from tests.entrypoints.remote_server import RemoteServer, assert_children_exit
 from tests.entrypoints.test_server import assert_error, metric
 
@@ -257,6 +258,19 @@ def test_dashboard_in_headless_chromium_under_load(ops_server, tmp_path):
             expect(page.locator("#gen_total")).to_have_text(str(expected), timeout=10_000)
         finally:
             browser.close()
+
+
+def test_cli_clients_send_the_api_key(ops_server, capsys, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    monkeypatch.delenv("PAGEDLLM_API_KEY", raising=False)
+    url = ops_server.url + "/v1"
+    assert cli.main(["complete", "--url", url, "-q", PROMPT, "--max-tokens", "4"]) == 1
+    assert "401" in capsys.readouterr().err
+    assert cli.main(["complete", "--url", url, "--api-key", KEY, "-q", PROMPT,
+                     "--max-tokens", "4", "--temperature", "0"]) == 0
+    expected = post(ops_server, "/v1/completions",
+                    {"prompt": PROMPT, "max_tokens": 4, "temperature": 0}).json()
+    assert capsys.readouterr().out == expected["choices"][0]["text"] + "\n"
 
 
 def test_zz_sigterm_drains_for_shutdown_timeout_then_exits(ops_server):
