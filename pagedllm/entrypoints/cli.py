@@ -1,4 +1,5 @@
-"""The `pagedllm` command: `pagedllm serve [MODEL] [flags]` (more subcommands register here).
+"""The `pagedllm` command: `pagedllm serve [MODEL] [flags]`, `bench`, `chat`, `complete`,
+`collect-env` (more subcommands register here).
 
 Each subcommand module exposes `register_subcommand(subparsers)` that adds its parser and sets
 `func` (called with the parsed args, returns an exit code).
@@ -34,6 +35,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 SUBCOMMANDS: list[Callable] = [
     _register_serve,
     __import__("pagedllm.entrypoints.bench").entrypoints.bench.register_subcommand,
+    __import__("pagedllm.entrypoints.cli_client").entrypoints.cli_client.register_subcommand,
+    __import__("pagedllm.entrypoints.collect_env").entrypoints.collect_env.register_subcommand,
 ]
 
 

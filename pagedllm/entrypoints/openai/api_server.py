@@ -2,8 +2,8 @@
 
 Run: `python -m pagedllm.entrypoints.openai.api_server --model M [flags]` or `pagedllm serve`.
 The engine core runs in its own process (AsyncLLM); this process validates, tokenizes,
-detokenizes and streams. SIGTERM drains in-flight requests for up to SHUTDOWN_TIMEOUT_S, then
-stops the engine process.
+detokenizes and streams. SIGTERM drains in-flight requests for up to `--shutdown-timeout`
+seconds (default 30), then stops the engine process.
 """
 
 from __future__ import annotations
@@ -22,12 +22,15 @@ import pagedllm
 from pagedllm.config import EngineConfig
 from pagedllm.engine.async_llm import AsyncLLM
 from pagedllm.entrypoints.openai import cli_args
+from pagedllm.entrypoints.openai.body_limit import BodySizeLimitMiddleware
+from pagedllm.entrypoints.openai.dashboard import DashboardStats, install_dashboard_routes
 from pagedllm.entrypoints.openai.errors import (
     APIError,
     error_body,
     error_response,
     install_error_handlers,
 )
+from pagedllm.entrypoints.openai.generation_config import load_sampling_defaults
 from pagedllm.entrypoints.openai.metrics import (
     PROMETHEUS_CONTENT_TYPE,
     LoggingStatLogger,
@@ -47,10 +50,10 @@ from pagedllm.entrypoints.openai.serving_tokenization import OpenAIServingTokeni
 
 logger = logging.getLogger("pagedllm.api_server")
 
-SHUTDOWN_TIMEOUT_S = 30
 STATS_LOG_INTERVAL_S = 10.0
-# Reachable without the API key (vLLM guards only /v1/*; we deny by default).
-PUBLIC_PATHS = frozenset({"/health", "/ping", "/version"})
+# Reachable without the API key (vLLM guards only /v1/*; we deny by default). The dashboard
+# page holds no data: it asks for the key and sends it with /dashboard/stats.
+PUBLIC_PATHS = frozenset({"/health", "/ping", "/version", "/dashboard"})
 
 
 class APIKeyMiddleware:
@@ -85,15 +88,17 @@ def build_app(
     api_key: str | None = None,
     log_stats: bool = True,
     log_level: str = "INFO",
+    max_request_body_bytes: int | None = None,
 ) -> FastAPI:
     model_name = server_config.served_model_names[0]
     num_engines = config.parallel_config.data_parallel_size
     prometheus = PrometheusStatLogger(model_name, config.model_config.max_model_len, num_engines)
     log_stats_logger = LoggingStatLogger(num_engines)
+    dashboard_stats = DashboardStats(num_engines)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        engine = AsyncLLM(config, stat_loggers=[prometheus, log_stats_logger], log_level=log_level)
+        engine = AsyncLLM(config, stat_loggers=[prometheus, log_stats_logger, dashboard_stats], log_level=log_level)
         await engine.start()
         state = app.state
         state.engine = engine
@@ -120,6 +125,9 @@ def build_app(
     from pagedllm.entrypoints.openai.serving_embedding import install_embedding_routes
 
     install_embedding_routes(app, config)
+    install_dashboard_routes(app, dashboard_stats)
+    if max_request_body_bytes is not None:
+        app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     return app
@@ -205,6 +213,9 @@ def run_server(args: argparse.Namespace) -> int:
         engine_args = cli_args.engine_args_from_cli(args)
         config = engine_args.create_engine_config()
         chat_template = cli_args.load_chat_template(args.chat_template)
+        sampling_defaults = load_sampling_defaults(
+            args.generation_config, config.model_config.model_path
+        )
     except (ValueError, NotImplementedError, OSError) as e:
         print(f"pagedllm serve: error: {e}", file=sys.stderr)
         return 2
@@ -217,10 +228,13 @@ def run_server(args: argparse.Namespace) -> int:
         tool_call_parser=args.tool_call_parser,
         exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
         reasoning_parser=args.reasoning_parser,
+        limits=cli_args.request_limits_from_args(args),
+        default_sampling=sampling_defaults,
     )
     app = build_app(
         config, server_config, api_key=cli_args.api_key_from_args(args),
         log_stats=not args.disable_log_stats,
+        max_request_body_bytes=int(args.max_request_body_mb * 2**20),
     )
     try:
         import uvloop  # noqa: F401
@@ -231,7 +245,7 @@ def run_server(args: argparse.Namespace) -> int:
     uv_config = uvicorn.Config(
         app, host=args.host, port=args.port, loop=loop,
         log_level=args.uvicorn_log_level, access_log=not args.disable_uvicorn_access_log,
-        timeout_graceful_shutdown=SHUTDOWN_TIMEOUT_S, timeout_keep_alive=5,
+        timeout_graceful_shutdown=args.shutdown_timeout, timeout_keep_alive=5,
     )
     server = uvicorn.Server(uv_config)
     logger.info("starting pagedllm %s API server for %s on http://%s:%d",

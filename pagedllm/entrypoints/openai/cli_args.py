@@ -16,6 +16,7 @@ from pagedllm.config import (
     SCHEDULING_POLICIES,
 )
 from pagedllm.engine.arg_utils import EngineArgs
+from pagedllm.entrypoints.openai import limits
 
 
 def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
@@ -97,6 +98,31 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--disable-log-requests", action="store_true")
     parser.add_argument("--disable-log-stats", action="store_true")
     parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    add_operations_args(parser)
+
+
+def add_operations_args(parser: argparse.ArgumentParser) -> None:
+    """Request limits, backpressure, shutdown and generation defaults."""
+    parser.add_argument("--max-n", type=int, default=limits.DEFAULT_MAX_N,
+                        help="largest n (and best_of) a request may ask for (default 128, "
+                        "OpenAI's limit); above it a 400")
+    parser.add_argument("--max-stop-strings", type=int, default=limits.DEFAULT_MAX_STOP_STRINGS,
+                        help="most stop strings per request (default %(default)s)")
+    parser.add_argument("--max-logit-bias", type=int, default=limits.DEFAULT_MAX_LOGIT_BIAS,
+                        help="most logit_bias entries per request (default %(default)s)")
+    parser.add_argument("--max-request-body-mb", type=float,
+                        default=limits.DEFAULT_MAX_REQUEST_BODY_MB,
+                        help="largest request body in MiB (default %(default)s); above it a 413")
+    parser.add_argument("--max-waiting-requests", type=int, default=None,
+                        help="refuse new requests with a 503 and Retry-After while this many "
+                        "are waiting for the engine (default: unbounded)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds SIGTERM waits for in-flight requests before stopping "
+                        "(default %(default)s)")
+    parser.add_argument("--generation-config", default="auto",
+                        help="sampling defaults: auto (the model's generation_config.json), "
+                        "vllm (none: pagedllm's own defaults) or a directory holding a "
+                        "generation_config.json")
 
 
 def make_arg_parser(prog: str = "pagedllm.entrypoints.openai.api_server") -> argparse.ArgumentParser:
@@ -124,6 +150,15 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--gpu-memory-utilization must be in (0, 1]")
     if args.max_logprobs < -1:
         raise ValueError("--max-logprobs must be >= -1")
+    for flag in ("max_n", "max_stop_strings", "max_logit_bias"):
+        if getattr(args, flag) < (1 if flag == "max_n" else 0):
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= {1 if flag == 'max_n' else 0}")
+    if args.max_request_body_mb <= 0:
+        raise ValueError("--max-request-body-mb must be > 0")
+    if args.max_waiting_requests is not None and args.max_waiting_requests < 0:
+        raise ValueError("--max-waiting-requests must be >= 0")
+    if args.shutdown_timeout < 0:
+        raise ValueError("--shutdown-timeout must be >= 0")
     validate_tool_and_reasoning_args(args)
 
 
@@ -142,6 +177,13 @@ def validate_tool_and_reasoning_args(args: argparse.Namespace) -> None:
         get_tool_parser(args.tool_call_parser)
     if args.reasoning_parser:
         get_reasoning_parser(args.reasoning_parser)
+
+
+def request_limits_from_args(args: argparse.Namespace) -> limits.RequestLimits:
+    return limits.RequestLimits(
+        max_n=args.max_n, max_stop_strings=args.max_stop_strings,
+        max_logit_bias=args.max_logit_bias, max_waiting_requests=args.max_waiting_requests,
+    )
 
 
 def load_chat_template(value: str | None) -> str | None:

@@ -24,6 +24,7 @@ _TYPES = {
     401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     500: "internal_server_error",
     503: "service_unavailable_error",
 }
@@ -43,7 +44,7 @@ class APIError(Exception):
 
     def __init__(
         self, message: str, status: int = 400, param: str | None = None, code: str | None = None,
-        err_type: str | None = None,
+        err_type: str | None = None, headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -51,6 +52,7 @@ class APIError(Exception):
         self.param = param
         self.code = code
         self.err_type = err_type or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers  # e.g. Retry-After on a 503
 
 
 def error_body(message: str, err_type: str, param: str | None = None, code=None) -> dict:
@@ -59,10 +61,11 @@ def error_body(message: str, err_type: str, param: str | None = None, code=None)
 
 def error_response(
     message: str, status: int = 400, param: str | None = None, code: str | None = None,
-    err_type: str | None = None,
+    err_type: str | None = None, headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     err_type = err_type or _TYPES.get(status, "invalid_request_error")
-    return JSONResponse(error_body(message, err_type, param, code), status_code=status)
+    return JSONResponse(error_body(message, err_type, param, code), status_code=status,
+                        headers=headers)
 
 
 def bad_request_from_value_error(e: ValueError) -> APIError:
@@ -101,7 +104,8 @@ async def _on_validation_error(request: Request, exc: RequestValidationError) ->
 
 
 async def _on_api_error(request: Request, exc: APIError) -> JSONResponse:
-    return error_response(exc.message, exc.status, exc.param, exc.code, exc.err_type)
+    return error_response(exc.message, exc.status, exc.param, exc.code, exc.err_type,
+                          exc.headers)
 
 
 async def _on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -7,9 +7,9 @@ extras is a 400 naming it. Accepted-but-ignored OpenAI fields are listed in the 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from pagedllm.entrypoints.openai.structured_outputs import (
     REMOVED_GUIDED_FIELDS,
@@ -22,6 +22,11 @@ from pagedllm.sampling_params import RequestOutputKind, SamplingParams, Structur
 
 # OpenAI's chat top_logprobs limit; completions' legacy `logprobs` is bounded by --max-logprobs.
 MAX_TOP_LOGPROBS = 20
+# msgpack (the engine boundary) and torch generators take a signed 64-bit seed.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+# Counts OpenAI types as integers: "10", 10.0 and true are refused, not coerced.
+NonNegativeInt = Annotated[StrictInt, Field(ge=0)]
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
 class OpenAIBaseModel(BaseModel):
@@ -44,7 +49,7 @@ class ContentPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
+    role: ChatRole
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
@@ -59,7 +64,7 @@ class SamplingFields(OpenAIBaseModel):
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     n: int = 1
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -149,10 +154,10 @@ class SamplingFields(OpenAIBaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage]
-    logprobs: bool | None = False
-    top_logprobs: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    logprobs: StrictBool | None = False
+    top_logprobs: NonNegativeInt | None = None
+    max_tokens: StrictInt | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: StrictInt | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -223,8 +228,8 @@ class CompletionRequest(SamplingFields):
     prompt: PromptInput
     best_of: int | None = None
     echo: bool = False
-    logprobs: int | None = Field(default=None, ge=0)
-    max_tokens: int | None = 16
+    logprobs: NonNegativeInt | None = None
+    max_tokens: StrictInt | None = 16
     suffix: str | None = None
 
     def check_supported(self) -> None:

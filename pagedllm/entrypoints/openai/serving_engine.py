@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedError
 from pagedllm.entrypoints.openai.errors import APIError, bad_request_from_value_error, error_body
+from pagedllm.entrypoints.openai.generation_config import apply_sampling_defaults
+from pagedllm.entrypoints.openai.limits import RequestLimits
 from pagedllm.entrypoints.openai.streaming import ClientDisconnected
 from pagedllm.outputs import Logprob
 
@@ -36,6 +38,9 @@ class ServerConfig:
     tool_call_parser: str | None = None
     exclude_tools_when_tool_choice_none: bool = False
     reasoning_parser: str | None = None
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    # Sampling defaults for fields a request leaves unset (--generation-config).
+    default_sampling: dict[str, float | int] = field(default_factory=dict)
 
 
 class OpenAIServing:
@@ -67,6 +72,8 @@ class OpenAIServing:
         """Model, engine health, unsupported fields and stream_options: the checks every
         generation endpoint runs first. Returns the model name to report."""
         model = self.check_request(req.model)
+        self.config.limits.check(req, self.engine)
+        apply_sampling_defaults(req, self.config.default_sampling)
         req.check_supported()
         if req.stream_options is not None and not req.stream:
             raise ValueError("stream_options: only allowed when stream is true")
@@ -80,7 +87,8 @@ class OpenAIServing:
             return Response(status_code=499)
         err = cls.to_api_error(e)
         return JSONResponse(
-            error_body(err.message, err.err_type, err.param, err.code), status_code=err.status
+            error_body(err.message, err.err_type, err.param, err.code), status_code=err.status,
+            headers=err.headers,
         )
 
     def check_context_length(
