@@ -77,7 +77,8 @@ class RemoteServer:
         raise RuntimeError(f"server not ready in {START_TIMEOUT_S} s:\n{self.read_log()}")
 
     def read_log(self) -> str:
-        self.log.flush()
+        if not self.log.closed:  # stop() closes it; the file stays readable
+            self.log.flush()
         with open(self.log_path) as f:
             return f.read()
 
