@@ -16,6 +16,7 @@ from pagedllm.model_executor.layers.quantization import (
     process_weights_after_loading,
     quantize_model,
 )
+from pagedllm.model_executor.layers.quantization.base_config import checkpoint_module_names
 from pagedllm.model_executor.loader.errors import ModelLoadError
 from pagedllm.model_executor.loader.gguf_loader import iterate_gguf_weights
 from pagedllm.model_executor.loader.safetensors_loader import iterate_hf_weights
@@ -58,19 +59,37 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     init_buffers(model)
 
 
-def load_weights_checked(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Loads `weights` and raises ModelLoadError naming every parameter left unloaded."""
+def load_weights_checked(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    quant_config: QuantizationConfig | None = None,
+) -> None:
+    """Loads `weights` and raises ModelLoadError naming every parameter left unloaded (and
+    the quantization, whose tensors are the usual suspects)."""
+    what = f"{quant_config.get_name()} checkpoint" if quant_config is not None else "checkpoint"
     try:
         loaded = model.load_weights(weights)
     except ValueError as e:
         if isinstance(e, ModelLoadError):
             raise
-        raise ModelLoadError(f"checkpoint does not fit the model: {e}") from e
+        raise ModelLoadError(f"{what} does not fit the model: {e}") from e
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
     if missing:
-        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20
-                                           else "")
-        raise ModelLoadError(f"checkpoint lacks tensors for these parameters: {shown}")
+        shown = ", ".join(_with_checkpoint_names(n) for n in missing[:20])
+        if len(missing) > 20:
+            shown += f" ... ({len(missing)} in all)"
+        hint = (f" (quantization {quant_config.describe()} expects them)"
+                if quant_config is not None else "")
+        raise ModelLoadError(f"{what} lacks tensors for these parameters{hint}: {shown}")
+
+
+def _with_checkpoint_names(param_name: str) -> str:
+    """`...qkv_proj.weight_scale` -> that name plus the checkpoint tensors it stands for."""
+    module, _, leaf = param_name.rpartition(".")
+    parts = checkpoint_module_names(module)
+    if parts == [module]:
+        return param_name
+    return f"{param_name} ({', '.join(f'{p}.{leaf}' for p in parts)})"
 
 
 def _apply_quantization(
@@ -109,9 +128,14 @@ def load_model(
         quant_config = _apply_quantization(model, model_config, device)
     # One allocation on the target device; values come from the checkpoint next.
     materialize(model, device)
-    load_weights_checked(model, iterate_weights(model_config))
+    load_weights_checked(model, iterate_weights(model_config), quant_config)
     if quant_config is not None:
-        process_weights_after_loading(model)
+        try:
+            process_weights_after_loading(model)
+        except ValueError as e:
+            if isinstance(e, ModelLoadError):
+                raise
+            raise ModelLoadError(f"{quant_config.get_name()} checkpoint: {e}") from e
     logger.info(
         "loaded %s (%s) on %s%s", model_config.model_path, model_cls.__name__, device,
         f", quantization {quant_config.describe()}" if quant_config is not None else "",

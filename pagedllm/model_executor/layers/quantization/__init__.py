@@ -140,12 +140,16 @@ def quantize_model(model: nn.Module, quant_config: QuantizationConfig) -> int:
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Lets each linear layer's method repack / quantize its loaded weights."""
+    """Lets each linear layer's method repack / quantize its loaded weights; a ValueError
+    names the layer."""
     from pagedllm.model_executor.layers.linear import LinearBase
 
-    for module in model.modules():
+    for prefix, module in model.named_modules():
         if isinstance(module, LinearBase):
-            module.linear_method.process_weights_after_loading(module)
+            try:
+                module.linear_method.process_weights_after_loading(module)
+            except ValueError as e:
+                raise ValueError(f"layer {prefix}: {e}") from e
 
 
 __all__ = [

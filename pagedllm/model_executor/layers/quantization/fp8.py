@@ -1,0 +1,216 @@
+"""fp8 (e4m3) W8A8 linear layers: `--quantization fp8` and `quant_method: fp8` checkpoints.
+
+Two sources, one layout after loading:
+- on the fly: a 16-bit checkpoint is loaded as is and each weight is quantized in
+  `process_weights_after_loading` with one scale per output channel; activations get a
+  dynamic scale per token.
+- pre-quantized (`quant_method: fp8`, as AutoFP8 / llm-compressor / vLLM write it): an e4m3
+  `weight`, a per-tensor `weight_scale` and, with `activation_scheme: static`, a per-tensor
+  `input_scale`. A fused layer (qkv, gate_up) receives one scale per checkpoint tensor; each
+  is kept for its own output rows (no requantization, so no second rounding), and the shards'
+  input scales collapse to their maximum (they quantize the same input).
+
+After loading every layer holds `weight` [out, in] e4m3, `weight_scale` [out] fp32 and, for
+static activations, `input_scale` [1] fp32; `fp8_gemm.apply_fp8_linear` multiplies.
+The compressed-tensors FP8 schemes reuse `Fp8LinearMethod` (see compressed_tensors.py).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedllm.model_executor.layers.linear import LinearMethod
+from pagedllm.model_executor.layers.quantization import register_quantization_config
+from pagedllm.model_executor.layers.quantization.base_config import (
+    QuantizationConfig,
+    is_layer_skipped,
+)
+from pagedllm.model_executor.layers.quantization.fp8_gemm import (
+    FP8_DTYPE,
+    apply_fp8_linear,
+    device_has_fp8_gemm,
+    quantize_weight_per_channel,
+)
+from pagedllm.model_executor.layers.utils import set_weight_attrs
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_SCHEMES = ("static", "dynamic")
+# Our shard ids of fused layers -> position among the layer's output partitions.
+_SHARD_INDEX: dict[Any, int] = {"q": 0, "k": 1, "v": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class Fp8Scheme:
+    """How an fp8 layer's tensors arrive and how its activations are scaled.
+
+    checkpoint: the checkpoint holds e4m3 weights and scales (else: quantized at load).
+    weight_strategy: "tensor" (one scale per checkpoint tensor) or "channel" (one per output
+    row, a [out, 1] tensor). static_input: a per-tensor `input_scale` in the checkpoint
+    (else: dynamic per-token scales).
+    """
+
+    checkpoint: bool
+    weight_strategy: str = "channel"
+    static_input: bool = False
+
+
+def _shard_scale_loader(
+    param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
+) -> None:
+    """Loads a per-tensor scale into its slot of a [num_shards] parameter: the slot of
+    `shard_id` for one part of a fused layer, every slot for an unfused tensor."""
+    if loaded_weight.numel() != 1:
+        raise ValueError(
+            f"shape mismatch: a per-tensor fp8 scale has one element, the checkpoint's has "
+            f"shape {tuple(loaded_weight.shape)}"
+        )
+    value = loaded_weight.reshape(()).to(param.dtype)
+    if shard_id is None:
+        param.data.fill_(value)
+        return
+    index = _SHARD_INDEX.get(shard_id, shard_id)
+    if not isinstance(index, int) or not 0 <= index < param.shape[0]:
+        raise ValueError(f"unknown shard id {shard_id!r} for an fp8 scale")
+    param.data[index] = value
+
+
+class Fp8LinearMethod(LinearMethod):
+    """e4m3 weights with per-output-channel fp32 scales; see the module docstring."""
+
+    def __init__(self, scheme: Fp8Scheme) -> None:
+        self.scheme = scheme
+
+    def create_weights(
+        self,
+        layer: nn.Module,
+        input_size_per_partition: int,
+        output_partition_sizes: list[int],
+        input_size: int,
+        output_size: int,
+        params_dtype: torch.dtype,
+    ) -> None:
+        out = sum(output_partition_sizes)
+        layer.fp8_partition_sizes = list(output_partition_sizes)
+        weight_dtype = FP8_DTYPE if self.scheme.checkpoint else params_dtype
+        weight = nn.Parameter(torch.empty(out, input_size_per_partition, dtype=weight_dtype),
+                              requires_grad=False)
+        set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0})
+        layer.register_parameter("weight", weight)
+        if not self.scheme.checkpoint:
+            return
+        shards = len(output_partition_sizes)
+        if self.scheme.weight_strategy == "channel":
+            scale = nn.Parameter(torch.empty(out, 1, dtype=torch.float32), requires_grad=False)
+            set_weight_attrs(scale, {"output_dim": 0})
+        else:
+            scale = nn.Parameter(torch.empty(shards, dtype=torch.float32), requires_grad=False)
+            set_weight_attrs(scale, {"weight_loader": _shard_scale_loader})
+        layer.register_parameter("weight_scale", scale)
+        if self.scheme.static_input:
+            input_scale = nn.Parameter(torch.empty(shards, dtype=torch.float32),
+                                       requires_grad=False)
+            set_weight_attrs(input_scale, {"weight_loader": _shard_scale_loader})
+            layer.register_parameter("input_scale", input_scale)
+
+    def process_weights_after_loading(self, layer: nn.Module) -> None:
+        weight = layer.weight.data
+        if not self.scheme.checkpoint:
+            q, scale = quantize_weight_per_channel(weight)
+        elif self.scheme.weight_strategy == "channel":
+            q, scale = weight, layer.weight_scale.data.reshape(-1)
+        else:
+            # One scale per fused part, repeated over that part's output rows.
+            sizes = torch.tensor(layer.fp8_partition_sizes, device=weight.device)
+            q, scale = weight, layer.weight_scale.data.repeat_interleave(sizes)
+        if not torch.isfinite(scale).all() or (scale <= 0).any():
+            raise ValueError(f"fp8 weight_scale of {type(layer).__name__} is not positive "
+                             "and finite")
+        del layer.weight
+        layer.register_parameter("weight", nn.Parameter(q, requires_grad=False))
+        if hasattr(layer, "weight_scale"):
+            del layer.weight_scale
+        layer.register_parameter(
+            "weight_scale", nn.Parameter(scale.float().contiguous(), requires_grad=False))
+        if self.scheme.static_input:
+            input_scale = layer.input_scale.data.amax().reshape(1).float()
+            del layer.input_scale
+            layer.register_parameter("input_scale", nn.Parameter(input_scale,
+                                                                 requires_grad=False))
+
+    def apply(
+        self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        input_scale = layer.input_scale if self.scheme.static_input else None
+        return apply_fp8_linear(x, layer.weight, layer.weight_scale, input_scale, bias)
+
+
+@register_quantization_config
+class Fp8Config(QuantizationConfig):
+    """`--quantization fp8`: a `quant_method: fp8` checkpoint, or a 16-bit one quantized at
+    load (per-channel weight scales, dynamic per-token activation scales)."""
+
+    name = "fp8"
+    supports_on_the_fly = True
+
+    def __init__(
+        self,
+        is_checkpoint_fp8: bool,
+        activation_scheme: str = "dynamic",
+        ignored_layers: list[str] | None = None,
+    ) -> None:
+        if activation_scheme not in ACTIVATION_SCHEMES:
+            raise ValueError(f"fp8 activation_scheme {activation_scheme!r} is not one of "
+                             f"{', '.join(ACTIVATION_SCHEMES)}")
+        if not is_checkpoint_fp8 and activation_scheme == "static":
+            raise ValueError("static fp8 activation scales need a checkpoint that holds them")
+        self.is_checkpoint_fp8 = is_checkpoint_fp8
+        self.activation_scheme = activation_scheme
+        self.ignored_layers = list(ignored_layers or [])
+        self.scheme = Fp8Scheme(
+            checkpoint=is_checkpoint_fp8,
+            weight_strategy="tensor" if is_checkpoint_fp8 else "channel",
+            static_input=activation_scheme == "static",
+        )
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Fp8Config:
+        block = config.get("weight_block_size")
+        if block is not None:
+            raise ValueError(
+                f"block-wise fp8 checkpoints (weight_block_size {block}, `weight_scale_inv` "
+                "tensors) are not supported yet; per-tensor fp8 and compressed-tensors FP8 are"
+            )
+        ignored = config.get("ignored_layers") or config.get("modules_to_not_convert") or []
+        return cls(
+            is_checkpoint_fp8=True,
+            activation_scheme=str(config.get("activation_scheme", "dynamic")),
+            ignored_layers=list(ignored),
+        )
+
+    @classmethod
+    def for_on_the_fly(cls) -> Fp8Config:
+        return cls(is_checkpoint_fp8=False)
+
+    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        if is_layer_skipped(prefix, self.ignored_layers):
+            return None
+        return Fp8LinearMethod(self.scheme)
+
+    def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
+        if device.type == "cuda" and not device_has_fp8_gemm(device):
+            logger.warning(
+                "this GPU (compute capability < 8.9) has no fp8 matmul: fp8 layers run "
+                "emulated (e4m3 values multiplied in fp32), correct but slower than 16-bit"
+            )
+
+    def describe(self) -> str:
+        if not self.is_checkpoint_fp8:
+            return "fp8 (quantized at load: per-channel weights, dynamic per-token activations)"
+        return (f"fp8 (checkpoint: per-tensor weight scales, {self.activation_scheme} "
+                "activation scales)")
