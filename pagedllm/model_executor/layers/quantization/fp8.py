@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.model_executor.layers.linear import LinearMethod
@@ -34,6 +35,7 @@ from pagedllm.model_executor.layers.quantization.fp8_gemm import (
     FP8_DTYPE,
     apply_fp8_linear,
     device_has_fp8_gemm,
+    dynamic_tensor_scale,
     quantize_weight_per_channel,
 )
 from pagedllm.model_executor.layers.utils import set_weight_attrs
@@ -45,19 +47,34 @@ ACTIVATION_SCHEMES = ("static", "dynamic")
 _SHARD_INDEX: dict[Any, int] = {"q": 0, "k": 1, "v": 2}
 
 
+# How a layer's activations are scaled: "token" (dynamic, one scale per token), "tensor"
+# (dynamic, one scale for the whole input), "static" (the checkpoint's per-tensor
+# `input_scale`), "none" (weight-only: activations stay 16-bit, the weight is dequantized).
+ACTIVATION_STRATEGIES = ("token", "tensor", "static", "none")
+
+
 @dataclass(frozen=True, slots=True)
 class Fp8Scheme:
     """How an fp8 layer's tensors arrive and how its activations are scaled.
 
     checkpoint: the checkpoint holds e4m3 weights and scales (else: quantized at load).
     weight_strategy: "tensor" (one scale per checkpoint tensor) or "channel" (one per output
-    row, a [out, 1] tensor). static_input: a per-tensor `input_scale` in the checkpoint
-    (else: dynamic per-token scales).
+    row, a [out, 1] tensor). activations: one of ACTIVATION_STRATEGIES.
     """
 
     checkpoint: bool
     weight_strategy: str = "channel"
-    static_input: bool = False
+    activations: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.weight_strategy not in ("tensor", "channel"):
+            raise ValueError(f"fp8 weight strategy {self.weight_strategy!r} is not supported")
+        if self.activations not in ACTIVATION_STRATEGIES:
+            raise ValueError(f"fp8 activation strategy {self.activations!r} is not supported")
+
+    @property
+    def static_input(self) -> bool:
+        return self.activations == "static"
 
 
 def _shard_scale_loader(
@@ -146,7 +163,16 @@ class Fp8LinearMethod(LinearMethod):
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        input_scale = layer.input_scale if self.scheme.static_input else None
+        how = self.scheme.activations
+        if how == "none":
+            w = layer.weight.to(x.dtype) * layer.weight_scale.to(x.dtype)[:, None]
+            return F.linear(x, w, bias)
+        if how == "static":
+            input_scale = layer.input_scale
+        elif how == "tensor":
+            input_scale = dynamic_tensor_scale(x)
+        else:
+            input_scale = None
         return apply_fp8_linear(x, layer.weight, layer.weight_scale, input_scale, bias)
 
 
@@ -175,7 +201,7 @@ class Fp8Config(QuantizationConfig):
         self.scheme = Fp8Scheme(
             checkpoint=is_checkpoint_fp8,
             weight_strategy="tensor" if is_checkpoint_fp8 else "channel",
-            static_input=activation_scheme == "static",
+            activations="static" if activation_scheme == "static" else "token",
         )
 
     @classmethod

@@ -48,6 +48,11 @@ def quantize_fp8_ref(
     return q, scale
 
 
+def dynamic_tensor_scale(x: torch.Tensor) -> torch.Tensor:
+    """[1] fp32: one scale for all of x (amax / 448), for dynamic per-tensor schemes."""
+    return torch.clamp(x.abs().amax().float() / FP8_MAX, min=MIN_SCALE).reshape(1)
+
+
 def quantize_activations(
     x: torch.Tensor,  # [num_tokens, hidden]
     input_scale: torch.Tensor | None,  # [1] fp32 static, None dynamic per token
