@@ -48,7 +48,8 @@ class AttentionBackend:
     head_dim], kv_cache [2, num_blocks, block_size, num_kv_heads, head_dim], metadata)
     -> [num_tokens, num_heads, head_dim]. GQA: num_heads % num_kv_heads == 0.
     `sliding_window`, when set, limits each query to the last `sliding_window` keys
-    (itself included).
+    (itself included). `k_scale` / `v_scale` are the layer's fp8 KV scales: an fp8
+    (e4m3) kv_cache stores k / k_scale and v / v_scale; other caches ignore them.
     """
 
     name: str = "base"
@@ -62,6 +63,8 @@ class AttentionBackend:
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         raise NotImplementedError
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedllm import envs
+from pagedllm.attention.fp8_kv import KV_CACHE_DTYPES
 from pagedllm.config import (
     SCHEDULING_POLICIES,
     CacheConfig,
@@ -121,6 +122,7 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
                 kv_cache_dtype=self.kv_cache_dtype,
+                cache_dtype=KV_CACHE_DTYPES[self.kv_cache_dtype],
             ),
             scheduler_config=self._scheduler_config(model_config, device),
             parallel_config=ParallelConfig(
@@ -142,8 +144,11 @@ class EngineArgs:
             )
         if self.load_format not in ("auto", "safetensors", "gguf"):
             raise NotImplementedError(f"load_format={self.load_format!r} is not implemented yet")
-        if self.kv_cache_dtype != "auto":
-            raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         if self.scheduling_policy not in SCHEDULING_POLICIES:

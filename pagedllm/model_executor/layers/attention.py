@@ -32,6 +32,10 @@ class Attention(nn.Module):
                              f"{self.num_kv_heads}")
         self.backend = backend
         self.sliding_window = sliding_window
+        # fp8 KV cache scales (cache holds k / k_scale, v / v_scale): 1.0 unless the
+        # checkpoint carries k_scale / v_scale (set by the loader, see loader/kv_scales.py).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -50,5 +54,7 @@ class Attention(nn.Module):
             attn_metadata,
             self.scale,
             self.sliding_window,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_size)

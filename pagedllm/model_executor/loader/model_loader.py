@@ -19,6 +19,7 @@ from pagedllm.model_executor.layers.quantization import (
 from pagedllm.model_executor.layers.quantization.base_config import checkpoint_module_names
 from pagedllm.model_executor.loader.errors import ModelLoadError
 from pagedllm.model_executor.loader.gguf_loader import iterate_gguf_weights
+from pagedllm.model_executor.loader.kv_scales import KVScaleCollector
 from pagedllm.model_executor.loader.safetensors_loader import iterate_hf_weights
 from pagedllm.model_executor.models.registry import ModelRegistry
 
@@ -128,7 +129,9 @@ def load_model(
         quant_config = _apply_quantization(model, model_config, device)
     # One allocation on the target device; values come from the checkpoint next.
     materialize(model, device)
-    load_weights_checked(model, iterate_weights(model_config), quant_config)
+    kv_scales = KVScaleCollector(model)
+    load_weights_checked(model, kv_scales.filter(iterate_weights(model_config)), quant_config)
+    kv_scales.log(getattr(model, "num_layers", 0))
     if quant_config is not None:
         try:
             process_weights_after_loading(model)
