@@ -21,6 +21,7 @@ from pagedllm.sample.sampler import Sampler, SamplerOutput, compute_logprobs
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
 from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
+from pagedllm.worker.kv_cache_sizing import MemoryBudget, check_kv_cache_fits
 
 logger = logging.getLogger(__name__)
 
@@ -194,20 +195,12 @@ class ModelRunner:
             "activation_peak_gib": activation_peak / gib, "non_torch_gib": non_torch / gib,
             "kv_cache_gib": num_blocks * per_block / gib, "num_blocks": num_blocks,
         }  # fmt: skip
-        if budget <= 0:
-            raise ValueError(
-                f"the model does not fit: weights {weights / gib:.2f} GiB + activations "
-                f"{activation_peak / gib:.2f} GiB + {non_torch / gib:.2f} GiB other exceed "
-                f"gpu_memory_utilization={cc.gpu_memory_utilization} x {total / gib:.1f} GiB; raise "
-                "--gpu-memory-utilization, lower --max-num-batched-tokens, or use a smaller model"
-            )
-        if num_blocks * self.block_size < max_len:
-            raise ValueError(
-                f"the KV cache has room for {num_blocks * self.block_size} tokens, fewer than "
-                f"max_model_len={max_len}; lower --max-model-len, raise "
-                "--gpu-memory-utilization, or lower --max-num-batched-tokens"
-            )
-        return num_blocks
+        return check_kv_cache_fits(
+            MemoryBudget(total, cc.gpu_memory_utilization, weights, activation_peak,
+                         non_torch + graph_reserve, self.model_config.quantization,
+                         cc.kv_cache_dtype),
+            budget, per_block, self.block_size, max_len,
+        )  # fmt: skip
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.model
