@@ -19,6 +19,8 @@ from pagedllm.model_executor.layers.ops.fp8_quant import quantize_fp8  # noqa: E
 from pagedllm.model_executor.layers.quantization.fp8_gemm import (  # noqa: E402
     FP8_MAX,
     apply_fp8_linear,
+    gemm_emulated,
+    gemm_scaled_mm,
     quantize_fp8_ref,
 )
 
@@ -73,3 +75,19 @@ def test_fp8_linear_is_dequantized_product():
     assert out.shape == (3, 5, 48)
     torch.testing.assert_close(out.reshape(-1, 48), want, rtol=1e-5, atol=1e-5)
     assert apply_fp8_linear(x[:0], w, ws, None).shape == (0, 5, 48)
+
+
+@pytest.mark.parametrize("rowwise", [True, False], ids=["hopper-rowwise", "ada-unit-scales"])
+@pytest.mark.parametrize("static", [False, True])
+def test_scaled_mm_call_matches_emulation(rowwise, static):
+    """The GPU GEMM's `torch._scaled_mm` call (scale shapes, layouts, rescale), run by
+    torch's CPU implementation, against the fp32 emulation."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 64, generator=g)
+    w = torch.randn(32, 64, generator=g).to(torch.float8_e4m3fn)
+    ws = torch.rand(32, generator=g) + 0.1
+    xq, xs = quantize_fp8_ref(x, torch.tensor([0.01]) if static else None)
+    out = gemm_scaled_mm(xq, xs, w, ws, rowwise)
+    want = gemm_emulated(xq, xs, w, ws)
+    assert out.dtype == (torch.bfloat16 if rowwise else torch.float32)
+    torch.testing.assert_close(out.float(), want, rtol=1e-2 if rowwise else 1e-5, atol=1e-2)

@@ -84,16 +84,24 @@ def _scaled_mm_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _gemm_cuda(
+def _rowwise_supported(device: torch.device) -> bool:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index) >= (9, 0)
+
+
+def gemm_scaled_mm(
     xq: torch.Tensor,  # [num_tokens, in] e4m3
     x_scale: torch.Tensor,  # [num_tokens, 1] or [1] fp32
     weight: torch.Tensor,  # [out, in] e4m3, row-major
     w_scale: torch.Tensor,  # [out] fp32
+    rowwise: bool,
 ) -> torch.Tensor:
+    """The product through `torch._scaled_mm`: row-wise scales in the epilogue (bf16 out,
+    Hopper), or unit scales, fp32 out and the rescale after (Ada)."""
     num_tokens = xq.shape[0]
     if x_scale.numel() != num_tokens or x_scale.dim() != 2:
         x_scale = x_scale.reshape(1, 1).expand(num_tokens, 1).contiguous()
-    if _capability(xq.device.index if xq.device.index is not None else 0) >= (9, 0):
+    if rowwise:
         return torch._scaled_mm(
             xq, weight.t(), scale_a=x_scale, scale_b=w_scale.view(1, -1),
             out_dtype=torch.bfloat16,
@@ -103,9 +111,10 @@ def _gemm_cuda(
     return out * x_scale * w_scale.view(1, -1)
 
 
-def _gemm_emulated(
+def gemm_emulated(
     xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, w_scale: torch.Tensor
 ) -> torch.Tensor:
+    """The same product in fp32 on any device (CPU, GPUs without fp8 matmul)."""
     out = xq.float() @ weight.float().t()  # [num_tokens, out]: exact products, fp32 sums
     return out * x_scale.float().reshape(-1, 1) * w_scale.float().view(1, -1)
 
@@ -124,9 +133,9 @@ def apply_fp8_linear(
         return x.new_empty(*lead, weight.shape[0])
     xq, x_scale = quantize_activations(x2, input_scale)
     if _scaled_mm_ok(x2, weight):
-        out = _gemm_cuda(xq, x_scale, weight, weight_scale)
+        out = gemm_scaled_mm(xq, x_scale, weight, weight_scale, _rowwise_supported(x.device))
     else:
-        out = _gemm_emulated(xq, x_scale, weight, weight_scale)
+        out = gemm_emulated(xq, x_scale, weight, weight_scale)
     out = out.to(x.dtype)
     if bias is not None:
         out = out + bias
