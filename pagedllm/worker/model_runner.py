@@ -77,6 +77,12 @@ class ModelRunner:
         logger.info("KV cache dtype: %s (%s)", kind, str(self.cache_dtype).removeprefix("torch."))
         if self.cache_dtype != FP8_KV_DTYPE:
             return
+        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
+            raise ValueError(
+                f"--kv-cache-dtype {kind} needs a GPU with fp8 support (compute capability >= "
+                f"8.9, Ada or Hopper); {torch.cuda.get_device_name(self.device)} has "
+                f"{torch.cuda.get_device_capability(self.device)}; use --kv-cache-dtype auto"
+            )
         layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         if all(m.k_scale == 1.0 and m.v_scale == 1.0 for m in layers):
             logger.warning(

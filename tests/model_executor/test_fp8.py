@@ -143,3 +143,26 @@ def test_unknown_activation_scheme_is_refused():
 
     with pytest.raises(ValueError, match="activation_scheme 'per_group'"):
         Fp8Config.from_config({"quant_method": "fp8", "activation_scheme": "per_group"})
+
+
+def test_on_the_fly_quantizes_each_layer_once_its_parts_are_in():
+    """The 16-bit staging copy lives only until the last part of a fused layer arrives."""
+    from pagedllm.model_executor.layers.linear import QKVParallelLinear
+    from pagedllm.model_executor.layers.quantization.fp8 import Fp8Config
+
+    layer = QKVParallelLinear(32, 8, 4, 2)  # q 32 rows, k 16, v 16
+    layer.replace_linear_method(Fp8Config.for_on_the_fly().get_linear_method(layer, "qkv_proj"))
+    layer.weight.data.zero_()
+    loader = layer.weight.weight_loader
+    g = torch.Generator().manual_seed(0)
+    parts = {sid: torch.randn(rows, 32, generator=g) for sid, rows in
+             (("q", 32), ("k", 16), ("v", 16))}
+    loader(layer.weight, parts["q"], "q")
+    loader(layer.weight, parts["k"], "k")
+    assert loader.staging is not None and not layer.weight.float().any()
+    loader(layer.weight, parts["v"], "v")
+    assert loader.staging is None
+    layer.linear_method.process_weights_after_loading(layer)
+    q, s = quant_per_channel(torch.cat([parts["q"], parts["k"], parts["v"]]))
+    assert torch.equal(layer.weight.float(), q.float())
+    torch.testing.assert_close(layer.weight_scale, s.view(-1), rtol=0, atol=0)

@@ -1,9 +1,9 @@
 """fp8 (e4m3) W8A8 linear layers: `--quantization fp8` and `quant_method: fp8` checkpoints.
 
 Two sources, one layout after loading:
-- on the fly: a 16-bit checkpoint is loaded as is and each weight is quantized in
-  `process_weights_after_loading` with one scale per output channel; activations get a
-  dynamic scale per token.
+- on the fly: a 16-bit checkpoint's weights are quantized as they load, one scale per output
+  channel (each layer staged in 16 bits only until all its parts arrived, so the load peak
+  is the fp8 model plus one layer); activations get a dynamic scale per token.
 - pre-quantized (`quant_method: fp8`, as AutoFP8 / llm-compressor / vLLM write it): an e4m3
   `weight`, a per-tensor `weight_scale` and, with `activation_scheme: static`, a per-tensor
   `input_scale`. A fused layer (qkv, gate_up) receives one scale per checkpoint tensor; each
@@ -97,6 +97,38 @@ def _shard_scale_loader(
     param.data[index] = value
 
 
+class _QuantizeOnLoad:
+    """weight_loader of an on-the-fly fp8 weight: the layer's own loader shards each
+    checkpoint tensor into a 16-bit staging copy, and once every part of the layer is in its
+    rows are quantized (per output row) into the e4m3 parameter and the staging is freed, so
+    loading never holds more than one layer in 16 bits."""
+
+    def __init__(self, layer: nn.Module, params_dtype: torch.dtype, num_parts: int) -> None:
+        self.layer = layer
+        self.params_dtype = params_dtype
+        self.num_parts = num_parts
+        self.staging: nn.Parameter | None = None
+        self.parts: set[Any] = set()
+        self.scale: torch.Tensor | None = None  # [out] fp32, once quantized
+
+    def __call__(self, param: nn.Parameter, loaded_weight: torch.Tensor,
+                 shard_id: Any = None) -> None:
+        if self.staging is None:
+            data = torch.empty(param.shape, dtype=self.params_dtype, device=param.device)
+            self.staging = nn.Parameter(data, requires_grad=False)
+            set_weight_attrs(self.staging, {"input_dim": 1, "output_dim": 0})
+        if shard_id is None:
+            self.layer.weight_loader(self.staging, loaded_weight)
+        else:
+            self.layer.weight_loader(self.staging, loaded_weight, shard_id)
+        self.parts.add(shard_id)
+        if shard_id is None or len(self.parts) == self.num_parts:
+            q, self.scale = quantize_weight_per_channel(self.staging.data)
+            param.data.copy_(q)
+            self.staging = None
+            self.parts.clear()
+
+
 class Fp8LinearMethod(LinearMethod):
     """e4m3 weights with per-output-channel fp32 scales; see the module docstring."""
 
@@ -114,12 +146,13 @@ class Fp8LinearMethod(LinearMethod):
     ) -> None:
         out = sum(output_partition_sizes)
         layer.fp8_partition_sizes = list(output_partition_sizes)
-        weight_dtype = FP8_DTYPE if self.scheme.checkpoint else params_dtype
-        weight = nn.Parameter(torch.empty(out, input_size_per_partition, dtype=weight_dtype),
+        weight = nn.Parameter(torch.empty(out, input_size_per_partition, dtype=FP8_DTYPE),
                               requires_grad=False)
         set_weight_attrs(weight, {"input_dim": 1, "output_dim": 0})
         layer.register_parameter("weight", weight)
         if not self.scheme.checkpoint:
+            loader = _QuantizeOnLoad(layer, params_dtype, len(output_partition_sizes))
+            set_weight_attrs(weight, {"weight_loader": loader})
             return
         shards = len(output_partition_sizes)
         if self.scheme.weight_strategy == "channel":
@@ -138,7 +171,11 @@ class Fp8LinearMethod(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         weight = layer.weight.data
         if not self.scheme.checkpoint:
-            q, scale = quantize_weight_per_channel(weight)
+            loader = layer.weight.weight_loader
+            if loader.scale is None:
+                raise ValueError("fp8 weight was never loaded")
+            q, scale = weight, loader.scale
+            loader.layer = None  # the parameter outlives loading; the layer need not
         elif self.scheme.weight_strategy == "channel":
             q, scale = weight, layer.weight_scale.data.reshape(-1)
         else:

@@ -57,8 +57,9 @@ def quantize_activations(
     x: torch.Tensor,  # [num_tokens, hidden]
     input_scale: torch.Tensor | None,  # [1] fp32 static, None dynamic per token
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The Triton kernel on CUDA, its torch reference elsewhere (identical rounding)."""
-    if x.is_cuda:
+    """The Triton kernel on CUDA >= 8.9 (Triton has no e4m3 below), its torch reference
+    elsewhere (identical rounding)."""
+    if device_has_fp8_gemm(x.device):
         from pagedllm.model_executor.layers.ops.fp8_quant import quantize_fp8
 
         return quantize_fp8(x.contiguous() if x.stride(-1) != 1 else x, input_scale)
