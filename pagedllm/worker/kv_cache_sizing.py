@@ -1,12 +1,17 @@
-"""Whether the KV cache a memory budget leaves fits the model, and what to do when not.
-
-vLLM's rule: at start-up the cache must hold one request of max_model_len tokens; if not,
-fail before serving, naming the largest context that would fit and the flags that help.
+"""Start-up checks of the KV cache: whether the memory budget leaves room for it (vLLM's
+rule: one request of max_model_len tokens must fit, else fail before serving, naming the
+largest context that would and the flags that help), and whether its dtype can run here.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
 
 _GIB = float(1 << 30)
 
@@ -66,3 +71,28 @@ def check_kv_cache_fits(
             f"Try {_flags(budget, need_context=True)}"
         )
     return num_blocks
+
+
+def check_kv_cache_dtype(
+    model: nn.Module, kv_cache_dtype: str, cache_dtype: torch.dtype, device: torch.device
+) -> None:
+    """Logs the KV-cache dtype; refuses fp8 on GPUs without it and warns when an fp8 cache
+    has no checkpoint scales."""
+    from pagedllm.attention.fp8_kv import FP8_KV_DTYPE
+    from pagedllm.model_executor.layers.attention import Attention
+
+    logger.info("KV cache dtype: %s (%s)", kv_cache_dtype, str(cache_dtype).removeprefix("torch."))
+    if cache_dtype != FP8_KV_DTYPE:
+        return
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise ValueError(
+            f"--kv-cache-dtype {kv_cache_dtype} needs a GPU with fp8 support (compute "
+            f"capability >= 8.9, Ada or Hopper); {torch.cuda.get_device_name(device)} has "
+            f"{torch.cuda.get_device_capability(device)}; use --kv-cache-dtype auto"
+        )
+    layers = [m for m in model.modules() if isinstance(m, Attention)]
+    if all(m.k_scale == 1.0 and m.v_scale == 1.0 for m in layers):
+        logger.warning(
+            "fp8 KV cache without k_scale / v_scale in the checkpoint: using 1.0 (keys and "
+            "values beyond +-448 saturate; accuracy may drop)"
+        )

@@ -21,7 +21,11 @@ from pagedllm.sample.sampler import Sampler, SamplerOutput, compute_logprobs
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
 from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
-from pagedllm.worker.kv_cache_sizing import MemoryBudget, check_kv_cache_fits
+from pagedllm.worker.kv_cache_sizing import (
+    MemoryBudget,
+    check_kv_cache_dtype,
+    check_kv_cache_fits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,8 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         self.model = load_model(self.model_config, self.device, self.attn_backend)
-        self._log_kv_cache_dtype()
+        check_kv_cache_dtype(self.model, self.config.cache_config.kv_cache_dtype,
+                             self.cache_dtype, self.device)
         self.vocab_size = self.model_config.vocab_size
         if self.model_config.task == "embed":
             from pagedllm.worker.pooling import PoolingRunner
@@ -69,27 +74,6 @@ class ModelRunner:
         self.timings["load_model"] = time.perf_counter() - t0
 
     # ---- KV cache ----
-    def _log_kv_cache_dtype(self) -> None:
-        from pagedllm.attention.fp8_kv import FP8_KV_DTYPE
-        from pagedllm.model_executor.layers.attention import Attention
-
-        kind = self.config.cache_config.kv_cache_dtype
-        logger.info("KV cache dtype: %s (%s)", kind, str(self.cache_dtype).removeprefix("torch."))
-        if self.cache_dtype != FP8_KV_DTYPE:
-            return
-        if self.device.type == "cuda" and torch.cuda.get_device_capability(self.device) < (8, 9):
-            raise ValueError(
-                f"--kv-cache-dtype {kind} needs a GPU with fp8 support (compute capability >= "
-                f"8.9, Ada or Hopper); {torch.cuda.get_device_name(self.device)} has "
-                f"{torch.cuda.get_device_capability(self.device)}; use --kv-cache-dtype auto"
-            )
-        layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        if all(m.k_scale == 1.0 and m.v_scale == 1.0 for m in layers):
-            logger.warning(
-                "fp8 KV cache without k_scale / v_scale in the checkpoint: using 1.0 (keys and "
-                "values beyond +-448 saturate; accuracy may drop)"
-            )
-
     def kv_cache_bytes_per_block(self) -> int:
         m = self.model
         elem = torch.tensor([], dtype=self.cache_dtype).element_size()

@@ -131,6 +131,15 @@ def test_missing_weight_scale_names_the_tensor_and_quantization(base_dir, tmp_pa
         load_ours(path)
 
 
+def test_16_bit_weights_under_an_fp8_config_are_refused(base_dir, tmp_path):
+    path = rewrite_checkpoint(base_dir, str(tmp_path / "fake"), lambda t: t,
+                              {"quant_method": "fp8", "activation_scheme": "dynamic"})
+    with pytest.raises(ModelLoadError, match=r"fp8 checkpoint does not fit the model: tensor "
+                       r"model\.layers\.0\.mlp\.down_proj\.weight: an fp8 weight in the "
+                       r"checkpoint has dtype float32, expected float8_e4m3fn"):
+        load_ours(path)
+
+
 def test_block_wise_fp8_is_refused_clearly(base_dir, tmp_path):
     path = rewrite_checkpoint(base_dir, str(tmp_path / "block"), lambda t: t, {
         "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})

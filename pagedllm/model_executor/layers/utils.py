@@ -56,8 +56,12 @@ class WeightLoadTracker:
             )
             return
         loader = getattr(param, "weight_loader", default_weight_loader)
-        with torch.no_grad():
-            loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
+        try:
+            with torch.no_grad():
+                loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
+        except ValueError as e:
+            # Name the checkpoint tensor (a shape or dtype mismatch says nothing of which).
+            raise ValueError(f"tensor {source_name or target}: {e}") from e
         if shard_id is None:
             self.loaded.add(target)
             return

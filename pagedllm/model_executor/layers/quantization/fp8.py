@@ -97,6 +97,25 @@ def _shard_scale_loader(
     param.data[index] = value
 
 
+class _Fp8WeightLoader:
+    """weight_loader of a pre-quantized fp8 weight: the layer's own sharding, after checking
+    the checkpoint tensor really is e4m3 (a cast would silently drop its scale)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self, param: nn.Parameter, loaded_weight: torch.Tensor,
+                 shard_id: Any = None) -> None:
+        if loaded_weight.dtype != FP8_DTYPE:
+            raise ValueError(f"an fp8 weight in the checkpoint has dtype "
+                             f"{str(loaded_weight.dtype).removeprefix('torch.')}, expected "
+                             "float8_e4m3fn")
+        if shard_id is None:
+            self.layer.weight_loader(param, loaded_weight)
+        else:
+            self.layer.weight_loader(param, loaded_weight, shard_id)
+
+
 class _QuantizeOnLoad:
     """weight_loader of an on-the-fly fp8 weight: the layer's own loader shards each
     checkpoint tensor into a 16-bit staging copy, and once every part of the layer is in its
@@ -154,6 +173,7 @@ class Fp8LinearMethod(LinearMethod):
             loader = _QuantizeOnLoad(layer, params_dtype, len(output_partition_sizes))
             set_weight_attrs(weight, {"weight_loader": loader})
             return
+        set_weight_attrs(weight, {"weight_loader": _Fp8WeightLoader(layer)})
         shards = len(output_partition_sizes)
         if self.scheme.weight_strategy == "channel":
             scale = nn.Parameter(torch.empty(out, 1, dtype=torch.float32), requires_grad=False)
