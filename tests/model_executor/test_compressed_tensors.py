@@ -20,8 +20,6 @@ from tests.model_executor.quant_reference import (
     rewrite_checkpoint,
 )
 
-ct = pytest.importorskip("compressed_tensors")
-
 IDS = torch.tensor([5, 80, 13, 201, 44, 9, 160, 77, 3, 120])
 TOL = 2e-3
 IGNORED = "model.layers.1.mlp.down_proj"
