@@ -38,6 +38,27 @@ def quant_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (w.float() / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), s
 
 
+def quant_per_block(w: torch.Tensor, bn: int, bk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 weight, [ceil(out/bn), in/bk] scales): one amax / 448 scale per block."""
+    out, inp = w.shape
+    rows = -(-out // bn)
+    padded = torch.zeros(rows * bn, inp)
+    padded[:out] = w.float()
+    s = padded.view(rows, bn, inp // bk, bk).abs().amax(dim=(1, 3)) / E4M3_MAX
+    full = s.repeat_interleave(bn, 0)[:out].repeat_interleave(bk, 1)
+    return (w.float() / full).clamp(-E4M3_MAX, E4M3_MAX).to(FP8), s
+
+
+def dequant_per_block(q: torch.Tensor, s: torch.Tensor, bn: int, bk: int) -> torch.Tensor:
+    return q.float() * s.repeat_interleave(bn, 0)[:q.shape[0]].repeat_interleave(bk, 1)
+
+
+def fake_quant_per_token_group(x: torch.Tensor, group: int) -> torch.Tensor:
+    xg = x.reshape(*x.shape[:-1], -1, group)
+    s = torch.clamp(xg.abs().amax(dim=-1, keepdim=True) / E4M3_MAX, min=1e-10)
+    return ((xg / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8).float() * s).reshape(x.shape)
+
+
 def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
     s = torch.clamp(x.abs().amax(dim=-1, keepdim=True) / E4M3_MAX, min=1e-10)
     return (x / s).clamp(-E4M3_MAX, E4M3_MAX).to(FP8).float() * s
@@ -92,7 +113,8 @@ def rewrite_checkpoint(
 
 class ReferenceModel:
     """transformers fp32 model of `src_dir` with `weights` (dequantized) swapped in and each
-    layer in `act` rounding its input: "dynamic" per token or a static float scale."""
+    layer in `act` rounding its input: "dynamic" per token, ("group", size) per token and
+    group of input features, or a static float scale."""
 
     def __init__(self, src_dir: str, weights: dict[str, torch.Tensor],
                  act: dict[str, str | float]) -> None:
@@ -104,8 +126,12 @@ class ReferenceModel:
             for name, w in weights.items():
                 modules[name].weight.copy_(w)
         for name, how in act.items():
-            fn = fake_quant_per_token if how == "dynamic" else (
-                lambda x, s=how: fake_quant_static(x, s))
+            if how == "dynamic":
+                fn = fake_quant_per_token
+            elif isinstance(how, tuple):
+                fn = lambda x, g=how[1]: fake_quant_per_token_group(x, g)  # noqa: E731
+            else:
+                fn = lambda x, s=how: fake_quant_static(x, s)  # noqa: E731
             modules[name].register_forward_pre_hook(lambda _m, args, fn=fn: (fn(args[0]),))
 
     @torch.no_grad()

@@ -15,8 +15,10 @@ from tests.model_executor.conftest import load_ours, prefill_logits, tiny_config
 from tests.model_executor.quant_reference import (
     ReferenceModel,
     calibrate_input_scales,
+    dequant_per_block,
     fused_max,
     linear_names,
+    quant_per_block,
     quant_per_channel,
     quant_per_tensor,
     rewrite_checkpoint,
@@ -140,10 +142,33 @@ def test_16_bit_weights_under_an_fp8_config_are_refused(base_dir, tmp_path):
         load_ours(path)
 
 
-def test_block_wise_fp8_is_refused_clearly(base_dir, tmp_path):
+def test_block_wise_fp8_checkpoint_matches_reference(base_dir, tmp_path):
+    """`weight_block_size` checkpoints (`weight_scale_inv` per block, dynamic per-token-group
+    activations), fused q/k/v and gate/up parts each with their own rows of blocks."""
+    bn, bk = 16, 32
+    names = linear_names(2)
+    deq = {}
+
+    def transform(tensors):
+        for n in names:
+            q, s = quant_per_block(tensors[f"{n}.weight"], bn, bk)
+            deq[n] = dequant_per_block(q, s, bn, bk)
+            tensors[f"{n}.weight"], tensors[f"{n}.weight_scale_inv"] = q, s
+        return tensors
+
+    path = rewrite_checkpoint(base_dir, str(tmp_path / "block"), transform, {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [bn, bk]})
+    ref = ReferenceModel(base_dir, deq, dict.fromkeys(names, ("group", bk)))
+    ours = load_ours(path)
+    assert ours.model.layers[0].self_attn.qkv_proj.weight_scale_inv.shape == (128 // bn, 2)
+    got, want = prefill_logits(ours, IDS), ref.logits(IDS)
+    assert (got - want).abs().max() < TOL
+
+
+def test_block_wise_fp8_that_does_not_tile_is_refused(base_dir, tmp_path):
     path = rewrite_checkpoint(base_dir, str(tmp_path / "block"), lambda t: t, {
-        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]})
-    with pytest.raises(ModelLoadError, match="block-wise fp8.*weight_block_size"):
+        "quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [24, 32]})
+    with pytest.raises(ModelLoadError, match=r"weight_block_size \[24, 32\] does not tile"):
         load_ours(path)
 
 

@@ -246,6 +246,7 @@ class Fp8Config(QuantizationConfig):
         is_checkpoint_fp8: bool,
         activation_scheme: str = "dynamic",
         ignored_layers: list[str] | None = None,
+        weight_block_size: tuple[int, int] | None = None,
     ) -> None:
         if activation_scheme not in ACTIVATION_SCHEMES:
             raise ValueError(f"fp8 activation_scheme {activation_scheme!r} is not one of "
@@ -254,6 +255,7 @@ class Fp8Config(QuantizationConfig):
             raise ValueError("static fp8 activation scales need a checkpoint that holds them")
         self.is_checkpoint_fp8 = is_checkpoint_fp8
         self.activation_scheme = activation_scheme
+        self.weight_block_size = weight_block_size
         self.ignored_layers = list(ignored_layers or [])
         self.scheme = Fp8Scheme(
             checkpoint=is_checkpoint_fp8,
@@ -263,18 +265,20 @@ class Fp8Config(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Fp8Config:
-        block = config.get("weight_block_size")
-        if block is not None:
-            raise ValueError(
-                f"block-wise fp8 checkpoints (weight_block_size {block}, `weight_scale_inv` "
-                "tensors) are not supported yet; per-tensor fp8 and compressed-tensors FP8 are"
-            )
         ignored = config.get("ignored_layers") or config.get("modules_to_not_convert") or []
-        return cls(
-            is_checkpoint_fp8=True,
-            activation_scheme=str(config.get("activation_scheme", "dynamic")),
-            ignored_layers=list(ignored),
-        )
+        block = config.get("weight_block_size")
+        activation_scheme = str(config.get("activation_scheme", "dynamic"))
+        if block is not None:
+            if (not isinstance(block, (list, tuple)) or len(block) != 2
+                    or not all(isinstance(b, int) and b > 0 for b in block)):
+                raise ValueError(f"fp8 weight_block_size must be two positive integers, got "
+                                 f"{block!r}")
+            if activation_scheme != "dynamic":
+                raise ValueError("block-wise fp8 (weight_block_size) needs activation_scheme "
+                                 f"dynamic, got {activation_scheme!r}")
+        return cls(is_checkpoint_fp8=True, activation_scheme=activation_scheme,
+                   ignored_layers=list(ignored),
+                   weight_block_size=tuple(block) if block is not None else None)
 
     @classmethod
     def for_on_the_fly(cls) -> Fp8Config:
@@ -283,6 +287,12 @@ class Fp8Config(QuantizationConfig):
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         if is_layer_skipped(prefix, self.ignored_layers):
             return None
+        if self.weight_block_size is not None:
+            from pagedllm.model_executor.layers.quantization.fp8_block import (
+                Fp8BlockLinearMethod,
+            )
+
+            return Fp8BlockLinearMethod(self.weight_block_size)
         return Fp8LinearMethod(self.scheme)
 
     def check_device(self, device: torch.device, dtype: torch.dtype) -> None:
@@ -295,5 +305,8 @@ class Fp8Config(QuantizationConfig):
     def describe(self) -> str:
         if not self.is_checkpoint_fp8:
             return "fp8 (quantized at load: per-channel weights, dynamic per-token activations)"
+        if self.weight_block_size is not None:
+            return (f"fp8 (checkpoint: {list(self.weight_block_size)} weight blocks, dynamic "
+                    "per-token-group activations; emulated in fp32, no block-scaled GEMM yet)")
         return (f"fp8 (checkpoint: per-tensor weight scales, {self.activation_scheme} "
                 "activation scales)")
