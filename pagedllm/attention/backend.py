@@ -50,6 +50,8 @@ class AttentionBackend:
     `sliding_window`, when set, limits each query to the last `sliding_window` keys
     (itself included). `logits_soft_cap`, when set, maps every score s (after the scale) to
     cap * tanh(s / cap) before masking and softmax (Gemma 2).
+    (itself included). `k_scale` / `v_scale` are the layer's fp8 KV scales: an fp8
+    (e4m3) kv_cache stores k / k_scale and v / v_scale; other caches ignore them.
     """
 
     name: str = "base"
@@ -64,6 +66,8 @@ class AttentionBackend:
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         raise NotImplementedError
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pagedllm import envs
+from pagedllm.attention.fp8_kv import KV_CACHE_DTYPES
 from pagedllm.config import (
     DATA_PARALLEL_BACKENDS,
     DISTRIBUTED_EXECUTOR_BACKENDS,
@@ -144,6 +145,7 @@ class EngineArgs:
                 gpu_memory_utilization=self.gpu_memory_utilization,
                 num_gpu_blocks_override=self.num_gpu_blocks_override,
                 kv_cache_dtype=self.kv_cache_dtype,
+                cache_dtype=KV_CACHE_DTYPES[self.kv_cache_dtype],
             ),
             scheduler_config=self._scheduler_config(model_config, device),
             parallel_config=parallel_config,
@@ -180,8 +182,11 @@ class EngineArgs:
             raise ValueError(
                 f"--load-format must be one of {', '.join(LOAD_FORMATS)}; got {self.load_format!r}"
             )
-        if self.kv_cache_dtype != "auto":
-            raise NotImplementedError(f"kv_cache_dtype={self.kv_cache_dtype!r} is not implemented yet")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; "
+                f"got {self.kv_cache_dtype!r}"
+            )
         if self.block_size not in (8, 16, 32, 64, 128):
             raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
         from pagedllm.structured_output.backend import check_backend

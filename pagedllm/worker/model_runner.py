@@ -29,6 +29,11 @@ from pagedllm.structured_output import GrammarBitmask
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
 from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
+from pagedllm.worker.kv_cache_sizing import (
+    MemoryBudget,
+    check_kv_cache_dtype,
+    check_kv_cache_fits,
+)
 from pagedllm.worker.step_handle import StepHandle
 
 __all__ = ["ModelRunner", "StepHandle", "zeroed_cache"]
@@ -76,6 +81,8 @@ class ModelRunner:
 
         t0 = time.perf_counter()
         self.model = load_model(self.model_config, self.device, self.attn_backend)
+        check_kv_cache_dtype(self.model, self.config.cache_config.kv_cache_dtype,
+                             self.cache_dtype, self.device)
         self.vocab_size = self.model_config.vocab_size
         if self.model_config.task == "embed":
             from pagedllm.worker.pooling import PoolingRunner
@@ -203,20 +210,12 @@ class ModelRunner:
             "activation_peak_gib": activation_peak / gib, "non_torch_gib": non_torch / gib,
             "kv_cache_gib": num_blocks * per_block / gib, "num_blocks": num_blocks,
         }  # fmt: skip
-        if budget <= 0:
-            raise ValueError(
-                f"the model does not fit: weights {weights / gib:.2f} GiB + activations "
-                f"{activation_peak / gib:.2f} GiB + {non_torch / gib:.2f} GiB other exceed "
-                f"gpu_memory_utilization={cc.gpu_memory_utilization} x {total / gib:.1f} GiB; raise "
-                "--gpu-memory-utilization, lower --max-num-batched-tokens, or use a smaller model"
-            )
-        if num_blocks * self.block_size < max_len:
-            raise ValueError(
-                f"the KV cache has room for {num_blocks * self.block_size} tokens, fewer than "
-                f"max_model_len={max_len}; lower --max-model-len, raise "
-                "--gpu-memory-utilization, or lower --max-num-batched-tokens"
-            )
-        return num_blocks
+        return check_kv_cache_fits(
+            MemoryBudget(total, cc.gpu_memory_utilization, weights, activation_peak,
+                         non_torch + graph_reserve, self.model_config.quantization,
+                         cc.kv_cache_dtype),
+            budget, per_block, self.block_size, max_len,
+        )  # fmt: skip
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.model

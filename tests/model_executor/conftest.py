@@ -82,7 +82,11 @@ def run_step(
     return model.compute_logits(hidden)
 
 
-def load_ours(model: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_ours(
+    model: str, dtype: torch.dtype = torch.float32, quantization: str | None = None
+) -> torch.nn.Module:
+    """Loads through the normal loader; the quantization is resolved as the engine does
+    (the flag against the checkpoint's quantization_config)."""
     resolved = resolve_model(model)
     model_config = ModelConfig(
         model=model,
@@ -92,7 +96,7 @@ def load_ours(model: str, dtype: torch.dtype = torch.float32) -> torch.nn.Module
         architecture=resolved.hf_config.architectures[0],
         dtype=dtype,
         tokenizer=resolved.tokenizer_path,
-        quantization=resolve_quantization(None, resolved.hf_config),
+        quantization=resolve_quantization(quantization, resolved.hf_config),
     )
     return load_model(model_config, torch.device("cpu"), get_attn_backend("torch_ref"))
 

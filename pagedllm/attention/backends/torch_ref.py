@@ -4,6 +4,10 @@ Decodes (one query token) are batched: one gather of their blocks and one fused 
 layer, with the gather indices and the length mask built once per step. Prefills without a
 cached prefix attend to their fresh K/V directly; prefill chunks with a cached prefix gather
 their blocks. Both run one request at a time through SDPA.
+
+An fp8 cache stores k / k_scale and v / v_scale (`attention/fp8_kv.py`); every read takes the
+cached values (also a prefill's own keys, as the Triton kernels do), folds k_scale into the
+softmax scale and multiplies the output by v_scale.
 """
 
 from __future__ import annotations
@@ -14,6 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from pagedllm.attention.fp8_kv import is_fp8_kv, quantize_kv
+
+
+def _raw(kv_cache: torch.Tensor) -> torch.Tensor:
+    """The cache as index ops can take it: CPU torch has no index_copy / index_select for
+    fp8, so an fp8 cache is moved as its bytes (callers view the result back)."""
+    return kv_cache.view(torch.uint8) if is_fp8_kv(kv_cache) else kv_cache
 
 
 def write_to_kv_cache(
@@ -21,10 +32,13 @@ def write_to_kv_cache(
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
-    k_flat = kv_cache[0].view(num_slots, *kv_cache.shape[3:])
-    v_flat = kv_cache[1].view(num_slots, *kv_cache.shape[3:])
+    raw = _raw(kv_cache)
+    k_flat = raw[0].view(num_slots, *kv_cache.shape[3:])
+    v_flat = raw[1].view(num_slots, *kv_cache.shape[3:])
     n = key.shape[0]
     slots = slot_mapping[:n]
     valid = slots >= 0
@@ -32,8 +46,8 @@ def write_to_kv_cache(
         slots = slots[valid]
         key = key[valid]
         value = value[valid]
-    k_flat.index_copy_(0, slots, key.to(kv_cache.dtype))
-    v_flat.index_copy_(0, slots, value.to(kv_cache.dtype))
+    k_flat.index_copy_(0, slots, quantize_kv(key, kv_cache.dtype, k_scale).view(raw.dtype))
+    v_flat.index_copy_(0, slots, quantize_kv(value, kv_cache.dtype, v_scale).view(raw.dtype))
 
 
 def gather_kv(
@@ -43,8 +57,9 @@ def gather_kv(
     block_size = kv_cache.shape[2]
     num_blocks = (seq_len + block_size - 1) // block_size
     ids = block_ids[:num_blocks].long()
-    k = kv_cache[0].index_select(0, ids).flatten(0, 1)[:seq_len]
-    v = kv_cache[1].index_select(0, ids).flatten(0, 1)[:seq_len]
+    raw = _raw(kv_cache)
+    k = raw[0].index_select(0, ids).flatten(0, 1)[:seq_len].view(kv_cache.dtype)
+    v = raw[1].index_select(0, ids).flatten(0, 1)[:seq_len].view(kv_cache.dtype)
     return k, v
 
 
@@ -171,8 +186,15 @@ class TorchRefBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
-        write_to_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        write_to_kv_cache(key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale)
+        fp8 = is_fp8_kv(kv_cache)
+        if fp8:
+            # Cached values are k / k_scale: scores take k_scale in the softmax scale and
+            # outputs v_scale afterwards.
+            scale = scale * k_scale
         if metadata.backend_cache is None:
             metadata.backend_cache = {}
         plan_key = ("torch_ref", sliding_window)
@@ -183,7 +205,7 @@ class TorchRefBackend(AttentionBackend):
         out = torch.zeros_like(query)
         for i, start, end, seq_len in plan.prefills:
             q_len = end - start
-            if q_len == seq_len:
+            if q_len == seq_len and not fp8:
                 k, v = key[start:end], value[start:end]  # nothing cached before: no gather
             else:
                 k, v = gather_kv(kv_cache, metadata.block_table[i], seq_len)
@@ -204,6 +226,8 @@ class TorchRefBackend(AttentionBackend):
         for group in plan.decode_groups:
             decoded = self._decode(query, kv_cache, group, scale, logits_soft_cap)
             out.index_copy_(0, group.rows, decoded)
+        if fp8 and v_scale != 1.0:
+            out.mul_(v_scale)
         return out
 
     @staticmethod
@@ -218,8 +242,11 @@ class TorchRefBackend(AttentionBackend):
         length = group.num_blocks * block_size
         # [n, num_kv_heads, length, head_dim] as strided views of the gathered blocks: the fused
         # CPU SDPA kernel takes them without a copy (5x faster than two matmuls here).
-        k = kv_cache[0].index_select(0, group.blocks).view(n, length, num_kv_heads, head_dim)
-        v = kv_cache[1].index_select(0, group.blocks).view(n, length, num_kv_heads, head_dim)
+        raw = _raw(kv_cache)
+        k = raw[0].index_select(0, group.blocks).view(kv_cache.dtype)
+        v = raw[1].index_select(0, group.blocks).view(kv_cache.dtype)
+        k = k.view(n, length, num_kv_heads, head_dim)
+        v = v.view(n, length, num_kv_heads, head_dim)
         q = query.index_select(0, group.rows).view(n, num_heads, 1, head_dim)
         o = attend(
             q, k.transpose(1, 2).to(query.dtype), v.transpose(1, 2).to(query.dtype),

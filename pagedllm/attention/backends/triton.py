@@ -53,9 +53,12 @@ class TritonAttentionBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        k_scale: float = 1.0,
+        v_scale: float = 1.0,
     ) -> torch.Tensor:
         num_actual = metadata.num_actual_tokens
-        reshape_and_cache(key[:num_actual], value[:num_actual], kv_cache, metadata.slot_mapping)
+        reshape_and_cache(key[:num_actual], value[:num_actual], kv_cache, metadata.slot_mapping,
+                          k_scale, v_scale)
         if metadata.num_splits is None:  # decided on the first layer, kept for the others
             metadata.num_splits = 1
             if metadata.causal:
@@ -83,6 +86,8 @@ class TritonAttentionBackend(AttentionBackend):
             num_splits=num_splits,
             out=out,
             logits_soft_cap=logits_soft_cap,
+            k_scale=k_scale,
+            v_scale=v_scale,
         )
         if num_actual < out.shape[0]:
             out[num_actual:].zero_()  # padding rows: defined values, like the torch backend

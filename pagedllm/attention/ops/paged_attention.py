@@ -16,6 +16,10 @@ Two paths:
 Softmax is online and in fp32 (base 2, with log2(e) folded into the scale). Gemma 2's
 attention logit soft-capping (scores -> cap * tanh(scores / cap), before masking) is a
 compile-time constant, so models without it run the kernels they always did.
+
+fp8 (e4m3) caches are a compile-time specialisation (KV_FP8): tiles are converted to the
+query dtype after loading, k_scale is folded into the softmax scale on the host and the
+output is multiplied by v_scale; the 16/32-bit kernels are unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm.attention.fp8_kv import dequantize_kv, is_fp8_kv
 
 _LOG2E = 1.4426950408889634
 # Finite "minus infinity" for running maxima: exp2(-inf - _NEG_BIG) is 0, never NaN.
@@ -60,6 +66,7 @@ def _attend_range(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     SOFT_CAP: tl.constexpr,  # 0.0: none; else cap * log2(e), the cap in the log2 domain
+    KV_FP8: tl.constexpr,
 ):
     dims = tl.arange(0, HD_PAD)
     dim_mask = dims < HEAD_DIM
@@ -75,6 +82,9 @@ def _attend_range(
         kv_mask = key_valid[:, None] & dim_mask[None, :]
         k = tl.load(k_cache_ptr + base[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_cache_ptr + base[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        if KV_FP8:  # e4m3 -> the query dtype is exact; the scales are applied outside
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
         # [BLOCK_M, BLOCK_N]
         if DOT_UPCAST:
             s = tl.dot(q.to(tl.float32), tl.trans(k).to(tl.float32), input_precision="ieee")
@@ -154,6 +164,7 @@ def _unified_attention_kernel(
     seq_lens_ptr,  # [num_reqs] int32
     num_reqs,
     qk_scale,
+    v_scale,
     window,
     stride_q_t,
     stride_q_h,
@@ -176,6 +187,7 @@ def _unified_attention_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     SOFT_CAP: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -209,9 +221,12 @@ def _unified_attention_kernel(
         qk_scale, window, stride_c_b, stride_c_t, stride_c_h,
         HEAD_DIM, HD_PAD, BLOCK_N, BLOCK_SIZE, CAUSAL, USE_WINDOW, DOT_PRECISION, DOT_UPCAST,
         SOFT_CAP,
+        KV_FP8,
     )  # fmt: skip
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * v_scale
     dims = tl.arange(0, HD_PAD)
     tl.store(
         out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + dims[None, :],
@@ -231,6 +246,7 @@ def _split_kv_decode_kernel(
     query_start_loc_ptr,
     seq_lens_ptr,
     qk_scale,
+    v_scale,
     window,
     min_partition_len,  # fewest keys per split, a multiple of BLOCK_N
     stride_q_t,
@@ -250,6 +266,7 @@ def _split_kv_decode_kernel(
     DOT_PRECISION: tl.constexpr,
     DOT_UPCAST: tl.constexpr,
     SOFT_CAP: tl.constexpr,
+    KV_FP8: tl.constexpr,
 ):
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -289,10 +306,13 @@ def _split_kv_decode_kernel(
         qk_scale, window, stride_c_b, stride_c_t, stride_c_h,
         HEAD_DIM, HD_PAD, BLOCK_N, BLOCK_SIZE, True, USE_WINDOW, DOT_PRECISION, DOT_UPCAST,
         SOFT_CAP,
+        KV_FP8,
     )  # fmt: skip
     empty = l_i == 0.0
     lse = tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if KV_FP8:
+        out = out * v_scale
     part_row = (
         req.to(tl.int64) * (QUERIES_PER_KV * tl.num_programs(1)) + head
     ) * NUM_SPLITS + split
@@ -364,6 +384,16 @@ def _soft_cap_constant(logits_soft_cap: float | None) -> float:
     return float(logits_soft_cap) * _LOG2E
 
 
+def _kv_scales(
+    kv_cache: torch.Tensor, scale: float, k_scale: float, v_scale: float
+) -> tuple[float, float]:
+    """(qk_scale, v_scale) kernel arguments: log2(e) and, for an fp8 cache, k_scale folded
+    into the softmax scale; v_scale is read only by the fp8 specialisation."""
+    if is_fp8_kv(kv_cache):
+        return scale * k_scale * _LOG2E, v_scale
+    return scale * _LOG2E, 1.0
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     # fp32 inputs (CPU tests, debugging) get exact products; half types ignore the flag.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -383,6 +413,8 @@ def unified_attention(
     causal: bool = True,
     config: AttentionLaunchConfig | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """One launch over a mixed batch; writes rows query_start_loc[0]:query_start_loc[num_reqs]."""
     num_tokens, num_heads, head_dim = query.shape
@@ -418,7 +450,8 @@ def unified_attention(
         return out
     _unified_attention_kernel[grid](
         out, query, k_cache, v_cache, block_table, query_start_loc, seq_lens,
-        num_reqs, scale * _LOG2E, sliding_window if use_window else 0,
+        num_reqs, *_kv_scales(kv_cache, scale, k_scale, v_scale),
+        sliding_window if use_window else 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         QUERIES_PER_KV=group, GROUP_PAD=group_pad, BLOCK_Q=block_q, BLOCK_M=block_m,
@@ -426,7 +459,7 @@ def unified_attention(
         BLOCK_SIZE=block_size, CAUSAL=causal, USE_WINDOW=use_window,
         DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=_interpreted(),
         SOFT_CAP=_soft_cap_constant(logits_soft_cap),
-        num_warps=num_warps, num_stages=num_stages,
+        KV_FP8=is_fp8_kv(kv_cache), num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     return out
 
@@ -444,6 +477,8 @@ def split_kv_decode_attention(
     sliding_window: int | None = None,
     config: AttentionLaunchConfig | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Flash-decoding for batches where every request has query_len == 1 (causal); each
     request's context is split by its own length (see `_split_kv_decode_kernel`)."""
@@ -467,14 +502,16 @@ def split_kv_decode_attention(
     use_window = sliding_window is not None and sliding_window > 0
     _split_kv_decode_kernel[(num_reqs, num_kv_heads, num_splits)](
         part_out, part_lse, query, k_cache, v_cache, block_table, query_start_loc, seq_lens,
-        scale * _LOG2E, sliding_window if use_window else 0, min_partition_len,
+        *_kv_scales(kv_cache, scale, k_scale, v_scale), sliding_window if use_window else 0,
+        min_partition_len,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
         QUERIES_PER_KV=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
         HD_PAD=hd_pad, BLOCK_N=block_n, BLOCK_SIZE=block_size, USE_WINDOW=use_window,
         DOT_PRECISION=_dot_precision(query.dtype), DOT_UPCAST=_interpreted(),
         SOFT_CAP=_soft_cap_constant(logits_soft_cap),
-        num_warps=cfg.num_warps or 4, num_stages=cfg.num_stages or 2,
+        KV_FP8=is_fp8_kv(kv_cache), num_warps=cfg.num_warps or 4,
+        num_stages=cfg.num_stages or 2,
     )  # fmt: skip
     _split_kv_combine_kernel[(num_reqs, num_heads)](
         out, part_out, part_lse, query_start_loc, out.stride(0), out.stride(1),
@@ -543,6 +580,8 @@ def paged_attention(
     out: torch.Tensor | None = None,
     config: AttentionLaunchConfig | None = None,
     logits_soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of every query row against its request's cached keys -> [num_tokens, ...].
 
@@ -555,11 +594,11 @@ def paged_attention(
         assert max_query_len == 1 and causal, "split-KV is for decode-only batches"
         return split_kv_decode_attention(
             out, query, kv_cache, query_start_loc, seq_lens, block_table, num_reqs,
-            scale, num_splits, sliding_window, config, logits_soft_cap,
+            scale, num_splits, sliding_window, config, logits_soft_cap, k_scale, v_scale,
         )  # fmt: skip
     return unified_attention(
         out, query, kv_cache, query_start_loc, seq_lens, block_table, num_reqs,
-        max_query_len, scale, sliding_window, causal, config, logits_soft_cap,
+        max_query_len, scale, sliding_window, causal, config, logits_soft_cap, k_scale, v_scale,
     )  # fmt: skip
 
 
@@ -574,8 +613,11 @@ def paged_attention_ref(
     causal: bool = True,
     compute_dtype: torch.dtype = torch.float32,
     logits_soft_cap: float | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Pure-torch reference: gathers each request's K/V and runs masked SDPA per request.
+    An fp8 cache is dequantized with its scales first.
 
     Loops on the host (reads the metadata with .tolist()); for tests and benchmarks only.
     Padding rows of the result are zero.
@@ -595,8 +637,9 @@ def paged_attention_ref(
         # [seq_len, num_kv_heads, head_dim] -> [num_heads, seq_len, head_dim]
         k = kv_cache[0, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len]
         v = kv_cache[1, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len]
-        k = k.to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)
-        v = v.to(compute_dtype).repeat_interleave(group, dim=1).transpose(0, 1)
+        k = dequantize_kv(k, compute_dtype, k_scale).repeat_interleave(group, dim=1)
+        v = dequantize_kv(v, compute_dtype, v_scale).repeat_interleave(group, dim=1)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)
         q = query[q_lo:q_hi].to(compute_dtype).transpose(0, 1)  # [num_heads, q_len, head_dim]
         q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)[:, None]
         k_pos = torch.arange(seq_len, device=query.device)[None, :]

@@ -103,8 +103,11 @@ def build_app(
         state = app.state
         state.engine = engine
         state.models = OpenAIServingModels(
-            server_config.served_model_names, config.model_config.model, engine.max_model_len
+            server_config.served_model_names, config.model_config.model, engine.max_model_len,
+            quantization=config.model_config.quantization,
+            kv_cache_dtype=config.cache_config.kv_cache_dtype,
         )
+        prometheus.set_config_info(config, engine.num_blocks)
         state.chat = OpenAIServingChat(engine, server_config)
         state.completion = OpenAIServingCompletion(engine, server_config)
         state.tokenization = OpenAIServingTokenization(engine, server_config)

@@ -132,6 +132,28 @@ class PrometheusStatLogger:
         self.iter_tokens = hist("iteration_tokens_total", "Tokens scheduled per engine step.",
                                 [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384])
 
+    def set_config_info(self, config, num_blocks: int) -> None:
+        """Info gauges (value 1, facts in labels): `cache_config_info` as vLLM's, and
+        `model_config_info` naming the dtype, quantization and KV-cache dtype."""
+        cc, mc = config.cache_config, config.model_config
+        cache_labels = {
+            "block_size": str(cc.block_size),
+            "cache_dtype": cc.kv_cache_dtype,
+            "enable_prefix_caching": str(cc.enable_prefix_caching),
+            "gpu_memory_utilization": str(cc.gpu_memory_utilization),
+            "num_gpu_blocks": str(num_blocks),
+        }
+        Gauge("pagedllm:cache_config_info", "Information of the KV cache configuration.",
+              list(cache_labels), registry=self.registry).labels(**cache_labels).set(1)
+        model_labels = {
+            "model_name": self.model_name,
+            "dtype": str(mc.dtype).removeprefix("torch."),
+            "quantization": mc.quantization or "none",
+            "kv_cache_dtype": cc.kv_cache_dtype,
+        }
+        Gauge("pagedllm:model_config_info", "Information of the model configuration.",
+              list(model_labels), registry=self.registry).labels(**model_labels).set(1)
+
     def record(self, stats: SchedulerStats | None, it: IterationStats, engine_index: int = 0) -> None:
         i = engine_index
         if stats is not None:

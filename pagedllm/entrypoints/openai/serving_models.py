@@ -8,10 +8,22 @@ from pagedllm.entrypoints.openai.errors import APIError
 
 
 class OpenAIServingModels:
-    def __init__(self, served_model_names: list[str], root: str, max_model_len: int) -> None:
+    """Model cards; besides OpenAI's fields (and vLLM's root / parent / max_model_len) each
+    names the quantization (None when unquantized) and the KV-cache dtype."""
+
+    def __init__(
+        self,
+        served_model_names: list[str],
+        root: str,
+        max_model_len: int,
+        quantization: str | None = None,
+        kv_cache_dtype: str = "auto",
+    ) -> None:
         self.served_model_names = served_model_names
         self.root = root
         self.max_model_len = max_model_len
+        self.quantization = quantization
+        self.kv_cache_dtype = kv_cache_dtype
         self.created = int(time.time())
 
     def card(self, name: str) -> dict:
@@ -23,6 +35,8 @@ class OpenAIServingModels:
             "root": self.root,
             "parent": None,
             "max_model_len": self.max_model_len,
+            "quantization": self.quantization,
+            "kv_cache_dtype": self.kv_cache_dtype,
         }
 
     def list_models(self) -> dict:

@@ -34,6 +34,10 @@ class Attention(nn.Module):
         self.backend = backend
         self.sliding_window = sliding_window
         self.logits_soft_cap = logits_soft_cap or None
+        # fp8 KV cache scales (cache holds k / k_scale, v / v_scale): 1.0 unless the
+        # checkpoint carries k_scale / v_scale (set by the loader, see loader/kv_scales.py).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
 
     def forward(
         self,
@@ -55,5 +59,7 @@ class Attention(nn.Module):
             self.scale,
             self.sliding_window,
             **extra,
+            k_scale=self.k_scale,
+            v_scale=self.v_scale,
         )
         return out.reshape(num_tokens, self.num_heads * self.head_size)

@@ -43,7 +43,8 @@ class LinearMethod:
     """Creates a linear layer's weight tensors and applies the layer.
 
     Invariant: `create_weights` registers parameters on `layer` with `output_dim`/`input_dim`
-    attributes where they are sharded; the layer then attaches its `weight_loader`.
+    attributes where they are sharded; the layer then attaches its `weight_loader` to every
+    parameter the method did not give a `weight_loader` of its own.
     """
 
     def create_weights(
@@ -110,8 +111,11 @@ class LinearBase(nn.Module):
         self.tp_size = get_tensor_model_parallel_world_size()
 
     def _attach_loader(self) -> None:
+        # A linear method may give a parameter its own loader (per-shard scales of a fused
+        # layer); every other parameter is sharded by the layer.
         for param in self.parameters(recurse=False):
-            set_weight_attrs(param, {"weight_loader": self.weight_loader})
+            if getattr(param, "weight_loader", None) is None:
+                set_weight_attrs(param, {"weight_loader": self.weight_loader})
 
     def _create_weights(
         self, input_size_per_partition: int, output_partition_sizes: list[int]

@@ -16,9 +16,11 @@ from pagedllm.model_executor.layers.quantization import (
     process_weights_after_loading,
     quantize_model,
 )
+from pagedllm.model_executor.layers.quantization.base_config import checkpoint_module_names
 from pagedllm.model_executor.loader.dummy import initialize_dummy_weights
 from pagedllm.model_executor.loader.errors import ModelLoadError
 from pagedllm.model_executor.loader.gguf_loader import iterate_gguf_weights
+from pagedllm.model_executor.loader.kv_scales import KVScaleCollector
 from pagedllm.model_executor.loader.safetensors_loader import iterate_hf_weights
 from pagedllm.model_executor.models.registry import ModelRegistry
 
@@ -62,19 +64,37 @@ def materialize(model: nn.Module, device: torch.device) -> None:
     init_buffers(model)
 
 
-def load_weights_checked(model: nn.Module, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Loads `weights` and raises ModelLoadError naming every parameter left unloaded."""
+def load_weights_checked(
+    model: nn.Module,
+    weights: Iterable[tuple[str, torch.Tensor]],
+    quant_config: QuantizationConfig | None = None,
+) -> None:
+    """Loads `weights` and raises ModelLoadError naming every parameter left unloaded (and
+    the quantization, whose tensors are the usual suspects)."""
+    what = f"{quant_config.get_name()} checkpoint" if quant_config is not None else "checkpoint"
     try:
         loaded = model.load_weights(weights)
     except ValueError as e:
         if isinstance(e, ModelLoadError):
             raise
-        raise ModelLoadError(f"checkpoint does not fit the model: {e}") from e
+        raise ModelLoadError(f"{what} does not fit the model: {e}") from e
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
     if missing:
-        shown = ", ".join(missing[:20]) + (f" ... ({len(missing)} in all)" if len(missing) > 20
-                                           else "")
-        raise ModelLoadError(f"checkpoint lacks tensors for these parameters: {shown}")
+        shown = ", ".join(_with_checkpoint_names(n) for n in missing[:20])
+        if len(missing) > 20:
+            shown += f" ... ({len(missing)} in all)"
+        hint = (f" (quantization {quant_config.describe()} expects them)"
+                if quant_config is not None else "")
+        raise ModelLoadError(f"{what} lacks tensors for these parameters{hint}: {shown}")
+
+
+def _with_checkpoint_names(param_name: str) -> str:
+    """`...qkv_proj.weight_scale` -> that name plus the checkpoint tensors it stands for."""
+    module, _, leaf = param_name.rpartition(".")
+    parts = checkpoint_module_names(module)
+    if parts == [module]:
+        return param_name
+    return f"{param_name} ({', '.join(f'{p}.{leaf}' for p in parts)})"
 
 
 def _apply_quantization(
@@ -94,19 +114,28 @@ def _apply_quantization(
     return quant_config
 
 
-def _load_quantized(
+def _load_checkpoint(
     model: nn.Module,
     model_config: ModelConfig,
-    quant_config: QuantizationConfig,
+    quant_config: QuantizationConfig | None,
     needed: Callable[[str], bool] | None = None,
 ) -> None:
-    """Loads and repacks a quantized checkpoint; errors name the method."""
-    try:
-        weights = iterate_weights(model_config, needed)
-        load_weights_checked(model, quant_config.intercept_weights(weights))
-        process_weights_after_loading(model)
-    except ValueError as e:
-        raise ModelLoadError(f"{quant_config.get_name()} checkpoint: {e}") from e
+    """Streams the checkpoint in (fp8 KV scales picked out on the way) and lets quantized
+    methods repack; errors of a quantized load name the method."""
+    kv_scales = KVScaleCollector(model)
+    weights = kv_scales.filter(iterate_weights(model_config, needed))
+    if quant_config is None:
+        load_weights_checked(model, weights)
+    else:
+        name = quant_config.get_name()
+        try:
+            load_weights_checked(model, quant_config.intercept_weights(weights), quant_config)
+            process_weights_after_loading(model)
+        except ValueError as e:
+            if isinstance(e, ModelLoadError) and str(e).startswith(f"{name} checkpoint: "):
+                raise
+            raise ModelLoadError(f"{name} checkpoint: {e}") from e
+    kv_scales.log(getattr(model, "num_layers", 0))
 
 
 def load_model(
@@ -134,10 +163,8 @@ def load_model(
         initialize_dummy_weights(model, hf_config, model_config.seed)
         if quant_config is not None:
             process_weights_after_loading(model)
-    elif quant_config is None:
-        load_weights_checked(model, iterate_weights(model_config, needed))
     else:
-        _load_quantized(model, model_config, quant_config, needed)
+        _load_checkpoint(model, model_config, quant_config, needed)
     logger.info(
         "loaded %s (%s) on %s%s%s", model_config.model_path, model_cls.__name__, device,
         " (dummy weights)" if model_config.load_format == "dummy" else "",

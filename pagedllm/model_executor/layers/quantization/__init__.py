@@ -173,7 +173,8 @@ def quantize_model(model: nn.Module, quant_config: QuantizationConfig) -> int:
 
 
 def process_weights_after_loading(model: nn.Module) -> None:
-    """Lets each linear layer's method repack / quantize its loaded weights."""
+    """Lets each linear layer's method repack / quantize its loaded weights; a ValueError
+    names the layer."""
     from pagedllm.model_executor.layers.linear import LinearBase
 
     for prefix, module in model.named_modules():

@@ -108,6 +108,12 @@ def is_layer_skipped(prefix: str, ignored: list[str] | tuple[str, ...]) -> bool:
     return all(hits)
 
 
+def module_matches(name: str, entries: list[str] | tuple[str, ...]) -> bool:
+    """Whether the checkpoint module `name` matches an entry of an ignore or target list
+    (exact name, suffix, component, or `re:PATTERN`)."""
+    return _matches_any(name, entries)
+
+
 def _matches_any(name: str, ignored: list[str] | tuple[str, ...]) -> bool:
     for entry in ignored:
         if entry.startswith("re:"):
