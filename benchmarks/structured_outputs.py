@@ -96,6 +96,9 @@ def compile_times(llm: LLM) -> dict[str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
+    p.add_argument("--random-8b", action="store_true",
+                   help="a random Llama-3.1-8B (bf16) over the default model's 49152-token "
+                   "vocabulary and tokenizer: 8B step times, a real tokenizer for the grammar")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
@@ -103,7 +106,15 @@ def main() -> int:
     p.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args()
-    llm = LLM(model=args.model, structured_outputs_backend=args.backend,
+    tokenizer = None
+    if args.random_8b:
+        from pagedllm.entrypoints.bench import LLAMA_3_1_8B, build_random_llama
+        from pagedllm.model_executor.loader import resolve_model
+
+        cfg = {**LLAMA_3_1_8B, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}
+        args.model = build_random_llama("/tmp/pagedllm_models/llama-3.1-8b-v49152", cfg)
+        tokenizer = resolve_model(None).tokenizer_path
+    llm = LLM(model=args.model, tokenizer=tokenizer, structured_outputs_backend=args.backend,
               async_scheduling=args.async_scheduling, max_num_seqs=max(64, *map(
                   int, args.batches.split(","))))
     results = {"compile": compile_times(llm), "rows": []}

@@ -27,11 +27,14 @@ def _checkpoint() -> dict[str, torch.Tensor]:
 
 def _worker(rank: int, world: int, port: int, results: dict) -> None:
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    from pagedllm.distributed import parallel_state as ps
+
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    ps.initialize_model_parallel(world, 1)  # the layers shard over the TP group
     try:
         results[rank] = _run_rank(rank, world)
     finally:
-        dist.destroy_process_group()
+        ps.destroy_model_parallel()  # also destroys the default group
 
 
 def _run_rank(rank: int, world: int) -> dict[str, float]:
