@@ -178,7 +178,8 @@ def run_correctness(out_root: str, smoke: bool) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     size = {"hidden_size": 512, "intermediate_size": 1536, "num_attention_heads": 8,
-            "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 2048}
+            "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 2048,
+            "max_position_embeddings": 2048}
     if smoke:  # CPU: the script's logic only (the CPU path dequantizes at load)
         size = {"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4,
                 "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 512}

@@ -63,11 +63,12 @@ def triton_interpret() -> bool:
 
 
 def int_gemm_unpack() -> str:
-    """How the int GEMM expands packed words in registers: "planes" (default: each word loaded
-    once, one dot per bit position), "reshape" (each word loaded once, shifted out along a new
-    axis) or "gather" (each row loads its word, L1-served). For kernel tuning on the GPU; see
-    model_executor/layers/ops/int_gemm.py."""
-    value = os.environ.get("PAGEDLLM_INT_GEMM_UNPACK", "planes")
+    """How the int GEMM expands packed words in registers: "reshape" (default: each word
+    loaded once, shifted out along a new axis), "planes" (each word loaded once, one dot per
+    bit position) or "gather" (each row loads its word, L1-served). For kernel tuning on the
+    GPU; see model_executor/layers/ops/int_gemm.py. On the H200 (docs/benchmarks.md) reshape
+    was fastest at most Llama-3.1-8B shapes up to M 64 and planes 5-20x slower from M 64."""
+    value = os.environ.get("PAGEDLLM_INT_GEMM_UNPACK", "reshape")
     if value not in ("gather", "reshape", "planes"):
         raise ValueError(f"PAGEDLLM_INT_GEMM_UNPACK={value!r}: choose gather, reshape or "
                          "planes")
@@ -76,8 +77,9 @@ def int_gemm_unpack() -> str:
 
 def int_gemm_dense_min_m() -> int:
     """Tokens in a step from which GPTQ/AWQ layers dequantize to a transient 16-bit weight
-    and use cuBLAS instead of the fused int GEMM (0: never)."""
-    return int(_float("PAGEDLLM_INT_GEMM_DENSE_MIN_M", 1024))
+    and use cuBLAS instead of the fused int GEMM (0: never). 64 by default: on the H200 the
+    fused kernel trails dequantize + cuBLAS from there (docs/benchmarks.md)."""
+    return int(_float("PAGEDLLM_INT_GEMM_DENSE_MIN_M", 64))
 
 
 def int_gemm_split_k() -> int | None:

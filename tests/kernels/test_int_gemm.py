@@ -118,6 +118,9 @@ def test_default_config_for_decode_splits_k() -> None:
     assert cfg.block_m == 16 and cfg.split_k >= 1
     big = choose_config(512, 4096, 4096, torch.device("cpu"))
     assert big.split_k == 1 and big.block_m == 128
+    # fp32 activations: two pipeline stages (four overflowed the H200's shared memory).
+    assert choose_config(512, 4096, 4096, torch.device("cpu"), elem_bytes=4).num_stages == 2
+    assert choose_config(8, 4096, 4096, torch.device("cpu"), elem_bytes=4).num_stages == 2
     cw = _canonical(256, 32, 8, 64, False, seed=9)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     ref = int_linear_ref(x, cw.qweight, cw.zeros, cw.scales, 8, 64, None)

@@ -60,7 +60,8 @@ class WeightLoadTracker:
             with torch.no_grad():
                 loader(param, tensor, shard_id) if shard_id is not None else loader(param, tensor)
         except ValueError as e:
-            raise ValueError(f"checkpoint tensor {source_name or target}: {e}") from e
+            # Name the checkpoint tensor (a shape or dtype mismatch says nothing of which).
+            raise ValueError(f"tensor {source_name or target}: {e}") from e
         if shard_id is None:
             self.loaded.add(target)
             return

@@ -132,8 +132,8 @@ def _load_checkpoint(
             load_weights_checked(model, quant_config.intercept_weights(weights), quant_config)
             process_weights_after_loading(model)
         except ValueError as e:
-            if isinstance(e, ModelLoadError) and str(e).startswith(f"{name} checkpoint: "):
-                raise
+            if isinstance(e, ModelLoadError) and str(e).startswith(f"{name} checkpoint"):
+                raise  # already names the method
             raise ModelLoadError(f"{name} checkpoint: {e}") from e
     kv_scales.log(getattr(model, "num_layers", 0))
 

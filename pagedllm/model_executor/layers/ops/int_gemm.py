@@ -8,7 +8,7 @@ g_idx [K] int32 (group of each row, after act-order rows were sorted at load). A
 owns a BLOCK_M x BLOCK_N tile of y and walks its K range; packed words are read as
 contiguous rows of BLOCK_N int32 (coalesced along N) and dequantized in registers as
 (q - z) * s in float32, then rounded to the activation dtype for `tl.dot`. Three ways to
-expand the words (`PAGEDLLM_INT_GEMM_UNPACK`, for tuning on the GPU): "planes" (default),
+expand the words (`PAGEDLLM_INT_GEMM_UNPACK`, for tuning on the GPU): "planes",
 each word is loaded once and value j of every word (input rows word * PACK + j) makes one dot
 against the matching strided columns of x, so no value changes register layout; "reshape",
 each word is loaded once and its values shifted out along a new axis; "gather", each of the
@@ -269,8 +269,12 @@ def prepare(device: torch.device) -> None:
     _locks(device, 0)
 
 
-def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
-    """Tile sizes by M: decode shapes split K until about four programs run per SM."""
+def choose_config(
+    m: int, n: int, k: int, device: torch.device, elem_bytes: int = 2
+) -> GemmConfig:
+    """Tile sizes by M: decode shapes split K until about four programs run per SM. fp32
+    activations (elem_bytes 4) pipeline two stages: four of their tiles overflow the H200's
+    227 KiB of shared memory (seen: 256 KiB asked)."""
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 32:
@@ -280,6 +284,8 @@ def choose_config(m: int, n: int, k: int, device: torch.device) -> GemmConfig:
         bm, bn, bk, warps, stages = 64, 128, 64, 8, 4
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if elem_bytes >= 4:
+        stages = 2
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     split = 1
     forced = envs.int_gemm_split_k()
@@ -311,7 +317,7 @@ def int_gemm(
     if qweight.shape[0] * (32 // bits) != k:
         raise ValueError(f"qweight {tuple(qweight.shape)} does not hold {k} rows of {bits} bits")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or choose_config(m, n, k, x.device)
+    cfg = config or choose_config(m, n, k, x.device, x.element_size())
     mode = unpack or envs.int_gemm_unpack()
     bk = cfg.block_k
     if mode == "planes":

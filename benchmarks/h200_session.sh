@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The issue #13/#14/#15 figures on one H200, in phases that each fit one device call:
+#   bash benchmarks/h200_session.sh A|B|C    (OUT=dir for logs and JSON; default /tmp/out)
+# Each step runs in its own process under its own timeout, so one failure costs one row.
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+T="python3 benchmarks/throughput.py"
+SETS=single-stream,batch-16,sharegpt-shaped
+step() {  # step NAME SECONDS CMD...
+  local name=$1 secs=$2; shift 2
+  echo "=== $name ($(date +%T))"
+  timeout "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "rc=$? $(date +%T)"
+  grep -v " INFO \|^\[transformers\]\|it/s\]" "$OUT/$name.log" | grep "^|\|Error\|error\|ratio\|x \|tok/s\|GB/s\|TFLOP" | tail -14
+}
+case "${1:-A}" in
+A)
+  step fp8_kernels 100 python3 benchmarks/gpu_fp8.py
+  step int_gemm 130 python3 benchmarks/gpu_int4.py kernels
+  step bf16 120 $T --datasets $SETS --json "$OUT/bf16.json"
+  step fp8 110 $T --datasets $SETS --quantization fp8 --json "$OUT/fp8.json"
+  step fp8kv 90 $T --datasets sharegpt-shaped --kv-cache-dtype fp8 --json "$OUT/fp8kv.json"
+  ;;
+B)
+  step gptq 130 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 --datasets $SETS --json "$OUT/gptq.json"
+  step awq 130 $T --model random:llama-3.1-8b:awq --dtype bfloat16 --datasets $SETS --json "$OUT/awq.json"
+  step bnb 90 $T --datasets single-stream,batch-16 --quantization bitsandbytes --json "$OUT/bnb.json"
+  step gptq70b 110 $T --model random:llama-3.1-70b:gptq --load-format dummy --dtype bfloat16 --datasets single-stream --json "$OUT/gptq70b.json"
+  ;;
+C)
+  step correctness 80 python3 benchmarks/gpu_correctness.py --skip-8b --skip-embed
+  step int4_correct 80 python3 benchmarks/gpu_int4.py correctness
+  step gptq_tuned 150 env PAGEDLLM_INT_GEMM_UNPACK=reshape PAGEDLLM_INT_GEMM_DENSE_MIN_M=64 \
+    $T --model random:llama-3.1-8b:gptq --dtype bfloat16 --datasets $SETS --json "$OUT/gptq_tuned.json"
+  step structured 150 python3 benchmarks/structured_outputs.py --random-8b --batches 1,16,64 --rounds 2
+  step moe_kernel 45 python3 benchmarks/moe_kernel.py
+  ;;
+esac
