@@ -116,3 +116,31 @@ def test_smollm2_pipeline_parallel_matches_one_process():
     assert tokens == ref
     assert all(len(t) == 6 for t in ref[:2])
     assert text == ref_json and set(json.loads(ref_json)) == {"name"}
+
+
+@pytest.mark.parametrize(("family", "tp", "pp"), [("gemma2", 1, 2), ("mixtral", 2, 1)])
+def test_model_families_under_parallelism(tmp_path, family, tp, pp):
+    """Gemma 2 (its own norms, scaled embeddings, soft-capping) split into pipeline stages,
+    and Mixtral's experts sharded over tensor-parallel ranks, give one process's tokens."""
+    import transformers
+
+    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                  eos_token_id=None, bos_token_id=None, pad_token_id=0)
+    if family == "gemma2":
+        config = transformers.Gemma2Config(
+            **common, intermediate_size=128, architectures=["Gemma2ForCausalLM"],
+            sliding_window=16, query_pre_attn_scalar=24, attn_logit_softcapping=5.0,
+            final_logit_softcapping=3.0, layer_types=["sliding_attention", "full_attention"] * 2,
+        )
+    else:
+        config = transformers.MixtralConfig(
+            **common, intermediate_size=96, num_experts_per_tok=2, num_local_experts=4,
+            architectures=["MixtralForCausalLM"],
+        )
+    path = build_random_hf_model_dir(str(tmp_path / family), config, seed=1, std=0.2)
+    ref_tokens, ref_logprobs, _ = _generate(path)
+    tokens, logprobs, _ = _generate(path, tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    assert tokens == ref_tokens
+    for got, want in zip(logprobs, ref_logprobs):
+        assert got == pytest.approx(want, abs=1e-4)

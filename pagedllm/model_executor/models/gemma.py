@@ -14,13 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedllm.attention.backend import AttentionBackend, AttentionMetadata
+from pagedllm.attention.backend import AttentionBackend
 from pagedllm.model_executor.layers.activation import GeluAndMul
 from pagedllm.model_executor.layers.layernorm import RMSNorm
 from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.vocab_parallel_embedding import (
-    ParallelLMHead,
-    VocabParallelEmbedding,
     compute_logits,
 )
 from pagedllm.model_executor.models.llama import (
@@ -28,6 +26,7 @@ from pagedllm.model_executor.models.llama import (
     LlamaDecoderLayer,
     LlamaForCausalLM,
     LlamaMLP,
+    LlamaModel,
 )
 
 
@@ -94,51 +93,29 @@ class GemmaDecoderLayer(LlamaDecoderLayer):
         self.post_attention_layernorm = GemmaRMSNorm(config.hidden_size, eps)
 
 
-class GemmaModel(nn.Module):
-    """Scaled embeddings, the decoder layers, the final norm."""
+class GemmaModel(LlamaModel):
+    """Llama's pipeline-stage decoder stack with scaled embeddings and Gemma's final norm."""
 
-    def __init__(
-        self,
-        config: Any,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        linear_method: LinearMethod | None,
-        decoder_layer_cls: type[nn.Module],
-        attention_cls: type[LlamaAttention],
-    ) -> None:
-        super().__init__()
-        self.hidden_size = int(config.hidden_size)
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, params_dtype=dtype
-        )
-        self.layers = nn.ModuleList(
-            decoder_layer_cls(config, i, attn_backend, dtype, linear_method, attention_cls)
-            for i in range(config.num_hidden_layers)
-        )
-        self.norm = GemmaRMSNorm(config.hidden_size, float(config.rms_norm_eps))
+    def make_norm(self, config: Any, dtype: torch.dtype) -> nn.Module:
+        return GemmaRMSNorm(config.hidden_size, float(config.rms_norm_eps))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,  # [num_tokens]
-        positions: torch.Tensor,  # [num_tokens]
-        kv_caches: list[torch.Tensor],
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, hidden_size]
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         # HF rounds sqrt(hidden_size) to the activation dtype before multiplying.
-        hidden = hidden * torch.tensor(self.hidden_size**0.5, dtype=hidden.dtype)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
-        hidden, _ = self.norm(hidden, residual)
-        return hidden
+        return hidden * torch.tensor(self.hidden_size**0.5, dtype=hidden.dtype)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embed_tokens.embedding_dim)
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
-    """Gemma causal LM; Llama's forward and weight loading, Gemma's model and logits."""
+    """Gemma causal LM; Llama's forward, stages and weight loading, Gemma's model and logits."""
 
     attention_cls: type[LlamaAttention] = LlamaAttention
     decoder_layer_cls: type[nn.Module] = GemmaDecoderLayer
+    model_cls = GemmaModel
+    tie_word_embeddings_default = True
 
     def __init__(
         self,
@@ -147,25 +124,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
         dtype: torch.dtype = torch.float32,
         linear_method: LinearMethod | None = None,
     ) -> None:
-        nn.Module.__init__(self)
-        self.config = hf_config
-        self.dtype = dtype
-        self.model = GemmaModel(
-            hf_config, attn_backend, dtype, linear_method, self.decoder_layer_cls,
-            self.attention_cls,
-        )  # fmt: skip
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", True))
-        if self.tie_word_embeddings:
-            self.lm_head = self.model.embed_tokens
-        else:
-            self.lm_head = ParallelLMHead(
-                hf_config.vocab_size, hf_config.hidden_size, params_dtype=dtype
-            )
+        super().__init__(hf_config, attn_backend, dtype, linear_method)
         self.final_logit_softcapping = getattr(hf_config, "final_logit_softcapping", None)
-        attn0 = self.model.layers[0].self_attn
-        self.num_layers = int(hf_config.num_hidden_layers)
-        self.num_kv_heads = attn0.num_kv_heads
-        self.head_dim = attn0.head_dim
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[n, hidden_size] -> [n, vocab_size] float32, soft-capped where the config says."""

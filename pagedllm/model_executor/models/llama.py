@@ -1,8 +1,9 @@
 """Llama family (Llama 2/3/3.1, SmolLM2, Mistral): the base decoder other families extend.
 
 Qwen2 and Qwen3 reuse these classes and change only their attention block; see qwen2.py
-and qwen3.py. Hooks for subclasses are the class attributes `attention_cls` (on the causal LM)
-and `qkv_bias_default`.
+and qwen3.py. Hooks for subclasses are the class attributes `attention_cls`,
+`decoder_layer_cls`, `model_cls` and `tie_word_embeddings_default` (on the causal LM),
+`qkv_bias_default` (on the attention) and `LlamaModel.make_norm` / `embed` (Gemma).
 """
 
 from __future__ import annotations
@@ -183,14 +184,18 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = hidden
-            hidden = self.input_layernorm(hidden)
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden, residual = self.norm_input(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, attn_metadata)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def norm_input(
+        self, hidden: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised input, residual stream): the first layer starts the stream."""
+        if residual is None:
+            return self.input_layernorm(hidden), hidden
+        return self.input_layernorm(hidden, residual)
 
 
 class LlamaModel(nn.Module):
@@ -204,8 +209,10 @@ class LlamaModel(nn.Module):
         dtype: torch.dtype,
         linear_method: LinearMethod | None,
         attention_cls: type[LlamaAttention],
+        decoder_layer_cls: type[nn.Module] | None = None,
     ) -> None:
         super().__init__()
+        layer_cls = decoder_layer_cls or LlamaDecoderLayer
         pp = get_pp_group()
         self.is_first_stage, self.is_last_stage = pp.is_first_rank, pp.is_last_rank
         self.start_layer, self.end_layer = get_pp_layer_range(config.num_hidden_layers)
@@ -214,14 +221,19 @@ class LlamaModel(nn.Module):
             if self.is_first_stage else PPMissingLayer()
         )  # fmt: skip
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, attn_backend, dtype, linear_method, attention_cls)
+            layer_cls(config, i, attn_backend, dtype, linear_method, attention_cls)
             if self.start_layer <= i < self.end_layer else PPMissingLayer()
             for i in range(config.num_hidden_layers)
         )  # fmt: skip
-        self.norm = (
-            RMSNorm(config.hidden_size, float(config.rms_norm_eps), params_dtype=dtype)
-            if self.is_last_stage else PPMissingLayer()
-        )  # fmt: skip
+        self.norm = self.make_norm(config, dtype) if self.is_last_stage else PPMissingLayer()
+
+    def make_norm(self, config: Any, dtype: torch.dtype) -> nn.Module:
+        """The final norm (a hook: Gemma's stores 1 + w)."""
+        return RMSNorm(config.hidden_size, float(config.rms_norm_eps), params_dtype=dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[num_tokens] -> [num_tokens, hidden_size] (a hook: Gemma scales it)."""
+        return self.embed_tokens(input_ids)
 
     def forward(
         self,
@@ -232,7 +244,7 @@ class LlamaModel(nn.Module):
         intermediate_tensors: IntermediateTensors | None = None,
     ) -> torch.Tensor | IntermediateTensors:
         if self.is_first_stage:
-            hidden = self.embed_tokens(input_ids)  # [num_tokens, hidden_size]
+            hidden = self.embed(input_ids)  # [num_tokens, hidden_size]
             residual = None
         else:
             hidden = intermediate_tensors["hidden_states"]
@@ -260,6 +272,9 @@ class LlamaForCausalLM(nn.Module):
     """Causal LM over a paged KV cache; see the module docstring for subclass hooks."""
 
     attention_cls: type[LlamaAttention] = LlamaAttention
+    decoder_layer_cls: type[nn.Module] = LlamaDecoderLayer
+    model_cls: type[LlamaModel] = LlamaModel
+    tie_word_embeddings_default: bool = False
 
     def __init__(
         self,
@@ -271,8 +286,13 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = hf_config
         self.dtype = dtype
-        self.model = LlamaModel(hf_config, attn_backend, dtype, linear_method, self.attention_cls)
-        self.tie_word_embeddings = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self.model = self.model_cls(
+            hf_config, attn_backend, dtype, linear_method, self.attention_cls,
+            self.decoder_layer_cls,
+        )  # fmt: skip
+        self.tie_word_embeddings = bool(
+            getattr(hf_config, "tie_word_embeddings", self.tie_word_embeddings_default)
+        )
         model = self.model
         if not model.is_last_stage:
             self.lm_head = PPMissingLayer()
