@@ -1,5 +1,5 @@
-"""`--max-request-body-mb`: a request body over the limit is refused with a 413 in the OpenAI
-error shape before any of it is parsed.
+"""`--max-request-body-mb`: a request body over the limit is refused with a 400 in the OpenAI
+error shape (code `request_too_large`) before any of it is parsed.
 
 Pure ASGI (no BaseHTTPMiddleware), so streaming responses and disconnect detection are kept.
 A declared Content-Length over the limit is refused without reading the body; a chunked body
@@ -50,7 +50,7 @@ class BodySizeLimitMiddleware:
         limit_mb = self.max_bytes / 2**20
         response = error_response(
             f"Request body too large: {size} bytes; the limit is {self.max_bytes} bytes "
-            f"({limit_mb:g} MiB, --max-request-body-mb).", 413, code="request_too_large",
+            f"({limit_mb:g} MiB, --max-request-body-mb).", 400, code="request_too_large",
         )
         await response(scope, receive, send)
 

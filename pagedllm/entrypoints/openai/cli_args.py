@@ -112,7 +112,7 @@ def add_operations_args(parser: argparse.ArgumentParser) -> None:
                         help="most logit_bias entries per request (default %(default)s)")
     parser.add_argument("--max-request-body-mb", type=float,
                         default=limits.DEFAULT_MAX_REQUEST_BODY_MB,
-                        help="largest request body in MiB (default %(default)s); above it a 413")
+                        help="largest request body in MiB (default %(default)s); above it a 400 (request_too_large)")
     parser.add_argument("--max-waiting-requests", type=int, default=None,
                         help="refuse new requests with a 503 and Retry-After while this many "
                         "are waiting for the engine (default: unbounded)")
