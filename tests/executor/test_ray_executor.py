@@ -21,6 +21,13 @@ from pagedllm.executor.multiproc import WorkerDiedError
 from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
 from tests.model_executor.conftest import tiny_config
 
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_ray_module_at_a_time(ray_exclusive):
+    """Before any Ray starts here: see `ray_exclusive` in tests/conftest.py."""
+    yield
+
+
 PROMPTS = [
     {"prompt_token_ids": [1, 5, 9, 33, 7]},
     {"prompt_token_ids": [3, 4, 100, 200, 17, 18, 19, 250, 2]},
