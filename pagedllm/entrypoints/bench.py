@@ -58,7 +58,28 @@ LLAMA_3_1_70B: dict = {
     "num_attention_heads": 64, "num_key_value_heads": 8,
 }  # fmt: skip
 
-RANDOM_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B, "tiny": TINY_LLAMA}
+# Other families' configurations, for --load-format dummy only (build_random_llama writes
+# Llama-shaped tensors): Mixtral-8x7B (about 13B active of 47B parameters) and Gemma-2-9B.
+MIXTRAL_8X7B: dict = {
+    **LLAMA_3_1_8B, "architectures": ["MixtralForCausalLM"], "model_type": "mixtral",
+    "vocab_size": 32000, "max_position_embeddings": 32768, "rope_theta": 1e6,
+    "rope_scaling": None, "num_local_experts": 8, "num_experts_per_tok": 2,
+    "sliding_window": None, "bos_token_id": 1, "eos_token_id": 2,
+}  # fmt: skip
+GEMMA_2_9B: dict = {
+    "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": 3584,
+    "intermediate_size": 14336, "num_hidden_layers": 42, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "head_dim": 256, "vocab_size": 256000,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0,
+    "hidden_activation": "gelu_pytorch_tanh", "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+    "tie_word_embeddings": True, "bos_token_id": 2, "eos_token_id": 1, "pad_token_id": 0,
+    "torch_dtype": "bfloat16",
+}  # fmt: skip
+
+RANDOM_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B, "tiny": TINY_LLAMA,
+                 "mixtral-8x7b": MIXTRAL_8X7B, "gemma-2-9b": GEMMA_2_9B}
+DUMMY_ONLY = frozenset({"mixtral-8x7b", "gemma-2-9b"})
 
 WORKLOADS = ("sharegpt-shaped", "prefill-heavy", "decode-heavy", "single-stream", "batch-16")
 
@@ -137,6 +158,8 @@ def resolve_model_arg(
     from pagedllm.entrypoints.bench_quant import build_random_int4_llama, quant_config_for
 
     weights = load_format != "dummy"
+    if weights and name in DUMMY_ONLY:
+        raise SystemExit(f"random:{name} needs --load-format dummy (no writer for its tensors)")
     if method and weights:
         return build_random_int4_llama(os.path.join(cache_dir, f"{name}-{method}"),
                                        RANDOM_MODELS[name], method)
