@@ -12,6 +12,7 @@ Prints milliseconds per MoE layer and the speed-up of the fused kernel.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 import types
@@ -30,9 +31,9 @@ def _import_moe():
         pkg = types.ModuleType("pagedllm")
         pkg.__path__ = [str(ROOT / "pagedllm")]
         sys.modules["pagedllm"] = pkg
-    from pagedllm.model_executor.layers.fused_moe import routing, torch_moe, triton_moe
+    from pagedllm.model_executor.layers.fused_moe import moe_gemv, routing, torch_moe, triton_moe
 
-    return routing, torch_moe, triton_moe
+    return routing, torch_moe, triton_moe, moe_gemv
 
 
 def _time(fn, device: str, iters: int) -> float:
@@ -51,8 +52,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (interpreter)")
     parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time the few-token matrix-vector path over a config grid "
+                        "(CUDA-graph replays, as decode runs) and print the best configs")
     args = parser.parse_args()
-    routing, torch_moe, triton_moe = _import_moe()
+    routing, torch_moe, triton_moe, moe_gemv = _import_moe()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
         hidden, inter, experts, batches, dtype, iters = 64, 96, 4, (1, 5, 17), torch.float32, 1
@@ -78,6 +82,63 @@ def main() -> None:
         print(f"tokens {num_tokens:4d}: fused {t_fused:8.3f} ms, per-expert GEMMs "
               f"{t_grouped:8.3f} ms, speed-up {t_grouped / t_fused:5.2f}x, rel err {err:.1e} "
               f"{status}")  # fmt: skip
+    if args.sweep:
+        _sweep(moe_gemv, routing, triton_moe, torch_moe, w13, w2, device, dtype, args.smoke)
+
+
+def _time_graph(fn, device: str, iters: int = 50) -> float:
+    """Milliseconds per call replayed from a CUDA graph (no launch overhead), else plain."""
+    if device != "cuda":
+        return _time(fn, device, 1)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return _time(graph.replay, device, iters)
+
+
+def _sweep(moe_gemv, routing, triton_moe, torch_moe, w13, w2, device, dtype, smoke) -> None:
+    """Both kernels at 1-16 tokens under CUDA graphs; the gemv path over a config grid."""
+    grid = [moe_gemv.GemvConfig(n, k, w, s) for n in (16, 32, 64) for k in (64, 128, 256)
+            for w in (4, 8) for s in (2, 4)]  # fmt: skip
+    if smoke:
+        grid = grid[:2]
+    gen = torch.Generator(device=device).manual_seed(1)
+    best = (moe_gemv.GemvConfig(), moe_gemv.GemvConfig())
+    for num_tokens in (1, 2, 4, 8, 16):
+        x = torch.randn(num_tokens, w13.shape[2], generator=gen, device=device).to(dtype)
+        logits = torch.randn(num_tokens, w13.shape[0], generator=gen, device=device)
+        weights, ids = routing.select_experts(logits, 2, renormalize=True)
+        inputs = (x, w13, w2, weights, ids)
+        best = _sweep_row(moe_gemv, triton_moe, torch_moe, inputs, device, grid,
+                          best if num_tokens > 2 else None, best)  # fmt: skip
+    print(f"best GATE_UP_CONFIG = {best[0]}")
+    print(f"best DOWN_CONFIG = {best[1]}")
+
+
+def _sweep_row(moe_gemv, triton_moe, torch_moe, inputs, device, grid, fixed, best):
+    """One token count: picks the configs unless `fixed`, prints the row; returns the configs."""
+    x, w13, w2, weights, ids = inputs
+    gemv = functools.partial(moe_gemv.fused_experts_gemv, *inputs)
+    if fixed is None:  # gate_up first with the current down config, then down
+        gu = min(grid, key=lambda c: _time_graph(functools.partial(gemv, c, best[1]), device))
+        dn = min(grid, key=lambda c: _time_graph(functools.partial(gemv, gu, c), device))
+        best = (gu, dn)
+    ref = torch_moe.grouped_experts_torch(*inputs).float()
+    err = ((gemv(*best).float() - ref).norm() / ref.norm()).item()
+    t_gemv = _time_graph(functools.partial(gemv, *best), device)
+    t_grouped = _time_graph(functools.partial(triton_moe.fused_experts_triton, *inputs), device)
+    distinct = int(ids.unique().numel())
+    expert_bytes = 3 * w13.shape[1] // 2 * w13.shape[2] * w13.element_size()
+    gbs = distinct * expert_bytes / (t_gemv * 1e-3) / 1e9
+    print(f"graph tokens {x.shape[0]:3d} ({distinct} experts): grouped {t_grouped:7.3f} ms, "
+          f"gemv {t_gemv:7.3f} ms ({gbs:6.0f} GB/s of expert weights), "
+          f"gemv/grouped {t_gemv / t_grouped:5.2f}, rel err {err:.1e}")  # fmt: skip
+    return best
 
 
 if __name__ == "__main__":

@@ -378,14 +378,20 @@ def roofline(
                            cfg["num_hidden_layers"])  # fmt: skip
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    params = layers * (h * (q + 2 * kv) + q * h + 3 * h * inter) + 2 * v * h
+    batch = min(max_num_seqs, len(wl.prompts))
+    # A mixture of experts computes top_k experts per token and reads the experts a step's
+    # batch routes to (at most all of them).
+    experts, top_k = cfg.get("num_local_experts", 1), cfg.get("num_experts_per_tok", 1)
+    attn = layers * (h * (q + 2 * kv) + q * h) + 2 * v * h
+    params = attn + layers * 3 * h * inter * top_k  # computed per token
+    params_read = attn + layers * 3 * h * inter * min(experts, top_k * batch)
     ins = np.array([len(p) for p in wl.prompts], dtype=np.float64)
     outs = np.array(wl.output_lens, dtype=np.float64)
     flops = 2.0 * params * float(ins.sum() + outs.sum())
     kv_per_token = 2 * layers * kv * elem_bytes
     kv_reads = float((outs * ins + outs * (outs - 1) / 2).sum()) * kv_per_token
-    steps = math.ceil(outs.sum() / min(max_num_seqs, len(wl.prompts)))
-    t_bytes = (steps * params * elem_bytes + kv_reads) / (H200_BANDWIDTH * num_gpus)
+    steps = math.ceil(outs.sum() / batch)
+    t_bytes = (steps * params_read * elem_bytes + kv_reads) / (H200_BANDWIDTH * num_gpus)
     t_flops = flops / (H200_BF16_FLOPS * num_gpus)
     t = max(t_bytes, t_flops)
     return {

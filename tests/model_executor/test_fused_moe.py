@@ -119,6 +119,36 @@ def test_fused_triton_kernel_bf16():
     assert ((out - ref).norm() / ref.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize(("top_k", "num_tokens"), [(1, 1), (2, 3)])
+def test_moe_gemv_kernel_matches_reference(top_k, num_tokens):
+    from pagedllm.model_executor.layers.fused_moe.moe_gemv import GemvConfig, fused_experts_gemv
+
+    gen = torch.Generator().manual_seed(7 * top_k + num_tokens)
+    w13, w2 = _weights(gen)
+    x = torch.randn(num_tokens, H, generator=gen)
+    weights, ids = _routing(num_tokens, top_k, gen)
+    ids[-1, -1] = ids[0, 0]  # two pairs share an expert
+    ref = experts_ref(x, w13, w2, weights, ids)
+    # Tiles smaller than N and K: several N programs, K in several steps with a masked tail.
+    cfg = GemvConfig(block_n=16, block_k=16)
+    args = [t.to(DEVICE) for t in (x, w13, w2, weights, ids)]
+    out = fused_experts_gemv(*args, gate_up=cfg, down=cfg)
+    torch.testing.assert_close(out.double().cpu(), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_layer_takes_the_gemv_path_for_few_tokens(monkeypatch):
+    from pagedllm.model_executor.layers.fused_moe import moe_gemv
+
+    def fake(*args, **kwargs):
+        return args[0]
+
+    monkeypatch.setattr(moe_gemv, "fused_experts_gemv", fake)
+    assert moe_layer.pick_fused_experts(torch.empty(1, 4)) is fake
+    assert moe_layer.pick_fused_experts(torch.empty(moe_gemv.MOE_GEMV_MAX_TOKENS, 4)) is fake
+    big = moe_layer.pick_fused_experts(torch.empty(moe_gemv.MOE_GEMV_MAX_TOKENS + 1, 4))
+    assert big.__name__ == "fused_experts_triton"
+
+
 @pytest.mark.parametrize("world", [1, 2])
 def test_layer_loads_experts_and_shards_intermediate(monkeypatch, world):
     gen = torch.Generator().manual_seed(3)

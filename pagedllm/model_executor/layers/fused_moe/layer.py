@@ -9,6 +9,7 @@ Checkpoint tensors arrive one expert matrix at a time with shard_id (expert, "ga
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -99,9 +100,7 @@ class FusedMoE(nn.Module):
     def forward(self, hidden: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         topk_weights, topk_ids = select_experts(router_logits, self.top_k, self.renormalize)
         if hidden.is_cuda:
-            from pagedllm.model_executor.layers.fused_moe.triton_moe import fused_experts_triton
-
-            out = fused_experts_triton(
+            out = pick_fused_experts(hidden)(
                 hidden, self.w13_weight, self.w2_weight, topk_weights, topk_ids
             )
         else:
@@ -111,3 +110,13 @@ class FusedMoE(nn.Module):
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         return out
+
+
+def pick_fused_experts(hidden: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """The GPU experts kernel for this many tokens: matrix-vector launches for a few tokens
+    (decode), the sorted grouped GEMM above that. Shape-based, so fixed per CUDA graph."""
+    from pagedllm.model_executor.layers.fused_moe import moe_gemv, triton_moe
+
+    if hidden.shape[0] <= moe_gemv.MOE_GEMV_MAX_TOKENS:
+        return moe_gemv.fused_experts_gemv
+    return triton_moe.fused_experts_triton
