@@ -44,9 +44,11 @@ browser:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
 
+# One torch thread per test process: two xdist workers with two OpenMP threads each on two
+# cores make every step several times slower (spinning threads; measured 5x on the slowest test).
 test: venv-test browser
 	$(VENV)/bin/ruff check pagedllm tests benchmarks
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -n 2 --dist loadscope --durations=25 \
+	OMP_NUM_THREADS=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -n 2 --dist loadscope --durations=25 \
 	  $(foreach t,$(RAY_TESTS),--ignore=$(t)) tests
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -rs -p no:xdist --durations=5 $(RAY_TESTS)
 

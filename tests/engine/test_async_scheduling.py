@@ -112,10 +112,12 @@ def test_chunked_prefill_prefix_hits_and_preemption_match_sync(smol_llm):
     prompts = [shared + rng.integers(200, 40000, size=int(k)).tolist() for k in (3, 9, 20, 5)]
     prompts += [rng.integers(200, 40000, size=int(n)).tolist() for n in rng.integers(4, 14, 8)]
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
-    alone = []
-    for p in prompts:
-        smol_llm.reset_prefix_cache()
-        alone.append(_run(smol_llm, [{"prompt_token_ids": p}], params)[0])
+    # The reference: one synchronous batch with the default budget and cache (no chunks, no
+    # preemption; batched == alone is test_engine_invariance's claim).
+    smol_llm.reset_prefix_cache()
+    preempted_before = smol_llm.llm_engine.total_num_preemptions
+    alone = _run(smol_llm, [{"prompt_token_ids": p} for p in prompts], params)
+    assert smol_llm.llm_engine.total_num_preemptions == preempted_before
     # 24-token budget: prompts split into chunks; 20 blocks of 16: running requests grow
     # past the cache and get preempted and recomputed; the shared prefix is hit.
     llm = _llm(max_num_batched_tokens=24, max_num_seqs=8, num_gpu_blocks_override=20)

@@ -69,7 +69,11 @@ def test_preemption_gives_same_tokens(smol_llm):
     rng = np.random.default_rng(3)
     prompts = [rng.integers(200, 40000, size=int(n)).tolist() for n in rng.integers(4, 14, 12)]
     smol_llm.reset_prefix_cache()
-    alone = [_gen(smol_llm, [p], 40)[0] for p in prompts]
+    # The reference batch fits the default cache: no preemption (batched == alone is
+    # test_batch_of_32_equals_alone's claim).
+    preempted_before = smol_llm.llm_engine.total_num_preemptions
+    alone = _gen(smol_llm, prompts, 40)
+    assert smol_llm.llm_engine.total_num_preemptions == preempted_before
     # Each request admits with one block and grows to 3-4 while decoding: 12 of them cannot
     # all fit in 16 blocks, so running requests get preempted and recomputed.
     llm = LLM(model=smollm2_path(), dtype="float32", num_gpu_blocks_override=16)
