@@ -86,9 +86,9 @@ class CudaGraphRunner:
                 for variant in self.variants[size]:
                     md = make_metadata(size)
                     md.num_splits = variant
-                    # Warm-up outside the graph: compiles the Triton kernels, sets up cuBLAS.
-                    for _ in range(2):
-                        forward(size, md)
+                    # One warm-up outside the graph: the kernels of this size and variant
+                    # compiled (Triton) and planned (cuBLAS) before capture.
+                    forward(size, md)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=self.pool, stream=stream,
                                           capture_error_mode=self.capture_error_mode):
