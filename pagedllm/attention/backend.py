@@ -71,6 +71,20 @@ class AttentionBackend:
     ) -> torch.Tensor:
         raise NotImplementedError
 
+    def reserve_workspace(
+        self,
+        max_num_reqs: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        """Allocates the scratch this backend's launches need, once, for steps of up to
+        `max_num_reqs` requests (per-rank head counts). Called after the model is built and
+        before profiling and CUDA graph capture, so the memory is counted and captured graphs
+        see stable addresses. Optional: a backend that was not given one allocates per call."""
+
     def decode_graph_variants(
         self, num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device
     ) -> tuple[int | None, ...]:

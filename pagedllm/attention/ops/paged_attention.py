@@ -10,7 +10,7 @@ Two Triton paths, one module each:
   prefix hits and decodes.
 - `split_kv_decode_attention` (`split_kv_decode.py`, flash-decoding): decode-only batches with
   few (request, KV head) pairs and long contexts, or one context far longer than the rest;
-  `choose_num_splits` decides.
+  `choose_num_splits` decides, a `SplitKVWorkspace` holds its partials.
 Both walk the keys with the online softmax of `attention_common.py` (fp32, base 2; Gemma 2's
 logit soft-capping and fp8 (e4m3) caches are compile-time specialisations, so models without
 them run the kernels they always did).
@@ -25,7 +25,9 @@ from pagedllm.attention.fp8_kv import dequantize_kv
 from pagedllm.attention.ops.attention_common import AttentionLaunchConfig
 from pagedllm.attention.ops.split_kv_decode import (
     IMBALANCE_SPLITS,
+    SplitKVWorkspace,
     choose_num_splits,
+    max_num_splits,
     split_kv_decode_attention,
 )
 from pagedllm.attention.ops.unified_attention import unified_attention
@@ -33,7 +35,9 @@ from pagedllm.attention.ops.unified_attention import unified_attention
 __all__ = [
     "IMBALANCE_SPLITS",
     "AttentionLaunchConfig",
+    "SplitKVWorkspace",
     "choose_num_splits",
+    "max_num_splits",
     "paged_attention",
     "paged_attention_ref",
     "split_kv_decode_attention",
@@ -58,11 +62,13 @@ def paged_attention(
     logits_soft_cap: float | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    workspace: SplitKVWorkspace | None = None,
 ) -> torch.Tensor:
     """Attention of every query row against its request's cached keys -> [num_tokens, ...].
 
-    num_splits > 1 selects the split-KV decode path (requires max_query_len == 1 and causal).
-    Rows past query_start_loc[num_reqs] (padding) are left unwritten.
+    num_splits > 1 selects the split-KV decode path (requires max_query_len == 1 and causal),
+    with its partials in `workspace` when given. Rows past query_start_loc[num_reqs]
+    (padding) are left unwritten.
     """
     if out is None:
         out = torch.empty_like(query)
@@ -71,6 +77,7 @@ def paged_attention(
         return split_kv_decode_attention(
             out, query, kv_cache, query_start_loc, seq_lens, block_table, num_reqs,
             scale, num_splits, sliding_window, config, logits_soft_cap, k_scale, v_scale,
+            workspace,
         )  # fmt: skip
     return unified_attention(
         out, query, kv_cache, query_start_loc, seq_lens, block_table, num_reqs,

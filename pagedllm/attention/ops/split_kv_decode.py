@@ -6,6 +6,9 @@ log2-sum-exps (`_split_kv_decode_kernel`); a second kernel merges them
 (`_split_kv_combine_kernel`). It pays when the unified grid (num_reqs * num_kv_heads programs)
 leaves SMs idle on long contexts, or when one long context would hold up the launch
 (`choose_num_splits`).
+
+The partials live in a `SplitKVWorkspace` reserved once, before CUDA graph capture, so a step
+allocates nothing and captured graphs keep reading the same addresses.
 """
 
 from __future__ import annotations
@@ -183,6 +186,45 @@ def _split_kv_combine_kernel(
     )
 
 
+class SplitKVWorkspace:
+    """The split-KV decode's scratch: partial outputs [num_reqs, num_heads, num_splits,
+    hd_pad] and log2-sum-exps [num_reqs, num_heads, num_splits], fp32, carved from two flat
+    buffers allocated once.
+
+    Invariants: the buffers are allocated at construction (before any CUDA graph capture)
+    and never replaced, so captured graphs keep valid addresses. Every launch that uses them
+    (each layer of a forward, each step, each graph replay) runs on one stream, so a layer's
+    combine has read the partials before the next launch overwrites them. A launch needing
+    more than `max_rows` rows (request x head x split) gets fresh tensors instead
+    (`num_overflows` counts them; sized from the backend's own split policy, none should).
+    """
+
+    def __init__(self, max_rows: int, head_dim_pad: int, device: torch.device | str) -> None:
+        self.max_rows = max_rows
+        self.head_dim_pad = head_dim_pad
+        self.device = torch.device(device)
+        self.part_out = torch.empty(max_rows * head_dim_pad, dtype=torch.float32,
+                                    device=self.device)  # fmt: skip
+        self.part_lse = torch.empty(max_rows, dtype=torch.float32, device=self.device)
+        self.num_overflows = 0
+
+    def nbytes(self) -> int:
+        return 4 * (self.part_out.numel() + self.part_lse.numel())
+
+    def buffers(
+        self, num_reqs: int, num_heads: int, num_splits: int, hd_pad: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views for one launch: ([num_reqs, num_heads, num_splits, hd_pad],
+        [num_reqs, num_heads, num_splits])."""
+        rows = num_reqs * num_heads * num_splits
+        if rows * hd_pad > self.part_out.numel() or rows > self.max_rows:
+            self.num_overflows += 1
+            return _fresh_buffers(num_reqs, num_heads, num_splits, hd_pad, self.device)
+        part_out = self.part_out[: rows * hd_pad].view(num_reqs, num_heads, num_splits, hd_pad)
+        part_lse = self.part_lse[:rows].view(num_reqs, num_heads, num_splits)
+        return part_out, part_lse
+
+
 def _fresh_buffers(
     num_reqs: int, num_heads: int, num_splits: int, hd_pad: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,9 +248,11 @@ def split_kv_decode_attention(
     logits_soft_cap: float | None = None,
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    workspace: SplitKVWorkspace | None = None,
 ) -> torch.Tensor:
     """Flash-decoding for batches where every request has query_len == 1 (causal); each
-    request's context is split by its own length (see `_split_range`)."""
+    request's context is split by its own length (see `_split_range`). Without a workspace
+    the partials are allocated for this call."""
     _, num_heads, head_dim = query.shape
     _, _, block_size, num_kv_heads, _ = kv_cache.shape
     assert num_heads % num_kv_heads == 0
@@ -220,7 +264,11 @@ def split_kv_decode_attention(
     block_n = cfg.block_n or 64
     hd_pad = triton.next_power_of_2(head_dim)
     min_partition_len = triton.cdiv(cfg.min_split_keys or MIN_KEYS_PER_SPLIT, block_n) * block_n
-    part_out, part_lse = _fresh_buffers(num_reqs, num_heads, num_splits, hd_pad, query.device)
+    if workspace is not None:
+        part_out, part_lse = workspace.buffers(num_reqs, num_heads, num_splits, hd_pad)
+    else:
+        part_out, part_lse = _fresh_buffers(num_reqs, num_heads, num_splits, hd_pad,
+                                            query.device)  # fmt: skip
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     use_window = sliding_window is not None and sliding_window > 0
     _split_kv_decode_kernel[(num_reqs, num_kv_heads, num_splits)](
@@ -289,3 +337,15 @@ def choose_num_splits(
     unified = max(share, _CTA_SLOWDOWN * max_seq_len)
     split = max(share, _CTA_SLOWDOWN * max_seq_len / IMBALANCE_SPLITS) + _COMBINE_KEYS
     return min(IMBALANCE_SPLITS, by_length) if split < 0.9 * unified else 1
+
+
+def max_num_splits(num_reqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """The most splits `choose_num_splits` gives a decode batch of `num_reqs` requests whose
+    contexts reach at most `max_seq_len`, whatever their total (it sizes the workspace)."""
+    by_length = max_seq_len // MIN_KEYS_PER_SPLIT
+    programs = num_reqs * num_kv_heads
+    if num_reqs == 0:
+        return 1
+    if programs < num_sms:
+        return _occupancy_splits(programs, num_sms, by_length)
+    return min(IMBALANCE_SPLITS, by_length) if by_length >= 2 else 1

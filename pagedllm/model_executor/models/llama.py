@@ -305,7 +305,8 @@ class LlamaForCausalLM(nn.Module):
             )
         attn0 = model.layers[model.start_layer].self_attn
         self.num_layers = model.end_layer - model.start_layer  # KV caches on this stage
-        self.num_kv_heads = attn0.num_kv_heads  # per tensor-parallel rank
+        self.num_heads = attn0.num_heads  # per tensor-parallel rank
+        self.num_kv_heads = attn0.num_kv_heads
         self.head_dim = attn0.head_dim
         self.hidden_size = int(hf_config.hidden_size)
 
