@@ -63,6 +63,43 @@ def _load_query_tile(
 
 
 @triton.jit
+def _tile_key_range(
+    seq_len, context_len, q_block, window,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    USE_WINDOW: tl.constexpr,
+):
+    """Keys [kv_start, kv_end) a q-block can see: up to its last query (causal), from the
+    window's start of its first query (rounded down to a tile)."""
+    kv_end = seq_len
+    if CAUSAL:
+        kv_end = tl.minimum(context_len + q_block * BLOCK_Q + BLOCK_Q, seq_len)
+    kv_start = 0
+    if USE_WINDOW:
+        first_pos = context_len + q_block * BLOCK_Q
+        kv_start = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
+    return kv_start, kv_end
+
+
+@triton.jit
+def _store_output(
+    out_ptr, acc, l_i, v_scale, token, head, io_mask, stride_o_t, stride_o_h,
+    HD_PAD: tl.constexpr, KV_FP8: tl.constexpr,
+):
+    """Epilogue: acc / sum (rows that saw no key stay 0), times v_scale for fp8, in the
+    output dtype."""
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_i[:, None]
+    if KV_FP8:
+        out = out * v_scale
+    dims = tl.arange(0, HD_PAD)
+    tl.store(
+        out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + dims[None, :],
+        out.to(out_ptr.dtype.element_ty),
+        mask=io_mask,
+    )
+
+
+@triton.jit
 def _unified_attention_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     q_ptr,  # [num_tokens, num_heads, head_dim]
@@ -112,15 +149,9 @@ def _unified_attention_kernel(
         q_ptr, q_start, q_len, q_block, context_len, kv_head, stride_q_t, stride_q_h,
         QUERIES_PER_KV, GROUP_PAD, BLOCK_Q, BLOCK_M, HEAD_DIM, HD_PAD,
     )  # fmt: skip
-    # Keys this tile can see: up to its last query (causal), from the window's start.
-    kv_end = seq_len
-    if CAUSAL:
-        kv_end = tl.minimum(context_len + q_block * BLOCK_Q + BLOCK_Q, seq_len)
-    kv_start = 0
-    if USE_WINDOW:
-        first_pos = context_len + q_block * BLOCK_Q
-        kv_start = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
-
+    kv_start, kv_end = _tile_key_range(
+        seq_len, context_len, q_block, window, BLOCK_Q, BLOCK_N, CAUSAL, USE_WINDOW
+    )
     acc, m_i, l_i = _attend_range(
         q, q_pos, k_cache_ptr, v_cache_ptr,
         block_table_ptr + req.to(tl.int64) * stride_bt, kv_head, kv_start, kv_end,
@@ -128,16 +159,36 @@ def _unified_attention_kernel(
         BLOCK_M, HEAD_DIM, HD_PAD, BLOCK_N, BLOCK_SIZE, CAUSAL, USE_WINDOW, DOT_PRECISION,
         DOT_UPCAST, SOFT_CAP, KV_FP8,
     )  # fmt: skip
-    l_i = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_i[:, None]
-    if KV_FP8:
-        out = out * v_scale
-    dims = tl.arange(0, HD_PAD)
-    tl.store(
-        out_ptr + token[:, None] * stride_o_t + head[:, None] * stride_o_h + dims[None, :],
-        out.to(out_ptr.dtype.element_ty),
-        mask=io_mask,
+    _store_output(
+        out_ptr, acc, l_i, v_scale, token, head, io_mask, stride_o_t, stride_o_h, HD_PAD, KV_FP8
     )
+
+
+def _tile_config(
+    cfg: AttentionLaunchConfig, max_query_len: int, head_dim: int, group_pad: int
+) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of a unified launch: the config's values,
+    else the heuristics; BLOCK_M holds at least one query token's GQA group."""
+    if cfg.block_m is not None:
+        block_m = cfg.block_m
+    elif max_query_len <= 1:
+        block_m = 16
+    elif max_query_len <= 64:
+        block_m = 32
+    else:
+        block_m = 64
+    wide_heads = head_dim > 128  # Gemma (1, 2): head_dim 256
+    if wide_heads and cfg.block_m is None:
+        # Halved tiles keep the fp32 accumulator and the staged K/V tiles of 256-wide heads
+        # within registers and shared memory (not swept on the GPU; head_dim <= 128 unchanged).
+        block_m = min(block_m, 32)
+    block_m = max(block_m, group_pad, 16)
+    # Defaults from the H200 sweep in docs/kernels.md (Llama-3.1-8B shapes, bf16).
+    block_n = cfg.block_n or (32 if wide_heads else 64)
+    # 8 warps measured 1.8-2x slower than 4 at BLOCK_M 64 despite 4 warps spilling a little.
+    num_warps = cfg.num_warps or 4
+    num_stages = cfg.num_stages or (3 if max_query_len > 1 else 2)
+    return block_m, block_n, num_warps, num_stages
 
 
 def unified_attention(
@@ -164,26 +215,9 @@ def unified_attention(
     cfg = config or AttentionLaunchConfig()
     group = num_heads // num_kv_heads
     group_pad = triton.next_power_of_2(group)
-    if cfg.block_m is not None:
-        block_m = cfg.block_m
-    elif max_query_len <= 1:
-        block_m = 16
-    elif max_query_len <= 64:
-        block_m = 32
-    else:
-        block_m = 64
-    wide_heads = head_dim > 128  # Gemma (1, 2): head_dim 256
-    if wide_heads and cfg.block_m is None:
-        # Halved tiles keep the fp32 accumulator and the staged K/V tiles of 256-wide heads
-        # within registers and shared memory (not swept on the GPU; head_dim <= 128 unchanged).
-        block_m = min(block_m, 32)
-    block_m = max(block_m, group_pad, 16)
+    block_m, block_n, num_warps, num_stages = _tile_config(cfg, max_query_len, head_dim,
+                                                           group_pad)  # fmt: skip
     block_q = block_m // group_pad
-    # Defaults from the H200 sweep in docs/kernels.md (Llama-3.1-8B shapes, bf16).
-    block_n = cfg.block_n or (32 if wide_heads else 64)
-    # 8 warps measured 1.8-2x slower than 4 at BLOCK_M 64 despite 4 warps spilling a little.
-    num_warps = cfg.num_warps or 4
-    num_stages = cfg.num_stages or (3 if max_query_len > 1 else 2)
     k_cache, v_cache = kv_cache[0], kv_cache[1]
     use_window = sliding_window is not None and sliding_window > 0 and causal
     grid = (num_tokens // block_q + num_reqs, num_kv_heads)
