@@ -12,13 +12,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from pagedllm import envs
 from pagedllm.attention.fp8_kv import is_fp8_kv
 
 LOG2E = 1.4426950408889634
@@ -171,7 +171,7 @@ class AttentionLaunchConfig:
 def interpreted() -> bool:
     # The Triton interpreter (3.9) multiplies the raw uint16 bits of bfloat16 dot operands, so
     # under TRITON_INTERPRET the kernels feed tl.dot fp32 copies; compiled kernels never do.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return envs.triton_interpret()
 
 
 def soft_cap_constant(logits_soft_cap: float | None) -> float:
