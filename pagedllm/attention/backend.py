@@ -49,9 +49,9 @@ class AttentionBackend:
     -> [num_tokens, num_heads, head_dim]. GQA: num_heads % num_kv_heads == 0.
     `sliding_window`, when set, limits each query to the last `sliding_window` keys
     (itself included). `logits_soft_cap`, when set, maps every score s (after the scale) to
-    cap * tanh(s / cap) before masking and softmax (Gemma 2).
-    (itself included). `k_scale` / `v_scale` are the layer's fp8 KV scales: an fp8
-    (e4m3) kv_cache stores k / k_scale and v / v_scale; other caches ignore them.
+    cap * tanh(s / cap) before masking and softmax (Gemma 2). `k_scale` / `v_scale` are the
+    layer's fp8 KV scales: an fp8 (e4m3) kv_cache stores k / k_scale and v / v_scale; other
+    caches ignore them.
     """
 
     name: str = "base"
