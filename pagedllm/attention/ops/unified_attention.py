@@ -63,24 +63,6 @@ def _load_query_tile(
 
 
 @triton.jit
-def _tile_key_range(
-    seq_len, context_len, q_block, window,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-    USE_WINDOW: tl.constexpr,
-):
-    """Keys [kv_start, kv_end) a q-block can see: up to its last query (causal), from the
-    window's start of its first query (rounded down to a tile)."""
-    kv_end = seq_len
-    if CAUSAL:
-        kv_end = tl.minimum(context_len + q_block * BLOCK_Q + BLOCK_Q, seq_len)
-    kv_start = 0
-    if USE_WINDOW:
-        first_pos = context_len + q_block * BLOCK_Q
-        kv_start = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
-    return kv_start, kv_end
-
-
-@triton.jit
 def _store_output(
     out_ptr, acc, l_i, v_scale, token, head, io_mask, stride_o_t, stride_o_h,
     HD_PAD: tl.constexpr, KV_FP8: tl.constexpr,
@@ -149,9 +131,15 @@ def _unified_attention_kernel(
         q_ptr, q_start, q_len, q_block, context_len, kv_head, stride_q_t, stride_q_h,
         QUERIES_PER_KV, GROUP_PAD, BLOCK_Q, BLOCK_M, HEAD_DIM, HD_PAD,
     )  # fmt: skip
-    kv_start, kv_end = _tile_key_range(
-        seq_len, context_len, q_block, window, BLOCK_Q, BLOCK_N, CAUSAL, USE_WINDOW
-    )
+    # Keys this tile can see: up to its last query (causal), from the window's start. Kept
+    # inline: kv_start stays the constant 0 without a window (a helper would return a tensor).
+    kv_end = seq_len
+    if CAUSAL:
+        kv_end = tl.minimum(context_len + q_block * BLOCK_Q + BLOCK_Q, seq_len)
+    kv_start = 0
+    if USE_WINDOW:
+        first_pos = context_len + q_block * BLOCK_Q
+        kv_start = tl.maximum(first_pos - window + 1, 0) // BLOCK_N * BLOCK_N
     acc, m_i, l_i = _attend_range(
         q, q_pos, k_cache_ptr, v_cache_ptr,
         block_table_ptr + req.to(tl.int64) * stride_bt, kv_head, kv_start, kv_end,
