@@ -49,9 +49,9 @@ class AttentionBackend:
     -> [num_tokens, num_heads, head_dim]. GQA: num_heads % num_kv_heads == 0.
     `sliding_window`, when set, limits each query to the last `sliding_window` keys
     (itself included). `logits_soft_cap`, when set, maps every score s (after the scale) to
-    cap * tanh(s / cap) before masking and softmax (Gemma 2).
-    (itself included). `k_scale` / `v_scale` are the layer's fp8 KV scales: an fp8
-    (e4m3) kv_cache stores k / k_scale and v / v_scale; other caches ignore them.
+    cap * tanh(s / cap) before masking and softmax (Gemma 2). `k_scale` / `v_scale` are the
+    layer's fp8 KV scales: an fp8 (e4m3) kv_cache stores k / k_scale and v / v_scale; other
+    caches ignore them.
     """
 
     name: str = "base"
@@ -70,6 +70,20 @@ class AttentionBackend:
         v_scale: float = 1.0,
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def reserve_workspace(
+        self,
+        max_num_reqs: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        """Allocates the scratch this backend's launches need, once, for steps of up to
+        `max_num_reqs` requests (per-rank head counts). Called after the model is built and
+        before profiling and CUDA graph capture, so the memory is counted and captured graphs
+        see stable addresses. Optional: a backend that was not given one allocates per call."""
 
     def decode_graph_variants(
         self, num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device

@@ -88,6 +88,12 @@ class ModelRunner:
             from pagedllm.worker.pooling import PoolingRunner
 
             self.pooling = PoolingRunner(self.model_config, self.model)
+        else:  # before profiling and graph capture: counted, and at stable addresses
+            m = self.model
+            self.attn_backend.reserve_workspace(
+                self.max_num_reqs, m.num_heads, m.num_kv_heads, m.head_dim,
+                self.model_config.max_model_len, self.device,
+            )  # fmt: skip
         self.timings["load_model"] = time.perf_counter() - t0
 
     # ---- KV cache ----

@@ -117,6 +117,13 @@ def test_stream_usage_options(client):
     no_usage = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3,
                                               stream=True))
     assert all(c.usage is None for c in no_usage)
+    final_only = list(client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=3, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    assert all(c.usage is None for c in final_only[:-1])
+    assert final_only[-1].choices == [] and final_only[-1].usage.completion_tokens == 3
+    assert final_only[-1].id == final_only[0].id and final_only[-1].object == "text_completion"
 
 
 def test_n_and_seed(client):

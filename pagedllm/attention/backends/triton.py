@@ -7,16 +7,23 @@ far longer than the others; see `choose_num_splits`. The choice reads only host-
 
 CUDA graphs freeze the choice at capture, so mid-sized decode graphs are captured twice (no
 split, and `IMBALANCE_SPLITS` splits) and each step replays the one its lengths call for.
+
+The split path's partial outputs live in one `SplitKVWorkspace` reserved at start-up
+(`reserve_workspace`) for the most rows any step up to the max batch can ask for, so no step
+allocates them and every captured graph reads the same buffers.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
 from pagedllm.attention.ops.paged_attention import (
     IMBALANCE_SPLITS,
+    SplitKVWorkspace,
     choose_num_splits,
+    max_num_splits,
     paged_attention,
 )
 from pagedllm.attention.ops.reshape_and_cache import reshape_and_cache
@@ -33,6 +40,7 @@ class TritonAttentionBackend(AttentionBackend):
     def __init__(self, num_sms: int | None = None) -> None:
         # num_sms overrides the device's SM count (tests use it to force the split-KV path).
         self._num_sms = num_sms
+        self.workspace: SplitKVWorkspace | None = None
 
     def _sm_count(self, device: torch.device) -> int:
         if self._num_sms is None:
@@ -88,10 +96,36 @@ class TritonAttentionBackend(AttentionBackend):
             logits_soft_cap=logits_soft_cap,
             k_scale=k_scale,
             v_scale=v_scale,
+            workspace=self.workspace,
         )
         if num_actual < out.shape[0]:
             out[num_actual:].zero_()  # padding rows: defined values, like the torch backend
         return out
+
+    def reserve_workspace(
+        self,
+        max_num_reqs: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_seq_len: int,
+        device: torch.device,
+    ) -> None:
+        rows = num_heads * self.max_split_reqs(max_num_reqs, num_kv_heads, max_seq_len, device)
+        self.workspace = SplitKVWorkspace(rows, triton.next_power_of_2(head_dim), device)
+
+    def max_split_reqs(
+        self, max_num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device
+    ) -> int:
+        """The most (request, split) pairs of any decode step of up to `max_num_reqs`
+        requests with contexts up to `max_seq_len`: eager choices and graph variants."""
+        sms = self._sm_count(device)
+        worst = 0
+        for n in range(1, max_num_reqs + 1):
+            graphs = self.decode_graph_variants(n, num_kv_heads, max_seq_len, device)
+            splits = max(max_num_splits(n, num_kv_heads, max_seq_len, sms), *graphs)
+            worst = max(worst, n * splits)
+        return worst
 
     def decode_graph_variants(
         self, num_reqs: int, num_kv_heads: int, max_seq_len: int, device: torch.device

@@ -10,11 +10,12 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from pagedllm.entrypoints.chat_utils import render_chat
 from pagedllm.entrypoints.openai.chat_output import ChoiceOutput
-from pagedllm.entrypoints.openai.errors import APIError, error_body
+from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.protocol import ChatCompletionRequest
 from pagedllm.entrypoints.openai.reasoning_parsers import get_reasoning_parser
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
+    StreamChunks,
     chat_logprobs,
     prompt_logprobs_json,
     usage,
@@ -22,7 +23,6 @@ from pagedllm.entrypoints.openai.serving_engine import (
 from pagedllm.entrypoints.openai.streaming import (
     SSE_DONE,
     run_until_disconnected,
-    sse,
 )
 from pagedllm.entrypoints.openai.tool_choice import (
     NamedToolParser,
@@ -163,33 +163,22 @@ class OpenAIServingChat(OpenAIServing):
         gen: AsyncIterator[RequestOutput], first: RequestOutput, num_logprobs: int | None,
         parsers: Callable[[], ChoiceOutput],
     ) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        opts = req.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
-        prompt_tokens = len(first.prompt_token_ids)
-        completion_tokens = 0
-
-        def chunk(choices: list) -> dict:
-            c = {"id": request_id, "object": "chat.completion.chunk", "created": created,
-                 "model": model, "choices": choices}
-            if continuous:
-                c["usage"] = usage(prompt_tokens, completion_tokens)
-            return c
-
+        chunks = StreamChunks.for_request(request_id, "chat.completion.chunk", model,
+                                          req.stream_options)  # fmt: skip
+        chunks.prompt_tokens = len(first.prompt_token_ids)
         try:
             for i in range(req.n):
-                yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
-                                  "logprobs": None, "finish_reason": None}]))
+                yield chunks.chunk([{"index": i, "delta": {"role": "assistant", "content": ""},
+                                     "logprobs": None, "finish_reason": None}])
             prefix = req.echo_prefix()
             for i in range(req.n if prefix else 0):
-                yield sse(chunk([{"index": i, "delta": {"content": prefix}, "logprobs": None,
-                                  "finish_reason": None}]))
+                yield chunks.chunk([{"index": i, "delta": {"content": prefix}, "logprobs": None,
+                                     "finish_reason": None}])
             outputs = [parsers() for _ in range(req.n)]
             out: RequestOutput | None = first
             while out is not None:
                 for c in out.outputs:
-                    completion_tokens += len(c.token_ids)
+                    chunks.completion_tokens += len(c.token_ids)
                     finished = c.finish_reason is not None
                     parsed = outputs[c.index]
                     delta = parsed.delta(c.text, finished)
@@ -205,15 +194,12 @@ class OpenAIServingChat(OpenAIServing):
                               "logprobs": logprobs, "finish_reason": reason}
                     if finished:
                         choice["stop_reason"] = c.stop_reason
-                    yield sse(chunk([choice]))
+                    yield chunks.chunk([choice])
                 out = None if out.finished else await _next(gen)
-            if include_usage:
-                yield sse({"id": request_id, "object": "chat.completion.chunk",
-                           "created": created, "model": model, "choices": [],
-                           "usage": usage(prompt_tokens, completion_tokens)})
+            if (last := chunks.final_usage()) is not None:
+                yield last
         except Exception as e:
-            err = self.to_api_error(e)
-            yield sse(error_body(err.message, err.err_type, err.param, err.code))
+            yield self.stream_error(e)
         finally:
             await gen.aclose()
         yield SSE_DONE

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from pagedllm.entrypoints.openai.errors import APIError, error_body
+from pagedllm.entrypoints.openai.errors import APIError
 from pagedllm.entrypoints.openai.protocol import CompletionRequest
 from pagedllm.entrypoints.openai.serving_engine import (
     OpenAIServing,
+    StreamChunks,
     legacy_logprobs,
     prompt_logprobs_json,
     usage,
@@ -24,7 +25,6 @@ from pagedllm.entrypoints.openai.streaming import (
     ClientDisconnected,
     merge,
     run_until_disconnected,
-    sse,
 )
 from pagedllm.outputs import RequestOutput
 
@@ -133,23 +133,12 @@ class OpenAIServingCompletion(OpenAIServing):
     async def stream(self, req: CompletionRequest, model: str, request_id: str,
                      merged: AsyncIterator[tuple[int, RequestOutput]],
                      first: tuple[int, RequestOutput], num_prompts: int) -> AsyncIterator[bytes]:
-        created = int(time.time())
-        opts = req.stream_options
-        include_usage = bool(opts and opts.include_usage)
-        continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+        chunks = StreamChunks.for_request(request_id, "text_completion", model,
+                                          req.stream_options)  # fmt: skip
         k = req.logprobs or 0
-        prompt_tokens = 0
-        completion_tokens = 0
         seen_prompts: set[int] = set()
         echoed: set[int] = set()
         offsets: dict[int, int] = {}
-
-        def chunk(choices: list) -> dict:
-            c = {"id": request_id, "object": "text_completion", "created": created,
-                 "model": model, "choices": choices}
-            if continuous:
-                c["usage"] = usage(prompt_tokens, completion_tokens)
-            return c
 
         try:
             item: tuple[int, RequestOutput] | None = first
@@ -157,11 +146,11 @@ class OpenAIServingCompletion(OpenAIServing):
                 pi, out = item
                 if pi not in seen_prompts:
                     seen_prompts.add(pi)
-                    prompt_tokens += len(out.prompt_token_ids)
+                    chunks.prompt_tokens += len(out.prompt_token_ids)
                 for c in out.outputs:
                     index = pi * req.n + c.index
                     text, token_ids, lps = _generated(req, c)
-                    completion_tokens += len(token_ids)
+                    chunks.completion_tokens += len(token_ids)
                     if req.echo and index not in echoed:
                         echoed.add(index)
                         text = self._prompt_text(out) + text
@@ -183,18 +172,15 @@ class OpenAIServingCompletion(OpenAIServing):
                               "finish_reason": c.finish_reason}
                     if finished:
                         choice["stop_reason"] = c.stop_reason
-                    yield sse(chunk([choice]))
+                    yield chunks.chunk([choice])
                 try:
                     item = await merged.__anext__()
                 except StopAsyncIteration:
                     item = None
-            if include_usage:
-                yield sse({"id": request_id, "object": "text_completion", "created": created,
-                           "model": model, "choices": [],
-                           "usage": usage(prompt_tokens, completion_tokens)})
+            if (last := chunks.final_usage()) is not None:
+                yield last
         except Exception as e:
-            err = self.to_api_error(e)
-            yield sse(error_body(err.message, err.err_type, err.param, err.code))
+            yield self.stream_error(e)
         finally:
             await merged.aclose()
         yield SSE_DONE

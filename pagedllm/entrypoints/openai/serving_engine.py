@@ -7,8 +7,10 @@ ValueError -> 400, EngineDeadError -> 503, everything else -> 500.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -17,7 +19,7 @@ from pagedllm.engine.async_llm import AsyncLLM, EngineDeadError, RequestAbortedE
 from pagedllm.entrypoints.openai.errors import APIError, bad_request_from_value_error, error_body
 from pagedllm.entrypoints.openai.generation_config import apply_sampling_defaults
 from pagedllm.entrypoints.openai.limits import RequestLimits
-from pagedllm.entrypoints.openai.streaming import ClientDisconnected
+from pagedllm.entrypoints.openai.streaming import ClientDisconnected, sse
 from pagedllm.outputs import Logprob
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,12 @@ class OpenAIServing:
         if req.stream_options is not None and not req.stream:
             raise ValueError("stream_options: only allowed when stream is true")
         return model
+
+    @classmethod
+    def stream_error(cls, e: BaseException) -> bytes:
+        """The SSE event that ends a stream which failed after its headers were sent."""
+        err = cls.to_api_error(e)
+        return sse(error_body(err.message, err.err_type, err.param, err.code))
 
     @classmethod
     def error_response(cls, e: BaseException) -> Response:
@@ -238,3 +246,42 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
     }
+
+
+@dataclass(slots=True)
+class StreamChunks:
+    """The chunks of one streamed response: their envelope (id, object, created, model) and
+    the token counts the handler keeps up to date, reported on every chunk under
+    `stream_options.continuous_usage_stats` and in a final choice-less chunk under
+    `include_usage`."""
+
+    request_id: str
+    object_name: str  # the chunks' "object"
+    model: str
+    include_usage: bool = False
+    continuous: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @classmethod
+    def for_request(cls, request_id: str, object_name: str, model: str, stream_options: Any
+                    ) -> StreamChunks:  # fmt: skip
+        include = bool(stream_options and stream_options.include_usage)
+        continuous = include and bool(stream_options.continuous_usage_stats)
+        return cls(request_id, object_name, model, include, continuous)
+
+    def chunk(self, choices: list) -> bytes:
+        c = {"id": self.request_id, "object": self.object_name, "created": self.created,
+             "model": self.model, "choices": choices}  # fmt: skip
+        if self.continuous:
+            c["usage"] = usage(self.prompt_tokens, self.completion_tokens)
+        return sse(c)
+
+    def final_usage(self) -> bytes | None:
+        """The last chunk before [DONE] when the request asked for usage, else None."""
+        if not self.include_usage:
+            return None
+        return sse({"id": self.request_id, "object": self.object_name, "created": self.created,
+                    "model": self.model, "choices": [],
+                    "usage": usage(self.prompt_tokens, self.completion_tokens)})  # fmt: skip

@@ -28,16 +28,10 @@ def gemma2_attention_scale(config: Any, head_dim: int) -> float:
 class Gemma2Attention(LlamaAttention):
     """Llama's attention with Gemma 2's scale and score soft-capping."""
 
-    def __init__(
-        self,
-        config: Any,
-        layer_idx: int,
-        attn_backend: AttentionBackend,
-        dtype: torch.dtype,
-        linear_method: LinearMethod | None,
-    ) -> None:
-        super().__init__(config, layer_idx, attn_backend, dtype, linear_method)
-        self.attn = Attention(
+    def make_attention(
+        self, config: Any, layer_idx: int, attn_backend: AttentionBackend
+    ) -> Attention:
+        return Attention(
             self.num_heads, self.head_dim, gemma2_attention_scale(config, self.head_dim),
             self.num_kv_heads, backend=attn_backend,
             sliding_window=get_sliding_window(config, layer_idx),

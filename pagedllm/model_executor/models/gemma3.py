@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
 from pagedllm.attention.backend import AttentionBackend
 from pagedllm.model_executor.layers.linear import LinearMethod
@@ -55,24 +56,17 @@ class Gemma3Attention(Gemma2Attention):
             raise ValueError("Gemma 3 with use_bidirectional_attention (an embedding model) "
                              "is not supported")
         super().__init__(config, layer_idx, attn_backend, dtype, linear_method)
+
+    def make_rope(self, config: Any, layer_idx: int) -> nn.Module:
         layer_types = getattr(config, "layer_types", None)
         layer_type = layer_types[layer_idx] if layer_types else "full_attention"
         theta, scaling = gemma3_rope_params(config, layer_type)
-        self.rotary_emb = get_rope(
+        return get_rope(
             self.head_dim, self.head_dim, int(config.max_position_embeddings), theta, scaling
         )
-        eps = float(config.rms_norm_eps)
-        self.q_norm = GemmaRMSNorm(self.head_dim, eps)
-        self.k_norm = GemmaRMSNorm(self.head_dim, eps)
 
-    def _apply_qk(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_tokens = q.shape[0]
-        # [num_tokens, num_heads, head_dim] normalised per head
-        q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
-        k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
-        return self.rotary_emb(positions, q.reshape(num_tokens, -1), k.reshape(num_tokens, -1))
+    def make_qk_norm(self, config: Any, dtype: torch.dtype) -> nn.Module:
+        return GemmaRMSNorm(self.head_dim, float(config.rms_norm_eps))
 
 
 class Gemma3DecoderLayer(Gemma2DecoderLayer):

@@ -3,7 +3,8 @@
 Qwen2 and Qwen3 reuse these classes and change only their attention block; see qwen2.py
 and qwen3.py. Hooks for subclasses are the class attributes `attention_cls`,
 `decoder_layer_cls`, `model_cls` and `tie_word_embeddings_default` (on the causal LM),
-`qkv_bias_default` (on the attention) and `LlamaModel.make_norm` / `embed` (Gemma).
+`qkv_bias_default`, `make_rope`, `make_attention` and `make_qk_norm` (on the attention) and
+`LlamaModel.make_norm` / `embed` (Gemma).
 """
 
 from __future__ import annotations
@@ -126,20 +127,43 @@ class LlamaAttention(nn.Module):
             bias=bool(getattr(config, "attention_bias", False)) and self.o_bias_follows_config,
             params_dtype=dtype, linear_method=linear_method,
         )
+        self.rotary_emb = self.make_rope(config, layer_idx)
+        self.attn = self.make_attention(config, layer_idx, attn_backend)
+        # Per-head norms of q and k before RoPE (Qwen3, Gemma 3); None without QK-norm.
+        self.q_norm = self.make_qk_norm(config, dtype)
+        self.k_norm = self.make_qk_norm(config, dtype)
+
+    def make_rope(self, config: Any, layer_idx: int) -> nn.Module:
+        """This layer's rotary embedding (Gemma 3: one per layer type)."""
         rope_theta, rope_scaling = rope_params_from_config(config)
         rotary_dim = int(self.head_dim * getattr(config, "partial_rotary_factor", 1.0))
-        self.rotary_emb = get_rope(
+        return get_rope(
             self.head_dim, rotary_dim, int(config.max_position_embeddings), rope_theta,
             rope_scaling,
         )
-        self.attn = Attention(
+
+    def make_attention(self, config: Any, layer_idx: int, attn_backend: AttentionBackend
+                       ) -> Attention:  # fmt: skip
+        """This layer's paged attention (Gemma 2: its own scale and logit soft-cap)."""
+        return Attention(
             self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads,
             backend=attn_backend, sliding_window=get_sliding_window(config, layer_idx),
         )
 
+    def make_qk_norm(self, config: Any, dtype: torch.dtype) -> nn.Module | None:
+        """A norm over head_dim applied to every head of q (and, a second one, of k) before
+        RoPE; None (Llama) for none."""
+        return None
+
     def _apply_qk(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.q_norm is not None:
+            num_tokens = q.shape[0]
+            # [num_tokens, num_heads, head_dim] normalised per head
+            q = self.q_norm(q.reshape(num_tokens, self.num_heads, self.head_dim))
+            k = self.k_norm(k.reshape(num_tokens, self.num_kv_heads, self.head_dim))
+            q, k = q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
         return self.rotary_emb(positions, q, k)
 
     def forward(
@@ -305,7 +329,8 @@ class LlamaForCausalLM(nn.Module):
             )
         attn0 = model.layers[model.start_layer].self_attn
         self.num_layers = model.end_layer - model.start_layer  # KV caches on this stage
-        self.num_kv_heads = attn0.num_kv_heads  # per tensor-parallel rank
+        self.num_heads = attn0.num_heads  # per tensor-parallel rank
+        self.num_kv_heads = attn0.num_kv_heads
         self.head_dim = attn0.head_dim
         self.hidden_size = int(hf_config.hidden_size)
 

@@ -13,12 +13,13 @@ Experts with no tokens get no tiles; padding rows are masked.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+
+from pagedllm import envs
 
 
 @triton.jit
@@ -151,11 +152,6 @@ def moe_align_block_size(
     return sorted_ids, expert_ids, num_padded
 
 
-def _interpreted() -> bool:
-    # The Triton interpreter multiplies raw bf16 bits in tl.dot: feed it fp32 copies there.
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _launch(
     a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, topk_weights: torch.Tensor,
     align: tuple[torch.Tensor, torch.Tensor, torch.Tensor], n: int, k: int, num_pairs: int,
@@ -170,7 +166,8 @@ def _launch(
         A_ROW_DIV=a_row_div, FUSE_SILU_MUL=fuse, MUL_ROUTED_WEIGHT=mul,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=_interpreted(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_UPCAST=envs.triton_interpret(),  # the interpreter multiplies raw bf16 bits in tl.dot
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
