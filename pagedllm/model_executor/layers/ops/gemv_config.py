@@ -1,0 +1,116 @@
+"""Launch configurations of the small-M GEMV kernels (`int_gemv.py`, `fp8_gemv.py`).
+
+At M = 1..32 (decode) a quantized GEMM is bound by streaming its packed weights, so the
+kernels read each weight once, spread over every SM by splitting K. Two ways to multiply,
+chosen per M: FMA (`use_dot=False`, each weight dequantized once and multiplied by the M
+activation rows on the CUDA cores; best at M = 1..2, where a tensor-core tile would waste
+15/16 of its rows) and `tl.dot` (M padded to 16 or 32 rows; `swap_ab` computes
+(W^T x^T)^T so the dequantized weight is the register operand A).
+
+`TUNED` holds the winners of `benchmarks/gpu_gemv.py` on the H200, keyed by
+(kind, M bucket, N, K); shapes not in it fall back to `default_config`.
+`PAGEDLLM_GEMV_CONFIG` may name a JSON file of the same table (what the sweep writes with
+`--json`), read once, for tuning without editing this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+# The GEMVs replace the previous path up to these M (module constants for the GPU sweep).
+INT_GEMV_MAX_M = 16
+FP8_GEMV_MAX_M = 16
+M_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+KINDS: tuple[str, ...] = ("int4", "int8", "fp8")
+
+
+@dataclass(frozen=True, slots=True)
+class GemvConfig:
+    block_n: int
+    block_k: int  # input rows per step (int: a multiple of the values per int32 word)
+    split_k: int  # 0: chosen from the SM count
+    num_warps: int
+    num_stages: int
+    use_dot: bool = False
+    swap_ab: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+# (kind, M bucket, N, K) -> config; pasted from benchmarks/gpu_gemv.py's output.
+TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
+
+
+def m_bucket(m: int) -> int:
+    """The smallest bucket >= m (configs are tuned per bucket)."""
+    for bucket in M_BUCKETS:
+        if m <= bucket:
+            return bucket
+    return M_BUCKETS[-1]
+
+
+def block_m(m: int, use_dot: bool) -> int:
+    """Rows of x per program: all of them; a dot needs at least 16."""
+    rows = triton.next_power_of_2(max(m, 1))
+    return max(rows, 16) if use_dot else rows
+
+
+def default_config(kind: str, m: int) -> GemvConfig:
+    """Sane defaults without a sweep: FMA to M = 2, tensor cores above."""
+    if kind == "fp8":
+        if m <= 2:
+            return GemvConfig(block_n=32, block_k=256, split_k=0, num_warps=4, num_stages=3)
+        return GemvConfig(block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3,
+                          use_dot=True)
+    if m <= 2:
+        return GemvConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3)
+    return GemvConfig(block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3,
+                      use_dot=True)
+
+
+@functools.cache
+def _file_table(path: str) -> dict[tuple[str, int, int, int], GemvConfig]:
+    with open(path) as f:
+        rows = json.load(f)
+    return {(r["kind"], int(r["m"]), int(r["n"]), int(r["k"])): GemvConfig(**r["config"])
+            for r in rows}
+
+
+def lookup(kind: str, m: int, n: int, k: int) -> GemvConfig:
+    """The tuned config of a shape, else the default."""
+    key = (kind, m_bucket(m), n, k)
+    path = os.environ.get("PAGEDLLM_GEMV_CONFIG")
+    if path:
+        hit = _file_table(path).get(key)
+        if hit is not None:
+            return hit
+    return TUNED.get(key) or default_config(kind, m)
+
+
+_NUM_SMS: dict[int, int] = {}
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _NUM_SMS:
+        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _NUM_SMS[index]
+
+
+def split_for(split_k: int, block_k: int, tiles: int, k: int, device: torch.device) -> int:
+    """K splits: `split_k` when set (> 0), else enough for ~4 programs per SM with every
+    split streaming at least four K blocks; never more splits than K blocks."""
+    blocks = triton.cdiv(k, block_k)
+    if split_k > 0:
+        return max(1, min(split_k, blocks))
+    target = 4 * num_sms(device)
+    return max(1, min(max(1, blocks // 4), triton.cdiv(target, tiles)))
