@@ -33,7 +33,7 @@ GEMV_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 @triton.jit
 def _fp8_gemv_kernel(
     x_ptr,  # [M, K]
-    w_ptr,  # [N, K] e4m3
+    w_ptr,  # [N, K] e4m3, read as uint8 (masked lanes load 0, no fp8 constant)
     s_ptr,  # [N] fp32
     out_ptr,  # [M, N], x's dtype
     partial_ptr,  # [SPLIT_K, M, N] fp32 (split-K only)
@@ -70,7 +70,8 @@ def _fp8_gemv_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
+        w = w.to(tl.float8e4nv, bitcast=True)
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:
             if DOT_FP32:
@@ -129,7 +130,7 @@ def fp8_gemv(
     split, k_per_split, lock, partial = plan(split, block_k, k, tiles, m, n, x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _fp8_gemv_kernel[(tiles, split)](
-        x, weight, weight_scale, out, partial if partial is not None else out,
+        x, weight.view(torch.uint8), weight_scale, out, partial if partial is not None else out,
         lock if lock is not None else weight_scale,
         m, n, k, x.stride(0), weight.stride(0), k_per_split, split,
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=block_k, HAS_SPLIT=split > 1,

@@ -116,16 +116,6 @@ def _fma_block(acc, packed, x_rows, offs_w, w_ok, m_ok, k0, offs_n, n_ok, s_ptr,
 
 
 @triton.jit
-def _operand16(q, dtype: tl.constexpr, MAGIC: tl.constexpr):
-    """Integers 0..2^BITS-1 as dot operands: MAGIC | q read as `dtype` (value c + q), or
-    converted when MAGIC is 0 (fp32 dots, 8-bit values in bf16)."""
-    if MAGIC != 0:
-        return (q | MAGIC).to(tl.int16).to(dtype, bitcast=True)
-    else:
-        return q.to(dtype)
-
-
-@triton.jit
 def _dot_into(acc, x, w, SWAP_AB: tl.constexpr, DOT_FP32: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] (SWAP_AB: [BLOCK_N, BLOCK_M]) += x [BLOCK_M, WORDS] @ w."""
     if DOT_FP32:
@@ -166,8 +156,10 @@ def _dot_block(acc, packed, x_rows, offs_w, w_ok, m_ok, k0, offs_n, n_ok, s_ptr,
             # Raw integers; zero point and scale once per block below.
             if DOT_FP32:
                 w = q.to(tl.float32)
-            else:
-                w = _operand16(q, xj.dtype, MAGIC)
+            elif MAGIC != 0:  # MAGIC | q read as x's 16-bit type is MAGIC_OFFSET + q
+                w = (q | MAGIC).to(tl.int16).to(xj.dtype, bitcast=True)
+            else:  # 8-bit values in bf16 (7 mantissa bits): converted
+                w = q.to(xj.dtype)
             xsum += tl.sum(xj.to(tl.float32), axis=1)
         else:
             if GROUP_MODE == 2:
