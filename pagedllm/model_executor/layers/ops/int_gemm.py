@@ -38,8 +38,7 @@ import triton.language as tl
 
 from pagedllm import envs
 from pagedllm.model_executor.layers.ops import gemv_config
-from pagedllm.model_executor.layers.ops.split_k import locks as _locks
-from pagedllm.model_executor.layers.ops.split_k import store_tile
+from pagedllm.model_executor.layers.ops.split_k import plan, store_tile
 
 KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
 
@@ -159,7 +158,8 @@ def _int_gemm_kernel(
     K,
     stride_xm,
     K_PER_SPLIT,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,  # a runtime value: one compiled kernel serves every split
+    HAS_SPLIT: tl.constexpr,  # SPLIT_K > 1
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     HAS_GIDX: tl.constexpr,
@@ -192,7 +192,7 @@ def _int_gemm_kernel(
                                   GROUP_PER_BLOCK, UNPACK, BLOCK_K, BLOCK_N, DOT_UPCAST)
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     store_tile(acc, out_ptr, partial_ptr, lock_ptr + pid_m * tl.num_programs(1) + pid_n, tile,
-               m_ok[:, None] & n_ok[None, :], pid_k, M, N, SPLIT_K, SPLIT_K != 1)
+               m_ok[:, None] & n_ok[None, :], pid_k, M, N, SPLIT_K, HAS_SPLIT)
 
 
 @triton.jit
@@ -297,24 +297,18 @@ def int_gemm(
     bk = cfg.block_k
     if mode == "planes":
         bk = max(bk, 16 * (32 // bits))  # each plane's dot needs K >= 16
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), bk) * bk
-    split = triton.cdiv(k, k_per_split)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    locks = _locks(x.device, grid[0] * grid[1]) if split > 1 else None
-    if split > 1 and locks is None:  # more tiles than counters: no split
-        split, k_per_split = 1, triton.cdiv(k, bk) * bk
-        grid = grid[:2] + (1,)
+    tiles = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    split, k_per_split, locks, partial = plan(cfg.split_k, bk, k, tiles[0] * tiles[1], m, n,
+                                              x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    partial = (torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-               if split > 1 else out)
     # K blocks start at multiples of BLOCK_K, so a block lies inside one group when
     # BLOCK_K divides the group size: one row of scales and zeros per block.
     group_per_block = g_idx is None and group_size % bk == 0
-    _int_gemm_kernel[grid](
-        x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out, partial,
-        locks if locks is not None else qweight,
-        m, n, k, x.stride(0), k_per_split,
-        SPLIT_K=split, BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
+    _int_gemm_kernel[tiles + (split,)](
+        x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out,
+        partial if partial is not None else out, locks if locks is not None else qweight,
+        m, n, k, x.stride(0), k_per_split, split,
+        HAS_SPLIT=split > 1, BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
         GROUP_PER_BLOCK=group_per_block,
         UNPACK=UNPACK_MODES[mode],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
