@@ -57,7 +57,7 @@ GROUP = 128
 
 
 def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
-    """A small grid per M: FMA tiles up to M = 4, tensor-core tiles from M = 2; split 0 is
+    """A small grid per M: FMA tiles up to M = 2, tensor-core tiles from M = 2; split 0 is
     the SM-count heuristic. Splits are runtime values (no recompile), the rest compile."""
     if smoke:
         fma = [GemvConfig(32, 64, 0, 4, 1), GemvConfig(32, 64, 2, 4, 1)]
@@ -65,9 +65,10 @@ def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
                GemvConfig(32, 128, 2, 4, 1, use_dot=True, swap_ab=True)]
         return (fma if m <= 2 else []) + (dot if m >= 2 else [])
     configs: list[GemvConfig] = []
-    if m <= 4:
+    if m <= 2:
         tiles = ([(32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8)] if kind == "fp8"
-                 else [(64, 128, 4), (128, 128, 4), (128, 256, 8), (256, 128, 8)])
+                 else [(64, 128, 4), (128, 128, 4), (128, 256, 8), (256, 128, 8)] if m == 1
+                 else [(32, 128, 4), (64, 128, 4)])
         for bn, bk, warps in tiles:
             for split in (0, 1, 4):
                 configs.append(GemvConfig(bn, bk, split, warps, 3))

@@ -67,7 +67,7 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 @pytest.mark.parametrize("bits,group_size,order,m,config,dtype", [
     (4, 32, "none", 1, FMA, torch.bfloat16),
-    (4, 64, "ragged", 3, GemvConfig(32, 64, 2, 4, 1), torch.bfloat16),
+    (4, 64, "ragged", 1, GemvConfig(32, 64, 2, 4, 1), torch.bfloat16),
     (4, 128, "none", 16, GemvConfig(32, 128, 2, 4, 1, use_dot=True), torch.bfloat16),
     (4, 128, "act", 3, DOT_SWAP, torch.float16),
     (4, 32, "none", 16, DOT, torch.bfloat16),  # groups smaller than the block: dequantized

@@ -7,7 +7,7 @@ layout `Fp8LinearMethod` keeps, rows contiguous along K) once, converts it to x'
 registers and multiplies the bf16/fp16 activations unquantized, then applies the per-output-
 channel fp32 scale [N] to the fp32 sums. A program owns BLOCK_N rows of the weight (all M
 activation rows) and one K range; split-K over programs is summed in the same launch
-(`split_k.store_tile`). FMA (`use_dot=False`, M = 1..2): products on the CUDA cores, summed
+(`split_k.store_tile`). FMA (`use_dot=False`, M = 1): products on the CUDA cores, summed
 along K every block; `tl.dot` above (M padded to 16; `swap_ab`: the weight is operand A).
 
 Numerically this is the weight-only product (x is not rounded to e4m3), so at M <= the GEMV

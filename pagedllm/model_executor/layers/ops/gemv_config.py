@@ -3,8 +3,8 @@
 At M = 1..32 (decode) a quantized GEMM is bound by streaming its packed weights, so the
 kernels read each weight once, spread over every SM by splitting K. Two ways to multiply,
 chosen per M: FMA (`use_dot=False`, each weight dequantized once and multiplied by the M
-activation rows on the CUDA cores; best at M = 1..2, where a tensor-core tile would waste
-15/16 of its rows) and `tl.dot` (M padded to 16 or 32 rows; `swap_ab` computes
+activation rows on the CUDA cores; the default at M = 1, where a tensor-core tile would
+waste 15/16 of its rows; the sweep also tries it at M = 2) and `tl.dot` (M padded to 16 or 32 rows; `swap_ab` computes
 (W^T x^T)^T so the dequantized weight is the register operand A).
 
 `TUNED` holds the winners of `benchmarks/gpu_gemv.py` on the H200, keyed by
@@ -63,13 +63,15 @@ def block_m(m: int, use_dot: bool) -> int:
 
 
 def default_config(kind: str, m: int) -> GemvConfig:
-    """Sane defaults without a sweep: FMA to M = 2, tensor cores above."""
+    """Sane defaults without a sweep: FMA for one row, tensor cores above (compiled for sm_90
+    without a GPU, `benchmarks/gemv_aot.py`: int4 FMA 128 x 128 takes 96 registers a thread
+    at M = 1 but ~250 at M = 2, the 64 x 128 dot tile 72 at M = 2..16)."""
     if kind == "fp8":
-        if m <= 2:
+        if m == 1:
             return GemvConfig(block_n=32, block_k=256, split_k=0, num_warps=4, num_stages=3)
         return GemvConfig(block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3,
                           use_dot=True)
-    if m <= 2:
+    if m == 1:
         return GemvConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3)
     return GemvConfig(block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3,
                       use_dot=True)

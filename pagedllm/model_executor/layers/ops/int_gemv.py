@@ -13,9 +13,10 @@ words is loaded coalesced along N (16-byte vectors) and taken apart in bit plane
 unpacking is a shift and a mask per value and never moves data between threads.
 
 Two multiplies (`gemv_config.GemvConfig.use_dot`):
-- FMA (M = 1..2): each plane is dequantized in fp32 with the exponent trick (q | 0x4B000000
-  read as fp32 is 2^23 + q, minus 2^23 + z gives q - z exactly) and multiplied into a
-  [BLOCK_M, WORDS, BLOCK_N] accumulator; the group scale is applied once per K block and
+- FMA (the default at M = 1): each plane is dequantized in fp32 with the exponent trick
+  (q | 0x4B000000 read as fp32 is 2^23 + q, minus 2^23 + z gives q - z exactly) and
+  multiplied into a [WORDS, BLOCK_N] accumulator ([BLOCK_M, WORDS, BLOCK_N] for more rows,
+  which costs ~250 registers a thread at M = 2); the group scale is applied once per K block and
   the WORDS axis is summed once at the end.
 - `tl.dot` (M up to 32, padded to 16 rows): when a K block lies inside one group the plane
   goes to the tensor cores as raw 16-bit integers (q | 0x4300 read as bf16 is 128 + q,
@@ -83,6 +84,34 @@ def _plane(packed, j: tl.constexpr, BITS: tl.constexpr):
 def _plane_f32(packed, j: tl.constexpr, BITS: tl.constexpr):
     """Value j of every word as 2^23 + q in fp32 (an OR, no int -> float convert)."""
     return (_plane(packed, j, BITS) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fma_block_1(acc, packed, x_ptr, offs_w, w_ok, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, N,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr,
+                 WORDS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`_fma_block` for one activation row: acc [WORDS, BLOCK_N], every tensor 2-D (the
+    3-D form costs registers the single-stream case needs for loads in flight)."""
+    PACK: tl.constexpr = 32 // BITS
+    blk = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+    if GROUP_MODE != 2:
+        s, z = _word_groups(s_ptr, z_ptr, k0, offs_w, w_ok, offs_n, n_ok, N, PACK,
+                            GROUP_SIZE, GROUP_MODE)
+        zo = z + 8388608.0
+    for j in tl.static_range(PACK):
+        rows = offs_w * PACK + j
+        xj = tl.load(x_ptr + rows, mask=w_ok, other=0.0).to(tl.float32)[:, None]
+        v = _plane_f32(packed, j, BITS)
+        if GROUP_MODE == 2:
+            s, z = _row_groups(s_ptr, z_ptr, g_ptr, rows, w_ok, offs_n, n_ok, N)
+            blk += xj * ((v - (z + 8388608.0)) * s)
+        else:
+            blk += xj * (v - zo)
+    if GROUP_MODE == 2:
+        acc += blk
+    else:
+        acc += blk * s
+    return acc
 
 
 @triton.jit
@@ -224,6 +253,8 @@ def _int_gemv_kernel(
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         else:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    elif BLOCK_M == 1:
+        acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
@@ -237,6 +268,9 @@ def _int_gemv_kernel(
             acc = _dot_block(acc, packed, x_rows, offs_w, w_ok, m_ok, k0, offs_n, n_ok,
                              s_ptr, z_ptr, g_ptr, N, BITS, GROUP_SIZE, GROUP_MODE, BLOCK_M,
                              BLOCK_N, SWAP_AB, DOT_FP32, MAGIC, MAGIC_OFFSET)
+        elif BLOCK_M == 1:
+            acc = _fma_block_1(acc, packed, x_ptr, offs_w, w_ok, k0, offs_n, n_ok, s_ptr,
+                               z_ptr, g_ptr, N, BITS, GROUP_SIZE, GROUP_MODE, WORDS, BLOCK_N)
         else:
             acc = _fma_block(acc, packed, x_rows, offs_w, w_ok, m_ok, k0, offs_n, n_ok,
                              s_ptr, z_ptr, g_ptr, N, BITS, GROUP_SIZE, GROUP_MODE, BLOCK_M,
@@ -246,6 +280,8 @@ def _int_gemv_kernel(
             res = tl.trans(acc)
         else:
             res = acc
+    elif BLOCK_M == 1:
+        res = tl.sum(acc, axis=0)[None, :]
     else:
         res = tl.sum(acc, axis=1)
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
