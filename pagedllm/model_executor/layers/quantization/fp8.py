@@ -29,7 +29,6 @@ from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.quantization import register_quantization_config
 from pagedllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
-    is_layer_skipped,
 )
 from pagedllm.model_executor.layers.quantization.fp8_gemm import (
     FP8_DTYPE,
@@ -292,9 +291,10 @@ class Fp8Config(QuantizationConfig):
     def for_on_the_fly(cls) -> Fp8Config:
         return cls(is_checkpoint_fp8=False)
 
-    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if is_layer_skipped(prefix, self.ignored_layers):
-            return None
+    def ignored_modules(self) -> list[str]:
+        return self.ignored_layers
+
+    def linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         if self.weight_block_size is not None:
             from pagedllm.model_executor.layers.quantization.fp8_block import (
                 Fp8BlockLinearMethod,
