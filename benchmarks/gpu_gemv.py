@@ -54,6 +54,7 @@ SHAPES_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
              "down": (14336, 4096)}
 PEAK = 4.0e12  # bytes/s: the H200's usable HBM bandwidth (~4.0-4.3 TB/s)
 GROUP = 128
+SPLITS = (0, 2, 8)  # 0: the SM-count heuristic (about four programs per SM)
 
 
 def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
@@ -68,14 +69,14 @@ def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
     if m <= 2:
         tiles = ([(32, 256, 4), (64, 128, 4), (64, 256, 4), (128, 128, 8)] if kind == "fp8"
                  else [(64, 128, 4), (128, 128, 4), (128, 256, 8), (256, 128, 8)] if m == 1
-                 else [(32, 128, 4), (64, 128, 4)])
+                 else [(32, 128, 4)])  # int, 2 rows: wider FMA tiles spill (gemv_aot.py)
         for bn, bk, warps in tiles:
-            for split in (0, 1, 4):
+            for split in SPLITS:
                 configs.append(GemvConfig(bn, bk, split, warps, 3))
     if m >= 2:
         for bn, bk, swap in ((32, 128, False), (64, 128, False), (64, 128, True),
-                             (128, 128, True), (64, 256, True)):
-            for split in (0, 1, 4):
+                             (128, 128, True)):
+            for split in SPLITS:
                 configs.append(GemvConfig(bn, bk, split, 4, 3, use_dot=True, swap_ab=swap))
     return configs
 
