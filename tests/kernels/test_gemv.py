@@ -145,6 +145,11 @@ def test_fp8_linear_uses_the_weight_only_gemv_for_decode(monkeypatch) -> None:
     big = torch.randn(gemv_config.FP8_GEMV_MAX_M + 1, 64).to(DEVICE, torch.bfloat16)
     assert fp8_gemm.gemv_linear(big, q, s) is None
     assert fp8_gemm.gemv_linear(x.float(), q, s) is None
+    monkeypatch.setenv("PAGEDLLM_FP8_GEMV_MAX_M", "0")  # off, for A/B runs
+    assert fp8_gemm.gemv_linear(x, q, s) is None
+    monkeypatch.setenv("PAGEDLLM_FP8_GEMV_MAX_M", "33")
+    with pytest.raises(ValueError, match="PAGEDLLM_FP8_GEMV_MAX_M"):
+        fp8_gemm.gemv_linear(x, q, s)
 
 
 def test_tuned_table_and_json_override(tmp_path, monkeypatch) -> None:

@@ -17,15 +17,25 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 from dataclasses import asdict, dataclass
 
 import torch
 import triton
 
-# The GEMVs replace the previous path up to these M (module constants for the GPU sweep).
+from pagedllm import envs
+
+# The GEMVs replace the previous path up to these M (module constants for the GPU sweep;
+# PAGEDLLM_INT_GEMV_MAX_M / PAGEDLLM_FP8_GEMV_MAX_M override them, 0 turns a GEMV off).
 INT_GEMV_MAX_M = 16
 FP8_GEMV_MAX_M = 16
+
+
+def int_gemv_max_m() -> int:
+    return envs.gemv_max_m("int", INT_GEMV_MAX_M)
+
+
+def fp8_gemv_max_m() -> int:
+    return envs.gemv_max_m("fp8", FP8_GEMV_MAX_M)
 M_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 KINDS: tuple[str, ...] = ("int4", "int8", "fp8")
 
@@ -88,7 +98,7 @@ def _file_table(path: str) -> dict[tuple[str, int, int, int], GemvConfig]:
 def lookup(kind: str, m: int, n: int, k: int) -> GemvConfig:
     """The tuned config of a shape, else the default."""
     key = (kind, m_bucket(m), n, k)
-    path = os.environ.get("PAGEDLLM_GEMV_CONFIG")
+    path = envs.gemv_config_file()
     if path:
         hit = _file_table(path).get(key)
         if hit is not None:

@@ -356,7 +356,7 @@ def int_matmul(
     graph size keeps one path."""
     from pagedllm.model_executor.layers.ops.int_gemv import gemv_supported, int_gemv
 
-    if x.shape[0] <= gemv_config.INT_GEMV_MAX_M and gemv_supported(x, bits, group_size):
+    if x.shape[0] <= gemv_config.int_gemv_max_m() and gemv_supported(x, bits, group_size):
         return int_gemv(x, qweight, zeros, scales, bits, group_size, g_idx)
     threshold = dense_min_m if dense_min_m is not None else envs.int_gemm_dense_min_m()
     if x.shape[0] >= threshold > 0:

@@ -138,11 +138,11 @@ def gemv_linear(
     (at most FP8_GEMV_MAX_M tokens, bf16/fp16, a GPU with e4m3 or `GEMV_ON_CPU`); None
     otherwise, for the caller's W8A8 / dequantizing path. The choice depends on shapes only,
     so it is the same for every replay of a captured CUDA graph."""
-    from pagedllm.model_executor.layers.ops.gemv_config import FP8_GEMV_MAX_M
+    from pagedllm.model_executor.layers.ops.gemv_config import fp8_gemv_max_m
 
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if not 0 < x2.shape[0] <= FP8_GEMV_MAX_M or x.dtype not in (torch.bfloat16, torch.float16):
+    if not 0 < x2.shape[0] <= fp8_gemv_max_m() or x.dtype not in (torch.bfloat16, torch.float16):
         return None
     if not (device_has_fp8_gemm(x.device) or (GEMV_ON_CPU and x.device.type == "cpu")):
         return None
