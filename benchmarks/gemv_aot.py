@@ -44,13 +44,13 @@ def _int_consts(cfg: GemvConfig, m: int, bits: int, group_mode: int) -> dict:
             "GROUP_MODE": group_mode, "BLOCK_M": gemv_config.block_m(m, cfg.use_dot),
             "BLOCK_N": cfg.block_n, "WORDS": block_k // pack, "HAS_SPLIT": True,
             "USE_DOT": cfg.use_dot, "SWAP_AB": cfg.swap_ab, "DOT_FP32": False,
-            "MAGIC": magic, "MAGIC_OFFSET": offset}
+            "MAGIC": magic, "MAGIC_OFFSET": offset, "PREFETCH": cfg.prefetch}
 
 
 def _fp8_consts(cfg: GemvConfig, m: int) -> dict:
     return {"BLOCK_M": gemv_config.block_m(m, cfg.use_dot), "BLOCK_N": cfg.block_n,
             "BLOCK_K": max(cfg.block_k, 16), "HAS_SPLIT": True, "USE_DOT": cfg.use_dot,
-            "SWAP_AB": cfg.swap_ab, "DOT_FP32": False}
+            "SWAP_AB": cfg.swap_ab, "DOT_FP32": False, "PREFETCH": cfg.prefetch}
 
 
 def _configs(kind: str, m: int, grid: bool) -> list[GemvConfig]:
@@ -59,7 +59,7 @@ def _configs(kind: str, m: int, grid: bool) -> list[GemvConfig]:
     seen: list[GemvConfig] = []
     for cfg in _grid(kind, m, smoke=False):
         cfg = GemvConfig(cfg.block_n, cfg.block_k, 0, cfg.num_warps, cfg.num_stages,
-                         cfg.use_dot, cfg.swap_ab)  # splits are runtime: one compile
+                         cfg.use_dot, cfg.swap_ab, cfg.prefetch)  # splits: runtime
         if cfg not in seen:
             seen.append(cfg)
     return seen

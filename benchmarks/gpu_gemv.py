@@ -61,7 +61,7 @@ def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
     """A small grid per M: FMA tiles up to M = 2, tensor-core tiles from M = 2; split 0 is
     the SM-count heuristic. Splits are runtime values (no recompile), the rest compile."""
     if smoke:
-        fma = [GemvConfig(32, 64, 0, 4, 1), GemvConfig(32, 64, 2, 4, 1)]
+        fma = [GemvConfig(32, 64, 0, 4, 1), GemvConfig(32, 64, 2, 4, 1, prefetch=True)]
         dot = [GemvConfig(32, 128, 0, 4, 1, use_dot=True),
                GemvConfig(32, 128, 2, 4, 1, use_dot=True, swap_ab=True)]
         return (fma if m <= 2 else []) + (dot if m >= 2 else [])
@@ -73,6 +73,8 @@ def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
         for bn, bk, warps in tiles:
             for split in SPLITS:
                 configs.append(GemvConfig(bn, bk, split, warps, 3))
+                if m == 1:  # register double buffering of the weight tile
+                    configs.append(GemvConfig(bn, bk, split, warps, 3, prefetch=True))
     if m >= 2:
         for bn, bk, swap in ((32, 128, False), (64, 128, False), (64, 128, True),
                              (128, 128, True)):
@@ -188,8 +190,8 @@ def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: st
 
 def _short(cfg: GemvConfig) -> str:
     how = ("dot-swap" if cfg.swap_ab else "dot") if cfg.use_dot else "fma"
-    return (f"{how} n{cfg.block_n} k{cfg.block_k} s{cfg.split_k or 'auto'} "
-            f"w{cfg.num_warps} st{cfg.num_stages}")
+    return (f"{how}{' pf' if cfg.prefetch else ''} n{cfg.block_n} k{cfg.block_k} "
+            f"s{cfg.split_k or 'auto'} w{cfg.num_warps} st{cfg.num_stages}")
 
 
 def _report(winners: dict, json_path: str | None) -> None:
@@ -198,7 +200,7 @@ def _report(winners: dict, json_path: str | None) -> None:
     for (kind, m, n, k), (cfg, _, _) in sorted(winners.items()):
         print(f"    ({kind!r}, {m}, {n}, {k}): GemvConfig({cfg.block_n}, {cfg.block_k}, "
               f"{cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, use_dot={cfg.use_dot}, "
-              f"swap_ab={cfg.swap_ab}),")
+              f"swap_ab={cfg.swap_ab}, prefetch={cfg.prefetch}),")
     print("}")
     for kind in sorted({w[0] for w in winners}):
         ms = sorted({m for (kd, m, _, _) in winners if kd == kind})

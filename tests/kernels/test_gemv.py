@@ -2,7 +2,8 @@
 
 Runs on CPU under TRITON_INTERPRET=1 (set below when no GPU is present) at small odd shapes:
 each group size 32/64/128 and one group per column, act-order (rows sorted at load) and
-ragged g_idx, M = 1, 3, 16, the FMA and both tensor-core variants, split-K, bf16 and fp16;
+ragged g_idx, M = 1, 3, 16, the FMA and both tensor-core variants, split-K, the prefetching
+loop, bf16 and fp16;
 plus the dispatch of the linear methods and the tuned-config table.
 """
 
@@ -34,7 +35,9 @@ from pagedllm.model_executor.layers.quantization.packed_int import (  # noqa: E4
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FMA = GemvConfig(block_n=32, block_k=64, split_k=0, num_warps=4, num_stages=1)
-DOT = GemvConfig(block_n=32, block_k=128, split_k=1, num_warps=4, num_stages=1, use_dot=True)
+FMA_PREFETCH = GemvConfig(32, 64, 2, 4, 1, prefetch=True)  # split 2: blocks past k_end masked
+DOT = GemvConfig(block_n=32, block_k=128, split_k=1, num_warps=4, num_stages=1, use_dot=True,
+                 prefetch=True)
 DOT_SWAP = GemvConfig(32, 128, 2, 4, 1, use_dot=True, swap_ab=True)
 
 
@@ -66,7 +69,7 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 @pytest.mark.parametrize("bits,group_size,order,m,config,dtype", [
-    (4, 32, "none", 1, FMA, torch.bfloat16),
+    (4, 32, "none", 1, FMA_PREFETCH, torch.bfloat16),
     (4, 64, "ragged", 1, GemvConfig(32, 64, 2, 4, 1), torch.bfloat16),
     (4, 128, "none", 16, GemvConfig(32, 128, 2, 4, 1, use_dot=True), torch.bfloat16),
     (4, 128, "act", 3, DOT_SWAP, torch.float16),
@@ -114,8 +117,8 @@ def test_int_matmul_takes_the_gemv_up_to_the_threshold(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("m,config,dtype", [
-    (1, GemvConfig(32, 64, 0, 4, 1), torch.bfloat16),
-    (3, GemvConfig(32, 64, 2, 4, 1, use_dot=True), torch.bfloat16),
+    (1, GemvConfig(32, 64, 0, 4, 1, prefetch=True), torch.bfloat16),
+    (3, GemvConfig(32, 64, 2, 4, 1, use_dot=True, prefetch=True), torch.bfloat16),
     (16, GemvConfig(16, 64, 3, 4, 1, use_dot=True, swap_ab=True), torch.float16),
 ])
 def test_fp8_gemv_matches_reference(m, config, dtype) -> None:

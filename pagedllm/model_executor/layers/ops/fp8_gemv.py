@@ -31,6 +31,15 @@ GEMV_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
 
 
 @triton.jit
+def _load_weight(w_rows, k0, k_end, n_ok, BLOCK_K: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] e4m3 of the K block at k0 (zeros past k_end)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < k_end)[None, :],
+                other=0)
+    return w.to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
 def _fp8_gemv_kernel(
     x_ptr,  # [M, K]
     w_ptr,  # [N, K] e4m3, read as uint8 (masked lanes load 0, no fp8 constant)
@@ -52,6 +61,7 @@ def _fp8_gemv_kernel(
     USE_DOT: tl.constexpr,
     SWAP_AB: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -67,11 +77,16 @@ def _fp8_gemv_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if PREFETCH:
+        ahead = _load_weight(w_rows, k_start, k_end, n_ok, BLOCK_K)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
-        w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0)
-        w = w.to(tl.float8e4nv, bitcast=True)
+        if PREFETCH:  # the next block's load before this block's math (see int_gemv.py)
+            w = ahead
+            ahead = _load_weight(w_rows, k0 + BLOCK_K, k_end, n_ok, BLOCK_K)
+        else:
+            w = _load_weight(w_rows, k0, k_end, n_ok, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if USE_DOT:
             if DOT_FP32:
@@ -135,7 +150,7 @@ def fp8_gemv(
         m, n, k, x.stride(0), weight.stride(0), k_per_split, split,
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=block_k, HAS_SPLIT=split > 1,
         USE_DOT=cfg.use_dot, SWAP_AB=cfg.swap_ab,
-        DOT_FP32=os.environ.get("TRITON_INTERPRET", "0") == "1",
+        DOT_FP32=os.environ.get("TRITON_INTERPRET", "0") == "1", PREFETCH=cfg.prefetch,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out

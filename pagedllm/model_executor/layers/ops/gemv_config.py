@@ -49,6 +49,7 @@ class GemvConfig:
     num_stages: int
     use_dot: bool = False
     swap_ab: bool = False
+    prefetch: bool = False  # load block i + 1 before block i's math (registers, not stages)
 
     def to_json(self) -> dict:
         return asdict(self)

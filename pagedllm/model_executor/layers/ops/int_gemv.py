@@ -75,6 +75,15 @@ def _row_groups(s_ptr, z_ptr, g_ptr, rows, w_ok, offs_n, n_ok, N):
 
 
 @triton.jit
+def _load_words(qw_ptr, k0, k_end, offs_n, n_ok, N, PACK: tl.constexpr, WORDS: tl.constexpr):
+    """[WORDS, BLOCK_N] int32 words of the K block at k0 (zeros past k_end)."""
+    offs_w = k0 // PACK + tl.arange(0, WORDS)
+    ok = (offs_w[:, None] * PACK < k_end) & n_ok[None, :]
+    return tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :], mask=ok,
+                   other=0)
+
+
+@triton.jit
 def _plane(packed, j: tl.constexpr, BITS: tl.constexpr):
     """Value j of every word as int32."""
     return (packed >> (j * BITS)) & ((1 << BITS) - 1)
@@ -238,6 +247,7 @@ def _int_gemv_kernel(
     DOT_FP32: tl.constexpr,
     MAGIC: tl.constexpr,
     MAGIC_OFFSET: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -259,11 +269,18 @@ def _int_gemv_kernel(
         acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    if PREFETCH:
+        ahead = _load_words(qw_ptr, k_start, k_end, offs_n, n_ok, N, PACK, WORDS)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_w = k0 // PACK + tl.arange(0, WORDS)
         w_ok = offs_w * PACK < k_end
-        packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :],
-                         mask=w_ok[:, None] & n_ok[None, :], other=0)  # [WORDS, BLOCK_N]
+        if PREFETCH:
+            # The next block's load is issued before this block's math (registers double
+            # buffered; past k_end it is fully masked and reads nothing).
+            packed = ahead
+            ahead = _load_words(qw_ptr, k0 + BLOCK_K, k_end, offs_n, n_ok, N, PACK, WORDS)
+        else:
+            packed = _load_words(qw_ptr, k0, k_end, offs_n, n_ok, N, PACK, WORDS)
         if USE_DOT:
             acc = _dot_block(acc, packed, x_rows, offs_w, w_ok, m_ok, k0, offs_n, n_ok,
                              s_ptr, z_ptr, g_ptr, N, BITS, GROUP_SIZE, GROUP_MODE, BLOCK_M,
@@ -352,6 +369,6 @@ def int_gemv(
         BITS=bits, GROUP_SIZE=group_size, GROUP_MODE=_group_mode(g_idx, group_size, block_k),
         BLOCK_M=bm, BLOCK_N=cfg.block_n, WORDS=block_k // pack, HAS_SPLIT=split > 1,
         USE_DOT=cfg.use_dot, SWAP_AB=cfg.swap_ab, DOT_FP32=interp, MAGIC=magic,
-        MAGIC_OFFSET=offset, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        MAGIC_OFFSET=offset, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
