@@ -75,6 +75,7 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
     (4, 128, "act", 3, DOT_SWAP, torch.float16),
     (4, 32, "none", 16, DOT, torch.bfloat16),  # groups smaller than the block: dequantized
     (4, 256, "none", 2, FMA, torch.float16),  # one group per column (group_size -1)
+    (4, 32, "ragged", 3, GemvConfig(32, 128, 2, 4, 1), torch.bfloat16),  # 3 of 4 FMA rows
     (8, 64, "none", 1, FMA, torch.bfloat16),
     (8, 128, "ragged", 16, DOT_SWAP, torch.bfloat16),
     (8, 128, "none", 3, DOT, torch.float16),
@@ -120,6 +121,7 @@ def test_int_matmul_takes_the_gemv_up_to_the_threshold(monkeypatch) -> None:
     (1, GemvConfig(32, 64, 0, 4, 1, prefetch=True), torch.bfloat16),
     (3, GemvConfig(32, 64, 2, 4, 1, use_dot=True, prefetch=True), torch.bfloat16),
     (16, GemvConfig(16, 64, 3, 4, 1, use_dot=True, swap_ab=True), torch.float16),
+    (3, GemvConfig(16, 64, 2, 8, 1), torch.float16),  # FMA, 3 of 4 accumulators
 ])
 def test_fp8_gemv_matches_reference(m, config, dtype) -> None:
     k, n = 200, 40  # K not a multiple of the block

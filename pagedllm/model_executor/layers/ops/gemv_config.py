@@ -3,8 +3,8 @@
 At M = 1..32 (decode) a quantized GEMM is bound by streaming its packed weights, so the
 kernels read each weight once, spread over every SM by splitting K. Two ways to multiply,
 chosen per M: FMA (`use_dot=False`, each weight dequantized once and multiplied by the M
-activation rows on the CUDA cores; the default at M = 1, where a tensor-core tile would
-waste 15/16 of its rows; the sweep also tries it at M = 2) and `tl.dot` (M padded to 16 or 32 rows; `swap_ab` computes
+activation rows on the CUDA cores, one 2-D accumulator per row; the default up to M = 2,
+where a tensor-core tile would waste 14/16 of its rows; the sweep tries it up to M = 4) and `tl.dot` (M padded to 16 or 32 rows; `swap_ab` computes
 (W^T x^T)^T so the dequantized weight is the register operand A).
 
 `TUNED` holds the winners of `benchmarks/gpu_gemv.py` on the H200, keyed by
@@ -74,16 +74,17 @@ def block_m(m: int, use_dot: bool) -> int:
 
 
 def default_config(kind: str, m: int) -> GemvConfig:
-    """Sane defaults without a sweep: FMA for one row, tensor cores above (compiled for sm_90
-    without a GPU, `benchmarks/gemv_aot.py`: int4 FMA 128 x 128 takes 96 registers a thread
-    at M = 1 but ~250 at M = 2, the 64 x 128 dot tile 72 at M = 2..16)."""
+    """Sane defaults without a sweep: FMA (one 2-D accumulator per row) up to 2 rows, tensor
+    cores above. From the first H200 sweep (docs/kernels.md): int4 FMA 64 x 128 won at M = 1
+    on every Llama-3.1-8B shape; fp8 follows the 2-D form of the MoE GEMV (16 x 128 tiles,
+    8 warps: 3.7 TB/s at one token)."""
     if kind == "fp8":
-        if m == 1:
-            return GemvConfig(block_n=32, block_k=256, split_k=0, num_warps=4, num_stages=3)
+        if m <= 2:
+            return GemvConfig(block_n=16, block_k=128, split_k=0, num_warps=8, num_stages=3)
         return GemvConfig(block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3,
                           use_dot=True)
-    if m == 1:
-        return GemvConfig(block_n=128, block_k=128, split_k=0, num_warps=4, num_stages=3)
+    if m <= 2:
+        return GemvConfig(block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3)
     return GemvConfig(block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3,
                       use_dot=True)
 
@@ -120,10 +121,13 @@ def num_sms(device: torch.device) -> int:
 
 
 def split_for(split_k: int, block_k: int, tiles: int, k: int, device: torch.device) -> int:
-    """K splits: `split_k` when set (> 0), else enough for ~4 programs per SM with every
-    split streaming at least four K blocks; never more splits than K blocks."""
+    """K splits: `split_k` when set (> 0); none when the output tiles alone give two
+    programs per SM; else enough for ~4 programs per SM with every split streaming at least
+    four K blocks. Never more splits than K blocks."""
     blocks = triton.cdiv(k, block_k)
     if split_k > 0:
         return max(1, min(split_k, blocks))
-    target = 4 * num_sms(device)
-    return max(1, min(max(1, blocks // 4), triton.cdiv(target, tiles)))
+    sms = num_sms(device)
+    if tiles >= 2 * sms:
+        return 1
+    return max(1, min(max(1, blocks // 4), triton.cdiv(4 * sms, tiles)))

@@ -15,9 +15,10 @@ unpacking is a shift and a mask per value and never moves data between threads.
 Two multiplies (`gemv_config.GemvConfig.use_dot`):
 - FMA (the default at M = 1): each plane is dequantized in fp32 with the exponent trick
   (q | 0x4B000000 read as fp32 is 2^23 + q, minus 2^23 + z gives q - z exactly) and
-  multiplied into a [WORDS, BLOCK_N] accumulator ([BLOCK_M, WORDS, BLOCK_N] for more rows,
-  which costs ~250 registers a thread at M = 2); the group scale is applied once per K block and
-  the WORDS axis is summed once at the end.
+  multiplied into a 2-D [WORDS, BLOCK_N] accumulator, the group scale applied once per K
+  block, the WORDS axis summed once at the end; 2..4 rows keep one such accumulator each
+  (the scale folded into the shared dequantized value). A 3-D [M, WORDS, BLOCK_N] form took
+  ~250 registers a thread at M = 2.
 - `tl.dot` (M up to 32, padded to 16 rows): when a K block lies inside one group the plane
   goes to the tensor cores as raw 16-bit integers (q | 0x4300 read as bf16 is 128 + q,
   q | 0x6400 read as fp16 is 1024 + q) and the zero point and scale are applied per block
@@ -37,7 +38,7 @@ import triton.language as tl
 
 from pagedllm.model_executor.layers.ops import gemv_config
 from pagedllm.model_executor.layers.ops.gemv_config import GemvConfig
-from pagedllm.model_executor.layers.ops.split_k import plan, store_tile
+from pagedllm.model_executor.layers.ops.split_k import plan, stack_rows, store_tile
 
 GEMV_BITS: tuple[int, ...] = (4, 8)
 GEMV_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16)
@@ -124,33 +125,35 @@ def _fma_block_1(acc, packed, x_ptr, offs_w, w_ok, k0, offs_n, n_ok, s_ptr, z_pt
 
 
 @triton.jit
-def _fma_block(acc, packed, x_rows, offs_w, w_ok, m_ok, k0, offs_n, n_ok, s_ptr, z_ptr,
-               g_ptr, N, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-               GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr, WORDS: tl.constexpr,
-               BLOCK_N: tl.constexpr):
-    """acc [BLOCK_M, WORDS, BLOCK_N] += x * dequant(block), on the CUDA cores."""
+def _fma_rows(a0, a1, a2, a3, packed, x_ptr, stride_xm, M, offs_w, w_ok, k0, offs_n, n_ok,
+              s_ptr, z_ptr, g_ptr, N, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+              GROUP_MODE: tl.constexpr, BLOCK_M: tl.constexpr):
+    """`_fma_block_1` for 2..4 activation rows, one 2-D [WORDS, BLOCK_N] accumulator each
+    (a0..a3; those past BLOCK_M stay zero): each value is dequantized once, scale included,
+    and multiplied into every row."""
     PACK: tl.constexpr = 32 // BITS
-    blk = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
     if GROUP_MODE != 2:
         s, z = _word_groups(s_ptr, z_ptr, k0, offs_w, w_ok, offs_n, n_ok, N, PACK,
                             GROUP_SIZE, GROUP_MODE)
         zo = z + 8388608.0
+    m_rows = tl.zeros_like(offs_w) + M  # [WORDS]: the row count, for the row masks
     for j in tl.static_range(PACK):
         rows = offs_w * PACK + j
-        xj = tl.load(x_rows + rows[None, :], mask=m_ok[:, None] & w_ok[None, :],
-                     other=0.0).to(tl.float32)  # [BLOCK_M, WORDS]
         v = _plane_f32(packed, j, BITS)
         if GROUP_MODE == 2:
             s, z = _row_groups(s_ptr, z_ptr, g_ptr, rows, w_ok, offs_n, n_ok, N)
             d = (v - (z + 8388608.0)) * s
         else:
-            d = v - zo  # q - z, exact
-        blk += xj[:, :, None] * d[None, :, :]
-    if GROUP_MODE == 2:
-        acc += blk
-    else:
-        acc += blk * s[None, :, :]
-    return acc
+            d = (v - zo) * s
+        a0 += tl.load(x_ptr + rows, mask=w_ok, other=0.0).to(tl.float32)[:, None] * d
+        a1 += tl.load(x_ptr + stride_xm + rows, mask=w_ok & (m_rows > 1),
+                      other=0.0).to(tl.float32)[:, None] * d
+        if BLOCK_M > 2:
+            a2 += tl.load(x_ptr + 2 * stride_xm + rows, mask=w_ok & (m_rows > 2),
+                          other=0.0).to(tl.float32)[:, None] * d
+            a3 += tl.load(x_ptr + 3 * stride_xm + rows, mask=w_ok & (m_rows > 3),
+                          other=0.0).to(tl.float32)[:, None] * d
+    return a0, a1, a2, a3
 
 
 @triton.jit
@@ -265,8 +268,11 @@ def _int_gemv_kernel(
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     elif BLOCK_M == 1:
         acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+    else:  # 2..4 rows, one accumulator each
+        acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        acc1 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     if PREFETCH:
@@ -289,9 +295,10 @@ def _int_gemv_kernel(
             acc = _fma_block_1(acc, packed, x_ptr, offs_w, w_ok, k0, offs_n, n_ok, s_ptr,
                                z_ptr, g_ptr, N, BITS, GROUP_SIZE, GROUP_MODE, WORDS, BLOCK_N)
         else:
-            acc = _fma_block(acc, packed, x_rows, offs_w, w_ok, m_ok, k0, offs_n, n_ok,
-                             s_ptr, z_ptr, g_ptr, N, BITS, GROUP_SIZE, GROUP_MODE, BLOCK_M,
-                             WORDS, BLOCK_N)
+            acc, acc1, acc2, acc3 = _fma_rows(acc, acc1, acc2, acc3, packed, x_ptr,
+                                              stride_xm, M, offs_w, w_ok, k0, offs_n, n_ok,
+                                              s_ptr, z_ptr, g_ptr, N, BITS, GROUP_SIZE,
+                                              GROUP_MODE, BLOCK_M)
     if USE_DOT:
         if SWAP_AB:
             res = tl.trans(acc)
@@ -300,7 +307,8 @@ def _int_gemv_kernel(
     elif BLOCK_M == 1:
         res = tl.sum(acc, axis=0)[None, :]
     else:
-        res = tl.sum(acc, axis=1)
+        res = stack_rows(tl.sum(acc, axis=0), tl.sum(acc1, axis=0), tl.sum(acc2, axis=0),
+                         tl.sum(acc3, axis=0), offs_m, BLOCK_M)
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     store_tile(res, out_ptr, partial_ptr, lock_ptr + pid_n, tile,
                m_ok[:, None] & n_ok[None, :], pid_k, M, N, SPLIT_K, HAS_SPLIT)
@@ -317,6 +325,9 @@ def _magic(dtype: torch.dtype, bits: int) -> tuple[int, float]:
     if bits <= 7:  # bf16: 7 mantissa bits
         return 0x4300, 128.0
     return 0, 0.0
+
+
+FMA_MAX_M = 4  # rows the FMA variant carries (one accumulator each)
 
 
 def gemv_supported(x: torch.Tensor, bits: int, group_size: int) -> bool:
@@ -353,6 +364,8 @@ def int_gemv(
         raise ValueError(f"qweight {tuple(qweight.shape)} does not hold {k} rows of {bits} bits")
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or gemv_config.lookup(f"int{bits}", m, n, k)
+    if not cfg.use_dot and m > FMA_MAX_M:  # the FMA variant carries at most 4 rows
+        cfg = gemv_config.default_config(f"int{bits}", m)
     # A dot needs 16 words per plane.
     block_k = max(cfg.block_k, 16 * pack) if cfg.use_dot else max(cfg.block_k, pack)
     bm = gemv_config.block_m(m, cfg.use_dot)

@@ -78,3 +78,14 @@ def store_tile(
                                  cache_modifier=".cg")
             tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=mask)
             tl.atomic_xchg(lock_ptr, 0)
+
+
+@triton.jit
+def stack_rows(r0, r1, r2, r3, offs_m, BLOCK_M: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] from up to four [BLOCK_N] rows (BLOCK_M of them used)."""
+    res = tl.where(offs_m[:, None] == 0, r0[None, :], 0.0)
+    res += tl.where(offs_m[:, None] == 1, r1[None, :], 0.0)
+    if BLOCK_M > 2:
+        res += tl.where(offs_m[:, None] == 2, r2[None, :], 0.0)
+        res += tl.where(offs_m[:, None] == 3, r3[None, :], 0.0)
+    return res
