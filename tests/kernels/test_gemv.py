@@ -174,3 +174,5 @@ def test_tuned_table_and_json_override(tmp_path, monkeypatch) -> None:
     # Splits: the config's when set, else about four programs per SM, never past K blocks.
     assert gemv_config.split_for(3, 128, 10, 4096, torch.device("cpu")) == 3
     assert gemv_config.split_for(0, 128, 1, 512, torch.device("cpu")) == 1
+    assert gemv_config.split_for(0, 128, 1, 4096, torch.device("cpu")) == 4  # 4 / SM (1 here)
+    assert gemv_config.split_for(0, 128, 2, 4096, torch.device("cpu"), no_split_from=2) == 1

@@ -165,7 +165,8 @@ def fp8_gemv(
     block_k = max(cfg.block_k, 16)
     bm = gemv_config.block_m(m, cfg.use_dot)
     tiles = triton.cdiv(n, cfg.block_n)
-    split = gemv_config.split_for(cfg.split_k, block_k, tiles, k, x.device)
+    # No split once the tiles give two programs per SM (the MoE GEMV's finding on the H200).
+    split = gemv_config.split_for(cfg.split_k, block_k, tiles, k, x.device, no_split_from=2)
     split, k_per_split, lock, partial = plan(split, block_k, k, tiles, m, n, x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     _fp8_gemv_kernel[(tiles, split)](

@@ -55,8 +55,14 @@ class GemvConfig:
         return asdict(self)
 
 
-# (kind, M bucket, N, K) -> config; pasted from benchmarks/gpu_gemv.py's output.
-TUNED: dict[tuple[str, int, int, int], GemvConfig] = {}
+# (kind, M bucket, N, K) -> config; pasted from benchmarks/gpu_gemv.py's output. The int4
+# M = 1 rows are the first H200 sweep's (commit 984c40e; that kernel is unchanged since).
+TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
+    ("int4", 1, 4096, 4096): GemvConfig(64, 128, 0, 4, 3),
+    ("int4", 1, 4096, 14336): GemvConfig(64, 128, 0, 4, 3),
+    ("int4", 1, 6144, 4096): GemvConfig(64, 128, 0, 4, 3),
+    ("int4", 1, 28672, 4096): GemvConfig(64, 128, 4, 4, 3),
+}
 
 
 def m_bucket(m: int) -> int:
@@ -74,7 +80,7 @@ def block_m(m: int, use_dot: bool) -> int:
 
 
 def default_config(kind: str, m: int) -> GemvConfig:
-    """Sane defaults without a sweep: FMA (one 2-D accumulator per row) up to 2 rows, tensor
+    """Defaults for shapes the tuned table lacks: FMA (one 2-D accumulator per row) up to 2 rows, tensor
     cores above. From the first H200 sweep (docs/kernels.md): int4 FMA 64 x 128 won at M = 1
     on every Llama-3.1-8B shape; fp8 follows the 2-D form of the MoE GEMV (16 x 128 tiles,
     8 warps: 3.7 TB/s at one token)."""
@@ -120,14 +126,15 @@ def num_sms(device: torch.device) -> int:
     return _NUM_SMS[index]
 
 
-def split_for(split_k: int, block_k: int, tiles: int, k: int, device: torch.device) -> int:
-    """K splits: `split_k` when set (> 0); none when the output tiles alone give two
-    programs per SM; else enough for ~4 programs per SM with every split streaming at least
-    four K blocks. Never more splits than K blocks."""
+def split_for(split_k: int, block_k: int, tiles: int, k: int, device: torch.device,
+              no_split_from: float | None = None) -> int:
+    """K splits: `split_k` when set (> 0); none when `no_split_from` is given and the output
+    tiles alone give that many programs per SM; else enough for ~4 programs per SM with every
+    split streaming at least four K blocks. Never more splits than K blocks."""
     blocks = triton.cdiv(k, block_k)
     if split_k > 0:
         return max(1, min(split_k, blocks))
     sms = num_sms(device)
-    if tiles >= 2 * sms:
+    if no_split_from is not None and tiles >= no_split_from * sms:
         return 1
     return max(1, min(max(1, blocks // 4), triton.cdiv(4 * sms, tiles)))
