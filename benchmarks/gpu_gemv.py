@@ -57,7 +57,7 @@ SHAPES_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
              "down": (14336, 4096)}
 PEAK = 4.0e12  # bytes/s: the H200's usable HBM bandwidth (~4.0-4.3 TB/s)
 GROUP = 128
-SPLITS = (0, 1, 4)  # 0: the heuristic of gemv_config.split_for
+SPLITS = (0, 1, 4, 16)  # 0: the heuristic of gemv_config.split_for (16: loads in flight)
 
 
 def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
