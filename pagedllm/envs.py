@@ -82,6 +82,23 @@ def int_gemm_dense_min_m() -> int:
     return int(_float("PAGEDLLM_INT_GEMM_DENSE_MIN_M", 64))
 
 
+def gemv_max_m(kind: str, default: int) -> int:
+    """Tokens in a step up to which `kind` ("int" or "fp8") layers use the GEMV kernels
+    (PAGEDLLM_INT_GEMV_MAX_M / PAGEDLLM_FP8_GEMV_MAX_M; 0 turns them off, for A/B runs);
+    unset: the module constant (model_executor/layers/ops/gemv_config.py)."""
+    name = f"PAGEDLLM_{kind.upper()}_GEMV_MAX_M"
+    value = _float(name, float(default))
+    if value < 0 or value != int(value) or value > 32:
+        raise ValueError(f"{name}={os.environ.get(name)!r} must be an integer from 0 to 32")
+    return int(value)
+
+
+def gemv_config_file() -> str | None:
+    """A JSON table of GEMV launch configs (benchmarks/gpu_gemv.py --json) read over the
+    module's tuned table; unset: that table and the defaults."""
+    return os.environ.get("PAGEDLLM_GEMV_CONFIG") or None
+
+
 def int_gemm_split_k() -> int | None:
     """A fixed K split for the int GEMM (1: none); unset: chosen per shape."""
     value = os.environ.get("PAGEDLLM_INT_GEMM_SPLIT_K")

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: Triton kernels are not tested")
 
-from pagedllm.model_executor.layers.ops import int_gemm as int_gemm_module  # noqa: E402
+from pagedllm.model_executor.layers.ops import split_k  # noqa: E402
 from pagedllm.model_executor.layers.ops.int_gemm import (  # noqa: E402
     GemmConfig,
     choose_config,
@@ -110,7 +110,7 @@ def test_split_k_and_ragged_groups() -> None:
     for unpack in ("gather", "reshape", "planes"):
         assert _rel_err(_run(cw, x, split, unpack), ref) < 1e-5, unpack
     # The last split of each tile re-arms its arrival counter for the next launch.
-    assert not int_gemm_module._LOCKS[(x.device.type, x.device.index)].any()
+    assert not split_k._LOCKS[(x.device.type, x.device.index)].any()
 
 
 def test_default_config_for_decode_splits_k() -> None:

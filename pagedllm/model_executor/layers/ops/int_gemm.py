@@ -37,6 +37,8 @@ import triton
 import triton.language as tl
 
 from pagedllm import envs
+from pagedllm.model_executor.layers.ops import gemv_config
+from pagedllm.model_executor.layers.ops.split_k import plan, store_tile
 
 KERNEL_BITS: tuple[int, ...] = (2, 4, 8)
 
@@ -91,6 +93,57 @@ def _mma(acc, x, w, DOT_UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _planes_block(acc, x_rows, m_ok, qw_ptr, k0, k_end, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N,
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_GIDX: tl.constexpr,
+                  GROUP_PER_BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
+                  DOT_UPCAST: tl.constexpr):
+    """Bit planes: value j of every word is input row word * PACK + j; one dot per j over
+    those rows, the matching x columns read strided."""
+    PACK: tl.constexpr = 32 // BITS
+    offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+    packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :],
+                     mask=(offs_w[:, None] * PACK < k_end) & n_ok[None, :], other=0)
+    for j in tl.static_range(PACK):
+        rows = offs_w * PACK + j
+        rows_ok = rows < k_end
+        x = tl.load(x_rows + rows[None, :], mask=m_ok[:, None] & rows_ok[None, :], other=0.0)
+        w = _dequant((packed >> (j * BITS)) & ((1 << BITS) - 1), rows, rows_ok, k0, s_ptr,
+                     z_ptr, g_ptr, offs_n, n_ok, N, GROUP_SIZE, HAS_GIDX, GROUP_PER_BLOCK)
+        acc = _mma(acc, x, w, DOT_UPCAST)
+    return acc
+
+
+@triton.jit
+def _unpacked_block(acc, x_rows, m_ok, qw_ptr, k0, k_end, s_ptr, z_ptr, g_ptr, offs_n, n_ok,
+                    N, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_GIDX: tl.constexpr,
+                    GROUP_PER_BLOCK: tl.constexpr, UNPACK: tl.constexpr,
+                    BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, DOT_UPCAST: tl.constexpr):
+    """One dot over the whole K block, its [BLOCK_K, BLOCK_N] values unpacked first:
+    "reshape" (UNPACK 1) shifts each word's values out along a new axis, "gather" (0) has
+    each row load its word (the PACK repeats of a word are L1 hits)."""
+    PACK: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    k_ok = offs_k < k_end
+    x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+    if UNPACK == 1:
+        # Each word once: [WORDS, BLOCK_N] -> [WORDS, PACK, BLOCK_N] -> [BLOCK_K, ..].
+        offs_w = k0 // PACK + tl.arange(0, BLOCK_K // PACK)
+        packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :],
+                         mask=(offs_w[:, None] * PACK < k_end) & n_ok[None, :], other=0)
+        shifts = tl.arange(0, PACK) * BITS
+        q = (packed[:, None, :] >> shifts[None, :, None]) & MASK
+        q = tl.reshape(q, (BLOCK_K, BLOCK_N))
+    else:
+        packed = tl.load(qw_ptr + (offs_k[:, None] // PACK).to(tl.int64) * N + offs_n[None, :],
+                         mask=k_ok[:, None] & n_ok[None, :], other=0)
+        q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MASK
+    w = _dequant(q, offs_k, k_ok, k0, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N, GROUP_SIZE,
+                 HAS_GIDX, GROUP_PER_BLOCK)
+    return _mma(acc, x, w, DOT_UPCAST)
+
+
+@triton.jit
 def _int_gemm_kernel(
     x_ptr,  # [M, K]
     qw_ptr,  # [K * BITS / 32, N] int32
@@ -105,7 +158,8 @@ def _int_gemm_kernel(
     K,
     stride_xm,
     K_PER_SPLIT,
-    SPLIT_K: tl.constexpr,
+    SPLIT_K,  # a runtime value: one compiled kernel serves every split
+    HAS_SPLIT: tl.constexpr,  # SPLIT_K > 1
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     HAS_GIDX: tl.constexpr,
@@ -119,9 +173,6 @@ def _int_gemm_kernel(
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    PACK: tl.constexpr = 32 // BITS
-    WORDS: tl.constexpr = BLOCK_K // PACK
-    MASK: tl.constexpr = (1 << BITS) - 1
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
@@ -131,61 +182,17 @@ def _int_gemm_kernel(
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_w = k0 // PACK + tl.arange(0, WORDS)
         if UNPACK == 2:
-            # Bit planes: value j of every word is input row word * PACK + j; one dot per j
-            # over those rows, the matching x columns read strided.
-            packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :],
-                             mask=(offs_w[:, None] * PACK < k_end) & n_ok[None, :], other=0)
-            for j in tl.static_range(PACK):
-                rows = offs_w * PACK + j
-                rows_ok = rows < k_end
-                x = tl.load(x_rows + rows[None, :], mask=m_ok[:, None] & rows_ok[None, :],
-                            other=0.0)
-                w = _dequant((packed >> (j * BITS)) & MASK, rows, rows_ok, k0, s_ptr, z_ptr,
-                             g_ptr, offs_n, n_ok, N, GROUP_SIZE, HAS_GIDX, GROUP_PER_BLOCK)
-                acc = _mma(acc, x, w, DOT_UPCAST)
+            acc = _planes_block(acc, x_rows, m_ok, qw_ptr, k0, k_end, s_ptr, z_ptr, g_ptr,
+                                offs_n, n_ok, N, BITS, GROUP_SIZE, HAS_GIDX, GROUP_PER_BLOCK,
+                                BLOCK_K, DOT_UPCAST)
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < k_end
-            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            if UNPACK == 1:
-                # Each word once: [WORDS, BLOCK_N] -> [WORDS, PACK, BLOCK_N] -> [BLOCK_K, ..].
-                packed = tl.load(qw_ptr + offs_w[:, None].to(tl.int64) * N + offs_n[None, :],
-                                 mask=(offs_w[:, None] * PACK < k_end) & n_ok[None, :],
-                                 other=0)
-                shifts = tl.arange(0, PACK) * BITS
-                q = (packed[:, None, :] >> shifts[None, :, None]) & MASK
-                q = tl.reshape(q, (BLOCK_K, BLOCK_N))
-            else:
-                # Each row loads its word (the PACK repeats of a word are L1 hits).
-                packed = tl.load(qw_ptr + (offs_k[:, None] // PACK).to(tl.int64) * N
-                                 + offs_n[None, :], mask=k_ok[:, None] & n_ok[None, :],
-                                 other=0)
-                q = (packed >> ((offs_k[:, None] % PACK) * BITS)) & MASK
-            w = _dequant(q, offs_k, k_ok, k0, s_ptr, z_ptr, g_ptr, offs_n, n_ok, N,
-                         GROUP_SIZE, HAS_GIDX, GROUP_PER_BLOCK)
-            acc = _mma(acc, x, w, DOT_UPCAST)
+            acc = _unpacked_block(acc, x_rows, m_ok, qw_ptr, k0, k_end, s_ptr, z_ptr, g_ptr,
+                                  offs_n, n_ok, N, BITS, GROUP_SIZE, HAS_GIDX,
+                                  GROUP_PER_BLOCK, UNPACK, BLOCK_K, BLOCK_N, DOT_UPCAST)
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-    mask = m_ok[:, None] & n_ok[None, :]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + tile, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        # Split-K in one launch: every split stores its fp32 partial; the last to arrive at
-        # the tile's counter sums them in split order (deterministic), writes the output and
-        # re-arms the counter for the next launch.
-        tl.store(partial_ptr + pid_k.to(tl.int64) * M * N + tile, acc, mask=mask)
-        lock = lock_ptr + pid_m * tl.num_programs(1) + pid_n
-        tl.debug_barrier()  # every thread's partial is stored before the release below
-        arrived = tl.atomic_add(lock, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for split in range(SPLIT_K):
-                total += tl.load(partial_ptr + split * M * N + tile, mask=mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptr + tile, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(lock, 0)
+    store_tile(acc, out_ptr, partial_ptr, lock_ptr + pid_m * tl.num_programs(1) + pid_n, tile,
+               m_ok[:, None] & n_ok[None, :], pid_k, M, N, SPLIT_K, HAS_SPLIT)
 
 
 @triton.jit
@@ -237,38 +244,6 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-_NUM_SMS: dict[int, int] = {}
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
-
-
-# Split-K arrival counters per device, allocated once (before any CUDA graph capture, by
-# the first eager decode) and kept at zero between launches by the kernel itself.
-_LOCK_COUNT = 1 << 14
-_LOCKS: dict[tuple[str, int | None], torch.Tensor] = {}
-
-
-def _locks(device: torch.device, tiles: int) -> torch.Tensor | None:
-    if tiles > _LOCK_COUNT:
-        return None
-    key = (device.type, device.index)
-    if key not in _LOCKS:
-        _LOCKS[key] = torch.zeros(_LOCK_COUNT, dtype=torch.int32, device=device)
-    return _LOCKS[key]
-
-
-def prepare(device: torch.device) -> None:
-    """Allocates the device's split-K counters now (at load), not inside a graph capture."""
-    _locks(device, 0)
-
-
 def choose_config(
     m: int, n: int, k: int, device: torch.device, elem_bytes: int = 2
 ) -> GemmConfig:
@@ -292,7 +267,7 @@ def choose_config(
     if forced is not None:
         split = forced
     elif m <= 64:
-        target = 4 * _num_sms(device)  # the planes tile is light: several per SM
+        target = 4 * gemv_config.num_sms(device)  # the planes tile is light: several per SM
         max_split = max(1, k // (4 * bk))  # each split streams at least four K blocks
         split = max(1, min(max_split, triton.cdiv(target, tiles)))
     return GemmConfig(bm, bn, bk, split, warps, stages)
@@ -322,24 +297,18 @@ def int_gemm(
     bk = cfg.block_k
     if mode == "planes":
         bk = max(bk, 16 * (32 // bits))  # each plane's dot needs K >= 16
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), bk) * bk
-    split = triton.cdiv(k, k_per_split)
-    grid = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n), split)
-    locks = _locks(x.device, grid[0] * grid[1]) if split > 1 else None
-    if split > 1 and locks is None:  # more tiles than counters: no split
-        split, k_per_split = 1, triton.cdiv(k, bk) * bk
-        grid = grid[:2] + (1,)
+    tiles = (triton.cdiv(m, cfg.block_m), triton.cdiv(n, cfg.block_n))
+    split, k_per_split, locks, partial = plan(cfg.split_k, bk, k, tiles[0] * tiles[1], m, n,
+                                              x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    partial = (torch.empty((split, m, n), dtype=torch.float32, device=x.device)
-               if split > 1 else out)
     # K blocks start at multiples of BLOCK_K, so a block lies inside one group when
     # BLOCK_K divides the group size: one row of scales and zeros per block.
     group_per_block = g_idx is None and group_size % bk == 0
-    _int_gemm_kernel[grid](
-        x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out, partial,
-        locks if locks is not None else qweight,
-        m, n, k, x.stride(0), k_per_split,
-        SPLIT_K=split, BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
+    _int_gemm_kernel[tiles + (split,)](
+        x, qweight, scales, zeros, g_idx if g_idx is not None else qweight, out,
+        partial if partial is not None else out, locks if locks is not None else qweight,
+        m, n, k, x.stride(0), k_per_split, split,
+        HAS_SPLIT=split > 1, BITS=bits, GROUP_SIZE=group_size, HAS_GIDX=g_idx is not None,
         GROUP_PER_BLOCK=group_per_block,
         UNPACK=UNPACK_MODES[mode],
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=bk,
@@ -380,9 +349,15 @@ def int_matmul(
     g_idx: torch.Tensor | None = None,  # [K] int32
     dense_min_m: int | None = None,
 ) -> torch.Tensor:
-    """x @ dequant(qweight): the fused kernel for small M; from `dense_min_m` rows on (large
-    prefills, compute-bound) the weight is dequantized into a transient 16-bit buffer and
-    multiplied by cuBLAS, whose GEMM outruns the fused one there."""
+    """x @ dequant(qweight): the GEMV (`int_gemv.py`) up to `gemv_config.INT_GEMV_MAX_M`
+    rows of bf16/fp16, the fused GEMM above; from `dense_min_m` rows on (large prefills,
+    compute-bound) the weight is dequantized into a transient 16-bit buffer and multiplied
+    by cuBLAS, whose GEMM outruns the fused one there. Shape-based, so each captured CUDA
+    graph size keeps one path."""
+    from pagedllm.model_executor.layers.ops.int_gemv import gemv_supported, int_gemv
+
+    if x.shape[0] <= gemv_config.int_gemv_max_m() and gemv_supported(x, bits, group_size):
+        return int_gemv(x, qweight, zeros, scales, bits, group_size, g_idx)
     threshold = dense_min_m if dense_min_m is not None else envs.int_gemm_dense_min_m()
     if x.shape[0] >= threshold > 0:
         w = int_dequant(qweight, zeros, scales, bits, group_size, g_idx, x.dtype)

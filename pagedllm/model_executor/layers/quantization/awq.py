@@ -24,7 +24,6 @@ from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.quantization import register_quantization_config
 from pagedllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
-    is_layer_skipped,
 )
 from pagedllm.model_executor.layers.quantization.int_linear import (
     CanonicalWeights,
@@ -84,9 +83,10 @@ class AWQConfig(QuantizationConfig):
         return cls(int(group), bool(config.get("zero_point", True)),
                    config.get("modules_to_not_convert"))
 
-    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if is_layer_skipped(prefix, self.modules_to_not_convert):
-            return None
+    def ignored_modules(self) -> list[str]:
+        return self.modules_to_not_convert
+
+    def linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         return AWQLinearMethod(self.group_size, self.zero_point)
 
     def describe(self) -> str:

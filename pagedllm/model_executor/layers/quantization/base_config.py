@@ -9,13 +9,15 @@ methods in on the built model, see `quantize_model`).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
-from typing import Any, ClassVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
 from pagedllm.model_executor.layers.linear import LinearMethod
+
+T = TypeVar("T")
 
 # Our fused linear layers and the checkpoint modules each one stands for.
 PACKED_MODULES: dict[str, tuple[str, ...]] = {
@@ -54,9 +56,21 @@ class QuantizationConfig:
             "(its config.json has no quantization_config)"
         )
 
+    def ignored_modules(self) -> list[str] | tuple[str, ...]:
+        """The checkpoint's list of modules left unquantized (`is_layer_skipped` entries)."""
+        return ()
+
     def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         """The method for the linear layer named `prefix` (our module name, e.g.
-        `model.layers.0.self_attn.qkv_proj`), or None to leave it unquantized."""
+        `model.layers.0.self_attn.qkv_proj`), or None to leave it unquantized: None for
+        the layers `ignored_modules` names (a fused layer only when all its parts are, a
+        mix refused), else `linear_method`."""
+        if is_layer_skipped(prefix, self.ignored_modules()):
+            return None
+        return self.linear_method(layer, prefix)
+
+    def linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        """`get_linear_method` for a layer the ignore list does not cover."""
         raise NotImplementedError
 
     def intercept_weights(
@@ -106,6 +120,18 @@ def is_layer_skipped(prefix: str, ignored: list[str] | tuple[str, ...]) -> bool:
             "some of them; pagedllm cannot load a fused layer with mixed quantization"
         )
     return all(hits)
+
+
+def fused_parts_agree(prefix: str, pick: Callable[[str], T], what: str) -> T:
+    """pick(name) for each checkpoint module a layer stands for (`checkpoint_module_names`);
+    ValueError when the parts of a fused layer get different answers (one layer cannot hold
+    shards of two quantizations). `what` names the deciding config in the message."""
+    names = checkpoint_module_names(prefix)
+    values = [pick(name) for name in names]
+    if any(v is not values[0] and v != values[0] for v in values[1:]):
+        raise ValueError(f"layer {prefix} fuses {', '.join(names)}, which {what} quantizes "
+                         "differently; pagedllm cannot fuse them")
+    return values[0]
 
 
 def module_matches(name: str, entries: list[str] | tuple[str, ...]) -> bool:

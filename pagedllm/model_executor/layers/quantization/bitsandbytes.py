@@ -22,7 +22,6 @@ from pagedllm.model_executor.layers.quantization import register_quantization_co
 from pagedllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
     checkpoint_module_names,
-    is_layer_skipped,
 )
 from pagedllm.model_executor.layers.quantization.bnb_4bit import (
     DEFAULT_BLOCKSIZE,
@@ -100,9 +99,10 @@ class BitsAndBytesConfig(QuantizationConfig):
     def for_on_the_fly(cls) -> BitsAndBytesConfig:
         return cls(prequantized=False)
 
-    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if is_layer_skipped(prefix, self.skip_modules):
-            return None
+    def ignored_modules(self) -> list[str]:
+        return self.skip_modules
+
+    def linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         if not self.prequantized:
             return BitsAndBytesInflightMethod(self)
         if self.bits == 8:

@@ -20,8 +20,7 @@ from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.quantization import register_quantization_config
 from pagedllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
-    checkpoint_module_names,
-    is_layer_skipped,
+    fused_parts_agree,
     module_matches,
 )
 from pagedllm.model_executor.layers.quantization.fp8 import Fp8LinearMethod, Fp8Scheme
@@ -182,19 +181,14 @@ class CompressedTensorsConfig(QuantizationConfig):
                    config.get("kv_cache_scheme"))
 
     def _group_of(self, prefix: str) -> SchemeGroup | None:
-        names = checkpoint_module_names(prefix)
-        found = {name: next((g for g in self.groups if g.covers(name)), None) for name in names}
-        picked = set(id(g) for g in found.values())
-        if len(picked) > 1:
-            raise ValueError(
-                f"layer {prefix} fuses {', '.join(names)}, which the compressed-tensors "
-                "config quantizes with different groups; pagedllm cannot load that"
-            )
-        return found[names[0]]
+        return fused_parts_agree(
+            prefix, lambda name: next((g for g in self.groups if g.covers(name)), None),
+            "the compressed-tensors config")
 
-    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if is_layer_skipped(prefix, self.ignore):
-            return None
+    def ignored_modules(self) -> list[str]:
+        return self.ignore
+
+    def linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         group = self._group_of(prefix)
         if group is None or group.weights is None:
             return None

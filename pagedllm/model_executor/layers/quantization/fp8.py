@@ -29,13 +29,13 @@ from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.quantization import register_quantization_config
 from pagedllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
-    is_layer_skipped,
 )
 from pagedllm.model_executor.layers.quantization.fp8_gemm import (
     FP8_DTYPE,
     apply_fp8_linear,
     device_has_fp8_gemm,
     dynamic_tensor_scale,
+    gemv_linear,
     quantize_weight_per_channel,
 )
 from pagedllm.model_executor.layers.utils import set_weight_attrs
@@ -211,6 +211,10 @@ class Fp8LinearMethod(LinearMethod):
             del layer.weight_scale
         layer.register_parameter(
             "weight_scale", nn.Parameter(scale.float().contiguous(), requires_grad=False))
+        if weight.device.type == "cuda":
+            from pagedllm.model_executor.layers.ops.split_k import prepare
+
+            prepare(weight.device)  # the GEMV's split-K counters, before any graph capture
         if self.scheme.static_input:
             input_scale = layer.input_scale.data.amax().reshape(1).float()
             del layer.input_scale
@@ -220,6 +224,9 @@ class Fp8LinearMethod(LinearMethod):
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
+        out = gemv_linear(x, layer.weight, layer.weight_scale, bias)
+        if out is not None:  # decode-sized: the weight-only GEMV
+            return out
         how = self.scheme.activations
         if how == "none":
             w = layer.weight.to(x.dtype) * layer.weight_scale.to(x.dtype)[:, None]
@@ -284,9 +291,10 @@ class Fp8Config(QuantizationConfig):
     def for_on_the_fly(cls) -> Fp8Config:
         return cls(is_checkpoint_fp8=False)
 
-    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if is_layer_skipped(prefix, self.ignored_layers):
-            return None
+    def ignored_modules(self) -> list[str]:
+        return self.ignored_layers
+
+    def linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
         if self.weight_block_size is not None:
             from pagedllm.model_executor.layers.quantization.fp8_block import (
                 Fp8BlockLinearMethod,

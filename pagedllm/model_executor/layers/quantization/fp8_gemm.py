@@ -2,7 +2,11 @@
 
 out[t, n] = (sum_k xq[t, k] * wq[n, k]) * x_scale[t] * w_scale[n]
 
-On CUDA with compute capability >= 8.9 (Ada, Hopper) the product runs in
+Decode-sized inputs (at most `gemv_config.FP8_GEMV_MAX_M` tokens, bf16/fp16) skip all of
+this on CUDA >= 8.9: `ops/fp8_gemv.py` multiplies the unquantized activations by the e4m3
+weight dequantized in registers (weight-only; see `gemv_linear`).
+
+Otherwise, on CUDA with compute capability >= 8.9 (Ada, Hopper) the product runs in
 `torch._scaled_mm` (row-wise scales on >= 9.0; on 8.9 unit scales and the rescale after),
 with the activations quantized by the Triton kernel. Elsewhere (CPU, older GPUs, shapes
 `_scaled_mm` refuses) the same arithmetic is emulated: the activations are quantized
@@ -118,6 +122,38 @@ def gemm_emulated(
     """The same product in fp32 on any device (CPU, GPUs without fp8 matmul)."""
     out = xq.float() @ weight.float().t()  # [num_tokens, out]: exact products, fp32 sums
     return out * x_scale.float().reshape(-1, 1) * w_scale.float().view(1, -1)
+
+
+# Tests set this to run the fp8 GEMV on CPU tensors under TRITON_INTERPRET=1.
+GEMV_ON_CPU = False
+
+
+def gemv_linear(
+    x: torch.Tensor,  # [..., in_features]
+    weight: torch.Tensor,  # [out_features, in_features] e4m3
+    weight_scale: torch.Tensor,  # [out_features] fp32
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """x @ dequant(weight).T + bias through the fp8 GEMV when the call is decode-sized
+    (at most FP8_GEMV_MAX_M tokens, bf16/fp16, a GPU with e4m3 or `GEMV_ON_CPU`); None
+    otherwise, for the caller's W8A8 / dequantizing path. The choice depends on shapes only,
+    so it is the same for every replay of a captured CUDA graph."""
+    from pagedllm.model_executor.layers.ops.gemv_config import fp8_gemv_max_m
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if not 0 < x2.shape[0] <= fp8_gemv_max_m() or x.dtype not in (torch.bfloat16, torch.float16):
+        return None
+    if not (device_has_fp8_gemm(x.device) or (GEMV_ON_CPU and x.device.type == "cpu")):
+        return None
+    if weight.stride(1) != 1:
+        return None
+    from pagedllm.model_executor.layers.ops.fp8_gemv import fp8_gemv
+
+    out = fp8_gemv(x2, weight, weight_scale)
+    if bias is not None:
+        out = out + bias
+    return out.view(*lead, weight.shape[0])
 
 
 def apply_fp8_linear(

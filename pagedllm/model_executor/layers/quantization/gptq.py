@@ -27,8 +27,7 @@ from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.quantization import register_quantization_config
 from pagedllm.model_executor.layers.quantization.base_config import (
     QuantizationConfig,
-    checkpoint_module_names,
-    is_layer_skipped,
+    fused_parts_agree,
 )
 from pagedllm.model_executor.layers.quantization.int_linear import (
     CanonicalWeights,
@@ -130,14 +129,11 @@ class GPTQConfig(QuantizationConfig):
                 return spec
         return self.spec
 
-    def get_linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
-        if is_layer_skipped(prefix, self.modules_to_not_convert):
-            return None
-        specs = {self._spec_for(name) for name in checkpoint_module_names(prefix)}
-        if len(specs) > 1:
-            raise ValueError(f"layer {prefix} fuses modules that the GPTQ dynamic config "
-                             "quantizes differently; pagedllm cannot fuse them")
-        spec = specs.pop()
+    def ignored_modules(self) -> list[str]:
+        return self.modules_to_not_convert
+
+    def linear_method(self, layer: nn.Module, prefix: str) -> LinearMethod | None:
+        spec = fused_parts_agree(prefix, self._spec_for, "the GPTQ dynamic config")
         return GPTQLinearMethod(spec) if spec is not None else None
 
     def describe(self) -> str:

@@ -4,8 +4,9 @@ Each method creates its checkpoint's tensors and, after loading, converts them t
 canonical form of `packed_int` (K-packed qweight, true zero points, scales, optional g_idx).
 `finalize` then lays the layer out for the device it runs on:
 
-- CUDA, 2/4/8-bit: `layers/ops/int_gemm.py` (the fused Triton GEMM for decode-sized
-  batches, dequantize + cuBLAS for large prefills). Act-order (`g_idx`) rows
+- CUDA, 2/4/8-bit: `layers/ops/int_gemv.py` (4/8-bit GEMV, decode batches up to 16 rows),
+  `layers/ops/int_gemm.py` (the fused Triton GEMM above that, dequantize + cuBLAS for large
+  prefills), all three streaming the same layout. Act-order (`g_idx`) rows
   are sorted by group at load (qweight repacked, activations gathered by the same
   permutation per call), so groups become contiguous and the kernel needs no g_idx unless the
   sorted groups are ragged (a TP shard of an act-order layer).
@@ -112,7 +113,7 @@ def finalize(layer: nn.Module, cw: CanonicalWeights, method_name: str) -> None:
         w = dequantize(cw.qweight, cw.zeros, cw.scales, cw.bits, cw.group_size, g_idx)
         _replace(layer, "weight", w.t().to(layer.params_dtype).contiguous())  # [N, K]
         return
-    from pagedllm.model_executor.layers.ops.int_gemm import prepare
+    from pagedllm.model_executor.layers.ops.split_k import prepare
 
     prepare(device)
     kernel = kernel_layout(cw)
