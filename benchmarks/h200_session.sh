@@ -50,4 +50,17 @@ F)  # issue #13: the GEMV sweep (winners -> gemv_config.TUNED / $OUT/gemv.json),
   step gemv 420 python3 benchmarks/gpu_gemv.py --json "$OUT/gemv.json"
   step int4_correct 170 python3 benchmarks/gpu_int4.py correctness
   ;;
+G)  # issue #13 end to end after the GEMV sweep: its winners and thresholds, dummy weights
+  step gemv 240 python3 benchmarks/gpu_gemv.py --json "$OUT/gemv.json"
+  export PAGEDLLM_GEMV_CONFIG="$OUT/gemv.json"
+  INT=$(grep -o "INT_GEMV_MAX_M = [0-9]*" "$OUT/gemv.log" | awk '{print $3}')
+  FP8=$(grep -o "FP8_GEMV_MAX_M = [0-9]*" "$OUT/gemv.log" | awk '{print $3}')
+  export PAGEDLLM_INT_GEMV_MAX_M=${INT:-1} PAGEDLLM_FP8_GEMV_MAX_M=${FP8:-1}
+  echo "thresholds int ${PAGEDLLM_INT_GEMV_MAX_M} fp8 ${PAGEDLLM_FP8_GEMV_MAX_M}"
+  Q="--load-format dummy --datasets single-stream,batch-16"
+  step bf16_q 90 $T $Q --json "$OUT/bf16_q.json"
+  step gptq_q 100 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_q.json"
+  step fp8_q 100 $T --quantization fp8 $Q --json "$OUT/fp8_q.json"
+  step int4_correct 100 python3 benchmarks/gpu_int4.py correctness
+  ;;
 esac
