@@ -124,10 +124,15 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=400)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--mixed", default="", help="D:N:P[,D:N:P...]: N P-token prompts + D decodes")
+    ap.add_argument("--model", default="random:llama-3.1-8b",
+                    help="random:NAME[:gptq|awq] (bench.py's models) or a model path")
+    ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--quantization", default=None)
     args = ap.parse_args()
-    model_dir = resolve_model_arg("random:llama-3.1-8b", "bfloat16")
+    model_dir = resolve_model_arg(args.model, "bfloat16", load_format=args.load_format)
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, max_num_seqs=256,
-              gpu_memory_utilization=0.85, skip_tokenizer_init=True)
+              gpu_memory_utilization=0.85, skip_tokenizer_init=True,
+              load_format=args.load_format, quantization=args.quantization)
     kv_per_token = 32 * 2 * 8 * 128 * 2
     weight_bytes = 8.03e9 * 2
     rows = []

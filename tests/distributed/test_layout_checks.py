@@ -114,3 +114,23 @@ def test_dummy_load_format_reads_no_weights(tmp_path):
                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_dummy_load_format_with_fp8_quantized_on_the_fly(tmp_path):
+    """`--load-format dummy --quantization fp8`: the random 16-bit values go through the
+    method's quantize-at-load path (e4m3 weights, positive per-channel scales)."""
+    from pagedllm import LLM, SamplingParams
+
+    tiny_config("LlamaForCausalLM", initializer_range=0.05).save_pretrained(str(tmp_path))
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, load_format="dummy", quantization="fp8",
+              kv_cache_space=0.02)
+    model = llm.llm_engine.engine_core.executor.worker.model_runner.model
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    assert qkv.weight.dtype == torch.float8_e4m3fn
+    assert bool((qkv.weight_scale > 0).all()) and qkv.weight.float().abs().max() > 0
+    # per-channel scale x e4m3 values ~ normal(0, 0.05)
+    assert abs((qkv.weight.float() * qkv.weight_scale[:, None]).std().item() - 0.05) < 0.01
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
+                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -40,9 +40,15 @@ def initialize_dummy_weights(model: nn.Module, hf_config: Any, seed: int = 0) ->
             else:
                 gen = torch.Generator(device=data.device)
                 gen.manual_seed(seed * 1_000_003 + zlib.crc32(f"{name}:{rank}".encode()))
-                if data.element_size() >= 2:
+                # A method that quantizes at load (fp8 on the fly) takes 16-bit values.
+                fill = getattr(getattr(param, "weight_loader", None), "fill_dummy", None)
+                if data.element_size() >= 2 and fill is None:
                     data.normal_(0.0, std, generator=gen)
                 else:  # fp8 and friends have no normal_ kernel
                     tmp = torch.empty(data.shape, dtype=torch.float16, device=data.device)
-                    data.copy_(tmp.normal_(0.0, std, generator=gen))
+                    tmp.normal_(0.0, std, generator=gen)
+                    if fill is not None:
+                        fill(param, tmp)
+                    else:
+                        data.copy_(tmp)
     return names

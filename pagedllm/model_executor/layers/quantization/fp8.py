@@ -147,6 +147,12 @@ class _QuantizeOnLoad:
             self.staging = None
             self.parts.clear()
 
+    def fill_dummy(self, param: nn.Parameter, values: torch.Tensor) -> None:
+        """`--load-format dummy`: quantizes the random 16-bit `values` of the whole
+        parameter's shape as a loaded checkpoint's would be."""
+        q, self.scale = quantize_weight_per_channel(values.to(self.params_dtype))
+        param.data.copy_(q)
+
 
 class Fp8LinearMethod(LinearMethod):
     """e4m3 weights with per-output-channel fp32 scales; see the module docstring."""
