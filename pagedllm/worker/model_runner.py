@@ -6,6 +6,7 @@ only sends what changed.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -16,6 +17,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata, get_attn_backend, kv_cache_shape
 from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_groups import kv_cache_spec_for
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import (
     get_pp_group,
@@ -62,9 +64,14 @@ class ModelRunner:
         self.max_num_tokens = sc.max_num_batched_tokens
         self.max_num_reqs = sc.max_num_seqs
         self.max_blocks_per_req = -(-self.model_config.max_model_len // self.block_size)
+        # KV cache groups, as the scheduler builds them (core/kv_cache_groups.py).
+        self.kv_spec = kv_cache_spec_for(self.model_config, config.cache_config)
+        self.num_kv_groups = self.kv_spec.num_groups
+        # Several groups: each local layer's cache slot (tensor index); None: one per layer.
+        self.layer_slots: list[int] | None = None
         self.buffers = InputBuffers(
             self.max_num_tokens, self.max_num_reqs, self.max_blocks_per_req, self.block_size,
-            device,
+            device, tuple(g.sliding_window for g in self.kv_spec.groups),
         )
         self.graph_runner: CudaGraphRunner | None = None
         # Pipeline stages run eagerly: their inputs arrive from the previous stage.
@@ -88,13 +95,44 @@ class ModelRunner:
             from pagedllm.worker.pooling import PoolingRunner
 
             self.pooling = PoolingRunner(self.model_config, self.model)
+        if self.num_kv_groups > 1:
+            self._place_layers()
         self.timings["load_model"] = time.perf_counter() - t0
+
+    def _place_layers(self) -> None:
+        """Tells each attention layer its KV cache group and records its cache slot; checks
+        that the layers' windows are the ones the groups were built from."""
+        from pagedllm.model_executor.layers.attention import Attention
+
+        layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
+        if len(layers) != self.model.num_layers:
+            raise RuntimeError(f"{len(layers)} attention layers, {self.model.num_layers} KV "
+                               "caches: the model's layers cannot be mapped to KV cache groups")
+        inner = getattr(self.model, "model", self.model)
+        first = int(getattr(inner, "start_layer", 0))
+        placement = self.kv_spec.layer_placement()
+        max_len = self.model_config.max_model_len
+        self.layer_slots = []
+        for i, attn in enumerate(layers):
+            g, slot = placement[first + i]
+            want = self.kv_spec.groups[g].sliding_window
+            have = attn.sliding_window
+            if have is not None and have >= max_len:
+                have = None
+            if have != want:
+                raise RuntimeError(f"layer {first + i}: window {attn.sliding_window}, its KV "
+                                   f"cache group was built for {want}")
+            attn.kv_cache_group = g
+            self.layer_slots.append(slot)
 
     # ---- KV cache ----
     def kv_cache_bytes_per_block(self) -> int:
         m = self.model
         elem = torch.tensor([], dtype=self.cache_dtype).element_size()
-        return 2 * self.block_size * m.num_kv_heads * m.head_dim * elem * m.num_layers
+        # A block id stands for one block in every cache tensor: one per layer, or, with
+        # several KV cache groups, one per slot the groups share.
+        num_tensors = m.num_layers if self.layer_slots is None else len(set(self.layer_slots))
+        return 2 * self.block_size * m.num_kv_heads * m.head_dim * elem * num_tensors
 
     def determine_num_blocks(self) -> int:
         override = self.config.cache_config.num_gpu_blocks_override
@@ -220,9 +258,15 @@ class ModelRunner:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.model
         shape = kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [
-            zeroed_cache(shape, self.cache_dtype, self.device) for _ in range(m.num_layers)
-        ]
+        if self.layer_slots is None:
+            self.kv_caches = [
+                zeroed_cache(shape, self.cache_dtype, self.device) for _ in range(m.num_layers)
+            ]
+        else:
+            # Layer j of every group shares slot j's tensor (their block ids never overlap).
+            slots = {s: zeroed_cache(shape, self.cache_dtype, self.device)
+                     for s in sorted(set(self.layer_slots))}
+            self.kv_caches = [slots[s] for s in self.layer_slots]
         self.num_blocks = num_blocks
         if self.use_cuda_graph:
             self.capture_model()
@@ -236,7 +280,9 @@ class ModelRunner:
         b.slot_mapping[:size].fill_(-1)
         b.input_ids[:size].zero_()
         b.positions[:size].zero_()
-        return AttentionMetadata(
+        for sm in b.extra_slot_mappings:
+            sm[:size].fill_(-1)
+        md = AttentionMetadata(
             num_reqs=size,
             num_actual_tokens=size,
             slot_mapping=b.slot_mapping[:size],
@@ -246,6 +292,20 @@ class ModelRunner:
             max_query_len=1,
             max_seq_len=self.model_config.max_model_len,
         )
+        return self._with_groups(md, size, size)
+
+    def _with_groups(self, md: AttentionMetadata, num_tokens: int, num_reqs: int
+                     ) -> AttentionMetadata:
+        """Several KV cache groups: `md` (group 0) plus one metadata per further group, with
+        that group's block table and slot mapping views of the step buffers."""
+        if self.num_kv_groups == 1:
+            return md
+        b = self.buffers
+        md.group_metadata = [md] + [
+            dataclasses.replace(md, slot_mapping=sm[:num_tokens], block_table=bt[:num_reqs])
+            for sm, bt in zip(b.extra_slot_mappings, b.extra_block_tables)
+        ]
+        return md
 
     def _graph_forward(self, size: int, md: AttentionMetadata) -> torch.Tensor:
         b = self.buffers
@@ -280,6 +340,7 @@ class ModelRunner:
                 output_token_ids=list(nr.output_token_ids),
                 sampling_params=sp,
                 block_ids=list(nr.block_ids),
+                extra_block_ids=tuple(list(ids) for ids in nr.extra_block_ids),
                 num_computed_tokens=nr.num_computed_tokens,
                 want_prompt_logprobs=(
                     sp is not None and sp.prompt_logprobs is not None and not nr.output_token_ids
@@ -288,6 +349,8 @@ class ModelRunner:
         for cr in so.scheduled_cached_reqs:
             state = self.requests[cr.req_id]
             state.block_ids.extend(cr.new_block_ids)
+            for ids, new in zip(state.extra_block_ids, cr.extra_new_block_ids):
+                ids.extend(new)
             state.num_computed_tokens = cr.num_computed_tokens
 
     # ---- step ----
@@ -451,6 +514,7 @@ class ModelRunner:
             causal=getattr(self.model, "is_causal", True),
             total_seq_len=step.total_seq_len,
         )
+        md = self._with_groups(md, n, r)
         if intermediate_tensors is not None or self.pp.world_size > 1:
             return self.model(b.input_ids[:n], b.positions[:n], self.kv_caches, md,
                               intermediate_tensors)
