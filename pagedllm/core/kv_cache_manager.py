@@ -190,13 +190,16 @@ class KVCacheManager:
         if tables is None:
             tables = self.req_to_blocks[rid] = tuple([] for _ in self.groups)
             self.num_freed_blocks[rid] = [0] * len(self.groups)
-        new_blocks: list[KVCacheBlock] = []
-        for g, (table, hit, need) in enumerate(zip(tables, hits, needs)):
+        # Every group's hits leave the free queue before any group takes new blocks (which
+        # would evict them).
+        for g, (table, hit) in enumerate(zip(tables, hits)):
             if hit:
                 real = [b for b in hit if b is not self.null_block]
                 self.block_pool.touch(real)
                 table.extend(hit)
                 self.num_freed_blocks[rid][g] = len(hit) - len(real)
+        new_blocks: list[KVCacheBlock] = []
+        for table, need in zip(tables, needs):
             if need:
                 blocks = self.block_pool.get_new_blocks(need)
                 table.extend(blocks)

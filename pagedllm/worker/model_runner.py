@@ -241,7 +241,7 @@ class ModelRunner:
             total / gib, cc.gpu_memory_utilization, weights / gib, activation_peak / gib,
             self.max_num_tokens, non_torch / gib, graph_reserve / gib,
             num_blocks * per_block / gib, num_blocks, self.block_size, max_len,
-            num_blocks * self.block_size / max_len,
+            self._max_concurrency(num_blocks, max_len),
         )  # fmt: skip
         self.memory_profile = {
             "total_gib": total / gib, "weights_gib": weights / gib,
@@ -252,8 +252,21 @@ class ModelRunner:
             MemoryBudget(total, cc.gpu_memory_utilization, weights, activation_peak,
                          non_torch + graph_reserve, self.model_config.quantization,
                          cc.kv_cache_dtype),
-            budget, per_block, self.block_size, max_len,
+            budget, per_block, self.block_size, max_len, self._blocks_for,
         )  # fmt: skip
+
+    def _max_concurrency(self, num_blocks: int, num_tokens: int) -> float:
+        """Requests of `num_tokens` tokens the blocks hold at once (sliding groups: freed
+        blocks counted)."""
+        reserved = self.kv_spec.num_reserved_blocks
+        return max(0, num_blocks - reserved) / max(1, self._blocks_for(num_tokens) - reserved)
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        """Blocks (all KV cache groups, null block included) one request of `num_tokens`
+        tokens holds at most."""
+        spec = self.kv_spec
+        chunk = min(self.max_num_tokens, num_tokens) or 1
+        return spec.max_blocks(num_tokens, self.block_size, chunk) + spec.num_reserved_blocks
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         m = self.model
