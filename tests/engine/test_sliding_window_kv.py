@@ -73,3 +73,16 @@ def test_no_freeing_path_gives_the_same_tokens(gemma3):
     kvm = llm.llm_engine.engine_core.scheduler.kv_cache_manager
     assert kvm.spec.num_groups == 1 and not kvm.spec.has_sliding
     assert _gen(llm, prompts) == expected
+
+
+def test_async_scheduling_frees_only_what_no_step_in_flight_reads(gemma3):
+    """Async scheduling frees blocks against the next step's position (placeholders
+    included) before the previous step's tokens are known. (On CUDA the previous step may
+    still be running then: its reads of such a block come before any reuse's writes by
+    stream order; on the CPU the step has run.)"""
+    path, prompts, expected = gemma3
+    llm = LLM(model=path, skip_tokenizer_init=True, dtype="float32", block_size=BS,
+              num_gpu_blocks_override=41, max_num_batched_tokens=16, max_num_seqs=4,
+              async_scheduling=True)  # fmt: skip
+    assert llm.llm_engine.engine_core.async_scheduling
+    assert _gen(llm, prompts) == expected
