@@ -85,7 +85,8 @@ class CudaGraphRunner:
                 self.variants[size] = variants_for(size)
                 for variant in self.variants[size]:
                     md = make_metadata(size)
-                    md.num_splits = variant
+                    for m in md.group_metadata or (md,):  # every KV cache group's (md first)
+                        m.num_splits = variant
                     # Warm-up outside the graph: compiles the Triton kernels, sets up cuBLAS.
                     for _ in range(2):
                         forward(size, md)
