@@ -6,9 +6,7 @@ only sends what changed.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -31,6 +29,7 @@ from pagedllm.structured_output import GrammarBitmask
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
 from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
+from pagedllm.worker.kv_cache_layout import KVCacheLayout, zeroed_cache
 from pagedllm.worker.kv_cache_sizing import (
     MemoryBudget,
     check_kv_cache_dtype,
@@ -65,13 +64,13 @@ class ModelRunner:
         self.max_num_reqs = sc.max_num_seqs
         self.max_blocks_per_req = -(-self.model_config.max_model_len // self.block_size)
         # KV cache groups, as the scheduler builds them (core/kv_cache_groups.py).
-        self.kv_spec = kv_cache_spec_for(self.model_config, config.cache_config)
-        self.num_kv_groups = self.kv_spec.num_groups
-        # Several groups: each local layer's cache slot (tensor index); None: one per layer.
-        self.layer_slots: list[int] | None = None
+        self.kv_layout = KVCacheLayout(
+            kv_cache_spec_for(self.model_config, config.cache_config), self.block_size,
+            self.max_num_tokens,
+        )
         self.buffers = InputBuffers(
             self.max_num_tokens, self.max_num_reqs, self.max_blocks_per_req, self.block_size,
-            device, tuple(g.sliding_window for g in self.kv_spec.groups),
+            device, self.kv_layout.group_windows,
         )
         self.graph_runner: CudaGraphRunner | None = None
         # Pipeline stages run eagerly: their inputs arrive from the previous stage.
@@ -95,44 +94,12 @@ class ModelRunner:
             from pagedllm.worker.pooling import PoolingRunner
 
             self.pooling = PoolingRunner(self.model_config, self.model)
-        if self.num_kv_groups > 1:
-            self._place_layers()
+        self.kv_layout.place_layers(self.model, self.model_config.max_model_len)
         self.timings["load_model"] = time.perf_counter() - t0
-
-    def _place_layers(self) -> None:
-        """Tells each attention layer its KV cache group and records its cache slot; checks
-        that the layers' windows are the ones the groups were built from."""
-        from pagedllm.model_executor.layers.attention import Attention
-
-        layers = [mod for mod in self.model.modules() if isinstance(mod, Attention)]
-        if len(layers) != self.model.num_layers:
-            raise RuntimeError(f"{len(layers)} attention layers, {self.model.num_layers} KV "
-                               "caches: the model's layers cannot be mapped to KV cache groups")
-        inner = getattr(self.model, "model", self.model)
-        first = int(getattr(inner, "start_layer", 0))
-        placement = self.kv_spec.layer_placement()
-        max_len = self.model_config.max_model_len
-        self.layer_slots = []
-        for i, attn in enumerate(layers):
-            g, slot = placement[first + i]
-            want = self.kv_spec.groups[g].sliding_window
-            have = attn.sliding_window
-            if have is not None and have >= max_len:
-                have = None
-            if have != want:
-                raise RuntimeError(f"layer {first + i}: window {attn.sliding_window}, its KV "
-                                   f"cache group was built for {want}")
-            attn.kv_cache_group = g
-            self.layer_slots.append(slot)
 
     # ---- KV cache ----
     def kv_cache_bytes_per_block(self) -> int:
-        m = self.model
-        elem = torch.tensor([], dtype=self.cache_dtype).element_size()
-        # A block id stands for one block in every cache tensor: one per layer, or, with
-        # several KV cache groups, one per slot the groups share.
-        num_tensors = m.num_layers if self.layer_slots is None else len(set(self.layer_slots))
-        return 2 * self.block_size * m.num_kv_heads * m.head_dim * elem * num_tensors
+        return self.kv_layout.bytes_per_block(self.model, self.cache_dtype)
 
     def determine_num_blocks(self) -> int:
         override = self.config.cache_config.num_gpu_blocks_override
@@ -241,7 +208,7 @@ class ModelRunner:
             total / gib, cc.gpu_memory_utilization, weights / gib, activation_peak / gib,
             self.max_num_tokens, non_torch / gib, graph_reserve / gib,
             num_blocks * per_block / gib, num_blocks, self.block_size, max_len,
-            self._max_concurrency(num_blocks, max_len),
+            self.kv_layout.max_concurrency(num_blocks, max_len),
         )  # fmt: skip
         self.memory_profile = {
             "total_gib": total / gib, "weights_gib": weights / gib,
@@ -252,34 +219,12 @@ class ModelRunner:
             MemoryBudget(total, cc.gpu_memory_utilization, weights, activation_peak,
                          non_torch + graph_reserve, self.model_config.quantization,
                          cc.kv_cache_dtype),
-            budget, per_block, self.block_size, max_len, self._blocks_for,
+            budget, per_block, self.block_size, max_len, self.kv_layout.blocks_for,
         )  # fmt: skip
 
-    def _max_concurrency(self, num_blocks: int, num_tokens: int) -> float:
-        """Requests of `num_tokens` tokens the blocks hold at once (sliding groups: freed
-        blocks counted)."""
-        reserved = self.kv_spec.num_reserved_blocks
-        return max(0, num_blocks - reserved) / max(1, self._blocks_for(num_tokens) - reserved)
-
-    def _blocks_for(self, num_tokens: int) -> int:
-        """Blocks (all KV cache groups, null block included) one request of `num_tokens`
-        tokens holds at most."""
-        spec = self.kv_spec
-        chunk = min(self.max_num_tokens, num_tokens) or 1
-        return spec.max_blocks(num_tokens, self.block_size, chunk) + spec.num_reserved_blocks
-
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        m = self.model
-        shape = kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        if self.layer_slots is None:
-            self.kv_caches = [
-                zeroed_cache(shape, self.cache_dtype, self.device) for _ in range(m.num_layers)
-            ]
-        else:
-            # Layer j of every group shares slot j's tensor (their block ids never overlap).
-            slots = {s: zeroed_cache(shape, self.cache_dtype, self.device)
-                     for s in sorted(set(self.layer_slots))}
-            self.kv_caches = [slots[s] for s in self.layer_slots]
+        self.kv_caches = self.kv_layout.allocate(self.model, num_blocks, self.cache_dtype,
+                                                 self.device)
         self.num_blocks = num_blocks
         if self.use_cuda_graph:
             self.capture_model()
@@ -309,16 +254,9 @@ class ModelRunner:
 
     def _with_groups(self, md: AttentionMetadata, num_tokens: int, num_reqs: int
                      ) -> AttentionMetadata:
-        """Several KV cache groups: `md` (group 0) plus one metadata per further group, with
-        that group's block table and slot mapping views of the step buffers."""
-        if self.num_kv_groups == 1:
-            return md
         b = self.buffers
-        md.group_metadata = [md] + [
-            dataclasses.replace(md, slot_mapping=sm[:num_tokens], block_table=bt[:num_reqs])
-            for sm, bt in zip(b.extra_slot_mappings, b.extra_block_tables)
-        ]
-        return md
+        return self.kv_layout.with_groups(md, b.extra_slot_mappings, b.extra_block_tables,
+                                          num_tokens, num_reqs)
 
     def _graph_forward(self, size: int, md: AttentionMetadata) -> torch.Tensor:
         b = self.buffers
@@ -570,19 +508,3 @@ class ModelRunner:
                 state.prompt_lp_vals.append(vals[r][: num + 1])
                 state.prompt_lp_ranks.append(ranks[r])
                 r += 1
-
-
-def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled KV cache tensor.
-
-    Zeros, not `empty`: attention may read slots a request never wrote (the rest of its last
-    block, or padding blocks of a batched gather) and masks them only after multiplying, and
-    0 x NaN is NaN. Reused host memory can hold NaN or -inf bit patterns (a freed attention
-    mask, say), which once turned a greedy completion into "\n" plus skipped special tokens.
-    Stale but finite values from an earlier request are harmless. On the CPU the zeros come
-    from calloc (fresh pages), so memory is still only touched when a block is first written.
-    """
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
