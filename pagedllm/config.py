@@ -51,6 +51,8 @@ class CacheConfig:
     cache_dtype: torch.dtype | None = None  # None: the model dtype
     # vLLM's --kv-cache-dtype: "auto" (the model dtype) or "fp8" / "fp8_e4m3" (e4m3 + scales).
     kv_cache_dtype: str = "auto"
+    # One KV cache group of every layer (sliding windows only masked, nothing freed).
+    disable_hybrid_kv_cache_manager: bool = False
 
 
 # --scheduling-policy values: arrival order, or lowest `priority` first then arrival.

@@ -39,6 +39,9 @@ class AttentionMetadata:
     # Per-step scratch a backend may fill on the first layer and reuse on the others
     # (index tensors, masks). Built fresh with each metadata object.
     backend_cache: dict | None = None
+    # Models with several KV cache groups: one metadata per group (its own block table and
+    # slot mapping, the rest shared); each attention layer reads its group's entry.
+    group_metadata: list[AttentionMetadata] | None = None
 
 
 class AttentionBackend:

@@ -4,7 +4,10 @@ Invariants kept by BlockPool:
 - a block is in the free queue iff its ref_cnt is 0;
 - the free queue is ordered by eviction priority: the head is evicted first;
 - a block with a `block_hash` is the one block the hash map holds for that hash (first writer
-  wins); it keeps its hash while free, so it can be hit again until it is evicted.
+  wins); it keeps its hash while free, so it can be hit again until it is evicted;
+- with KV cache groups (see kv_cache_groups.py) one content hash names a different block in
+  each group: the map's key is the hash with the group index appended (group 0: the hash);
+- the null block (when reserved) is never free, never cached and never handed out.
 """
 
 from __future__ import annotations
@@ -91,16 +94,32 @@ class FreeBlockQueue:
         return out
 
 
-class BlockPool:
-    """Owns every KVCacheBlock, the free queue and the hash -> block prefix-cache map."""
+def group_block_hash(block_hash: BlockHash, group: int) -> BlockHash:
+    """The prefix-cache key of a block of KV cache group `group` with this content hash."""
+    return block_hash if group == 0 else BlockHash(block_hash + group.to_bytes(2, "little"))
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
-        if num_blocks < 1:
-            raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
+
+class BlockPool:
+    """Owns every KVCacheBlock, the free queue and the hash -> block prefix-cache map.
+
+    `reserve_null_block`: block 0 is taken out for good (sliding-window groups point their
+    freed table entries at it)."""
+
+    def __init__(
+        self, num_blocks: int, enable_caching: bool = True, reserve_null_block: bool = False
+    ) -> None:
+        if num_blocks < 1 + reserve_null_block:
+            raise ValueError(f"num_blocks must be at least {1 + reserve_null_block}, "
+                             f"got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.free_block_queue = FreeBlockQueue(self.blocks)
+        self.null_block: KVCacheBlock | None = None
+        if reserve_null_block:
+            self.null_block = self.blocks[0]
+            self.null_block.ref_cnt = 1  # never reaches 0: never free
+        self.num_usable_blocks = num_blocks - reserve_null_block
+        self.free_block_queue = FreeBlockQueue(self.blocks[reserve_null_block:])
         self.cached_block_hash_to_block: dict[BlockHash, KVCacheBlock] = {}
 
     @property
@@ -110,7 +129,7 @@ class BlockPool:
 
     @property
     def usage(self) -> float:
-        return 1.0 - self.num_free_blocks / self.num_blocks
+        return 1.0 - self.num_free_blocks / self.num_usable_blocks
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         """Take blocks from the head of the free queue (LRU first), evicting their hashes.
@@ -132,10 +151,10 @@ class BlockPool:
         if self.cached_block_hash_to_block.get(h) is block:
             del self.cached_block_hash_to_block[h]
 
-    def get_cached_block(self, block_hash: BlockHash) -> KVCacheBlock | None:
+    def get_cached_block(self, block_hash: BlockHash, group: int = 0) -> KVCacheBlock | None:
         if not self.enable_caching:
             return None
-        return self.cached_block_hash_to_block.get(block_hash)
+        return self.cached_block_hash_to_block.get(group_block_hash(block_hash, group))
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Take a reference on prefix-hit blocks; a free one leaves the free queue."""
@@ -163,11 +182,14 @@ class BlockPool:
         blocks: Sequence[KVCacheBlock],
         num_full_blocks_before: int,
         num_full_blocks_after: int,
+        group: int = 0,
     ) -> None:
-        """Record hash -> block for `blocks[before:after]`, newly full for `request`.
+        """Record hash -> block for `blocks[before:after]`, newly full for `request` (in KV
+        cache group `group`).
 
-        A block that already has a hash (a prefix hit) is left alone. When another block already
-        holds the hash, the first writer wins and this block stays uncached.
+        A block that already has a hash (a prefix hit) is left alone, and so is the null block.
+        When another block already holds the hash, the first writer wins and this block stays
+        uncached.
         """
         if not self.enable_caching or num_full_blocks_after <= num_full_blocks_before:
             return
@@ -179,9 +201,9 @@ class BlockPool:
             )
         for i in range(num_full_blocks_before, num_full_blocks_after):
             block = blocks[i]
-            if block.block_hash is not None:
+            if block.block_hash is not None or block is self.null_block:
                 continue
-            h = hashes[i]
+            h = group_block_hash(hashes[i], group)
             if h in self.cached_block_hash_to_block:
                 continue
             block.block_hash = h

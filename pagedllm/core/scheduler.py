@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from pagedllm.config import SCHEDULING_POLICIES
+from pagedllm.core.kv_cache_groups import KVCacheSpec
 from pagedllm.core.kv_cache_manager import KVCacheManager
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler_output import (
@@ -40,10 +41,6 @@ if TYPE_CHECKING:
     from pagedllm.structured_output import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class FCFSQueue(deque):
@@ -97,6 +94,7 @@ class Scheduler:
         max_model_len: int | None = None,
         async_scheduling: bool = False,
         structured_output_manager: StructuredOutputManager | None = None,
+        kv_cache_spec: KVCacheSpec | None = None,
     ) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
@@ -108,9 +106,12 @@ class Scheduler:
         # Schedule step N+1 before step N's tokens are known: a request that samples in a
         # step gets a placeholder, and its next decode is scheduled against it.
         self.async_scheduling = async_scheduling
+        # kv_cache_spec: the model's KV cache groups (None: one group of full attention).
         self.kv_cache_manager = KVCacheManager(
-            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching
+            num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
+            kv_cache_spec, self.max_num_batched_tokens,
         )
+        self._multi_group = self.kv_cache_manager.spec.num_groups > 1
         self.requests: dict[str, Request] = {}
         self.policy = scheduler_config.policy
         if self.policy not in SCHEDULING_POLICIES:
@@ -159,11 +160,12 @@ class Scheduler:
             )
         # The last sampled token is never fed back, so its KV is never stored.
         max_kv_tokens = num_prompt if request.pooling else total - 1
-        if not self.kv_cache_manager.can_ever_fit(max_kv_tokens):
+        kvm = self.kv_cache_manager
+        if not kvm.can_ever_fit(max_kv_tokens):
             raise ValueError(
-                f"Request {rid} needs {_cdiv(max_kv_tokens, self.block_size)} KV-cache blocks "
+                f"Request {rid} needs {kvm.max_blocks_needed(max_kv_tokens)} KV-cache blocks "
                 f"({max_kv_tokens} tokens) but the whole cache has "
-                f"{self.kv_cache_manager.num_blocks} blocks of {self.block_size} tokens. "
+                f"{kvm.num_usable_blocks} blocks of {self.block_size} tokens. "
                 "Reduce the prompt or max_tokens, or give the KV cache more memory."
             )
         if (request.pooling or not self.enable_chunked_prefill) and (
@@ -244,7 +246,7 @@ class Scheduler:
         num_scheduled: dict[str, int] = {}
         cached_reqs: list[CachedRequestData] = []
         new_reqs: list[NewRequestData] = []
-        new_block_ids: dict[str, list[int]] = {}
+        new_block_ids: dict[str, list[list[int]]] = {}  # per KV cache group
         preempted_any = False
 
         idx = 0
@@ -276,7 +278,11 @@ class Scheduler:
             if new_blocks is None:
                 break
             num_scheduled[req.request_id] = num_new
-            new_block_ids[req.request_id] = [b.block_id for b in new_blocks]
+            if self._multi_group:
+                new_block_ids[req.request_id] = self.kv_cache_manager.take_new_block_ids(
+                    req.request_id)
+            else:
+                new_block_ids[req.request_id] = [[b.block_id for b in new_blocks]]
             budget -= num_new
             idx += 1
 
@@ -284,9 +290,9 @@ class Scheduler:
             budget = self._schedule_waiting(budget, num_scheduled, new_reqs)
 
         for rid, block_ids in new_block_ids.items():
-            cached_reqs.append(
-                CachedRequestData(rid, block_ids, self.requests[rid].num_computed_tokens)
-            )
+            cached_reqs.append(CachedRequestData(
+                rid, block_ids[0], self.requests[rid].num_computed_tokens, tuple(block_ids[1:])
+            ))
         total = sum(num_scheduled.values())
         structured_ids: list[str] = []
         out = SchedulerOutput(
@@ -349,14 +355,17 @@ class Scheduler:
             req.num_computed_tokens = num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
+            ids = (kvm.take_new_block_ids(req.request_id) if self._multi_group
+                   else [kvm.get_block_ids(req.request_id)])
             new_reqs.append(
                 NewRequestData(
                     req_id=req.request_id,
                     prompt_token_ids=req.prompt_token_ids,
                     output_token_ids=list(req.output_token_ids),
                     sampling_params=req.sampling_params,
-                    block_ids=kvm.get_block_ids(req.request_id),
+                    block_ids=ids[0],
                     num_computed_tokens=num_hit,
+                    extra_block_ids=tuple(ids[1:]),
                 )
             )
             num_scheduled[req.request_id] = num_new

@@ -16,8 +16,10 @@ class NewRequestData:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # non-empty only when resumed after preemption
     sampling_params: SamplingParams | None  # None for embedding (pooling) requests
-    block_ids: list[int]  # the request's whole block table
+    block_ids: list[int]  # the request's whole block table (KV cache group 0)
     num_computed_tokens: int  # tokens already in the cache (prefix hit)
+    # Models with several KV cache groups: the tables of groups 1.. (null ids where freed).
+    extra_block_ids: tuple[list[int], ...] = ()
 
 
 @dataclass(slots=True)
@@ -25,8 +27,9 @@ class CachedRequestData:
     """A request the worker already holds; only what changed since its last step."""
 
     req_id: str
-    new_block_ids: list[int]  # appended to its block table
+    new_block_ids: list[int]  # appended to its block table (KV cache group 0)
     num_computed_tokens: int
+    extra_new_block_ids: tuple[list[int], ...] = ()  # groups 1.., appended to theirs
 
 
 @dataclass(slots=True)

@@ -51,6 +51,8 @@ class EngineArgs:
     max_model_len: int | None = None
     block_size: int = 16
     enable_prefix_caching: bool = True
+    # vLLM's --disable-hybrid-kv-cache-manager: one block table for all layers, no freeing.
+    disable_hybrid_kv_cache_manager: bool = False
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
@@ -138,6 +140,7 @@ class EngineArgs:
             cache_config=CacheConfig(
                 block_size=self.block_size,
                 enable_prefix_caching=self.enable_prefix_caching,
+                disable_hybrid_kv_cache_manager=self.disable_hybrid_kv_cache_manager,
                 kv_cache_space_gib=(
                     envs.cpu_kvcache_space_gib() if self.kv_cache_space is None
                     else self.kv_cache_space

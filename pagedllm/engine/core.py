@@ -8,6 +8,7 @@ from collections import deque
 from collections.abc import Callable
 
 from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_groups import kv_cache_spec_for
 from pagedllm.core.request import Request, RequestStatus
 from pagedllm.core.scheduler import Scheduler
 from pagedllm.core.scheduler_output import SchedulerOutput
@@ -45,6 +46,7 @@ class EngineCore:
             max_model_len=mc.max_model_len,
             async_scheduling=config.scheduler_config.async_scheduling,
             structured_output_manager=self.structured_output_manager,
+            kv_cache_spec=kv_cache_spec_for(mc, cc),
         )
         # Async scheduling: submitted steps whose outputs the scheduler has not seen, oldest
         # first (at most two: the one the GPU runs and the one queued behind it).

@@ -85,7 +85,8 @@ class CudaGraphRunner:
                 self.variants[size] = variants_for(size)
                 for variant in self.variants[size]:
                     md = make_metadata(size)
-                    md.num_splits = variant
+                    for m in md.group_metadata or (md,):  # every KV cache group's (md first)
+                        m.num_splits = variant
                     # One warm-up outside the graph: the kernels of this size and variant
                     # compiled (Triton) and planned (cuBLAS) before capture.
                     forward(size, md)

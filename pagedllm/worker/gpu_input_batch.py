@@ -6,6 +6,11 @@ so the upload is asynchronous) and a device copy. A step fills the host arrays w
 Python iteration per request, none per token), uploads the used prefix non-blocking, and hands
 out views of the device buffers. CUDA graphs capture those same device buffers, so replaying a
 graph only needs the buffers refilled.
+
+KV cache groups (`core/kv_cache_groups.py`): group 0's block table and slot mapping are
+`block_table` / `slot_mapping`; groups 1.. have theirs in `extra_block_tables` /
+`extra_slot_mappings`. In a sliding-window group a row's entries before the window of the step's
+first query are written as the null block (the scheduler freed those blocks by the same rule).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pagedllm.core.kv_cache_groups import NULL_BLOCK_ID, num_dead_blocks
 from pagedllm.worker.input_batch import CachedRequestState
 
 
@@ -47,7 +53,10 @@ class InputBuffers:
         max_blocks_per_req: int,
         block_size: int,
         device: torch.device,
+        group_windows: tuple[int | None, ...] = (None,),
     ) -> None:
+        self.group_windows = group_windows  # per KV cache group: its window (None: full)
+        self._single_full = group_windows == (None,)
         self.max_num_tokens = max_num_tokens
         self.max_num_reqs = max_num_reqs
         self.max_blocks_per_req = max_blocks_per_req
@@ -84,8 +93,22 @@ class InputBuffers:
         self.seq_lens = dev(self.seq_lens_cpu)
         self.block_table = dev(self.block_table_cpu)
         self.sample_idx = dev(self.sample_idx_cpu)
-        # req_id -> (state, number of blocks, row) as written into block_table_np last step.
-        self._block_arrays: dict[str, tuple[CachedRequestState, int, int]] = {}
+        num_extra = len(group_windows) - 1
+        self.extra_slot_mapping_cpu = [host(max_num_tokens, dtype=torch.int64)
+                                       for _ in range(num_extra)]
+        self.extra_block_table_cpu = [host(max_num_reqs, max_blocks_per_req, dtype=torch.int32)
+                                      for _ in range(num_extra)]
+        self.extra_slot_mappings = [dev(t) for t in self.extra_slot_mapping_cpu]
+        self.extra_block_tables = [dev(t) for t in self.extra_block_table_cpu]
+        # Per group: (slot mapping, block table) numpy views.
+        self._group_np = [(self.slot_mapping_np, self.block_table_np)] + [
+            (sm.numpy(), bt.numpy())
+            for sm, bt in zip(self.extra_slot_mapping_cpu, self.extra_block_table_cpu)
+        ]
+        # req_id -> (state, per group (number of blocks, nulled blocks), row) as written into
+        # the block tables last step.
+        self._block_arrays: dict[
+            str, tuple[CachedRequestState, object, int]] = {}
         self._arange = np.arange(max(max_num_tokens, max_num_reqs) + 1, dtype=np.int64)
         # Marks the end of the last upload: the host buffers are not rewritten before it, even
         # on steps that never sync (prefill chunks that sample nothing).
@@ -108,7 +131,6 @@ class InputBuffers:
         counts_np = np.asarray(counts, dtype=np.int64)
         total = int(counts_np.sum())
         bs = self.block_size
-        bt = self.block_table_np
         starts, num_tokens, pending_idx, pending_reqs = self._fill_ids_and_blocks(states, counts)
         ends = starts + counts_np
         qsl = self.query_start_loc_np
@@ -120,7 +142,9 @@ class InputBuffers:
         np.subtract(self._arange[:total], qsl[:num_reqs].astype(np.int64)[req_of_token], out=pos)
         pos += starts[req_of_token]
         block_idx = pos // bs
-        self.slot_mapping_np[:total] = bt[req_of_token, block_idx].astype(np.int64) * bs + pos % bs
+        in_block = pos % bs
+        for slot_np, bt in self._group_np:
+            slot_np[:total] = bt[req_of_token, block_idx].astype(np.int64) * bs + in_block
         self.seq_lens_np[:num_reqs] = ends
         padded_reqs, padded_tokens = num_reqs, total
         if pad_to is not None and pad_to > num_reqs:
@@ -153,11 +177,10 @@ class InputBuffers:
         flat indices (and request ids) of input ids only the device holds."""
         num_reqs = len(states)
         ids_np = self.input_ids_np
-        bt = self.block_table_np
         starts = np.empty(num_reqs, dtype=np.int64)
         num_tokens = np.empty(num_reqs, dtype=np.int64)
         bt_cache = self._block_arrays
-        new_cache: dict[str, tuple[CachedRequestState, int, int]] = {}
+        new_cache: dict[str, tuple[CachedRequestState, object, int]] = {}
         pending_idx: list[int] = []
         pending_reqs: list[str] = []
         offset = 0
@@ -187,18 +210,39 @@ class InputBuffers:
                     )
             else:
                 ids_np[offset : offset + n] = state.token_slice(start, start + n)
-            # A state's block table only grows (a resumed request gets a new state object):
-            # the row is rewritten only when the request moved rows or got a new block.
-            cached = bt_cache.get(state.req_id)
+            new_cache[state.req_id] = self._fill_block_rows(i, state, start, bt_cache)
+            offset += n
+        self._block_arrays = new_cache
+        return starts, num_tokens, pending_idx, pending_reqs
+
+    def _fill_block_rows(
+        self, i: int, state: CachedRequestState, start: int,
+        bt_cache: dict[str, tuple[CachedRequestState, object, int]],
+    ) -> tuple[CachedRequestState, object, int]:
+        """Writes row `i` of every group's block table for `state` (first query at `start`).
+
+        A state's block tables only grow (a resumed request gets a new state object) and their
+        nulled prefix only grows: a row is rewritten only when the request moved rows, got a
+        new block or lost one to its window."""
+        cached = bt_cache.get(state.req_id)
+        if self._single_full:  # no sliding groups: nothing is ever nulled
             num_blocks = len(state.block_ids)
             if cached is None or cached[0] is not state or cached[1] != num_blocks or (
                 cached[2] != i
             ):
-                bt[i, :num_blocks] = state.block_ids
-            new_cache[state.req_id] = (state, num_blocks, i)
-            offset += n
-        self._block_arrays = new_cache
-        return starts, num_tokens, pending_idx, pending_reqs
+                self.block_table_np[i, :num_blocks] = state.block_ids
+            return (state, num_blocks, i)
+        tables = (state.block_ids, *state.extra_block_ids)
+        shape = tuple(
+            (len(ids), num_dead_blocks(start, w, self.block_size))
+            for ids, w in zip(tables, self.group_windows)
+        )
+        if cached is None or cached[0] is not state or cached[1] != shape or cached[2] != i:
+            for (_, bt), ids, (num_blocks, dead) in zip(self._group_np, tables, shape):
+                bt[i, :num_blocks] = ids
+                if dead:
+                    bt[i, : min(dead, num_blocks)] = NULL_BLOCK_ID
+        return (state, shape, i)
 
     def _pad(self, num_reqs: int, num_tokens: int, pad_to: int) -> None:
         """Dummy requests of one token each up to `pad_to` requests (a graph's batch size)."""
@@ -206,7 +250,8 @@ class InputBuffers:
         end = num_tokens + pad
         self.input_ids_np[num_tokens:end] = 0
         self.positions_np[num_tokens:end] = 0
-        self.slot_mapping_np[num_tokens:end] = -1
+        for slot_np, _ in self._group_np:
+            slot_np[num_tokens:end] = -1
         self.query_start_loc_np[num_reqs + 1 : pad_to + 1] = num_tokens + self._arange[1 : pad + 1]
         self.seq_lens_np[num_reqs:pad_to] = 1
 
@@ -222,6 +267,10 @@ class InputBuffers:
         )
         self.seq_lens[:num_reqs].copy_(self.seq_lens_cpu[:num_reqs], non_blocking=nb)
         self.block_table[:num_reqs].copy_(self.block_table_cpu[:num_reqs], non_blocking=nb)
+        for sm, sm_cpu, bt, bt_cpu in zip(self.extra_slot_mappings, self.extra_slot_mapping_cpu,
+                                          self.extra_block_tables, self.extra_block_table_cpu):
+            sm[:num_tokens].copy_(sm_cpu[:num_tokens], non_blocking=nb)
+            bt[:num_reqs].copy_(bt_cpu[:num_reqs], non_blocking=nb)
         if num_sampling:
             self.sample_idx[:num_sampling].copy_(
                 self.sample_idx_cpu[:num_sampling], non_blocking=nb

@@ -26,6 +26,8 @@ class CachedRequestState:
     prompt_lp_vals: list[list[float]] = field(default_factory=list)
     prompt_lp_ranks: list[int] = field(default_factory=list)
     want_prompt_logprobs: bool = False
+    # Block tables of KV cache groups 1.. (models with sliding-window groups).
+    extra_block_ids: tuple[list[int], ...] = ()
     # Tokens sampled by submitted steps whose values the host has not read yet (async
     # scheduling): they exist only on the device until the step's output is resolved.
     num_pending: int = 0

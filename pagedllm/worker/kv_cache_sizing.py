@@ -6,6 +6,7 @@ largest context that would and the flags that help), and whether its dtype can r
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -44,12 +45,31 @@ def _flags(budget: MemoryBudget, need_context: bool) -> str:
     return "; ".join(hints)
 
 
+def _largest_fitting(num_blocks: int, max_model_len: int, blocks_for: Callable[[int], int]) -> int:
+    """Longest context (<= max_model_len) whose request needs at most `num_blocks` blocks."""
+    lo, hi = 0, max_model_len
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if blocks_for(mid) <= num_blocks:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def check_kv_cache_fits(
     budget: MemoryBudget, kv_bytes: int, bytes_per_block: int, block_size: int,
-    max_model_len: int,
+    max_model_len: int, blocks_for: Callable[[int], int] | None = None,
 ) -> int:
     """Blocks the budget leaves for the KV cache (`kv_bytes`); ValueError, with the largest
-    context that fits and the flags that help, when not one max_model_len request fits."""
+    context that fits and the flags that help, when not one max_model_len request fits.
+
+    `blocks_for(num_tokens)`: blocks one request of that many tokens holds at most (KV cache
+    groups with sliding windows hold fewer than ceil(num_tokens / block_size)), the reserved
+    null block included."""
+    if blocks_for is None:
+        def blocks_for(n: int) -> int:
+            return -(-n // block_size)
     used = (f"weights {budget.weights / _GIB:.2f} GiB"
             f"{f' ({budget.quantization})' if budget.quantization else ''}, activations "
             f"{budget.activation_peak / _GIB:.2f} GiB, other {budget.other / _GIB:.2f} GiB")
@@ -61,9 +81,9 @@ def check_kv_cache_fits(
             f"Try {_flags(budget, need_context=False)}"
         )
     num_blocks = kv_bytes // bytes_per_block
-    capacity = num_blocks * block_size
-    if capacity < max_model_len:
-        need = -(-max_model_len // block_size) * bytes_per_block
+    if blocks_for(max_model_len) > num_blocks:
+        capacity = _largest_fitting(num_blocks, max_model_len, blocks_for)
+        need = blocks_for(max_model_len) * bytes_per_block
         raise ValueError(
             f"max_model_len={max_model_len} needs {need / _GIB:.2f} GiB of KV cache for one "
             f"request, more than the {kv_bytes / _GIB:.2f} GiB left ({allowed}; {used}). The "

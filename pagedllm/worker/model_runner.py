@@ -7,7 +7,6 @@ only sends what changed.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 
@@ -16,6 +15,7 @@ import torch
 
 from pagedllm.attention.backend import AttentionMetadata, get_attn_backend, kv_cache_shape
 from pagedllm.config import EngineConfig
+from pagedllm.core.kv_cache_groups import kv_cache_spec_for
 from pagedllm.core.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from pagedllm.distributed.parallel_state import (
     get_pp_group,
@@ -29,6 +29,7 @@ from pagedllm.structured_output import GrammarBitmask
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
 from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
+from pagedllm.worker.kv_cache_layout import KVCacheLayout, zeroed_cache
 from pagedllm.worker.kv_cache_sizing import (
     MemoryBudget,
     check_kv_cache_dtype,
@@ -62,9 +63,14 @@ class ModelRunner:
         self.max_num_tokens = sc.max_num_batched_tokens
         self.max_num_reqs = sc.max_num_seqs
         self.max_blocks_per_req = -(-self.model_config.max_model_len // self.block_size)
+        # KV cache groups, as the scheduler builds them (core/kv_cache_groups.py).
+        self.kv_layout = KVCacheLayout(
+            kv_cache_spec_for(self.model_config, config.cache_config), self.block_size,
+            self.max_num_tokens,
+        )
         self.buffers = InputBuffers(
             self.max_num_tokens, self.max_num_reqs, self.max_blocks_per_req, self.block_size,
-            device,
+            device, self.kv_layout.group_windows,
         )
         self.graph_runner: CudaGraphRunner | None = None
         # Pipeline stages run eagerly: their inputs arrive from the previous stage.
@@ -94,13 +100,12 @@ class ModelRunner:
                 self.max_num_reqs, m.num_heads, m.num_kv_heads, m.head_dim,
                 self.model_config.max_model_len, self.device,
             )  # fmt: skip
+        self.kv_layout.place_layers(self.model, self.model_config.max_model_len)
         self.timings["load_model"] = time.perf_counter() - t0
 
     # ---- KV cache ----
     def kv_cache_bytes_per_block(self) -> int:
-        m = self.model
-        elem = torch.tensor([], dtype=self.cache_dtype).element_size()
-        return 2 * self.block_size * m.num_kv_heads * m.head_dim * elem * m.num_layers
+        return self.kv_layout.bytes_per_block(self.model, self.cache_dtype)
 
     def determine_num_blocks(self) -> int:
         override = self.config.cache_config.num_gpu_blocks_override
@@ -209,7 +214,7 @@ class ModelRunner:
             total / gib, cc.gpu_memory_utilization, weights / gib, activation_peak / gib,
             self.max_num_tokens, non_torch / gib, graph_reserve / gib,
             num_blocks * per_block / gib, num_blocks, self.block_size, max_len,
-            num_blocks * self.block_size / max_len,
+            self.kv_layout.max_concurrency(num_blocks, max_len),
         )  # fmt: skip
         self.memory_profile = {
             "total_gib": total / gib, "weights_gib": weights / gib,
@@ -220,15 +225,12 @@ class ModelRunner:
             MemoryBudget(total, cc.gpu_memory_utilization, weights, activation_peak,
                          non_torch + graph_reserve, self.model_config.quantization,
                          cc.kv_cache_dtype),
-            budget, per_block, self.block_size, max_len,
+            budget, per_block, self.block_size, max_len, self.kv_layout.blocks_for,
         )  # fmt: skip
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        m = self.model
-        shape = kv_cache_shape(num_blocks, self.block_size, m.num_kv_heads, m.head_dim)
-        self.kv_caches = [
-            zeroed_cache(shape, self.cache_dtype, self.device) for _ in range(m.num_layers)
-        ]
+        self.kv_caches = self.kv_layout.allocate(self.model, num_blocks, self.cache_dtype,
+                                                 self.device)
         self.num_blocks = num_blocks
         if self.use_cuda_graph:
             self.capture_model()
@@ -242,7 +244,9 @@ class ModelRunner:
         b.slot_mapping[:size].fill_(-1)
         b.input_ids[:size].zero_()
         b.positions[:size].zero_()
-        return AttentionMetadata(
+        for sm in b.extra_slot_mappings:
+            sm[:size].fill_(-1)
+        md = AttentionMetadata(
             num_reqs=size,
             num_actual_tokens=size,
             slot_mapping=b.slot_mapping[:size],
@@ -252,6 +256,13 @@ class ModelRunner:
             max_query_len=1,
             max_seq_len=self.model_config.max_model_len,
         )
+        return self._with_groups(md, size, size)
+
+    def _with_groups(self, md: AttentionMetadata, num_tokens: int, num_reqs: int
+                     ) -> AttentionMetadata:
+        b = self.buffers
+        return self.kv_layout.with_groups(md, b.extra_slot_mappings, b.extra_block_tables,
+                                          num_tokens, num_reqs)
 
     def _graph_forward(self, size: int, md: AttentionMetadata) -> torch.Tensor:
         b = self.buffers
@@ -286,6 +297,7 @@ class ModelRunner:
                 output_token_ids=list(nr.output_token_ids),
                 sampling_params=sp,
                 block_ids=list(nr.block_ids),
+                extra_block_ids=tuple(list(ids) for ids in nr.extra_block_ids),
                 num_computed_tokens=nr.num_computed_tokens,
                 want_prompt_logprobs=(
                     sp is not None and sp.prompt_logprobs is not None and not nr.output_token_ids
@@ -294,6 +306,8 @@ class ModelRunner:
         for cr in so.scheduled_cached_reqs:
             state = self.requests[cr.req_id]
             state.block_ids.extend(cr.new_block_ids)
+            for ids, new in zip(state.extra_block_ids, cr.extra_new_block_ids):
+                ids.extend(new)
             state.num_computed_tokens = cr.num_computed_tokens
 
     # ---- step ----
@@ -457,6 +471,7 @@ class ModelRunner:
             causal=getattr(self.model, "is_causal", True),
             total_seq_len=step.total_seq_len,
         )
+        md = self._with_groups(md, n, r)
         if intermediate_tensors is not None or self.pp.world_size > 1:
             return self.model(b.input_ids[:n], b.positions[:n], self.kv_caches, md,
                               intermediate_tensors)
@@ -499,19 +514,3 @@ class ModelRunner:
                 state.prompt_lp_vals.append(vals[r][: num + 1])
                 state.prompt_lp_ranks.append(ranks[r])
                 r += 1
-
-
-def zeroed_cache(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A zero-filled KV cache tensor.
-
-    Zeros, not `empty`: attention may read slots a request never wrote (the rest of its last
-    block, or padding blocks of a batched gather) and masks them only after multiplying, and
-    0 x NaN is NaN. Reused host memory can hold NaN or -inf bit patterns (a freed attention
-    mask, say), which once turned a greedy completion into "\n" plus skipped special tokens.
-    Stale but finite values from an earlier request are harmless. On the CPU the zeros come
-    from calloc (fresh pages), so memory is still only touched when a block is first written.
-    """
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)

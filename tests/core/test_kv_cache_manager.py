@@ -30,7 +30,7 @@ def test_prefix_hits_across_requests_and_counters() -> None:
     ids_a = _schedule_prefill(kvm, a)
     assert len(ids_a) == 4 and kvm.prefix_cache_hits == 0 and kvm.prefix_cache_queries == 13
     b = _req("b", prefix + [7, 7, 7, 7, 7])
-    blocks, hit = kvm.get_computed_blocks(b)
+    (blocks,), hit = kvm.get_computed_blocks(b)  # one KV cache group
     assert hit == 8 and [x.block_id for x in blocks] == ids_a[:2]
     assert kvm.prefix_cache_queries == 28 and kvm.prefix_cache_hits == 8
     new = kvm.allocate_slots(b, b.num_tokens - hit, hit, blocks)
@@ -47,7 +47,7 @@ def test_hit_leaves_at_least_one_token() -> None:
     kvm = KVCacheManager(num_blocks=8, block_size=BS)
     toks = list(range(8))
     _schedule_prefill(kvm, _req("a", toks))
-    blocks, hit = kvm.get_computed_blocks(_req("b", toks))
+    (blocks,), hit = kvm.get_computed_blocks(_req("b", toks))
     assert hit == 4 and len(blocks) == 1
     # The recomputed last block duplicates a cached hash and stays uncached.
     b = _req("b2", toks)
@@ -59,13 +59,13 @@ def test_no_hits_when_disabled_prompt_logprobs_or_pooling() -> None:
     toks = list(range(12))
     off = KVCacheManager(num_blocks=8, block_size=BS, enable_caching=False)
     _schedule_prefill(off, _req("a", toks))
-    assert off.get_computed_blocks(_req("b", toks)) == ([], 0)
+    assert off.get_computed_blocks(_req("b", toks)) == (([],), 0)
     assert off.prefix_cache_queries == 0
     on = KVCacheManager(num_blocks=8, block_size=BS)
     _schedule_prefill(on, _req("a", toks))
-    assert on.get_computed_blocks(_req("b", toks, prompt_logprobs=1)) == ([], 0)
+    assert on.get_computed_blocks(_req("b", toks, prompt_logprobs=1)) == (([],), 0)
     pooled = Request("p", toks, None, None, 0.0, pooling=True, block_size=BS)
-    assert on.get_computed_blocks(pooled) == ([], 0)
+    assert on.get_computed_blocks(pooled) == (([],), 0)
     assert on.get_computed_blocks(_req("c", toks))[1] == 8
 
 
@@ -85,7 +85,7 @@ def test_allocation_failure_changes_nothing_and_counts_evictable_hits() -> None:
     free_before = kvm.num_free_blocks
     assert kvm.allocate_slots(c, c.num_tokens - hit, hit, blocks) is None
     assert kvm.num_free_blocks == free_before and kvm.get_block_ids("c") == []
-    assert all(x.ref_cnt == 0 for x in blocks)
+    assert all(x.ref_cnt == 0 for x in blocks[0])
 
 
 def test_decode_growth_caches_blocks_when_full() -> None:

@@ -10,6 +10,7 @@ import torch
 from test_hf_parity import _check_logprobs, _hf_greedy
 
 from pagedllm import LLM, SamplingParams
+from pagedllm.core.kv_cache_groups import build_kv_cache_spec, layer_windows
 from pagedllm.model_executor.loader.testing import build_random_hf_model_dir
 
 NUM_TOKENS = 12
@@ -19,6 +20,25 @@ WINDOW = 16  # every sliding layer's window: the longer prompts run well past it
 # is admitted but cannot all stay resident while decoding, so requests get preempted.
 PROMPT_LENS = (5, 23, 70)
 NUM_BLOCKS = 9
+# Models with sliding and full layers (three KV cache groups of one layer each, blocks out of
+# the window freed): prefills in chunks of 32 tokens, and 16 blocks (+ the null block), a
+# third of the layer-blocks above, still preempt; 14 is the least one request needs.
+NUM_BLOCKS_HYBRID = 17
+CHUNK_HYBRID = 32
+# Sliding windows on every layer (one group that frees blocks), chunks of 32: 5 blocks + null.
+NUM_BLOCKS_SLIDING = 6
+
+
+def _kv_settings(config) -> dict:
+    """The KV cache size (and prefill chunk) that makes the batch preempt for this model."""
+    text = getattr(config, "text_config", None) or config
+    spec = build_kv_cache_spec(layer_windows(text), max_model_len=512)
+    if spec.num_groups > 1:
+        return dict(num_gpu_blocks_override=NUM_BLOCKS_HYBRID, max_num_batched_tokens=CHUNK_HYBRID)
+    if spec.has_sliding:
+        return dict(num_gpu_blocks_override=NUM_BLOCKS_SLIDING,
+                    max_num_batched_tokens=CHUNK_HYBRID)
+    return dict(num_gpu_blocks_override=NUM_BLOCKS)
 
 COMMON = dict(
     vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -116,8 +136,8 @@ def run_parity(config, tmp_path, std: float = 0.2) -> None:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in PROMPT_LENS]
     expected = [_hf_greedy(hf, p, NUM_TOKENS) for p in prompts]
-    llm = LLM(model=path, skip_tokenizer_init=True, dtype="float32",
-              num_gpu_blocks_override=NUM_BLOCKS, max_num_seqs=4)  # fmt: skip
+    llm = LLM(model=path, skip_tokenizer_init=True, dtype="float32", max_num_seqs=4,
+              **_kv_settings(config))
     params = SamplingParams(temperature=0, max_tokens=NUM_TOKENS, ignore_eos=True, logprobs=5)
     engine = llm.llm_engine
 

@@ -154,3 +154,28 @@ def test_timeline_summary_buckets_steps_and_idle_gaps():
     assert s["eager"] == {"steps": 1, "gpu_s": 0.08, "tokens": 8192}
     assert s["graph batch 1-32"]["steps"] == 1 and s["graph batch 257-max"]["tokens"] == 300
     assert s["gpu_idle_between_steps_s"] == pytest.approx(0.0015)
+
+
+def test_kv_cache_groups_get_their_own_rows_and_slots_with_freed_entries_null():
+    """Group 1 (window 8): row entries before the window of the step's first query are the
+    null block; each group's slot mapping reads its own table; rows follow the window as the
+    request advances (the cached row is rewritten when its nulled prefix grows)."""
+    bs = 4
+    buf = InputBuffers(64, 4, 16, bs, torch.device("cpu"), group_windows=(None, 8))
+    full, sliding = list(range(10, 20)), list(range(30, 40))
+    state = CachedRequestState(
+        req_id="a", prompt_token_ids=list(range(1, 38)), output_token_ids=[],
+        sampling_params=SamplingParams(temperature=0.0), block_ids=full, num_computed_tokens=20,
+        extra_block_ids=(sliding,),
+    )  # fmt: skip
+    for start, n in ((20, 8), (28, 9)):
+        state.num_computed_tokens = start
+        buf.prepare([state], [n])
+        dead = (start - 8 + 1) // bs  # 3, then 5
+        nb = -(-(start + n) // bs)
+        assert buf.block_table_np[0, :nb].tolist() == full[:nb]
+        assert buf.extra_block_table_cpu[0][0, :nb].tolist() == [0] * dead + sliding[dead:nb]
+        pos = np.arange(start, start + n)
+        assert buf.slot_mapping_np[:n].tolist() == (np.array(full)[pos // bs] * bs + pos % bs).tolist()
+        got = buf.extra_slot_mapping_cpu[0][:n].tolist()
+        assert got == (np.array(sliding)[pos // bs] * bs + pos % bs).tolist()

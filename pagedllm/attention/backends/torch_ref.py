@@ -134,11 +134,14 @@ def _decode_group(
     block_size: int, sliding_window: int | None,
 ) -> _DecodeGroup:
     device = md.block_table.device
-    num_blocks = (max(lens) + block_size - 1) // block_size
+    end = (max(lens) + block_size - 1) // block_size
+    # With a window, blocks before every query's window are skipped (freed ones among them).
+    first = 0 if sliding_window is None else max(0, min(lens) - sliding_window) // block_size
+    num_blocks = end - first
     idx = torch.tensor(reqs, device=device)
-    blocks = md.block_table.index_select(0, idx)[:, :num_blocks].long().reshape(-1)
+    blocks = md.block_table.index_select(0, idx)[:, first:end].long().reshape(-1)
     lens_t = torch.tensor(lens, device=device)[:, None]
-    k_pos = torch.arange(num_blocks * block_size, device=device)[None, :]
+    k_pos = torch.arange(first * block_size, end * block_size, device=device)[None, :]
     allowed = k_pos < lens_t
     if sliding_window is not None:
         allowed &= k_pos >= lens_t - sliding_window

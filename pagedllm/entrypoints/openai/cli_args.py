@@ -43,6 +43,9 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--block-size", type=int, default=16, choices=[8, 16, 32, 64, 128])
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     parser.add_argument("--num-gpu-blocks-override", type=int, default=None)
+    parser.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
+                        help="one block table for every layer: sliding-window layers keep "
+                        "every block of a request instead of freeing those out of the window")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -210,6 +213,7 @@ def engine_args_from_cli(args: argparse.Namespace) -> EngineArgs:
         max_model_len=args.max_model_len,
         block_size=args.block_size,
         enable_prefix_caching=args.enable_prefix_caching,
+        disable_hybrid_kv_cache_manager=args.disable_hybrid_kv_cache_manager,
         enable_chunked_prefill=args.enable_chunked_prefill,
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,

@@ -38,6 +38,8 @@ class Attention(nn.Module):
         # checkpoint carries k_scale / v_scale (set by the loader, see loader/kv_scales.py).
         self.k_scale = 1.0
         self.v_scale = 1.0
+        # KV cache group of this layer (set by the model runner; see core/kv_cache_groups.py).
+        self.kv_cache_group = 0
 
     def forward(
         self,
@@ -48,6 +50,8 @@ class Attention(nn.Module):
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
         num_tokens = q.shape[0]
+        if attn_metadata.group_metadata is not None:
+            attn_metadata = attn_metadata.group_metadata[self.kv_cache_group]
         # Passed only when set, so backends written before soft-capping keep working.
         extra = {"logits_soft_cap": self.logits_soft_cap} if self.logits_soft_cap else {}
         out = self.backend.forward(
