@@ -27,6 +27,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]  # appended to its block table
     num_computed_tokens: int
+    # Pipeline batch queue only: the output tokens the request gained since it was last
+    # scheduled, for stages before the last (they do not sample, and no broadcast tells them).
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)
