@@ -88,11 +88,21 @@ class ParallelConfig:
     # None: "uni" for one worker, "mp" for more on one node.
     distributed_executor_backend: str | None = None
     data_parallel_backend: str = "mp"
+    # Pipeline parallelism: keep up to pipeline_parallel_size steps (disjoint micro-batches of
+    # requests) in flight across the stages (env PAGEDLLM_PP_BATCH_QUEUE=0 turns it off).
+    pp_batch_queue: bool = True
 
     @property
     def world_size(self) -> int:
         """Workers of one engine core (one data-parallel replica)."""
         return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def max_concurrent_batches(self) -> int:
+        """Steps the engine core keeps in flight at once (1: one step, or async scheduling's
+        one step ahead)."""
+        p = self.pipeline_parallel_size
+        return p if p > 1 and self.pp_batch_queue else 1
 
 
 @dataclass(frozen=True)

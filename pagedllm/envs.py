@@ -30,6 +30,12 @@ def worker_start_timeout_s() -> float:
     return _float("PAGEDLLM_WORKER_START_TIMEOUT", 1800.0)
 
 
+def pp_batch_queue() -> bool:
+    """Whether pipeline parallelism keeps several micro-batches in flight across its stages
+    (PAGEDLLM_PP_BATCH_QUEUE, default 1; 0: one step at a time, for comparison)."""
+    return os.environ.get("PAGEDLLM_PP_BATCH_QUEUE", "1") not in ("0", "", "false", "False")
+
+
 def ray_local_num_cpus() -> int | None:
     """Logical CPUs a local Ray instance started by pagedllm declares (None: the machine's,
     at least one per CPU worker). CPU workers take one each; the count only gates placement."""

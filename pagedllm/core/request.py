@@ -63,6 +63,7 @@ class Request:
         "block_hashes",
         "max_tokens",
         "num_output_placeholders",
+        "num_output_tokens_sent",
         "priority",
         "grammar",
     )
@@ -103,6 +104,8 @@ class Request:
         self.block_hashes: list[BlockHash] = compute_block_hashes(self.all_token_ids, block_size)
         # Async scheduling: tokens sampled by steps in flight, not yet appended.
         self.num_output_placeholders = 0
+        # Pipeline batch queue: output tokens already sent to the workers in a step.
+        self.num_output_tokens_sent = 0
         # Structured outputs: a structured_output.RequestGrammar, set by the scheduler.
         self.grammar = None
 

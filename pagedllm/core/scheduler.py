@@ -95,6 +95,7 @@ class Scheduler:
         async_scheduling: bool = False,
         structured_output_manager: StructuredOutputManager | None = None,
         kv_cache_spec: KVCacheSpec | None = None,
+        max_concurrent_batches: int = 1,
     ) -> None:
         self.scheduler_config = scheduler_config
         self.cache_config = cache_config
@@ -107,6 +108,11 @@ class Scheduler:
         # step gets a placeholder, and its next decode is scheduled against it.
         self.async_scheduling = async_scheduling
         # kv_cache_spec: the model's KV cache groups (None: one group of full attention).
+        # Pipeline batch queue (> 1): that many steps in flight, each over requests no other
+        # step in flight holds (a request's next step needs its previous token); the active
+        # requests split into that many micro-batches, which alternate.
+        self.max_concurrent_batches = max_concurrent_batches
+        self.in_flight: set[str] = set()  # requests of scheduled, not yet updated steps
         self.kv_cache_manager = KVCacheManager(
             num_blocks, cache_config.block_size, cache_config.enable_prefix_caching,
             kv_cache_spec, self.max_num_batched_tokens,
@@ -248,10 +254,14 @@ class Scheduler:
         new_reqs: list[NewRequestData] = []
         new_block_ids: dict[str, list[list[int]]] = {}  # per KV cache group
         preempted_any = False
+        max_reqs = self._micro_batch_size()
 
         idx = 0
-        while idx < len(self.running) and budget > 0:
+        while idx < len(self.running) and budget > 0 and len(num_scheduled) < max_reqs:
             req = self.running[idx]
+            if req.request_id in self.in_flight:
+                idx += 1  # its previous step is not back yet (pipeline batch queue)
+                continue
             if req.num_output_placeholders and self._finishes_with_placeholders(req):
                 idx += 1  # its last token is in flight: nothing left to compute
                 continue
@@ -287,12 +297,20 @@ class Scheduler:
             idx += 1
 
         if not preempted_any:
-            budget = self._schedule_waiting(budget, num_scheduled, new_reqs)
+            budget = self._schedule_waiting(budget, num_scheduled, new_reqs, max_reqs)
 
         for rid, block_ids in new_block_ids.items():
+            req = self.requests[rid]
             cached_reqs.append(CachedRequestData(
-                rid, block_ids[0], self.requests[rid].num_computed_tokens, tuple(block_ids[1:])
+                rid, block_ids[0], req.num_computed_tokens, tuple(block_ids[1:])
             ))
+            if self.max_concurrent_batches > 1:
+                cached_reqs[-1].new_token_ids = req.output_token_ids[req.num_output_tokens_sent:]
+        if self.max_concurrent_batches > 1:
+            self.in_flight.update(num_scheduled)
+            for rid in num_scheduled:
+                req = self.requests[rid]
+                req.num_output_tokens_sent = req.num_output_tokens
         total = sum(num_scheduled.values())
         structured_ids: list[str] = []
         out = SchedulerOutput(
@@ -323,6 +341,14 @@ class Scheduler:
         self._num_scheduled_tokens = total
         return out
 
+    def _micro_batch_size(self) -> int:
+        """Requests one step may hold: all it can, or with a batch queue an even share of
+        the active requests per step in flight."""
+        if self.max_concurrent_batches == 1:
+            return self.max_num_seqs
+        active = min(len(self.running) + len(self.waiting), self.max_num_seqs)
+        return max(1, _cdiv(active, self.max_concurrent_batches))
+
     def _finishes_with_placeholders(self, req: Request) -> bool:
         """Whether the tokens in flight take the request to max_tokens or the context end."""
         assert req.max_tokens is not None
@@ -330,15 +356,19 @@ class Scheduler:
         return req.num_output_tokens + p >= req.max_tokens or req.num_tokens + p >= self.max_model_len
 
     def _schedule_waiting(
-        self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData]
+        self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData],
+        max_reqs: int,
     ) -> int:
         """Admit waiting requests in queue order until one does not fit; returns the budget
         left."""
         kvm = self.kv_cache_manager
         mgr = self.structured_output_manager
         compiling: list[Request] = []  # skipped, not blocking: their grammar is not ready
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+               and len(num_scheduled) < max_reqs):
             req = self.waiting[0]
+            if req.request_id in self.in_flight:
+                break  # preempted while its step is in flight: resumes once that is back
             if req.grammar is not None and not mgr.is_ready(req.grammar):
                 compiling.append(self.waiting.popleft())
                 continue
@@ -402,6 +432,8 @@ class Scheduler:
     ) -> EngineCoreOutputs:
         """Append sampled tokens, apply stop checks, free finished requests, emit outputs."""
         mro = model_runner_output
+        if self.in_flight:
+            self.in_flight.difference_update(scheduler_output.num_scheduled_tokens)
         index = {rid: i for i, rid in enumerate(mro.req_ids)}
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []

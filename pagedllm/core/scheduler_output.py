@@ -30,6 +30,9 @@ class CachedRequestData:
     new_block_ids: list[int]  # appended to its block table (KV cache group 0)
     num_computed_tokens: int
     extra_new_block_ids: tuple[list[int], ...] = ()  # groups 1.., appended to theirs
+    # Pipeline batch queue only: the output tokens the request gained since it was last
+    # scheduled, for stages before the last (they do not sample, and no broadcast tells them).
+    new_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(slots=True)

@@ -132,6 +132,7 @@ class EngineArgs:
             data_parallel_size=self.data_parallel_size,
             distributed_executor_backend=self.distributed_executor_backend,
             data_parallel_backend=self.data_parallel_backend,
+            pp_batch_queue=envs.pp_batch_queue(),
         )
         if device == "cuda" and not self._ray_places_workers():
             check_gpu_count(parallel_config, torch.cuda.device_count())

@@ -47,10 +47,17 @@ class EngineCore:
             async_scheduling=config.scheduler_config.async_scheduling,
             structured_output_manager=self.structured_output_manager,
             kv_cache_spec=kv_cache_spec_for(mc, cc),
+            max_concurrent_batches=config.parallel_config.max_concurrent_batches,
         )
-        # Async scheduling: submitted steps whose outputs the scheduler has not seen, oldest
-        # first (at most two: the one the GPU runs and the one queued behind it).
+        # Submitted steps whose outputs the scheduler has not seen, oldest first: under async
+        # scheduling at most two (the one the GPU runs and the one queued behind it), under
+        # the pipeline batch queue at most max_concurrent_batches.
         self._in_flight: deque[tuple[SchedulerOutput, StepFuture]] = deque()
+        self.max_concurrent_batches = config.parallel_config.max_concurrent_batches
+        # Batch queue counters: the most steps in flight at once, and how many steps were
+        # submitted while another was still in flight.
+        self.peak_batches_in_flight = 0
+        self.num_overlapped_steps = 0
         logger.info(
             "engine core ready in %.2f s: %d KV blocks of %d tokens (%d tokens, %.1fx max_model_len)",
             time.perf_counter() - t0,
@@ -79,6 +86,8 @@ class EngineCore:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     def step(self) -> EngineCoreOutputs:
+        if self.max_concurrent_batches > 1:
+            return self._step_batch_queue()
         if self.async_scheduling:
             return self._step_async()
         if not self.scheduler.has_unfinished_requests():
@@ -156,6 +165,32 @@ class EngineCore:
             q.append((so, self.executor.submit(so, self._resolving_grammar_fn(so, resolved))))
         if resolved:
             return resolved[0]
+        if not q:
+            return EngineCoreOutputs(outputs=[], scheduler_stats=self.scheduler.make_stats())
+        so, handle = q.popleft()
+        return self.scheduler.update_from_output(so, handle.get())
+
+    def _step_batch_queue(self) -> EngineCoreOutputs:
+        """Pipeline parallelism: keeps up to max_concurrent_batches steps in flight, each over
+        requests no other step in flight holds (the scheduler's in-flight set), so the first
+        stage computes step N+1 while the next stage computes step N. Returns the oldest
+        step's outputs. A constrained request's previous token is always applied before it
+        is scheduled again, so its bitmask is filled at submit time."""
+        q = self._in_flight
+        while len(q) < self.max_concurrent_batches and self.scheduler.has_unfinished_requests():
+            so = self.scheduler.schedule()
+            if so.total_num_scheduled_tokens == 0 and not (
+                so.finished_req_ids or so.preempted_req_ids
+            ):
+                if not q:
+                    self._wait_for_grammars()
+                break  # everything runnable is in flight (or waits on memory or a grammar)
+            # An empty step that only drops finished or preempted states still goes in order.
+            q.append((so, self.executor.submit(so, self._grammar_fn(so))))
+            if so.total_num_scheduled_tokens and len(q) > 1:
+                self.num_overlapped_steps += 1
+            busy = sum(1 for s, _ in q if s.total_num_scheduled_tokens)
+            self.peak_batches_in_flight = max(self.peak_batches_in_flight, busy)
         if not q:
             return EngineCoreOutputs(outputs=[], scheduler_stats=self.scheduler.make_stats())
         so, handle = q.popleft()

@@ -58,6 +58,14 @@ LLAMA_3_1_70B: dict = {
     "num_attention_heads": 64, "num_key_value_heads": 8,
 }  # fmt: skip
 
+# SmolLM2-135M's shapes (the default model's): CPU figures of parallel layouts.
+SMOLLM2_135M: dict = {
+    **LLAMA_3_1_8B, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+    "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152,
+    "max_position_embeddings": 8192, "rope_theta": 100000.0, "rope_scaling": None,
+    "tie_word_embeddings": True, "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+}  # fmt: skip
+
 # Other families' configurations, for --load-format dummy only (build_random_llama writes
 # Llama-shaped tensors): Mixtral-8x7B (about 13B active of 47B parameters) and Gemma-2-9B.
 MIXTRAL_8X7B: dict = {
@@ -78,7 +86,8 @@ GEMMA_2_9B: dict = {
 }  # fmt: skip
 
 RANDOM_MODELS = {"llama-3.1-8b": LLAMA_3_1_8B, "llama-3.1-70b": LLAMA_3_1_70B, "tiny": TINY_LLAMA,
-                 "mixtral-8x7b": MIXTRAL_8X7B, "gemma-2-9b": GEMMA_2_9B}
+                 "smollm2-135m": SMOLLM2_135M, "mixtral-8x7b": MIXTRAL_8X7B,
+                 "gemma-2-9b": GEMMA_2_9B}
 DUMMY_ONLY = frozenset({"mixtral-8x7b", "gemma-2-9b"})
 
 WORKLOADS = ("sharegpt-shaped", "prefill-heavy", "decode-heavy", "single-stream", "batch-16")
@@ -405,6 +414,8 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="random:llama-3.1-8b",
                    help="model path, or random:llama-3.1-8b / random:tiny (built on the device)")
     p.add_argument("--num-prompts", type=int, default=None, help="first N requests only")
+    p.add_argument("--output-len", type=int, default=None,
+                   help="every request's output length (default: the dataset's)")
     p.add_argument("--hf-compare", type=int, default=0,
                    help="also run HF generate and pagedllm on the first N requests (0 = off)")
     p.add_argument("--hf-batch-size", type=int, default=32)
@@ -425,6 +436,8 @@ def add_throughput_args(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights made in place (random:NAME then writes no file)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     p.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
+    p.add_argument("--pp-batch-queue", action=argparse.BooleanOptionalAction, default=None,
+                   help="pipeline micro-batches in flight (sets PAGEDLLM_PP_BATCH_QUEUE)")
     p.add_argument("--distributed-executor-backend", choices=("uni", "mp", "ray"), default=None)
     p.add_argument("--output-json", default=None)
     p.add_argument("--profile-stages", action="store_true",
@@ -447,6 +460,8 @@ def _engine_extras(args: argparse.Namespace) -> dict:
 def make_llm(args: argparse.Namespace, model_dir: str):
     from pagedllm import LLM
 
+    if getattr(args, "pp_batch_queue", None) is not None:
+        os.environ["PAGEDLLM_PP_BATCH_QUEUE"] = "1" if args.pp_batch_queue else "0"
     t0 = time.perf_counter()
     llm = LLM(
         model=model_dir, dtype=args.dtype, max_model_len=args.max_model_len,
@@ -469,6 +484,8 @@ def run_throughput(args: argparse.Namespace) -> dict:
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     wl = make_workload(args.dataset, cfg["vocab_size"], args.num_prompts)
+    if getattr(args, "output_len", None):
+        wl = Workload(wl.name, wl.prompts, [args.output_len] * len(wl.prompts))
     llm, timings, memory = args.llm or make_llm(args, model_dir)
     rng = np.random.default_rng(12345)  # warm-up prompts unrelated to the workload's
     warm = [rng.integers(0, cfg["vocab_size"], n).tolist() for n in (300, 40)]
@@ -478,7 +495,12 @@ def run_throughput(args: argparse.Namespace) -> dict:
     if profile and llm.llm_engine.config.parallel_config.world_size > 1:
         raise SystemExit("--profile-stages instruments one in-process worker; use -tp 1 -pp 1")
     timer = StageTimer(llm) if profile else None
+    core = llm.llm_engine.engine_core
+    overlapped = core.num_overlapped_steps
     result["pagedllm"] = run_pagedllm(llm, wl)
+    result["pp_batch_queue"] = {"max_concurrent_batches": core.max_concurrent_batches,
+                                "peak_in_flight": core.peak_batches_in_flight,
+                                "overlapped_steps": core.num_overlapped_steps - overlapped}
     if timer is not None:
         result["stages"] = timer.report()
         result["stages"]["by_step_kind"] = summarize_timeline(result["stages"]["timeline"])

@@ -10,7 +10,9 @@ Invariants:
   stage's tensor-parallel rank 0) sends step outputs. Every rank answers RPCs.
 - Steps are resolved in submission order. A step is resolved when a newer one has been
   launched behind it (async scheduling keeps the device busy), when its message says
-  `flush`, or on a FLUSH message.
+  `flush`, or on a FLUSH message. Under the pipeline batch queue also as soon as its
+  tokens are ready or no message waits: the engine core must not wait for the last stage
+  to run the next micro-batch before it learns this one's tokens.
 - The process exits when its parent (the engine core) dies, on SHUTDOWN, and after reporting
   any error; SIGINT is left to the parent.
 """
@@ -75,6 +77,7 @@ class WorkerProc:
         self.step_decoder = msgspec.msgpack.Decoder(m.StepMessage)
         self.rpc_decoder = msgspec.msgpack.Decoder(m.RpcMessage)
         self.pending: deque[tuple[int, object]] = deque()
+        self.resolve_early = worker.config.parallel_config.max_concurrent_batches > 1
 
     def send(self, kind: bytes, message: msgspec.Struct) -> None:
         self.push.send_multipart([kind, self.encoder.encode(message)], copy=False)
@@ -84,6 +87,12 @@ class WorkerProc:
         out = handle.get()
         if self.is_output_rank:
             self.send(m.FROM_WORKER_OUTPUT, m.StepResult(seq, out))
+
+    def _resolve_ready(self) -> None:
+        """Resolves the oldest steps whose tokens are ready, and all of them if no message
+        is waiting (nothing else to do)."""
+        while self.pending and (self.pending[0][1].ready() or not self.sub.poll(0)):
+            self._resolve_oldest()
 
     def _resolve_all(self) -> None:
         while self.pending:
@@ -110,6 +119,8 @@ class WorkerProc:
                 self.pending.append((msg.seq, handle))
                 if msg.flush:
                     self._resolve_all()
+                elif self.resolve_early:
+                    self._resolve_ready()
                 while len(self.pending) > 1:
                     self._resolve_oldest()
             elif kind == m.TO_WORKER_FLUSH:

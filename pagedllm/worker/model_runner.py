@@ -75,6 +75,10 @@ class ModelRunner:
         self.graph_runner: CudaGraphRunner | None = None
         # Pipeline stages run eagerly: their inputs arrive from the previous stage.
         self.pp = get_pp_group()
+        # Pipeline batch queue: several steps in flight across the stages, so no stage waits
+        # on the last one's sampled ids (no broadcast); the scheduler sends earlier stages
+        # each request's new tokens with its next step instead.
+        self.tokens_from_scheduler = config.parallel_config.max_concurrent_batches > 1
         self.use_cuda_graph = (
             device.type == "cuda" and not config.enforce_eager and self.model_config.task == "generate"
             and self.pp.world_size == 1
@@ -303,12 +307,15 @@ class ModelRunner:
                     sp is not None and sp.prompt_logprobs is not None and not nr.output_token_ids
                 ),
             )
+        take_tokens = self.tokens_from_scheduler and not self.pp.is_last_rank
         for cr in so.scheduled_cached_reqs:
             state = self.requests[cr.req_id]
             state.block_ids.extend(cr.new_block_ids)
             for ids, new in zip(state.extra_block_ids, cr.extra_new_block_ids):
                 ids.extend(new)
             state.num_computed_tokens = cr.num_computed_tokens
+            if take_tokens:
+                state.output_token_ids.extend(cr.new_token_ids)
 
     # ---- step ----
     def execute_model(self, so: SchedulerOutput, grammar: GrammarFn | None = None
@@ -369,7 +376,7 @@ class ModelRunner:
         if bitmask is not None:
             self._set_grammar_bitmask(smd, bitmask, sample_states)
         result = self.sampler(logits, smd)
-        if self.pp.world_size > 1:
+        if self.pp.world_size > 1 and not self.tokens_from_scheduler:
             # Earlier stages keep the same request states (the first builds inputs from them).
             self.pp.broadcast(result.sampled_token_ids, src=self.pp.world_size - 1)
         for state in sample_states:
@@ -403,9 +410,10 @@ class ModelRunner:
         self, out: ModelRunnerOutput, step: StepInputs, states: list[CachedRequestState]
     ) -> StepHandle:
         """A stage before the last learns the step's sampled ids from the last stage's
-        broadcast, so its request states (and the next step's inputs) match."""
+        broadcast, so its request states (and the next step's inputs) match; under the
+        batch queue from the scheduler's next step for the request instead."""
         sample_rows = step.sample_rows.tolist()
-        if not sample_rows:
+        if not sample_rows or self.tokens_from_scheduler:
             return StepHandle(out)
         sampled = torch.empty(len(sample_rows), dtype=torch.int64, device=self.device)
         self.pp.broadcast(sampled, src=self.pp.world_size - 1)

@@ -40,6 +40,10 @@ class StepHandle:
             self._event.record()
         self._host = host
 
+    def ready(self) -> bool:
+        """Whether `get()` would return without waiting on the device."""
+        return self._done or self._event is None or self._event.query()
+
     def get(self) -> ModelRunnerOutput:
         if self._done:
             return self._out
