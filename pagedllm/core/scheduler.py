@@ -347,7 +347,7 @@ class Scheduler:
         if self.max_concurrent_batches == 1:
             return self.max_num_seqs
         active = min(len(self.running) + len(self.waiting), self.max_num_seqs)
-        return max(1, _cdiv(active, self.max_concurrent_batches))
+        return max(1, -(-active // self.max_concurrent_batches))
 
     def _finishes_with_placeholders(self, req: Request) -> bool:
         """Whether the tokens in flight take the request to max_tokens or the context end."""
