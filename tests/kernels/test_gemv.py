@@ -170,7 +170,9 @@ def test_tuned_table_and_json_override(tmp_path, monkeypatch) -> None:
                                  "config": row.to_json()}]))
     monkeypatch.setenv("PAGEDLLM_GEMV_CONFIG", str(path))
     assert gemv_config.lookup("int4", 4, 6144, 4096) == row
-    assert gemv_config.lookup("int4", 4, 4096, 4096) == gemv_config.default_config("int4", 4)
+    # the file overrides its rows only; a shape in neither falls back to the defaults
+    assert gemv_config.lookup("int4", 4, 4096, 4096) == gemv_config.TUNED["int4", 4, 4096, 4096]
+    assert gemv_config.lookup("int4", 4, 11008, 4096) == gemv_config.default_config("int4", 4)
     # Splits: the config's when set, else about four programs per SM, never past K blocks.
     assert gemv_config.split_for(3, 128, 10, 4096, torch.device("cpu")) == 3
     assert gemv_config.split_for(0, 128, 1, 512, torch.device("cpu")) == 1

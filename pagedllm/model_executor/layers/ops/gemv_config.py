@@ -26,7 +26,10 @@ from pagedllm import envs
 
 # The GEMVs replace the previous path up to these M (module constants for the GPU sweep;
 # PAGEDLLM_INT_GEMV_MAX_M / PAGEDLLM_FP8_GEMV_MAX_M override them, 0 turns a GEMV off).
-INT_GEMV_MAX_M = 16
+# From the second H200 sweep: the int4 GEMV beats the int GEMM up to M = 2 (1.27-1.54x bf16
+# at M = 1; tensor-core forms lose to bf16 from M = 4), the fp8 GEMV beats W8A8 + _scaled_mm
+# at every M <= 16 (1.49-1.68x bf16 at M = 1, 1.1-1.3x at M = 2..16).
+INT_GEMV_MAX_M = 2
 FP8_GEMV_MAX_M = 16
 
 
@@ -55,14 +58,58 @@ class GemvConfig:
         return asdict(self)
 
 
-# (kind, M bucket, N, K) -> config; pasted from benchmarks/gpu_gemv.py's output. The int4
-# M = 1 rows are the first H200 sweep's (commit 984c40e; that kernel is unchanged since).
+# (kind, M bucket, N, K) -> config; pasted from benchmarks/gpu_gemv.py's JSON, the second
+# H200 sweep (2026-12-02, the 2-D FMA forms; docs/benchmarks.md).
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
-    ("int4", 1, 4096, 4096): GemvConfig(64, 128, 0, 4, 3),
-    ("int4", 1, 4096, 14336): GemvConfig(64, 128, 0, 4, 3),
-    ("int4", 1, 6144, 4096): GemvConfig(64, 128, 0, 4, 3),
-    ("int4", 1, 28672, 4096): GemvConfig(64, 128, 4, 4, 3),
-}
+    ("fp8", 1, 4096, 4096): GemvConfig(32, 256, 4, 8, 3),
+    ("fp8", 1, 4096, 14336): GemvConfig(32, 256, 4, 8, 3),
+    ("fp8", 1, 6144, 4096): GemvConfig(64, 128, 0, 8, 3),
+    ("fp8", 1, 28672, 4096): GemvConfig(32, 256, 0, 8, 3),
+    ("fp8", 2, 4096, 4096): GemvConfig(64, 128, 4, 8, 3),
+    ("fp8", 2, 4096, 14336): GemvConfig(64, 128, 16, 4, 3, use_dot=True),
+    ("fp8", 2, 6144, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 2, 28672, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 4, 4096, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 4, 4096, 14336): GemvConfig(64, 128, 16, 4, 3, use_dot=True),
+    ("fp8", 4, 6144, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 4, 28672, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 8, 4096, 4096): GemvConfig(32, 128, 0, 4, 3, use_dot=True),
+    ("fp8", 8, 4096, 14336): GemvConfig(64, 128, 0, 4, 3, use_dot=True),
+    ("fp8", 8, 6144, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 8, 28672, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 16, 4096, 4096): GemvConfig(32, 128, 0, 4, 3, use_dot=True),
+    ("fp8", 16, 4096, 14336): GemvConfig(32, 128, 0, 4, 3, use_dot=True),
+    ("fp8", 16, 6144, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 16, 28672, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 32, 4096, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 32, 4096, 14336): GemvConfig(64, 128, 0, 4, 3, use_dot=True),
+    ("fp8", 32, 6144, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("fp8", 32, 28672, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
+    ("int4", 1, 4096, 4096): GemvConfig(64, 256, 4, 8, 3),
+    ("int4", 1, 4096, 14336): GemvConfig(64, 256, 0, 8, 3),
+    ("int4", 1, 6144, 4096): GemvConfig(64, 256, 4, 8, 3),
+    ("int4", 1, 28672, 4096): GemvConfig(64, 256, 0, 8, 3),
+    ("int4", 2, 4096, 4096): GemvConfig(32, 128, 0, 4, 3),
+    ("int4", 2, 4096, 14336): GemvConfig(64, 256, 4, 8, 3),
+    ("int4", 2, 6144, 4096): GemvConfig(64, 256, 4, 8, 3),
+    ("int4", 2, 28672, 4096): GemvConfig(64, 256, 0, 8, 3),
+    ("int4", 4, 4096, 4096): GemvConfig(32, 128, 0, 4, 3),
+    ("int4", 4, 4096, 14336): GemvConfig(64, 256, 4, 8, 3),
+    ("int4", 4, 6144, 4096): GemvConfig(32, 128, 4, 4, 3),
+    ("int4", 4, 28672, 4096): GemvConfig(64, 256, 0, 8, 3),
+    ("int4", 8, 4096, 4096): GemvConfig(64, 128, 0, 4, 3, use_dot=True),
+    ("int4", 8, 4096, 14336): GemvConfig(128, 128, 16, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 8, 6144, 4096): GemvConfig(128, 128, 0, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 8, 28672, 4096): GemvConfig(128, 128, 4, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 16, 4096, 4096): GemvConfig(64, 128, 0, 4, 3, use_dot=True),
+    ("int4", 16, 4096, 14336): GemvConfig(128, 128, 16, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 16, 6144, 4096): GemvConfig(128, 128, 0, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 16, 28672, 4096): GemvConfig(128, 128, 4, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 32, 4096, 4096): GemvConfig(128, 128, 0, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 32, 4096, 14336): GemvConfig(128, 128, 16, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 32, 6144, 4096): GemvConfig(128, 128, 0, 4, 3, use_dot=True, swap_ab=True),
+    ("int4", 32, 28672, 4096): GemvConfig(128, 128, 0, 4, 3, use_dot=True, swap_ab=True),
+}  # fmt: skip
 
 
 def m_bucket(m: int) -> int:
