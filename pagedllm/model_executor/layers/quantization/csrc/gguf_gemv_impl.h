@@ -1,0 +1,152 @@
+// y[m, r] = sum_k x[m, k] * W[r, k] for rows r in [n0, n1) of a packed GGUF matrix, with x
+// given as QuantX (int8 per 32-group). Included once per ISA inside a namespace; the
+// including file defines GGUF_VNNI to 1 for the AVX512-VNNI body, 0 for portable C++.
+// Weights are read once per call: each group is unpacked, then dotted with every x row.
+
+#if GGUF_VNNI
+
+// Group g of a row as 32 unsigned bytes in a register, and its a[2], b[2].
+template <int T>
+static inline __m256i load_group(const uint8_t* row, int g, float* a, float* b) {
+  if constexpr (T == kQ4_0 || T == kQ4_1) {
+    constexpr int bb = T == kQ4_0 ? 18 : 20;
+    const uint8_t* blk = row + (size_t)g * bb;
+    const float d = _cvtsh_ss(*(const uint16_t*)blk);
+    const __m128i raw = _mm_loadu_si128((const __m128i*)(blk + (T == kQ4_0 ? 2 : 4)));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+    a[0] = a[1] = d;
+    b[0] = b[1] = T == kQ4_0 ? -8.f * d : _cvtsh_ss(*(const uint16_t*)(blk + 2));
+    return _mm256_set_m128i(hi, lo);
+  } else if constexpr (T == kQ5_0 || T == kQ5_1) {
+    constexpr int bb = T == kQ5_0 ? 22 : 24;
+    constexpr int qh_off = T == kQ5_0 ? 2 : 4;
+    const uint8_t* blk = row + (size_t)g * bb;
+    const float d = _cvtsh_ss(*(const uint16_t*)blk);
+    uint32_t qh;
+    std::memcpy(&qh, blk + qh_off, 4);
+    const __m128i raw = _mm_loadu_si128((const __m128i*)(blk + qh_off + 4));
+    const __m128i m4 = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(raw, m4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+    const __m256i high = _mm256_maskz_mov_epi8((__mmask32)qh, _mm256_set1_epi8(0x10));
+    a[0] = a[1] = d;
+    b[0] = b[1] = T == kQ5_0 ? -16.f * d : _cvtsh_ss(*(const uint16_t*)(blk + 2));
+    return _mm256_or_si256(_mm256_set_m128i(hi, lo), high);
+  } else if constexpr (T == kQ8_0) {
+    const uint8_t* blk = row + (size_t)g * 34;
+    const float d = _cvtsh_ss(*(const uint16_t*)blk);
+    a[0] = a[1] = d;
+    b[0] = b[1] = -128.f * d;
+    return _mm256_xor_si256(_mm256_loadu_si256((const __m256i*)(blk + 2)),
+                            _mm256_set1_epi8((char)0x80));
+  } else {
+    alignas(32) uint8_t q[32];
+    unpack_group<T>(row, g, q, a, b);
+    return _mm256_load_si256((const __m256i*)q);
+  }
+}
+
+static inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int T, int MB>
+static void gemv_block(const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t m0,
+                       int64_t n0, int64_t n1, int64_t ldy, float* y) {
+  const int64_t groups = x.k / 32;
+  for (int64_t r = n0; r < n1; r++) {
+    const uint8_t* row = w + r * row_bytes;
+    __m256 acc[MB];
+    float off[MB];
+    for (int i = 0; i < MB; i++) { acc[i] = _mm256_setzero_ps(); off[i] = 0.f; }
+    for (int64_t g = 0; g < groups; g++) {
+      float a[2], b[2];
+      const __m256i q = load_group<T>(row, (int)g, a, b);
+      const __m256 av = _mm256_set_m128(_mm_set1_ps(a[1]), _mm_set1_ps(a[0]));
+      for (int i = 0; i < MB; i++) {
+        const int64_t m = m0 + i;
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.xq + m * x.k + g * 32));
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
+        const __m256 s = _mm256_mul_ps(av, _mm256_set1_ps(x.dx[m * groups + g]));
+        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[i]);
+        const float* xs = x.xs + (m * groups + g) * 2;
+        off[i] += b[0] * xs[0] + b[1] * xs[1];
+      }
+    }
+    for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + r] = hsum256(acc[i]) + off[i];
+  }
+}
+
+#else  // portable C++
+
+template <int T, int MB>
+static void gemv_block(const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t m0,
+                       int64_t n0, int64_t n1, int64_t ldy, float* y) {
+  const int64_t groups = x.k / 32;
+  for (int64_t r = n0; r < n1; r++) {
+    const uint8_t* row = w + r * row_bytes;
+    float acc[MB];
+    for (int i = 0; i < MB; i++) acc[i] = 0.f;
+    for (int64_t g = 0; g < groups; g++) {
+      alignas(32) uint8_t q[32];
+      float a[2], b[2];
+      unpack_group<T>(row, (int)g, q, a, b);
+      for (int i = 0; i < MB; i++) {
+        const int64_t m = m0 + i;
+        const int8_t* xq = x.xq + m * x.k + g * 32;
+        int32_t lo = 0, hi = 0;
+        for (int j = 0; j < 16; j++) lo += (int32_t)q[j] * xq[j];
+        for (int j = 16; j < 32; j++) hi += (int32_t)q[j] * xq[j];
+        const float* xs = x.xs + (m * groups + g) * 2;
+        acc[i] += x.dx[m * groups + g] * (a[0] * lo + a[1] * hi) + b[0] * xs[0] + b[1] * xs[1];
+      }
+    }
+    for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + r] = acc[i];
+  }
+}
+
+#endif
+
+// Rows [n0, n1) of y[m, ldy] for every x row, in chunks of up to 8 rows of x.
+template <int T>
+static void gemv_rows(const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t n0,
+                      int64_t n1, int64_t ldy, float* y) {
+  int64_t m0 = 0;
+  for (; m0 + 8 <= x.m; m0 += 8) gemv_block<T, 8>(w, row_bytes, x, m0, n0, n1, ldy, y);
+  for (; m0 + 4 <= x.m; m0 += 4) gemv_block<T, 4>(w, row_bytes, x, m0, n0, n1, ldy, y);
+  for (; m0 + 2 <= x.m; m0 += 2) gemv_block<T, 2>(w, row_bytes, x, m0, n0, n1, ldy, y);
+  for (; m0 < x.m; m0++) gemv_block<T, 1>(w, row_bytes, x, m0, n0, n1, ldy, y);
+}
+
+// The entry points of one ISA: dispatch on the type at run time.
+void gemv(int qtype, const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t n0,
+          int64_t n1, int64_t ldy, float* y) {
+  switch (qtype) {
+    case kQ4_0: gemv_rows<kQ4_0>(w, row_bytes, x, n0, n1, ldy, y); break;
+    case kQ4_1: gemv_rows<kQ4_1>(w, row_bytes, x, n0, n1, ldy, y); break;
+    case kQ5_0: gemv_rows<kQ5_0>(w, row_bytes, x, n0, n1, ldy, y); break;
+    case kQ5_1: gemv_rows<kQ5_1>(w, row_bytes, x, n0, n1, ldy, y); break;
+    case kQ8_0: gemv_rows<kQ8_0>(w, row_bytes, x, n0, n1, ldy, y); break;
+    case kQ4_K: gemv_rows<kQ4_K>(w, row_bytes, x, n0, n1, ldy, y); break;
+    case kQ5_K: gemv_rows<kQ5_K>(w, row_bytes, x, n0, n1, ldy, y); break;
+    case kQ6_K: gemv_rows<kQ6_K>(w, row_bytes, x, n0, n1, ldy, y); break;
+    default: break;
+  }
+}
+
+void dequant(int qtype, const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, float* out) {
+  switch (qtype) {
+    case kQ4_0: dequant_rows<kQ4_0>(w, row_bytes, n, k, out); break;
+    case kQ4_1: dequant_rows<kQ4_1>(w, row_bytes, n, k, out); break;
+    case kQ5_0: dequant_rows<kQ5_0>(w, row_bytes, n, k, out); break;
+    case kQ5_1: dequant_rows<kQ5_1>(w, row_bytes, n, k, out); break;
+    case kQ8_0: dequant_rows<kQ8_0>(w, row_bytes, n, k, out); break;
+    case kQ4_K: dequant_rows<kQ4_K>(w, row_bytes, n, k, out); break;
+    case kQ5_K: dequant_rows<kQ5_K>(w, row_bytes, n, k, out); break;
+    case kQ6_K: dequant_rows<kQ6_K>(w, row_bytes, n, k, out); break;
+    default: break;
+  }
+}
