@@ -53,32 +53,87 @@ static inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Group g's contribution to one x row: acc += cvt(q . xq) * a * dx (lane-wise halves),
+// off += b . dx * sum(xq) (per half).
+template <int T>
+static inline void group_dot(__m256i q, __m256 av, const float* b, const QuantX& x, int64_t m,
+                             int64_t g, int64_t groups, __m256& acc, __m256& off) {
+  const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.xq + m * x.k + g * 32));
+  const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
+  const __m256 s = _mm256_mul_ps(av, _mm256_set1_ps(x.dx[m * groups + g]));
+  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc);
+  const float* xs = x.xs + (m * groups + g) * 2;
+  if constexpr (T == kQ6_K) {
+    off = _mm256_fmadd_ps(_mm256_set_ps(0, 0, 0, 0, 0, 0, b[1], b[0]),
+                          _mm256_set_ps(0, 0, 0, 0, 0, 0, xs[1], xs[0]), off);
+  } else {
+    off = _mm256_fmadd_ps(_mm256_set1_ps(b[0]), _mm256_set1_ps(xs[0] + xs[1]), off);
+  }
+}
+
+template <int T>
+static inline __m256 scale_vec(const float* a) {
+  if constexpr (T == kQ6_K) return _mm256_set_m128(_mm_set1_ps(a[1]), _mm_set1_ps(a[0]));
+  return _mm256_set1_ps(a[0]);
+}
+
 template <int T, int MB>
 static void gemv_block(const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t m0,
                        int64_t n0, int64_t n1, int64_t ldy, float* y) {
   const int64_t groups = x.k / 32;
   for (int64_t r = n0; r < n1; r++) {
     const uint8_t* row = w + r * row_bytes;
-    __m256 acc[MB];
-    float off[MB];
-    for (int i = 0; i < MB; i++) { acc[i] = _mm256_setzero_ps(); off[i] = 0.f; }
-    for (int64_t g = 0; g < groups; g++) {
-      float a[2], b[2];
-      const __m256i q = load_group<T>(row, (int)g, a, b);
-      const __m256 av = _mm256_set_m128(_mm_set1_ps(a[1]), _mm_set1_ps(a[0]));
+    // Two accumulator sets (even and odd groups) hide the FMA latency.
+    __m256 acc[2][MB], off[2][MB];
+    for (int i = 0; i < MB; i++) {
+      acc[0][i] = acc[1][i] = off[0][i] = off[1][i] = _mm256_setzero_ps();
+    }
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {
+      float a0[2], b0[2], a1[2], b1[2];
+      const __m256i q0 = load_group<T>(row, (int)g, a0, b0);
+      const __m256i q1 = load_group<T>(row, (int)g + 1, a1, b1);
+      const __m256 av0 = scale_vec<T>(a0), av1 = scale_vec<T>(a1);
       for (int i = 0; i < MB; i++) {
-        const int64_t m = m0 + i;
-        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.xq + m * x.k + g * 32));
-        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
-        const __m256 s = _mm256_mul_ps(av, _mm256_set1_ps(x.dx[m * groups + g]));
-        acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc[i]);
-        const float* xs = x.xs + (m * groups + g) * 2;
-        off[i] += b[0] * xs[0] + b[1] * xs[1];
+        group_dot<T>(q0, av0, b0, x, m0 + i, g, groups, acc[0][i], off[0][i]);
+        group_dot<T>(q1, av1, b1, x, m0 + i, g + 1, groups, acc[1][i], off[1][i]);
       }
     }
-    for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + r] = hsum256(acc[i]) + off[i];
+    for (; g < groups; g++) {
+      float a0[2], b0[2];
+      const __m256i q0 = load_group<T>(row, (int)g, a0, b0);
+      const __m256 av0 = scale_vec<T>(a0);
+      for (int i = 0; i < MB; i++) {
+        group_dot<T>(q0, av0, b0, x, m0 + i, g, groups, acc[0][i], off[0][i]);
+      }
+    }
+    for (int i = 0; i < MB; i++) {
+      const float o = T == kQ6_K ? hsum256(_mm256_add_ps(off[0][i], off[1][i]))
+                                 : _mm256_cvtss_f32(_mm256_add_ps(off[0][i], off[1][i]));
+      y[(m0 + i) * ldy + r] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i])) + o;
+    }
   }
 }
+
+// Dequantization through the same register unpack: 32 bytes -> 2 x 16 floats.
+template <int T>
+static void dequant_rows_simd(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k,
+                              float* out) {
+  for (int64_t r = 0; r < n; r++) {
+    const uint8_t* row = w + r * row_bytes;
+    float* o = out + r * k;
+    for (int64_t g = 0; g < k / 32; g++) {
+      float a[2], b[2];
+      const __m256i q = load_group<T>(row, (int)g, a, b);
+      const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
+      const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
+      _mm512_storeu_ps(o + g * 32, _mm512_fmadd_ps(lo, _mm512_set1_ps(a[0]), _mm512_set1_ps(b[0])));
+      _mm512_storeu_ps(o + g * 32 + 16,
+                       _mm512_fmadd_ps(hi, _mm512_set1_ps(a[1]), _mm512_set1_ps(b[1])));
+    }
+  }
+}
+#define GGUF_DEQUANT dequant_rows_simd
 
 #else  // portable C++
 
@@ -108,6 +163,7 @@ static void gemv_block(const uint8_t* w, int64_t row_bytes, const QuantX& x, int
   }
 }
 
+#define GGUF_DEQUANT dequant_rows
 #endif
 
 // Rows [n0, n1) of y[m, ldy] for every x row, in chunks of up to 8 rows of x.
@@ -139,14 +195,15 @@ void gemv(int qtype, const uint8_t* w, int64_t row_bytes, const QuantX& x, int64
 
 void dequant(int qtype, const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k, float* out) {
   switch (qtype) {
-    case kQ4_0: dequant_rows<kQ4_0>(w, row_bytes, n, k, out); break;
-    case kQ4_1: dequant_rows<kQ4_1>(w, row_bytes, n, k, out); break;
-    case kQ5_0: dequant_rows<kQ5_0>(w, row_bytes, n, k, out); break;
-    case kQ5_1: dequant_rows<kQ5_1>(w, row_bytes, n, k, out); break;
-    case kQ8_0: dequant_rows<kQ8_0>(w, row_bytes, n, k, out); break;
-    case kQ4_K: dequant_rows<kQ4_K>(w, row_bytes, n, k, out); break;
-    case kQ5_K: dequant_rows<kQ5_K>(w, row_bytes, n, k, out); break;
-    case kQ6_K: dequant_rows<kQ6_K>(w, row_bytes, n, k, out); break;
+    case kQ4_0: GGUF_DEQUANT<kQ4_0>(w, row_bytes, n, k, out); break;
+    case kQ4_1: GGUF_DEQUANT<kQ4_1>(w, row_bytes, n, k, out); break;
+    case kQ5_0: GGUF_DEQUANT<kQ5_0>(w, row_bytes, n, k, out); break;
+    case kQ5_1: GGUF_DEQUANT<kQ5_1>(w, row_bytes, n, k, out); break;
+    case kQ8_0: GGUF_DEQUANT<kQ8_0>(w, row_bytes, n, k, out); break;
+    case kQ4_K: GGUF_DEQUANT<kQ4_K>(w, row_bytes, n, k, out); break;
+    case kQ5_K: GGUF_DEQUANT<kQ5_K>(w, row_bytes, n, k, out); break;
+    case kQ6_K: GGUF_DEQUANT<kQ6_K>(w, row_bytes, n, k, out); break;
     default: break;
   }
 }
+#undef GGUF_DEQUANT
