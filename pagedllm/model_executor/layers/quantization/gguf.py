@@ -100,6 +100,9 @@ class GGUFConfig(QuantizationConfig):
         if device.type != "cpu":
             raise ValueError("--quantization gguf (packed GGUF kernels) runs on CPU only; on "
                              "a GPU the GGUF weights are dequantized (drop the flag)")
+        if not gguf_kernels.available():  # loads the extension in this (worker) process
+            raise ValueError("the GGUF CPU kernels could not be built (see the warning above); "
+                             "drop --quantization gguf to dequantize the weights")
 
     def _packed_type(self, prefix: str) -> int | None:
         parts = [f"{name}.weight" for name in checkpoint_module_names(prefix)]

@@ -57,8 +57,26 @@ def _ext_name() -> str:
     return f"pagedllm_gguf_{digest.hexdigest()[:12]}"
 
 
+def _ninja_on_path() -> None:
+    """The `ninja` pip package's binary (and the venv's bin) on PATH, where torch's
+    extension builder looks for it, also when the venv is not activated."""
+    import sys
+
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        dirs.insert(0, ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        pass
+    path = os.environ.get("PATH", "").split(os.pathsep)
+    os.environ["PATH"] = os.pathsep.join([d for d in dirs if d not in path] + path)
+
+
 def _build() -> None:
     from torch.utils import cpp_extension
+
+    _ninja_on_path()
 
     build_dir = os.path.join(envs.gguf_kernel_build_dir(), _ext_name())
     os.makedirs(build_dir, exist_ok=True)
