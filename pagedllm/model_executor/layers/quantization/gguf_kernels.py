@@ -83,7 +83,7 @@ def _build() -> None:
     cpp_extension.load(
         name=_ext_name(),
         sources=[os.path.join(_CSRC, s) for s in _SOURCES],
-        extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+        extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
         build_directory=build_dir,
         is_python_module=False,

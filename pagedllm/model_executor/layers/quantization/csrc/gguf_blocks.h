@@ -133,10 +133,13 @@ static void dequant_rows(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t
 }
 
 // The activations quantized per 32-group to int8 (llama.cpp's Q8 of x): xq[m, k],
-// dx[m, k/32] the scale, xs[m, k/32, 2] = dx * sum of xq over each half group.
+// dx[m, k/32] the scale, xs[m, k/32, 2] = dx * sum of xq over each half group,
+// xsum[m, k/32] = both halves, xd[m, k/32, 8] = dx repeated (a vector load per group).
 struct QuantX {
   const int8_t* xq;
   const float* dx;
   const float* xs;
+  const float* xsum;
+  const float* xd;
   int64_t m, k;
 };

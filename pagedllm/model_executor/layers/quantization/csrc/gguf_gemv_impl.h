@@ -53,65 +53,63 @@ static inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// Group g's contribution to one x row: acc += cvt(q . xq) * a * dx (lane-wise halves),
-// off += b . dx * sum(xq) (per half).
-template <int T>
-static inline void group_dot(__m256i q, __m256 av, const float* b, const QuantX& x, int64_t m,
-                             int64_t g, int64_t groups, __m256& acc, __m256& off) {
-  const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.xq + m * x.k + g * 32));
-  const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, xv);
-  const __m256 s = _mm256_mul_ps(av, _mm256_set1_ps(x.dx[m * groups + g]));
-  acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, acc);
-  const float* xs = x.xs + (m * groups + g) * 2;
-  if constexpr (T == kQ6_K) {
-    off = _mm256_fmadd_ps(_mm256_set_ps(0, 0, 0, 0, 0, 0, b[1], b[0]),
-                          _mm256_set_ps(0, 0, 0, 0, 0, 0, xs[1], xs[0]), off);
-  } else {
-    off = _mm256_fmadd_ps(_mm256_set1_ps(b[0]), _mm256_set1_ps(xs[0] + xs[1]), off);
-  }
-}
-
 template <int T>
 static inline __m256 scale_vec(const float* a) {
   if constexpr (T == kQ6_K) return _mm256_set_m128(_mm_set1_ps(a[1]), _mm_set1_ps(a[0]));
   return _mm256_set1_ps(a[0]);
 }
 
+// Two groups (g, g+1) per 512-bit step: one dpbusd, one convert, one FMA per x row; the
+// offsets b * dx * sum(xq) accumulate in scalars.
 template <int T, int MB>
 static void gemv_block(const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t m0,
                        int64_t n0, int64_t n1, int64_t ldy, float* y) {
   const int64_t groups = x.k / 32;
   for (int64_t r = n0; r < n1; r++) {
     const uint8_t* row = w + r * row_bytes;
-    // Two accumulator sets (even and odd groups) hide the FMA latency.
-    __m256 acc[2][MB], off[2][MB];
-    for (int i = 0; i < MB; i++) {
-      acc[0][i] = acc[1][i] = off[0][i] = off[1][i] = _mm256_setzero_ps();
-    }
+    __m512 acc[MB];
+    float off[MB];
+    for (int i = 0; i < MB; i++) { acc[i] = _mm512_setzero_ps(); off[i] = 0.f; }
     int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {
       float a0[2], b0[2], a1[2], b1[2];
       const __m256i q0 = load_group<T>(row, (int)g, a0, b0);
       const __m256i q1 = load_group<T>(row, (int)g + 1, a1, b1);
-      const __m256 av0 = scale_vec<T>(a0), av1 = scale_vec<T>(a1);
+      const __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+      const __m512 av = _mm512_castpd_ps(_mm512_insertf64x4(
+          _mm512_castps_pd(_mm512_castps256_ps512(scale_vec<T>(a0))),
+          _mm256_castps_pd(scale_vec<T>(a1)), 1));
       for (int i = 0; i < MB; i++) {
-        group_dot<T>(q0, av0, b0, x, m0 + i, g, groups, acc[0][i], off[0][i]);
-        group_dot<T>(q1, av1, b1, x, m0 + i, g + 1, groups, acc[1][i], off[1][i]);
+        const int64_t m = m0 + i;
+        const __m512i xv = _mm512_loadu_si512((const void*)(x.xq + m * x.k + g * 32));
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
+        const __m512 s = _mm512_mul_ps(av, _mm512_loadu_ps(x.xd + (m * groups + g) * 8));
+        acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, acc[i]);
+        if constexpr (T == kQ6_K) {
+          const float* xs = x.xs + (m * groups + g) * 2;
+          off[i] += b0[0] * xs[0] + b0[1] * xs[1] + b1[0] * xs[2] + b1[1] * xs[3];
+        } else {
+          const float* xsum = x.xsum + m * groups + g;
+          off[i] += b0[0] * xsum[0] + b1[0] * xsum[1];
+        }
       }
     }
     for (; g < groups; g++) {
       float a0[2], b0[2];
       const __m256i q0 = load_group<T>(row, (int)g, a0, b0);
-      const __m256 av0 = scale_vec<T>(a0);
+      const __m256 av = scale_vec<T>(a0);
       for (int i = 0; i < MB; i++) {
-        group_dot<T>(q0, av0, b0, x, m0 + i, g, groups, acc[0][i], off[0][i]);
+        const int64_t m = m0 + i;
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.xq + m * x.k + g * 32));
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q0, xv);
+        const __m256 s = _mm256_mul_ps(av, _mm256_set1_ps(x.dx[m * groups + g]));
+        const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(dot), s);
+        acc[i] = _mm512_add_ps(acc[i], _mm512_castps256_ps512(part));
+        const float* xs = x.xs + (m * groups + g) * 2;
+        off[i] += b0[0] * xs[0] + b0[1] * xs[1];
       }
     }
-    for (int i = 0; i < MB; i++) {
-      const float o = T == kQ6_K ? hsum256(_mm256_add_ps(off[0][i], off[1][i]))
-                                 : _mm256_cvtss_f32(_mm256_add_ps(off[0][i], off[1][i]));
-      y[(m0 + i) * ldy + r] = hsum256(_mm256_add_ps(acc[0][i], acc[1][i])) + o;
-    }
+    for (int i = 0; i < MB; i++) y[(m0 + i) * ldy + r] = _mm512_reduce_add_ps(acc[i]) + off[i];
   }
 }
 

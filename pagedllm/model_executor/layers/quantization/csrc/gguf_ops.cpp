@@ -49,7 +49,8 @@ void check_weight(const at::Tensor& w, int64_t qtype, int64_t k) {
 }
 
 // x[m, k] float32 -> int8 per 32-group, scale and half-group sums.
-void quantize_x(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* xs) {
+void quantize_x(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* xs,
+                float* xsum, float* xd) {
   const int64_t groups = k / 32;
   for (int64_t i = 0; i < m; i++) {
     for (int64_t g = 0; g < groups; g++) {
@@ -66,6 +67,8 @@ void quantize_x(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, flo
       dx[i * groups + g] = d;
       xs[(i * groups + g) * 2] = d * s0;
       xs[(i * groups + g) * 2 + 1] = d * s1;
+      xsum[i * groups + g] = d * (s0 + s1);
+      for (int j = 0; j < 8; j++) xd[(i * groups + g) * 8 + j] = d;
     }
   }
 }
@@ -81,9 +84,12 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, i
   at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kChar));
   at::Tensor dx = at::empty({m, groups}, x.options());
   at::Tensor xs = at::empty({m, groups, 2}, x.options());
+  at::Tensor xsum = at::empty({m, groups}, x.options());
+  at::Tensor xd = at::empty({m, groups, 8}, x.options());
   quantize_x(x.data_ptr<float>(), m, k, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-             xs.data_ptr<float>());
-  const QuantX qx{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(), m, k};
+             xs.data_ptr<float>(), xsum.data_ptr<float>(), xd.data_ptr<float>());
+  const QuantX qx{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(),
+                  xsum.data_ptr<float>(), xd.data_ptr<float>(), m, k};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
   float* yp = y.data_ptr<float>();
