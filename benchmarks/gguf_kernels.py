@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--m", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--threads", type=int, nargs="+", default=[1])
     parser.add_argument("--portable", action="store_true")
+    parser.add_argument("--types", nargs="+", default=list(SHAPES))
     args = parser.parse_args()
     assert gguf_kernels.available()
     gguf_kernels.set_portable(args.portable)
@@ -50,6 +51,8 @@ def main() -> None:
     for threads in args.threads:
         torch.set_num_threads(threads)
         for name, shapes in SHAPES.items():
+            if name not in args.types:
+                continue
             qtype = TYPE_IDS[name]
             for n, k in shapes:
                 w = torch.from_numpy(random_packed(qtype, n, k, seed=0))

@@ -141,5 +141,8 @@ struct QuantX {
   const float* xs;
   const float* xsum;
   const float* xd;
+  // xq with each pair of groups (g, g+1) reordered [g 0-15, g+1 0-15, g 16-31, g+1 16-31]:
+  // the order the 32-weight blocks' nibbles unpack into (AVX512 fast path).
+  const int8_t* xp;
   int64_t m, k;
 };

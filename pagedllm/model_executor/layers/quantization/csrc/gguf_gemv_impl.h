@@ -113,6 +113,106 @@ static void gemv_block(const uint8_t* w, int64_t row_bytes, const QuantX& x, int
   }
 }
 
+// The 32-weight block types, eight groups per step: the eight blocks' fp16 scales (and
+// mins) come in with one gather, the scale x dx products and the offsets are computed for all
+// eight at once, and each pair of blocks unpacks into one 512-bit register in the order of
+// x.xp, so a pair costs one dpbusd, one permute of the scales and one FMA per x row.
+template <int T>
+static inline __m512i load_pair(const uint8_t* b0, const uint8_t* b1) {
+  if constexpr (T == kQ8_0) {
+    const __m512i z = _mm512_inserti64x4(
+        _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(b0 + 2))),
+        _mm256_loadu_si256((const __m256i*)(b1 + 2)), 1);
+    return _mm512_xor_si512(_mm512_shuffle_i64x2(z, z, _MM_SHUFFLE(3, 1, 2, 0)),
+                            _mm512_set1_epi8((char)0x80));
+  } else {
+    constexpr bool has_min = T == kQ4_1 || T == kQ5_1;
+    constexpr bool five = T == kQ5_0 || T == kQ5_1;
+    constexpr int qs_off = 2 + (has_min ? 2 : 0) + (five ? 4 : 0);
+    const __m256i raw = _mm256_set_m128i(_mm_loadu_si128((const __m128i*)(b1 + qs_off)),
+                                         _mm_loadu_si128((const __m128i*)(b0 + qs_off)));
+    const __m256i m4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(raw, m4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+    __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    if constexpr (five) {
+      uint32_t h0, h1;
+      std::memcpy(&h0, b0 + qs_off - 4, 4);
+      std::memcpy(&h1, b1 + qs_off - 4, 4);
+      const uint64_t mask = (uint64_t)(h0 & 0xFFFF) | (uint64_t)(h1 & 0xFFFF) << 16 |
+                            (uint64_t)(h0 >> 16) << 32 | (uint64_t)(h1 >> 16) << 48;
+      q = _mm512_or_si512(q, _mm512_maskz_mov_epi8((__mmask64)mask, _mm512_set1_epi8(0x10)));
+    }
+    return q;
+  }
+}
+
+template <int T, int MB>
+static void gemv_block_fast(const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t m0,
+                            int64_t n0, int64_t n1, int64_t ldy, float* y) {
+  constexpr int bb = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : T == kQ5_0 ? 22 : T == kQ5_1 ? 24 : 34;
+  constexpr bool has_min = T == kQ4_1 || T == kQ5_1;
+  constexpr float bias = T == kQ4_0 ? -8.f : T == kQ8_0 ? -128.f : -16.f;
+  const int64_t groups = x.k / 32;
+  const __m256i gidx = _mm256_setr_epi32(0, bb, 2 * bb, 3 * bb, 4 * bb, 5 * bb, 6 * bb, 7 * bb);
+  __m512i pidx[4];
+  for (int p = 0; p < 4; p++) {
+    const int a = 2 * p, b = 2 * p + 1;
+    pidx[p] = _mm512_setr_epi32(a, a, a, a, b, b, b, b, a, a, a, a, b, b, b, b);
+  }
+  for (int64_t r = n0; r < n1; r++) {
+    const uint8_t* row = w + r * row_bytes;
+    __m512 acc[MB];
+    __m256 offv[MB];
+    float off[MB];
+    for (int i = 0; i < MB; i++) {
+      acc[i] = _mm512_setzero_ps();
+      offv[i] = _mm256_setzero_ps();
+      off[i] = 0.f;
+    }
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+      const uint8_t* blk = row + g * bb;
+      const __m256i dw = _mm256_i32gather_epi32((const int*)blk, gidx, 1);
+      const __m256 d8 = _mm256_cvtph_ps(_mm256_cvtepi32_epi16(dw));
+      const __m256 b8 = has_min ? _mm256_cvtph_ps(_mm256_cvtepi32_epi16(_mm256_srli_epi32(dw, 16)))
+                                : _mm256_mul_ps(d8, _mm256_set1_ps(bias));
+      __m512 s8[MB];
+      for (int i = 0; i < MB; i++) {
+        const int64_t m = m0 + i;
+        s8[i] = _mm512_castps256_ps512(_mm256_mul_ps(d8, _mm256_loadu_ps(x.dx + m * groups + g)));
+        offv[i] = _mm256_fmadd_ps(b8, _mm256_loadu_ps(x.xsum + m * groups + g), offv[i]);
+      }
+      for (int p = 0; p < 4; p++) {
+        const __m512i q = load_pair<T>(blk + 2 * p * bb, blk + (2 * p + 1) * bb);
+        for (int i = 0; i < MB; i++) {
+          const int64_t m = m0 + i;
+          const __m512i xv = _mm512_loadu_si512((const void*)(x.xp + m * x.k + (g + 2 * p) * 32));
+          const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), q, xv);
+          acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                   _mm512_permutexvar_ps(pidx[p], s8[i]), acc[i]);
+        }
+      }
+    }
+    for (; g < groups; g++) {  // the last groups one at a time, natural order
+      float a0[2], b0[2];
+      const __m256i q0 = load_group<T>(row, (int)g, a0, b0);
+      for (int i = 0; i < MB; i++) {
+        const int64_t m = m0 + i;
+        const __m256i xv = _mm256_loadu_si256((const __m256i*)(x.xq + m * x.k + g * 32));
+        const __m256i dot = _mm256_dpbusd_epi32(_mm256_setzero_si256(), q0, xv);
+        const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(dot),
+                                          _mm256_set1_ps(a0[0] * x.dx[m * groups + g]));
+        acc[i] = _mm512_add_ps(acc[i], _mm512_castps256_ps512(part));
+        off[i] += b0[0] * x.xsum[m * groups + g];
+      }
+    }
+    for (int i = 0; i < MB; i++) {
+      y[(m0 + i) * ldy + r] = _mm512_reduce_add_ps(acc[i]) + hsum256(offv[i]) + off[i];
+    }
+  }
+}
+
 // Dequantization through the same register unpack: 32 bytes -> 2 x 16 floats.
 template <int T>
 static void dequant_rows_simd(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k,
@@ -165,15 +265,23 @@ static void gemv_block(const uint8_t* w, int64_t row_bytes, const QuantX& x, int
 #endif
 
 // Rows [n0, n1) of y[m, ldy] for every x row, in chunks of up to 8 rows of x.
+#if GGUF_VNNI
+#define GGUF_BLOCK(T, MB) \
+  (T <= kQ8_0 ? gemv_block_fast<T, MB> : gemv_block<T, MB>)
+#else
+#define GGUF_BLOCK(T, MB) gemv_block<T, MB>
+#endif
+
 template <int T>
 static void gemv_rows(const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t n0,
                       int64_t n1, int64_t ldy, float* y) {
   int64_t m0 = 0;
-  for (; m0 + 8 <= x.m; m0 += 8) gemv_block<T, 8>(w, row_bytes, x, m0, n0, n1, ldy, y);
-  for (; m0 + 4 <= x.m; m0 += 4) gemv_block<T, 4>(w, row_bytes, x, m0, n0, n1, ldy, y);
-  for (; m0 + 2 <= x.m; m0 += 2) gemv_block<T, 2>(w, row_bytes, x, m0, n0, n1, ldy, y);
-  for (; m0 < x.m; m0++) gemv_block<T, 1>(w, row_bytes, x, m0, n0, n1, ldy, y);
+  for (; m0 + 8 <= x.m; m0 += 8) GGUF_BLOCK(T, 8)(w, row_bytes, x, m0, n0, n1, ldy, y);
+  for (; m0 + 4 <= x.m; m0 += 4) GGUF_BLOCK(T, 4)(w, row_bytes, x, m0, n0, n1, ldy, y);
+  for (; m0 + 2 <= x.m; m0 += 2) GGUF_BLOCK(T, 2)(w, row_bytes, x, m0, n0, n1, ldy, y);
+  for (; m0 < x.m; m0++) GGUF_BLOCK(T, 1)(w, row_bytes, x, m0, n0, n1, ldy, y);
 }
+#undef GGUF_BLOCK
 
 // The entry points of one ISA: dispatch on the type at run time.
 void gemv(int qtype, const uint8_t* w, int64_t row_bytes, const QuantX& x, int64_t n0,

@@ -50,7 +50,7 @@ void check_weight(const at::Tensor& w, int64_t qtype, int64_t k) {
 
 // x[m, k] float32 -> int8 per 32-group, scale and half-group sums.
 void quantize_x(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* xs,
-                float* xsum, float* xd) {
+                float* xsum, float* xd, int8_t* xp) {
   const int64_t groups = k / 32;
   for (int64_t i = 0; i < m; i++) {
     for (int64_t g = 0; g < groups; g++) {
@@ -70,6 +70,15 @@ void quantize_x(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, flo
       xsum[i * groups + g] = d * (s0 + s1);
       for (int j = 0; j < 8; j++) xd[(i * groups + g) * 8 + j] = d;
     }
+    std::memcpy(xp + i * k, xq + i * k, k);
+    for (int64_t g = 0; g + 2 <= groups; g += 2) {  // pair order of QuantX::xp
+      const int8_t* a = xq + i * k + g * 32;
+      int8_t* o = xp + i * k + g * 32;
+      std::memcpy(o, a, 16);
+      std::memcpy(o + 16, a + 32, 16);
+      std::memcpy(o + 32, a + 16, 16);
+      std::memcpy(o + 48, a + 48, 16);
+    }
   }
 }
 
@@ -86,10 +95,12 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, i
   at::Tensor xs = at::empty({m, groups, 2}, x.options());
   at::Tensor xsum = at::empty({m, groups}, x.options());
   at::Tensor xd = at::empty({m, groups, 8}, x.options());
+  at::Tensor xp = at::empty({m, k}, x.options().dtype(at::kChar));
   quantize_x(x.data_ptr<float>(), m, k, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-             xs.data_ptr<float>(), xsum.data_ptr<float>(), xd.data_ptr<float>());
+             xs.data_ptr<float>(), xsum.data_ptr<float>(), xd.data_ptr<float>(),
+             xp.data_ptr<int8_t>());
   const QuantX qx{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(),
-                  xsum.data_ptr<float>(), xd.data_ptr<float>(), m, k};
+                  xsum.data_ptr<float>(), xd.data_ptr<float>(), xp.data_ptr<int8_t>(), m, k};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
   float* yp = y.data_ptr<float>();
