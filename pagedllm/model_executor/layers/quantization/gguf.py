@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 # Rows of x up to which the int8-dot kernel runs; above, dequantized tiles + GEMM
 # (docs/kernels.md: the crossover on AVX512-VNNI is between M 16 and 32).
 DECODE_MAX_M = 16
-# Dequantized tile of the prefill path: about 256 KiB of float32, so it stays in L2.
+# Dequantized tile of the prefill path: about 256 KiB of float32 (stays in L2) for small
+# batches, 4 MiB for long prefills (bigger GEMMs, the dequantization is amortised anyway).
 _TILE_FLOATS = 1 << 16
+_TILE_FLOATS_LONG = 1 << 20
 _TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K",
                14: "Q6_K"}
 
@@ -44,7 +46,8 @@ def gguf_linear(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.T
     if x2.shape[0] <= DECODE_MAX_M:
         y = gguf_kernels.gguf_mm(x2, w, qtype, k)
     else:
-        y = gguf_kernels.gguf_mm_dequant(x2, w, qtype, k, max(16, _TILE_FLOATS // k))
+        floats = _TILE_FLOATS_LONG if x2.shape[0] >= 256 else _TILE_FLOATS
+        y = gguf_kernels.gguf_mm_dequant(x2, w, qtype, k, max(16, floats // k))
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
