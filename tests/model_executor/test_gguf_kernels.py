@@ -88,3 +88,28 @@ def test_bad_shapes_are_refused() -> None:
         gguf_kernels.gguf_mm(torch.randn(2, 96), w, int(T.Q4_1), 96)
     with pytest.raises(RuntimeError, match="x must be"):
         gguf_kernels.gguf_mm(torch.randn(2, 32), w, int(T.Q4_1), 64)
+
+
+def test_fused_layer_keeps_packed_only_when_types_match() -> None:
+    """q/k/v (or gate/up) of one GGUF type share one packed tensor; mixed types (Q4_K_M files
+    store v as Q6_K) and float tensors leave the layer dequantized."""
+    from types import SimpleNamespace
+
+    from pagedllm.model_executor.layers.quantization.gguf import GGUFConfig, GGUFLinearMethod
+
+    attn = "model.layers.0.self_attn"
+    types = {f"{attn}.q_proj.weight": 12, f"{attn}.k_proj.weight": 12,
+             f"{attn}.v_proj.weight": 14, f"{attn}.o_proj.weight": 14,
+             "model.layers.0.mlp.gate_proj.weight": 3, "model.layers.0.mlp.up_proj.weight": 3,
+             "model.layers.0.mlp.down_proj.weight": 0}  # fmt: skip
+    config = GGUFConfig(types)
+    layer = SimpleNamespace(tp_size=1, input_size=512)
+    assert config.get_linear_method(layer, f"{attn}.qkv_proj") is None
+    method = config.get_linear_method(layer, "model.layers.0.mlp.gate_up_proj")
+    assert isinstance(method, GGUFLinearMethod) and method.qtype == 3
+    assert config.get_linear_method(layer, f"{attn}.o_proj").qtype == 14
+    assert config.get_linear_method(layer, "model.layers.0.mlp.down_proj") is None  # F32
+    assert config.keep_packed("model.layers.0.mlp.up_proj.weight", 3)
+    assert not config.keep_packed(f"{attn}.q_proj.weight", 12)
+    tp2 = SimpleNamespace(tp_size=2, input_size=512)
+    assert GGUFConfig(types).get_linear_method(tp2, f"{attn}.o_proj") is None
