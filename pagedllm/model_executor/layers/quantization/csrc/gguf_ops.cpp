@@ -7,6 +7,7 @@
 
 #include <atomic>
 #include <cmath>
+#include <vector>
 
 #include "gguf_blocks.h"
 
@@ -90,17 +91,19 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, i
   const int64_t m = x.size(0), n = w.size(0), groups = k / 32;
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
-  at::Tensor xq = at::empty({m, k}, x.options().dtype(at::kChar));
-  at::Tensor dx = at::empty({m, groups}, x.options());
-  at::Tensor xs = at::empty({m, groups, 2}, x.options());
-  at::Tensor xsum = at::empty({m, groups}, x.options());
-  at::Tensor xd = at::empty({m, groups, 8}, x.options());
-  at::Tensor xp = at::empty({m, k}, x.options().dtype(at::kChar));
-  quantize_x(x.data_ptr<float>(), m, k, xq.data_ptr<int8_t>(), dx.data_ptr<float>(),
-             xs.data_ptr<float>(), xsum.data_ptr<float>(), xd.data_ptr<float>(),
-             xp.data_ptr<int8_t>());
-  const QuantX qx{xq.data_ptr<int8_t>(), dx.data_ptr<float>(), xs.data_ptr<float>(),
-                  xsum.data_ptr<float>(), xd.data_ptr<float>(), xp.data_ptr<int8_t>(), m, k};
+  // One reused workspace per calling thread (a decode step calls this ~120 times; seven
+  // allocations each cost more than the small matrices' arithmetic).
+  thread_local std::vector<float> ws;
+  const size_t nf = (size_t)(m * groups * (1 + 2 + 1 + 8)), nb = (size_t)(2 * m * k);
+  ws.resize(nf + (nb + 3) / 4);
+  float* dx = ws.data();
+  float* xs = dx + m * groups;
+  float* xsum = xs + m * groups * 2;
+  float* xd = xsum + m * groups;
+  int8_t* xq = reinterpret_cast<int8_t*>(ws.data() + nf);
+  int8_t* xp = xq + m * k;
+  quantize_x(x.data_ptr<float>(), m, k, xq, dx, xs, xsum, xd, xp);
+  const QuantX qx{xq, dx, xs, xsum, xd, xp, m, k};
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int64_t row_bytes = w.size(1);
   float* yp = y.data_ptr<float>();
