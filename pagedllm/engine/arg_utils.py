@@ -274,9 +274,36 @@ class EngineArgs:
             max_logprobs=self.max_logprobs,
             trust_remote_code=self.trust_remote_code,
             skip_tokenizer_init=self.skip_tokenizer_init,
-            quantization=resolve_quantization(self.quantization, hf_config),
+            quantization=self._resolve_quantization(resolved, hf_config, device),
             load_format=self.load_format,
         )
+
+    def _resolve_quantization(self, resolved, hf_config, device: str) -> str | None:
+        """The flag or checkpoint's method; for a GGUF file on CPU (dtype auto, one rank,
+        PAGEDLLM_CPU_GGUF_PACKED not 0) "gguf": the weights stay packed. `--dtype float32`
+        dequantizes, as before."""
+        flag = self.quantization
+        if resolved.model_format != "gguf":
+            return resolve_quantization(flag, hf_config)
+        explicit = flag is not None and flag.strip().lower() == "gguf"
+        if flag is not None and not explicit:
+            return resolve_quantization(flag, hf_config)
+        if explicit and device != "cpu":
+            raise ValueError("--quantization gguf (packed GGUF kernels) runs on CPU only; on a "
+                             "GPU drop the flag and the GGUF weights are dequantized")
+        if explicit and self.tensor_parallel_size > 1:
+            raise ValueError("--quantization gguf keeps the weights packed on one CPU rank; "
+                             "with --tensor-parallel-size > 1 drop the flag (the GGUF weights "
+                             "are then dequantized)")
+        wanted = explicit or (
+            device == "cpu" and self.dtype == "auto" and envs.cpu_gguf_packed()
+            and self.tensor_parallel_size == 1 and self.load_format != "dummy"
+        )
+        if not wanted:
+            return None
+        from pagedllm.model_executor.layers.quantization import gguf_kernels
+
+        return "gguf" if gguf_kernels.available() else None
 
     def _default_batch_limits(self, device: str) -> tuple[int, int]:
         """(max_num_seqs, max_num_batched_tokens) when not given, following vLLM's defaults:

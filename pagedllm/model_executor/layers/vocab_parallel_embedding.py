@@ -89,6 +89,11 @@ class ParallelLMHead(VocabParallelEmbedding):
 
 def compute_logits(head: VocabParallelEmbedding, hidden: torch.Tensor) -> torch.Tensor:
     """[num_tokens, hidden] -> [num_tokens, vocab_size] float32 logits."""
+    packed = getattr(head, "gguf_packed", None)  # (bytes, type, K): quantization/gguf.py
+    if packed is not None:
+        from pagedllm.model_executor.layers.quantization.gguf import gguf_linear
+
+        return gguf_linear(hidden.float(), *packed)[..., : head.org_vocab_size]
     logits = F.linear(hidden, head.weight)
     logits = tensor_model_parallel_all_gather(logits, dim=-1)
     return logits[..., : head.org_vocab_size].float()

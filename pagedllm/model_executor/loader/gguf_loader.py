@@ -218,6 +218,7 @@ def build_hf_config_from_gguf(path: str) -> Any:
             kwargs[attr] = int(value)
     config = getattr(transformers, config_cls_name)(**kwargs)
     config.architectures = [hf_arch]
+    config.gguf_path = path  # the quantization method reads the tensor types from it
     return config
 
 
@@ -254,10 +255,14 @@ def _unpermute_qk(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def iterate_gguf_weights(
-    path: str, hf_config: Any, needed: Callable[[str], bool] | None = None
+    path: str,
+    hf_config: Any,
+    needed: Callable[[str], bool] | None = None,
+    keep_packed: Callable[[str, int], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, float32 tensor) for every tensor in the file (those `needed` accepts),
-    dequantized one at a time."""
+    dequantized one at a time; a tensor `keep_packed(hf_name, qtype)` accepts comes as its
+    GGUF bytes instead, [rows, row_bytes] uint8 (Q/K rows un-permuted whole)."""
     reader = open_gguf(path)
     arch = gguf_architecture(reader)
     spec = gguf_arch_spec(arch, lambda key, default=None: gguf_metadata(
@@ -274,11 +279,15 @@ def iterate_gguf_weights(
         hf_name = gguf_to_hf_name(tensor.name, spec)
         if hf_name is None or (needed is not None and not needed(hf_name)):
             continue
-        array = reader.dequantize(tensor)
+        packed = keep_packed is not None and keep_packed(hf_name, tensor.qtype)
+        array = reader.raw(tensor) if packed else reader.dequantize(tensor)
         if spec.permuted_qk and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             array = _unpermute_qk(array, num_heads)
         elif spec.permuted_qk and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _unpermute_qk(array, num_kv_heads)
+        if packed:
+            yield hf_name, torch.from_numpy(np.ascontiguousarray(array).copy())
+            continue
         if spec.norm_shift and hf_name.endswith("norm.weight"):
             array = array - np.float32(spec.norm_shift)
         if hf_name.endswith("shared_expert_gate.weight"):

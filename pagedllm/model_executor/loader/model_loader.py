@@ -28,12 +28,16 @@ logger = logging.getLogger(__name__)
 
 
 def iterate_weights(
-    model_config: ModelConfig, needed: Callable[[str], bool] | None = None
+    model_config: ModelConfig,
+    needed: Callable[[str], bool] | None = None,
+    quant_config: QuantizationConfig | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """HF-named checkpoint tensors of the model, whatever its on-disk format; with `needed`,
-    only the names it accepts are read."""
+    only the names it accepts are read. A GGUF method's `keep_packed` picks the tensors
+    handed over as their packed bytes."""
     if model_config.model_format == "gguf":
-        return iterate_gguf_weights(model_config.model_path, model_config.hf_config, needed)
+        return iterate_gguf_weights(model_config.model_path, model_config.hf_config, needed,
+                                    getattr(quant_config, "keep_packed", None))
     if model_config.model_format == "hf":
         return iterate_hf_weights(model_config.model_path, needed)
     raise ModelLoadError(f"unknown model format {model_config.model_format!r}")
@@ -123,7 +127,7 @@ def _load_checkpoint(
     """Streams the checkpoint in (fp8 KV scales picked out on the way) and lets quantized
     methods repack; errors of a quantized load name the method."""
     kv_scales = KVScaleCollector(model)
-    weights = kv_scales.filter(iterate_weights(model_config, needed))
+    weights = kv_scales.filter(iterate_weights(model_config, needed, quant_config))
     if quant_config is None:
         load_weights_checked(model, weights)
     else:
@@ -131,6 +135,8 @@ def _load_checkpoint(
         try:
             load_weights_checked(model, quant_config.intercept_weights(weights), quant_config)
             process_weights_after_loading(model)
+            if hasattr(quant_config, "attach_lm_head"):
+                quant_config.attach_lm_head(model)
         except ValueError as e:
             if isinstance(e, ModelLoadError) and str(e).startswith(f"{name} checkpoint"):
                 raise  # already names the method

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 # vLLM's names for the methods pagedllm knows about (registered or not yet).
 QUANTIZATION_METHODS: tuple[str, ...] = (
-    "fp8", "awq", "gptq", "bitsandbytes", "compressed-tensors",
+    "fp8", "awq", "gptq", "bitsandbytes", "compressed-tensors", "gguf",
 )
 # Module (under this package) that registers each method; imported on first use.
 _METHOD_MODULES: dict[str, str] = {
@@ -29,6 +29,7 @@ _METHOD_MODULES: dict[str, str] = {
     "gptq": "gptq",
     "bitsandbytes": "bitsandbytes",
     "compressed-tensors": "compressed_tensors",
+    "gguf": "gguf",
 }
 _REGISTRY: dict[str, type[QuantizationConfig]] = {}
 
@@ -149,9 +150,7 @@ def build_quant_config(method: str | None, hf_config: Any) -> QuantizationConfig
     """The config object for a resolved method (see `resolve_quantization`)."""
     if method is None:
         return None
-    cls = get_quantization_config_cls(method)
-    qc = checkpoint_quant_config(hf_config)
-    return cls.from_config(qc) if qc is not None else cls.for_on_the_fly()
+    return get_quantization_config_cls(method).from_model_config(hf_config)
 
 
 def quantize_model(model: nn.Module, quant_config: QuantizationConfig) -> int:

@@ -49,6 +49,15 @@ class QuantizationConfig:
         raise NotImplementedError
 
     @classmethod
+    def from_model_config(cls, hf_config: Any) -> QuantizationConfig:
+        """For a model: from its checkpoint's `quantization_config`, or on the fly when it
+        has none. A method reading its format from elsewhere (GGUF's file) overrides this."""
+        from pagedllm.model_executor.layers.quantization import checkpoint_quant_config
+
+        qc = checkpoint_quant_config(hf_config)
+        return cls.from_config(qc) if qc is not None else cls.for_on_the_fly()
+
+    @classmethod
     def for_on_the_fly(cls) -> QuantizationConfig:
         """For a 16-bit checkpoint quantized at load (only if `supports_on_the_fly`)."""
         raise ValueError(

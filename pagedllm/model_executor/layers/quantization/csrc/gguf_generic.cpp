@@ -1,0 +1,7 @@
+// The portable build of the GGUF kernels (any x86-64 or other CPU).
+#include "gguf_blocks.h"
+namespace gguf_generic {
+#define GGUF_VNNI 0
+#include "gguf_gemv_impl.h"
+#undef GGUF_VNNI
+}  // namespace gguf_generic

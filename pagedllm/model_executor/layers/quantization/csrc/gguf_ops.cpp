@@ -1,0 +1,172 @@
+// torch ops over the GGUF kernels: torch.ops.pagedllm_gguf.{mm, dequantize, isa}.
+// The ISA is chosen once at run time from the CPU's features; rows are split over torch's
+// intra-op threads (at::parallel_for).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <cmath>
+#include <vector>
+
+#include "gguf_blocks.h"
+
+namespace gguf_avx512 {
+void gemv(int, const uint8_t*, int64_t, const QuantX&, int64_t, int64_t, int64_t, float*);
+void dequant(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
+}  // namespace gguf_avx512
+namespace gguf_generic {
+void gemv(int, const uint8_t*, int64_t, const QuantX&, int64_t, int64_t, int64_t, float*);
+void dequant(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
+}  // namespace gguf_generic
+
+namespace {
+
+std::atomic<bool> force_portable{false};
+
+bool use_avx512() {
+  if (force_portable.load(std::memory_order_relaxed)) return false;
+  static const bool ok = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+void check_weight(const at::Tensor& w, int64_t qtype, int64_t k) {
+  const int be = block_elems((int)qtype), bb = block_bytes((int)qtype);
+  TORCH_CHECK(bb > 0, "GGUF type ", qtype, " has no packed kernel");
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.device().is_cpu(),
+              "packed GGUF weight must be a contiguous CPU uint8 [N, row_bytes] tensor");
+  TORCH_CHECK(k % be == 0, "K=", k, " is not a multiple of the block size ", be);
+  TORCH_CHECK(w.size(1) == k / be * bb, "packed row has ", w.size(1), " bytes, expected ",
+              k / be * bb, " for K=", k);
+}
+
+// x[m, k] float32 -> int8 per 32-group, scale and half-group sums.
+void quantize_x(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* xs,
+                float* xsum, float* xd, int8_t* xp) {
+  const int64_t groups = k / 32;
+  for (int64_t i = 0; i < m; i++) {
+    for (int64_t g = 0; g < groups; g++) {
+      const float* v = x + i * k + g * 32;
+      float amax = 0.f;
+      for (int j = 0; j < 32; j++) amax = std::max(amax, std::fabs(v[j]));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int8_t* q = xq + i * k + g * 32;
+      int32_t s0 = 0, s1 = 0;
+      for (int j = 0; j < 32; j++) {
+        q[j] = (int8_t)std::nearbyint(v[j] * inv);
+        (j < 16 ? s0 : s1) += q[j];
+      }
+      dx[i * groups + g] = d;
+      xs[(i * groups + g) * 2] = d * s0;
+      xs[(i * groups + g) * 2 + 1] = d * s1;
+      xsum[i * groups + g] = d * (s0 + s1);
+      for (int j = 0; j < 8; j++) xd[(i * groups + g) * 8 + j] = d;
+    }
+    std::memcpy(xp + i * k, xq + i * k, k);
+    for (int64_t g = 0; g + 2 <= groups; g += 2) {  // pair order of QuantX::xp
+      const int8_t* a = xq + i * k + g * 32;
+      int8_t* o = xp + i * k + g * 32;
+      std::memcpy(o, a, 16);
+      std::memcpy(o + 16, a + 32, 16);
+      std::memcpy(o + 32, a + 16, 16);
+      std::memcpy(o + 48, a + 48, 16);
+    }
+  }
+}
+
+// y = x @ W^T with W packed: integer dot products against x quantized to int8.
+at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k) {
+  check_weight(w, qtype, k);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t m = x.size(0), n = w.size(0), groups = k / 32;
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  // One reused workspace per calling thread (a decode step calls this ~120 times; seven
+  // allocations each cost more than the small matrices' arithmetic).
+  thread_local std::vector<float> ws;
+  const size_t nf = (size_t)(m * groups * (1 + 2 + 1 + 8)), nb = (size_t)(2 * m * k);
+  ws.resize(nf + (nb + 3) / 4);
+  float* dx = ws.data();
+  float* xs = dx + m * groups;
+  float* xsum = xs + m * groups * 2;
+  float* xd = xsum + m * groups;
+  int8_t* xq = reinterpret_cast<int8_t*>(ws.data() + nf);
+  int8_t* xp = xq + m * k;
+  quantize_x(x.data_ptr<float>(), m, k, xq, dx, xs, xsum, xd, xp);
+  const QuantX qx{xq, dx, xs, xsum, xd, xp, m, k};
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  float* yp = y.data_ptr<float>();
+  const bool avx = use_avx512();
+  const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    if (avx) {
+      gguf_avx512::gemv((int)qtype, wp, row_bytes, qx, n0, n1, n, yp);
+    } else {
+      gguf_generic::gemv((int)qtype, wp, row_bytes, qx, n0, n1, n, yp);
+    }
+  });
+  return y;
+}
+
+// W [N, K] float32 from its packed rows.
+at::Tensor gguf_dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
+  check_weight(w, qtype, k);
+  const int64_t n = w.size(0), row_bytes = w.size(1);
+  at::Tensor out = at::empty({n, k}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const bool avx = use_avx512();
+  at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
+    if (avx) {
+      gguf_avx512::dequant((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
+    } else {
+      gguf_generic::dequant((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
+    }
+  });
+  return out;
+}
+
+// y = x @ W^T with W dequantized a tile of rows at a time into float32 for torch's GEMM
+// (prefill: many rows of x amortise the dequantization).
+at::Tensor gguf_mm_dequant(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype,
+                           int64_t k, int64_t tile_rows) {
+  check_weight(w, qtype, k);
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t n = w.size(0);
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
+    const int64_t r1 = std::min(n, r0 + tile_rows);
+    const at::Tensor tile = gguf_dequantize(w.narrow(0, r0, r1 - r0), qtype, k);
+    y.narrow(1, r0, r1 - r0).copy_(at::matmul(x, tile.t()));
+  }
+  return y;
+}
+
+int64_t gguf_isa() { return use_avx512() ? 1 : 0; }
+
+// Tests: run the portable C++ kernels even where the CPU has AVX512-VNNI.
+void gguf_set_portable(bool on) { force_portable.store(on); }
+
+}  // namespace
+
+TORCH_LIBRARY(pagedllm_gguf, m) {
+  m.def("mm(Tensor x, Tensor w, int qtype, int k) -> Tensor");
+  m.def("mm_dequant(Tensor x, Tensor w, int qtype, int k, int tile_rows) -> Tensor");
+  m.def("dequantize(Tensor w, int qtype, int k) -> Tensor");
+  m.def("isa() -> int", &gguf_isa);
+  m.def("set_portable(bool on) -> ()", &gguf_set_portable);
+  m.impl("mm", c10::DispatchKey::CPU, TORCH_FN(gguf_mm));
+  m.impl("mm_dequant", c10::DispatchKey::CPU, TORCH_FN(gguf_mm_dequant));
+  m.impl("dequantize", c10::DispatchKey::CPU, TORCH_FN(gguf_dequantize));
+}

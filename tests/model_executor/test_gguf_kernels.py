@@ -1,0 +1,115 @@
+"""The packed GGUF CPU kernels against gguf's reference dequantization times a matmul."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf.constants import GGMLQuantizationType as T
+from gguf.quants import dequantize, quantize
+
+from pagedllm.model_executor.layers.quantization import gguf_kernels
+
+TYPES = [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q5_K, T.Q6_K]
+# Byte offsets of each block's fp16 scale fields (set to sane values in random blocks).
+_HALF_FIELDS = {T.Q4_0: (0,), T.Q4_1: (0, 2), T.Q5_0: (0,), T.Q5_1: (0, 2), T.Q8_0: (0,),
+                T.Q4_K: (0, 2), T.Q5_K: (0, 2), T.Q6_K: (208,)}
+
+
+def random_packed(qtype: T, n: int, k: int, seed: int) -> np.ndarray:
+    """Random blocks of the published layout: every quant bit random, fp16 scales in a
+    sane range. [n, row_bytes] uint8."""
+    rng = np.random.default_rng(seed)
+    elems, nbytes = gguf_kernels.PACKED_TYPES[int(qtype)]
+    blocks = rng.integers(0, 256, size=(n, k // elems, nbytes), dtype=np.uint8)
+    for off in _HALF_FIELDS[qtype]:
+        scale = (rng.standard_normal((n, k // elems)) * 0.02).astype(np.float16)
+        blocks[:, :, off:off + 2] = scale.view(np.uint8).reshape(n, k // elems, 2)
+    return blocks.reshape(n, -1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built() -> None:
+    assert gguf_kernels.available(), "the GGUF kernels must build on the test machine"
+
+
+def _check(qtype: T, packed: np.ndarray, k: int, m: int, seed: int) -> None:
+    ref_w = torch.from_numpy(np.asarray(dequantize(packed, qtype), dtype=np.float32))
+    w = torch.from_numpy(packed.copy())
+    # Dequantization is exact: the same floats as gguf's.
+    torch.testing.assert_close(gguf_kernels.gguf_dequantize(w, int(qtype), k), ref_w,
+                               rtol=1e-6, atol=1e-7)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    ref = (x.double() @ ref_w.double().T).float()
+    # Integer path: x rounded to int8 per 32-group, so ~0.4% relative error per product.
+    y = gguf_kernels.gguf_mm(x, w, int(qtype), k)
+    err = (y - ref).norm() / ref.norm()
+    assert y.shape == (m, packed.shape[0]) and err < 1.5e-2, (qtype.name, m, float(err))
+    scale = (x.abs().double() @ ref_w.abs().double().T).float()
+    assert ((y - ref).abs() <= 0.03 * scale + 1e-4).all(), qtype.name
+    # Prefill path: dequantized tiles, float32 GEMM.
+    y2 = gguf_kernels.gguf_mm_dequant(x, w, int(qtype), k, tile_rows=7)
+    torch.testing.assert_close(y2, ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_random_blocks_match_gguf_dequantize(qtype: T) -> None:
+    k = 512 if qtype >= T.Q4_K else 288  # 9 groups: one 8-group step and one left over
+    packed = random_packed(qtype, 37, k, seed=int(qtype))
+    for m in (1, 3, 13):  # the 1-row kernel, 2+1 chunks, 8+4+1 chunks (M > 8)
+        _check(qtype, packed, k, m, seed=m)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0, T.Q6_K], ids=lambda t: t.name)
+def test_portable_kernels(qtype: T) -> None:
+    """The C++ fallback for CPUs without AVX512-VNNI gives the same results."""
+    k = 256
+    packed = random_packed(qtype, 11, k, seed=3)
+    gguf_kernels.set_portable(True)
+    try:
+        assert gguf_kernels.isa() == "portable"
+        _check(qtype, packed, k, 2, seed=2)
+    finally:
+        gguf_kernels.set_portable(False)
+
+
+@pytest.mark.parametrize("qtype", [T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0], ids=lambda t: t.name)
+def test_gguf_quantized_weights(qtype: T) -> None:
+    """Weights written by gguf's own quantizer (the types it implements)."""
+    rng = np.random.default_rng(0)
+    k = 352
+    packed = np.asarray(quantize(rng.standard_normal((19, k)).astype(np.float32), qtype))
+    _check(qtype, packed, k, 5, seed=1)
+
+
+def test_bad_shapes_are_refused() -> None:
+    w = torch.from_numpy(random_packed(T.Q4_1, 4, 64, seed=0))
+    with pytest.raises(RuntimeError, match="bytes, expected"):
+        gguf_kernels.gguf_mm(torch.randn(2, 96), w, int(T.Q4_1), 96)
+    with pytest.raises(RuntimeError, match="x must be"):
+        gguf_kernels.gguf_mm(torch.randn(2, 32), w, int(T.Q4_1), 64)
+
+
+def test_fused_layer_keeps_packed_only_when_types_match() -> None:
+    """q/k/v (or gate/up) of one GGUF type share one packed tensor; mixed types (Q4_K_M files
+    store v as Q6_K) and float tensors leave the layer dequantized."""
+    from types import SimpleNamespace
+
+    from pagedllm.model_executor.layers.quantization.gguf import GGUFConfig, GGUFLinearMethod
+
+    attn = "model.layers.0.self_attn"
+    types = {f"{attn}.q_proj.weight": 12, f"{attn}.k_proj.weight": 12,
+             f"{attn}.v_proj.weight": 14, f"{attn}.o_proj.weight": 14,
+             "model.layers.0.mlp.gate_proj.weight": 3, "model.layers.0.mlp.up_proj.weight": 3,
+             "model.layers.0.mlp.down_proj.weight": 0}  # fmt: skip
+    config = GGUFConfig(types)
+    layer = SimpleNamespace(tp_size=1, input_size=512)
+    assert config.get_linear_method(layer, f"{attn}.qkv_proj") is None
+    method = config.get_linear_method(layer, "model.layers.0.mlp.gate_up_proj")
+    assert isinstance(method, GGUFLinearMethod) and method.qtype == 3
+    assert config.get_linear_method(layer, f"{attn}.o_proj").qtype == 14
+    assert config.get_linear_method(layer, "model.layers.0.mlp.down_proj") is None  # F32
+    assert config.keep_packed("model.layers.0.mlp.up_proj.weight", 3)
+    assert not config.keep_packed(f"{attn}.q_proj.weight", 12)
+    tp2 = SimpleNamespace(tp_size=2, input_size=512)
+    assert GGUFConfig(types).get_linear_method(tp2, f"{attn}.o_proj") is None
