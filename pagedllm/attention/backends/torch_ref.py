@@ -47,16 +47,18 @@ def write_to_kv_cache(
     slot is valid (the step plan checks that once, not per layer)."""
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     raw = _raw(kv_cache)
-    k_flat = raw[0].view(num_slots, *kv_cache.shape[3:])
-    v_flat = raw[1].view(num_slots, *kv_cache.shape[3:])
+    flat = raw.view(2, num_slots, *kv_cache.shape[3:])
     n = key.shape[0]
     slots = slot_mapping[:n]
     if valid is not None:
         slots = slots[valid]
         key = key[valid]
         value = value[valid]
-    k_flat.index_copy_(0, slots, quantize_kv(key, kv_cache.dtype, k_scale).view(raw.dtype))
-    v_flat.index_copy_(0, slots, quantize_kv(value, kv_cache.dtype, v_scale).view(raw.dtype))
+    if key.dtype != kv_cache.dtype or raw is not kv_cache:
+        key = quantize_kv(key, kv_cache.dtype, k_scale).view(raw.dtype)
+        value = quantize_kv(value, kv_cache.dtype, v_scale).view(raw.dtype)
+    flat[0].index_copy_(0, slots, key)
+    flat[1].index_copy_(0, slots, value)
 
 
 def gather_kv(
