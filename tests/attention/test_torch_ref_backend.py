@@ -133,12 +133,13 @@ def test_inplace_decode_plan_splits_at_gaps():
     from pagedllm.attention.backends.inplace_decode import plan_inplace_decode
 
     # blocks 7 8 9 | 3 | 5 (3 -> 5 is a gap); 18 tokens of block size 4
+    # runs are [start, end) flat slots, block id * 4 + offset
     plan = plan_inplace_decode(2, [7, 8, 9, 3, 5], 18, 4, None)
-    assert plan.row == 2 and plan.runs == [(7, 3, 0, 12), (3, 1, 0, 4), (5, 1, 0, 2)]
+    assert plan.row == 2 and plan.runs == [(28, 40), (12, 16), (20, 22)]
     plan = plan_inplace_decode(0, [7, 8, 9, 3, 5], 18, 4, 10)  # tokens 8..17
-    assert plan.runs == [(9, 1, 0, 4), (3, 1, 0, 4), (5, 1, 0, 2)]
+    assert plan.runs == [(36, 40), (12, 16), (20, 22)]
     plan = plan_inplace_decode(0, [7, 8, 9, 10, 11], 18, 4, 11)  # tokens 7..17, one run
-    assert plan.runs == [(8, 4, 3, 14)]
+    assert plan.runs == [(35, 46)]
 
 
 def test_negative_slots_are_not_written():

@@ -27,8 +27,8 @@ class InplaceDecode:
     """One decode row and the token ranges of its KV it attends to, run by run."""
 
     row: int  # query row of the step
-    # (first block id, number of blocks, first token within the run, end token within the run)
-    runs: list[tuple[int, int, int, int]]
+    # [start, end) flat cache slots (block_id * block_size + offset) of each run
+    runs: list[tuple[int, int]]
 
 
 def plan_inplace_decode(
@@ -37,7 +37,7 @@ def plan_inplace_decode(
     """Runs of consecutive blocks covering context tokens [start, seq_len) of one request."""
     start = max(0, seq_len - sliding_window) if sliding_window is not None else 0
     first_block, last_block = start // block_size, (seq_len - 1) // block_size
-    runs: list[tuple[int, int, int, int]] = []
+    runs: list[tuple[int, int]] = []
     b = first_block
     while b <= last_block:
         e = b + 1
@@ -45,7 +45,8 @@ def plan_inplace_decode(
             e += 1
         tok0 = start - b * block_size if b == first_block else 0
         tok1 = seq_len - b * block_size if e - 1 == last_block else (e - b) * block_size
-        runs.append((block_ids[b], e - b, tok0, tok1))
+        base = block_ids[b] * block_size
+        runs.append((base + tok0, base + tok1))
         b = e
     return InplaceDecode(row, runs)
 
@@ -58,19 +59,19 @@ def inplace_decode(
 ) -> torch.Tensor:  # [num_heads, head_dim]
     """Attention of the plan's query row over its KV runs (no soft cap; fp8 values are cast,
     the caller folds the scales)."""
-    _, _, block_size, num_kv_heads, head_dim = kv_cache.shape
+    _, num_blocks, block_size, num_kv_heads, head_dim = kv_cache.shape
     num_heads = query.shape[1]
     group = num_heads // num_kv_heads
     q = query[plan.row].reshape(1, num_kv_heads, group, head_dim)
     fp8 = is_fp8_kv(kv_cache)
+    # [2, 1, num_slots, num_kv_heads, head_dim]: one leading batch dim for the kernel
+    flat = kv_cache.view(2, 1, num_blocks * block_size, num_kv_heads, head_dim)
     outs, lses = [], []
-    for block0, num_blocks, tok0, tok1 in plan.runs:
-        kv = kv_cache[:, block0 : block0 + num_blocks].view(
-            2, num_blocks * block_size, num_kv_heads, head_dim
-        )[:, tok0:tok1].transpose(1, 2)  # [2, num_kv_heads, run_len, head_dim]
+    for start, end in plan.runs:
+        kv = flat[:, :, start:end].transpose(2, 3)  # [2, 1, num_kv_heads, run_len, head_dim]
         if fp8 or kv.dtype != q.dtype:
             kv = kv.to(q.dtype)
-        o, lse = _flash_cpu(q, kv[0][None], kv[1][None], scale=scale)
+        o, lse = _flash_cpu(q, kv[0], kv[1], scale=scale)
         outs.append(o)  # [1, num_kv_heads, group, head_dim]
         lses.append(lse)  # [1, num_kv_heads, group] float32
     if len(outs) == 1:
