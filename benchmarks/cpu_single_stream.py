@@ -116,15 +116,22 @@ def _run_json(cmd: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def write_random_qwen2_gguf(path: str, qtype: str, seed: int = 0) -> str:
-    """A random Qwen2.5-1.5B-shaped GGUF (every matrix `qtype`, norms and biases f32) with the
-    bundled SmolLM2 tokenizer. Quantized blocks are random bytes with small finite scales."""
+# Qwen2.5-1.5B-Instruct's shape: hidden, layers, heads, KV heads, intermediate.
+QWEN25_1_5B = (1536, 28, 12, 2, 8960)
+
+
+def write_random_qwen2_gguf(
+    path: str, qtype: str, seed: int = 0, shape: tuple[int, ...] = QWEN25_1_5B
+) -> str:
+    """A random Qwen2-architecture GGUF of `shape` (every matrix `qtype`, norms and biases
+    f32) with the bundled SmolLM2 tokenizer. Quantized blocks are random bytes with small
+    finite scales."""
     import gguf
 
     from pagedllm.model_executor.loader.resolve import default_model_path
 
     donor = gguf.GGUFReader(default_model_path())
-    hidden, layers, heads, kv_heads, inter = 1536, 28, 12, 2, 8960
+    hidden, layers, heads, kv_heads, inter = shape
     head_dim = hidden // heads
     vocab = len(donor.fields["tokenizer.ggml.tokens"].data)
     qt = gguf.GGMLQuantizationType[qtype]
@@ -155,24 +162,24 @@ def write_random_qwen2_gguf(path: str, qtype: str, seed: int = 0) -> str:
             blocks[..., 2:4] = (scales * 0.5).view(np.uint8)  # dmin
         return raw
 
-    def add(name: str, array: np.ndarray, quantized: bool, shape: tuple[int, ...]) -> None:
-        w.add_tensor(name, array, raw_shape=shape if quantized else None,
-                     raw_dtype=qt if quantized else None)
+    def add(name: str, array: np.ndarray, quantized: bool) -> None:
+        # a quantized tensor is its bytes, [rows, blocks * type_size] uint8
+        w.add_tensor(name, array, raw_dtype=qt if quantized else None)
 
-    add("token_embd.weight", matrix(vocab, hidden), True, (vocab, hidden))
-    add("output_norm.weight", np.ones(hidden, np.float32), False, (hidden,))
+    add("token_embd.weight", matrix(vocab, hidden), True)
+    add("output_norm.weight", np.ones(hidden, np.float32), False)
     shapes = {"attn_q": (heads * head_dim, hidden), "attn_k": (kv_heads * head_dim, hidden),
               "attn_v": (kv_heads * head_dim, hidden), "attn_output": (hidden, hidden),
               "ffn_gate": (inter, hidden), "ffn_up": (inter, hidden), "ffn_down": (hidden, inter)}
     for i in range(layers):
         for part, (rows, cols) in shapes.items():
-            add(f"blk.{i}.{part}.weight", matrix(rows, cols), True, (rows, cols))
+            add(f"blk.{i}.{part}.weight", matrix(rows, cols), True)
         for part in ("attn_q", "attn_k", "attn_v"):
             rows = shapes[part][0]
             add(f"blk.{i}.{part}.bias", (rng.standard_normal(rows) * 0.02).astype(np.float32),
-                False, (rows,))
+                False)
         for part in ("attn_norm", "ffn_norm"):
-            add(f"blk.{i}.{part}.weight", np.ones(hidden, np.float32), False, (hidden,))
+            add(f"blk.{i}.{part}.weight", np.ones(hidden, np.float32), False)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
