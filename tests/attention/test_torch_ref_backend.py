@@ -26,13 +26,16 @@ def _dense_reference(q, k, v, q_pos, scale, sliding_window=None, soft_cap=None):
     return out
 
 
-def _run_mixed_batch(sliding_window=None, seed=0, reqs=None, soft_cap=None):
+def _run_mixed_batch(sliding_window=None, seed=0, reqs=None, soft_cap=None, run_len=1, nh=4):
+    """`run_len` > 1: block ids come in runs of that many consecutive ids (as a block pool
+    hands them out), so single decodes read several multi-block runs in place."""
     g = torch.Generator().manual_seed(seed)
-    nh, nkv, hd, bs, num_blocks = 4, 2, 8, 4, 256
+    nkv, hd, bs, num_blocks = 2, 8, 4, 256
     # (cached prefix length, new tokens): prefill, chunk with prefix, decode, decode, prefill
     reqs = reqs or [(0, 7), (5, 6), (9, 1), (3, 1), (0, 1), (12, 4)]
     cache = torch.randn(kv_cache_shape(num_blocks, bs, nkv, hd), generator=g)
-    perm = torch.randperm(num_blocks, generator=g).tolist()
+    starts = torch.randperm(num_blocks // run_len, generator=g).tolist()
+    perm = [s * run_len + j for s in starts for j in reversed(range(run_len))]
     tables, slots, qs, ks, vs = [], [], [], [], []
     qsl, seq_lens = [0], []
     full_k, full_v = [], []
@@ -112,6 +115,31 @@ def test_logits_soft_cap():
     lengths = [(L * 5) % 37 + 1 for L in range(20)]
     _run_mixed_batch(sliding_window=6, seed=5, soft_cap=0.7,
                      reqs=[(L, 1) for L in lengths] + [(0, 9), (4, 3)])
+
+
+def test_single_decode_reads_runs_of_blocks_in_place():
+    # One long decode alone in its step (its output is the layer output), its blocks in runs
+    # of consecutive ids or all consecutive; with a window that starts mid-block; GQA 3:1.
+    for seed, run_len in ((6, 3), (7, 64)):
+        for window in (None, 9, 13):
+            _run_mixed_batch(sliding_window=window, seed=seed, reqs=[(45, 1)], run_len=run_len,
+                             nh=6)
+    # Up to four decodes in place beside a prefill and a prefix chunk, block boundaries exact.
+    _run_mixed_batch(seed=8, reqs=[(15, 1), (16, 1), (0, 5), (3, 4), (31, 1), (1, 1)],
+                     run_len=4)
+
+
+def test_inplace_decode_plan_splits_at_gaps():
+    from pagedllm.attention.backends.inplace_decode import plan_inplace_decode
+
+    # blocks 7 8 9 | 3 | 5 (3 -> 5 is a gap); 18 tokens of block size 4
+    # runs are [start, end) flat slots, block id * 4 + offset
+    plan = plan_inplace_decode(2, [7, 8, 9, 3, 5], 18, 4, None)
+    assert plan.row == 2 and plan.runs == [(28, 40), (12, 16), (20, 22)]
+    plan = plan_inplace_decode(0, [7, 8, 9, 3, 5], 18, 4, 10)  # tokens 8..17
+    assert plan.runs == [(36, 40), (12, 16), (20, 22)]
+    plan = plan_inplace_decode(0, [7, 8, 9, 10, 11], 18, 4, 11)  # tokens 7..17, one run
+    assert plan.runs == [(35, 46)]
 
 
 def test_negative_slots_are_not_written():

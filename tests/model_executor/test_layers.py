@@ -38,6 +38,9 @@ def test_rmsnorm_plain_and_fused_residual() -> None:
     x, residual = randn(3, 8), randn(3, 8)
     expected = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
     torch.testing.assert_close(norm(x), expected)
+    # torch's fused rms_norm is HF's arithmetic bit for bit (fp32)
+    assert torch.equal(norm(x), norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                                                + 1e-5)))
     normed, new_residual = norm(x, residual)
     torch.testing.assert_close(new_residual, x + residual)
     torch.testing.assert_close(normed, norm(x + residual))
@@ -75,6 +78,35 @@ def test_rope_default_and_partial(rotary_dim: int) -> None:
     )
     # Position 0 is the identity.
     torch.testing.assert_close(q_out[0], q[0])
+
+
+def test_rope_fused_cpu_form_is_bitwise_the_formula_and_cached_per_step() -> None:
+    # x * [cos, cos] + roll(x) * [-sin, sin] is x1 cos - x2 sin, x2 cos + x1 sin exactly.
+    rope = get_rope(16, 16, 64, 10000.0, None)
+    positions = torch.tensor([0, 5, 63, 1])
+    q, k = randn(4, 3 * 16), randn(4, 1 * 16)
+    cos, sin = rope.cos_sin_cache[positions].chunk(2, dim=-1)
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = q.view(4, 3, 16).chunk(2, dim=-1)
+    expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    assert torch.equal(rope(positions, q, k)[0].view(4, 3, 16), expected)
+    # The cos/sin rows are reused by the step's other layers, and recomputed when the
+    # positions buffer is rewritten in place (a new step in the same tensor).
+    other_layer = get_rope(16, 16, 64, 10000.0, None)
+    assert torch.equal(other_layer(positions, q, k)[0], rope(positions, q, k)[0])
+    positions[:] = torch.tensor([0, 0, 0, 0])
+    torch.testing.assert_close(rope(positions, q, k)[0], q)  # position 0: identity
+
+
+def test_rmsnorm_bf16_rounds_before_the_weight() -> None:
+    # Below fp32 the normed x is rounded to the input dtype before the weight, as HF does.
+    norm = RMSNorm(8, eps=1e-5, params_dtype=torch.bfloat16)
+    norm.weight.data.copy_(randn(8))
+    x = randn(3, 8).bfloat16()
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(
+        torch.bfloat16)
+    assert norm(x).dtype == torch.bfloat16 and torch.equal(norm(x), expected)
 
 
 def test_rope_gptj_style_is_interleaved_neox() -> None:

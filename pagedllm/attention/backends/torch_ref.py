@@ -1,6 +1,8 @@
 """Plain-PyTorch attention over the paged KV cache: the CPU backend and the reference.
 
-Decodes (one query token) are batched: one gather of their blocks and one fused SDPA call per
+A step with few decodes (one query token each; up to `_MAX_INPLACE_DECODES`) reads each one's
+KV in place, run of consecutive blocks by run (`inplace_decode.py`: no per-step copy of the
+context). More decodes are batched: one gather of their blocks and one fused SDPA call per
 layer, with the gather indices and the length mask built once per step. Prefills without a
 cached prefix attend to their fresh K/V directly; prefill chunks with a cached prefix gather
 their blocks. Both run one request at a time through SDPA.
@@ -18,6 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
+from pagedllm.attention.backends.inplace_decode import (
+    InplaceDecode,
+    inplace_decode,
+    plan_inplace_decode,
+)
 from pagedllm.attention.fp8_kv import is_fp8_kv, quantize_kv
 
 
@@ -34,20 +41,24 @@ def write_to_kv_cache(
     slot_mapping: torch.Tensor,  # [num_tokens] int64, -1 = skip
     k_scale: float = 1.0,
     v_scale: float = 1.0,
+    valid: torch.Tensor | None = None,  # [num_tokens] bool, slot_mapping >= 0, when all known
 ) -> None:
+    """Writes every token whose slot is >= 0. `valid` is None when the caller knows every
+    slot is valid (the step plan checks that once, not per layer)."""
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     raw = _raw(kv_cache)
-    k_flat = raw[0].view(num_slots, *kv_cache.shape[3:])
-    v_flat = raw[1].view(num_slots, *kv_cache.shape[3:])
+    flat = raw.view(2, num_slots, *kv_cache.shape[3:])
     n = key.shape[0]
     slots = slot_mapping[:n]
-    valid = slots >= 0
-    if not bool(valid.all()):
+    if valid is not None:
         slots = slots[valid]
         key = key[valid]
         value = value[valid]
-    k_flat.index_copy_(0, slots, quantize_kv(key, kv_cache.dtype, k_scale).view(raw.dtype))
-    v_flat.index_copy_(0, slots, quantize_kv(value, kv_cache.dtype, v_scale).view(raw.dtype))
+    if key.dtype != kv_cache.dtype or raw is not kv_cache:
+        key = quantize_kv(key, kv_cache.dtype, k_scale).view(raw.dtype)
+        value = quantize_kv(value, kv_cache.dtype, v_scale).view(raw.dtype)
+    flat[0].index_copy_(0, slots, key)
+    flat[1].index_copy_(0, slots, value)
 
 
 def gather_kv(
@@ -121,12 +132,19 @@ class _StepPlan:
 
     prefills: list[tuple[int, int, int, int]]  # (request index, start, end, seq_len)
     decode_groups: list[_DecodeGroup]
+    inplace: list[InplaceDecode]  # decodes read in place (few decodes in the step)
+    # The step's query rows are exactly the in-place decodes, in order: their outputs are the
+    # layer's output (no scatter into a zeroed buffer).
+    inplace_only: bool
 
 
 # Decodes are split into up to this many groups by context length, so a short request does
 # not pay for gathering and masking the longest one's context.
 _MAX_DECODE_GROUPS = 4
 _MIN_GROUP_SIZE = 8
+# Up to this many decodes in a step read the cache in place, one request at a time; more are
+# gathered and batched (fewer Python-level calls per layer).
+_MAX_INPLACE_DECODES = 4
 
 
 def _decode_group(
@@ -150,7 +168,10 @@ def _decode_group(
     return _DecodeGroup(torch.tensor(rows, device=device), blocks, num_blocks, bias[:, None, None])
 
 
-def _plan(md: AttentionMetadata, block_size: int, sliding_window: int | None) -> _StepPlan:
+def _plan(
+    md: AttentionMetadata, block_size: int, sliding_window: int | None, soft_cap: bool,
+    num_rows: int,
+) -> _StepPlan:
     qsl = (md.query_start_loc_cpu if md.query_start_loc_cpu is not None
            else md.query_start_loc.cpu()).tolist()
     sl = (md.seq_lens_cpu if md.seq_lens_cpu is not None else md.seq_lens.cpu()).tolist()
@@ -163,6 +184,18 @@ def _plan(md: AttentionMetadata, block_size: int, sliding_window: int | None) ->
             decodes.append(i)
         else:
             prefills.append((i, start, end, sl[i]))
+    if not soft_cap and 0 < len(decodes) <= _MAX_INPLACE_DECODES and (
+        md.block_table.device.type == "cpu"
+    ):
+        tables = md.block_table.index_select(
+            0, torch.tensor(decodes, device=md.block_table.device)
+        ).tolist()
+        inplace = [
+            plan_inplace_decode(qsl[i], table, sl[i], block_size, sliding_window)
+            for i, table in zip(decodes, tables, strict=True)
+        ]
+        only = not prefills and [d.row for d in inplace] == list(range(num_rows))
+        return _StepPlan(prefills, [], inplace, only)
     decodes.sort(key=lambda i: sl[i])
     num_groups = max(1, min(_MAX_DECODE_GROUPS, len(decodes) // _MIN_GROUP_SIZE))
     groups = []
@@ -173,7 +206,7 @@ def _plan(md: AttentionMetadata, block_size: int, sliding_window: int | None) ->
                 md, part, [qsl[i] for i in part], [sl[i] for i in part], block_size,
                 sliding_window,
             ))
-    return _StepPlan(prefills, groups)
+    return _StepPlan(prefills, groups, [], False)
 
 
 class TorchRefBackend(AttentionBackend):
@@ -192,20 +225,36 @@ class TorchRefBackend(AttentionBackend):
         k_scale: float = 1.0,
         v_scale: float = 1.0,
     ) -> torch.Tensor:
-        write_to_kv_cache(key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale)
+        if metadata.backend_cache is None:
+            metadata.backend_cache = {}
+        cache = metadata.backend_cache
+        if "valid_slots" not in cache:
+            # None when every slot is written (the usual case): no mask op per layer.
+            valid = metadata.slot_mapping[: key.shape[0]] >= 0
+            cache["valid_slots"] = None if bool(valid.all()) else valid
+        write_to_kv_cache(
+            key, value, kv_cache, metadata.slot_mapping, k_scale, v_scale, cache["valid_slots"]
+        )
         fp8 = is_fp8_kv(kv_cache)
         if fp8:
             # Cached values are k / k_scale: scores take k_scale in the softmax scale and
             # outputs v_scale afterwards.
             scale = scale * k_scale
-        if metadata.backend_cache is None:
-            metadata.backend_cache = {}
-        plan_key = ("torch_ref", sliding_window)
-        plan = metadata.backend_cache.get(plan_key)
+        soft_cap = bool(logits_soft_cap)
+        plan_key = ("torch_ref", sliding_window, soft_cap)
+        plan = cache.get(plan_key)
         if plan is None:
-            plan = _plan(metadata, kv_cache.shape[2], sliding_window)
-            metadata.backend_cache[plan_key] = plan
+            plan = _plan(metadata, kv_cache.shape[2], sliding_window, soft_cap, query.shape[0])
+            cache[plan_key] = plan
+        if plan.inplace_only:
+            outs = [inplace_decode(query, kv_cache, d, scale) for d in plan.inplace]
+            out = outs[0][None] if len(outs) == 1 else torch.stack(outs)
+            if fp8 and v_scale != 1.0:
+                out.mul_(v_scale)
+            return out
         out = torch.zeros_like(query)
+        for d in plan.inplace:
+            out[d.row] = inplace_decode(query, kv_cache, d, scale)
         for i, start, end, seq_len in plan.prefills:
             q_len = end - start
             if q_len == seq_len and not fp8:

@@ -16,7 +16,7 @@ class SiluAndMul(nn.Module):
 
             return silu_and_mul(x)
         d = x.shape[-1] // 2
-        return F.silu(x[..., :d]) * x[..., d:]
+        return F.silu(x[..., :d]).mul_(x[..., d:])
 
 
 # HF activation names of the gated GELU MLPs (Gemma) -> torch's `approximate` argument.

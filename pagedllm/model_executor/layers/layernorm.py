@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.model_executor.layers.utils import set_weight_attrs
@@ -21,6 +22,7 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.hidden_size = hidden_size
         self.eps = eps
+        self._shape = (hidden_size,)
         self.weight = nn.Parameter(
             torch.empty(hidden_size, dtype=params_dtype or torch.get_default_dtype()),
             requires_grad=False,
@@ -36,10 +38,11 @@ class RMSNorm(nn.Module):
         param.data.copy_(loaded_weight)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        # torch's fused rms_norm (one op, the same arithmetic as x * rsqrt(mean(x^2) + eps));
+        # below fp32 the normed x is rounded to x's dtype before the weight, as in HF.
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, self._shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self._shape, None, self.eps).to(x.dtype)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

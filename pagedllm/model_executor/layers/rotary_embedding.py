@@ -102,18 +102,44 @@ class RotaryEmbedding(nn.Module):
                 positions, query, key, self.head_size, self.cos_sin_cache, self.is_neox_style
             )
             return query, key
-        cos_sin = self.cos_sin_cache.index_select(0, positions)
-        cos, sin = cos_sin.chunk(2, dim=-1)
-        cos = cos.unsqueeze(1).to(query.dtype)
-        sin = sin.unsqueeze(1).to(query.dtype)
+        cos, sin, cos2, sin2 = _step_cos_sin(self.cos_sin_cache, positions, query.dtype)
         out = []
         for x in (query, key):
             x = x.view(num_tokens, -1, self.head_size)
-            rot = self._rotate(x[..., : self.rotary_dim], cos, sin)
+            if self.is_neox_style and self.rotary_dim == self.head_size:
+                # [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin] as x * [cos, cos] +
+                # [x2, x1] * [-sin, sin]: the same products and sums (bit for bit), in 4 ops.
+                rot = torch.mul(x, cos2).add_(x.roll(self.rotary_dim // 2, -1).mul_(sin2))
+            else:
+                rot = self._rotate(x[..., : self.rotary_dim], cos, sin)
             if self.rotary_dim < self.head_size:
                 rot = torch.cat([rot, x[..., self.rotary_dim :]], dim=-1)
             out.append(rot.reshape(num_tokens, -1))
         return out[0], out[1]
+
+
+# The cos/sin rows of the last step's positions, shared by every layer of the step (all layers
+# get the same `positions` tensor and the same shared table). Weak references, so the cache
+# keeps neither alive; positions' version counter catches a buffer rewritten in place.
+_step_cache: dict[str, Any] = {}
+
+
+def _step_cos_sin(
+    table: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(cos, sin) [num_tokens, 1, rotary_dim // 2] and ([cos, cos], [-sin, sin])
+    [num_tokens, 1, rotary_dim] of `positions`, in `dtype`."""
+    key = (positions._version, dtype)
+    if (_step_cache.get("key") == key and _step_cache["positions"]() is positions
+            and _step_cache["table"]() is table):
+        return _step_cache["cos_sin"]
+    cos, sin = table.index_select(0, positions).chunk(2, dim=-1)
+    cos = cos.unsqueeze(1).to(dtype)
+    sin = sin.unsqueeze(1).to(dtype)
+    cos_sin = (cos, sin, torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
+    _step_cache.update(key=key, positions=weakref.ref(positions), table=weakref.ref(table),
+                       cos_sin=cos_sin)
+    return cos_sin
 
 
 def _cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float) -> torch.Tensor:
