@@ -279,9 +279,9 @@ class EngineArgs:
         )
 
     def _resolve_quantization(self, resolved, hf_config, device: str) -> str | None:
-        """The flag or checkpoint's method; for a GGUF file on CPU (dtype auto, one rank,
-        PAGEDLLM_CPU_GGUF_PACKED not 0) "gguf": the weights stay packed. `--dtype float32`
-        dequantizes, as before."""
+        """The flag or checkpoint's method; for a GGUF file on CPU "gguf" (the weights stay
+        packed) with `--quantization gguf`, or with dtype auto, one rank and
+        PAGEDLLM_CPU_GGUF_PACKED=1; otherwise None (dequantized, as before)."""
         flag = self.quantization
         if resolved.model_format != "gguf":
             return resolve_quantization(flag, hf_config)

@@ -119,13 +119,14 @@ def test_triton_path_in_the_model(case, tmp_path_factory, monkeypatch) -> None:
 
 
 def test_gemv_path_in_the_model_bf16(tmp_path_factory, monkeypatch) -> None:
-    """A bf16 step of at most 16 tokens runs every quantized layer through the int GEMV
+    """A bf16 step of at most INT_GEMV_MAX_M tokens runs every quantized layer through the int GEMV
     (act-order activations permuted, groups of 32 inside its K blocks), interpreted on CPU:
     close to HF on the dequantized fp32 weights, as close as bf16 allows."""
     from pagedllm.model_executor.layers.ops import int_gemv
     from pagedllm.model_executor.layers.quantization import int_linear
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("PAGEDLLM_INT_GEMV_MAX_M", "16")  # the default threshold is 2 rows
     monkeypatch.setattr(int_linear, "KERNEL_ON_CPU", True)
     calls: list[int] = []
     real = int_gemv.int_gemv
