@@ -108,7 +108,9 @@ class EngineCoreProc:
         """Handles every queued message; first waits for one if `block`."""
         if block:
             while not self.input_socket.poll(_POLL_MS):
-                pass
+                # Idle: a worker that died between requests (killed, OOM) fails the engine
+                # now, not when the next request arrives (/health turns 503 within ~1 s).
+                self.core.executor.check_alive()
         while True:
             try:
                 kind, payload = self.input_socket.recv_multipart(flags=zmq.NOBLOCK, copy=True)

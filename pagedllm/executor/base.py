@@ -58,6 +58,10 @@ class Executor(ABC):
     ) -> ModelRunnerOutput:
         return self.submit(scheduler_output, grammar).get()
 
+    def check_alive(self) -> None:  # noqa: B027 - in-process: nothing can die apart
+        """Raises WorkerDiedError when a worker died; the idle engine loop calls it while it
+        waits for input, so a worker lost between requests fails the engine at once."""
+
     def shutdown(self) -> None:  # noqa: B027 - nothing to stop in-process
         """Stops every worker; idempotent."""
 

@@ -158,6 +158,13 @@ class MultiprocExecutor(Executor):
                 desc = ", ".join(f"rank {r} (exit code {code})" for r, code in dead)
                 raise WorkerDiedError(f"worker process died: {desc}")
 
+    def check_alive(self) -> None:
+        try:
+            self._check_alive()
+        except WorkerDiedError:
+            self.shutdown()
+            raise
+
     def _poll_once(self) -> None:
         """Handles one answer if one arrives within a poll slice; raises if a rank died
         (after ending the others, which would wait on it in their next collective)."""
