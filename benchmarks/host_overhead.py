@@ -147,6 +147,7 @@ def run(args, model_dir: str, tokenizer: str, num_requests: int) -> dict:
             batch = stats.num_scheduled_tokens if stats is not None else 0
             steps.append((batch, dt, timer.take()))
     total_s = time.perf_counter() - t_start
+    gc_s = sum(s[2].get("gc", 0.0) for s in steps)  # the whole run, spikes included
     if prof is not None:
         prof.dump_stats(f"{args.profile}.{num_requests}")
     # Decode steps at (nearly) every request: a token each, >= 90% of the requests.
@@ -167,6 +168,7 @@ def run(args, model_dir: str, tokenizer: str, num_requests: int) -> dict:
         "total_s": total_s,
         "step_ms": step_ms,
         "host_ms": host,
+        "gc_s": gc_s,
         "stages_ms": per_stage,
     }
 
@@ -186,6 +188,7 @@ def print_table(results: list[dict]) -> None:
         print(f"| {label} | {vals} |")
     print("| **host total** | " + " | ".join(f"**{r['host_ms']:.2f}**" for r in results) + " |")
     print("| whole step | " + " | ".join(f"{r['step_ms']:.2f}" for r in results) + " |")
+    print("| gc, whole run (s) | " + " | ".join(f"{r['gc_s']:.2f}" for r in results) + " |")
     print("| decode steps timed / all | "
           + " | ".join(f"{r['decode_steps_timed']} / {r['steps']}" for r in results) + " |")
 
