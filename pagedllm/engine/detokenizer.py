@@ -2,6 +2,12 @@
 
 Text is decoded with the `tokenizers` DecodeStream primed with the prompt's tail, so it never
 emits half a UTF-8 character and keeps the leading-space behaviour of the full decode.
+
+A request whose text nobody reads before it finishes (FINAL_ONLY, no stop strings) defers the
+decoding: its tokens go through the stream in one call when the text is first asked for (one
+decode instead of one per token); should that call hold text back (an unfinished character at
+the end, or nothing printable), the tokens are replayed one at a time on a fresh stream, so the
+text is always the token-by-token result.
 """
 
 from __future__ import annotations
@@ -12,7 +18,10 @@ _PRIME_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, tokenizer, prompt_token_ids: list[int], params: SamplingParams,
+        defer: bool = False,
+    ) -> None:
         self.tokenizer = tokenizer
         self.params = params
         self.output_text = ""
@@ -27,24 +36,37 @@ class IncrementalDetokenizer:
         self._stream = None
         self._fast = getattr(tokenizer, "_tokenizer", None)
         self._prefix_text = None
+        self._tail = list(prompt_token_ids[-_PRIME_TOKENS:])
+        # Tokens not decoded yet (deferred mode); None: decode as they come.
+        self._deferred: list[int] | None = None
         if params.detokenize and self._fast is not None:
-            from tokenizers.decoders import DecodeStream
+            self._stream = self._new_stream()
+            if defer and not self.stop:
+                self._deferred = []
 
-            tail = list(prompt_token_ids[-_PRIME_TOKENS:])
-            try:
-                self._stream = DecodeStream(ids=tail, skip_special_tokens=params.skip_special_tokens)
-            except TypeError:  # older tokenizers: no priming
-                self._stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
+    def _new_stream(self):
+        from tokenizers.decoders import DecodeStream
+
+        skip = self.params.skip_special_tokens
+        try:
+            return DecodeStream(ids=list(self._tail), skip_special_tokens=skip)
+        except TypeError:  # older tokenizers: no priming
+            return DecodeStream(skip_special_tokens=skip)
 
     def update(self, new_token_ids: list[int], check_stop: bool = True) -> str | None:
         """Appends tokens; returns the stop string that matched, if any (text is truncated)."""
         self.token_ids.extend(new_token_ids)
         if not self.params.detokenize:
             return None
+        if self._deferred is not None:
+            self._deferred.extend(new_token_ids)
+            return None  # no stop strings (else nothing is deferred)
         before = len(self.output_text)
-        if self._stream is not None:
+        stream = self._stream
+        if stream is not None:
+            fast = self._fast
             for t in new_token_ids:
-                piece = self._stream.step(self._fast, t)
+                piece = stream.step(fast, t)
                 if piece:
                     self.output_text += piece
         else:
@@ -70,8 +92,27 @@ class IncrementalDetokenizer:
         self.output_text = text[: hit_at + len(hit)] if self.include_stop else text[:hit_at]
         return hit
 
+    def _flush(self) -> None:
+        """Decodes the deferred tokens (see the module docstring)."""
+        ids, self._deferred = self._deferred, []
+        if not ids:
+            return
+        fresh = not self.output_text and len(self.token_ids) == len(ids)
+        piece = self._stream.step(self._fast, ids) if fresh and len(ids) > 1 else None
+        if piece is not None:
+            self.output_text += piece
+            return
+        if fresh and len(ids) > 1:
+            self._stream = self._new_stream()  # the batched call left its ids in the stream
+        for t in ids:
+            piece = self._stream.step(self._fast, t)
+            if piece:
+                self.output_text += piece
+
     def get_next_output_text(self, finished: bool, delta: bool) -> str:
         """All text so far (or the new part), minus the held-back tail unless finished."""
+        if self._deferred:
+            self._flush()
         length = len(self.output_text)
         if not finished:
             length = max(self._last_sent if delta else 0, length - self.stop_buffer_length)

@@ -77,6 +77,9 @@ class RequestState:
     metrics: RequestMetrics | None = None
     sent_tokens: int = 0
     sent_logprobs: int = 0
+    # A FINAL_ONLY generation without stop strings or logprobs: until it finishes, an
+    # output only extends its text (`process_outputs`' fast path).
+    final_only_plain: bool = False
 
 
 @dataclass
@@ -111,8 +114,15 @@ class OutputProcessor:
         queue: Any = None,
     ) -> None:
         detok = None
+        final_only_plain = (
+            params is not None and params.output_kind == RequestOutputKind.FINAL_ONLY
+            and not params.stop and params.logprobs is None and params.prompt_logprobs is None
+            and (parent is None or parent.output_kind == RequestOutputKind.FINAL_ONLY)
+        )
         if params is not None:
-            detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids, params)
+            detok = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, params, defer=final_only_plain
+            )
         self.requests[request_id] = RequestState(
             request_id=request_id,
             external_id=external_id,
@@ -126,6 +136,7 @@ class OutputProcessor:
             logprobs=[] if params is not None and params.logprobs is not None else None,
             cumulative_logprob=0.0 if params is not None and params.logprobs is not None else None,
             metrics=RequestMetrics(arrival_time=arrival_time),
+            final_only_plain=final_only_plain,
         )
         if parent is not None:
             self.parents[parent.request_id] = parent
@@ -160,10 +171,23 @@ class OutputProcessor:
         now = now if now is not None else time.time()
         results: list = []
         to_abort: list[str] = []
+        requests = self.requests
         for eco in outputs:
-            state = self.requests.get(eco.request_id)
+            state = requests.get(eco.request_id)
             if state is None:
                 continue  # aborted meanwhile
+            if state.final_only_plain and eco.finish_reason is None and (
+                eco.new_logprobs is None and eco.new_prompt_logprobs is None
+            ):
+                # FINAL_ONLY, no stop strings, no logprobs, not finished: nothing to emit,
+                # only the text to extend (`_process_one` does the same, at more cost).
+                m = state.metrics
+                if m.first_token_time is None and eco.new_token_ids:
+                    m.first_token_time = now
+                m.last_token_time = now
+                state.num_cached_tokens = eco.num_cached_tokens
+                state.detokenizer.update(eco.new_token_ids, check_stop=False)
+                continue
             ro = self._process_one(state, eco, now, to_abort)
             if ro is None:
                 continue
