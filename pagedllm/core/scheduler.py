@@ -248,14 +248,39 @@ class Scheduler:
     # ------------------------------------------------------------------ scheduling
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
         num_scheduled: dict[str, int] = {}
-        cached_reqs: list[CachedRequestData] = []
         new_reqs: list[NewRequestData] = []
         new_block_ids: dict[str, list[list[int]]] = {}  # per KV cache group
-        preempted_any = False
         max_reqs = self._micro_batch_size()
+        budget, preempted_any = self._schedule_running(num_scheduled, new_block_ids, max_reqs)
+        if not preempted_any:
+            budget = self._schedule_waiting(budget, num_scheduled, new_reqs, max_reqs)
+        cached_reqs = self._cached_request_data(new_block_ids, num_scheduled)
+        total = sum(num_scheduled.values())
+        structured_ids: list[str] = []
+        out = SchedulerOutput(
+            scheduled_new_reqs=new_reqs,
+            scheduled_cached_reqs=cached_reqs,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=total,
+            finished_req_ids=self.finished_req_ids,
+            preempted_req_ids=self.preempted_req_ids,
+            structured_output_request_ids=structured_ids,
+        )
+        self.finished_req_ids = set()
+        self.preempted_req_ids = set()
+        self._advance_scheduled(num_scheduled, structured_ids)
+        self._num_scheduled_tokens = total
+        return out
 
+    def _schedule_running(
+        self, num_scheduled: dict[str, int], new_block_ids: dict[str, list[list[int]]],
+        max_reqs: int,
+    ) -> tuple[int, bool]:
+        """Gives running requests their tokens in order, preempting from the back when blocks
+        run out; returns the budget left and whether anything was preempted."""
+        budget = self.max_num_batched_tokens
+        preempted_any = False
         idx = 0
         while idx < len(self.running) and budget > 0 and len(num_scheduled) < max_reqs:
             req = self.running[idx]
@@ -295,36 +320,32 @@ class Scheduler:
                 new_block_ids[req.request_id] = [[b.block_id for b in new_blocks]]
             budget -= num_new
             idx += 1
+        return budget, preempted_any
 
-        if not preempted_any:
-            budget = self._schedule_waiting(budget, num_scheduled, new_reqs, max_reqs)
-
+    def _cached_request_data(
+        self, new_block_ids: dict[str, list[list[int]]], num_scheduled: dict[str, int]
+    ) -> list[CachedRequestData]:
+        """What changed for each scheduled running request; under the batch queue also its
+        new tokens, and every scheduled request joins the in-flight set."""
+        cached_reqs: list[CachedRequestData] = []
+        queue = self.max_concurrent_batches > 1
         for rid, block_ids in new_block_ids.items():
             req = self.requests[rid]
             cached_reqs.append(CachedRequestData(
                 rid, block_ids[0], req.num_computed_tokens, tuple(block_ids[1:])
             ))
-            if self.max_concurrent_batches > 1:
+            if queue:
                 cached_reqs[-1].new_token_ids = req.output_token_ids[req.num_output_tokens_sent:]
-        if self.max_concurrent_batches > 1:
+        if queue:
             self.in_flight.update(num_scheduled)
             for rid in num_scheduled:
                 req = self.requests[rid]
                 req.num_output_tokens_sent = req.num_output_tokens
-        total = sum(num_scheduled.values())
-        structured_ids: list[str] = []
-        out = SchedulerOutput(
-            scheduled_new_reqs=new_reqs,
-            scheduled_cached_reqs=cached_reqs,
-            num_scheduled_tokens=num_scheduled,
-            total_num_scheduled_tokens=total,
-            finished_req_ids=self.finished_req_ids,
-            preempted_req_ids=self.preempted_req_ids,
-            structured_output_request_ids=structured_ids,
-        )
-        self.finished_req_ids = set()
-        self.preempted_req_ids = set()
+        return cached_reqs
 
+    def _advance_scheduled(self, num_scheduled: dict[str, int], structured_ids: list[str]) -> None:
+        """Moves each scheduled request's computed tokens by its share; a request that reaches
+        its last token samples (its grammar id listed; async: a placeholder in flight)."""
         for req in self.running:
             n = num_scheduled.get(req.request_id)
             if n:
@@ -338,8 +359,6 @@ class Scheduler:
                     structured_ids.append(req.request_id)
                 if samples and self.async_scheduling:
                     req.num_output_placeholders += 1  # this step samples for it
-        self._num_scheduled_tokens = total
-        return out
 
     def _micro_batch_size(self) -> int:
         """Requests one step may hold: all it can, or with a batch queue an even share of
