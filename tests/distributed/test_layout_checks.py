@@ -134,3 +134,29 @@ def test_dummy_load_format_with_fp8_quantized_on_the_fly(tmp_path):
                        SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 4
+
+
+def test_dummy_load_format_with_gptq_takes_the_plain_kernel_path(tmp_path, monkeypatch):
+    """`--load-format dummy` on a GPTQ config: g_idx holds row // group_size (a checkpoint
+    without act order), so the kernel layout has no row permutation and no g_idx (zeros in
+    g_idx would look like act order: a gather of x per call and the slower g_idx kernel)."""
+    from pagedllm import LLM, SamplingParams
+    from pagedllm.model_executor.layers.quantization import int_linear
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(int_linear, "KERNEL_ON_CPU", True)
+    cfg = tiny_config("LlamaForCausalLM", initializer_range=0.05)
+    cfg.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": 32,
+                               "desc_act": False, "sym": True}
+    cfg.save_pretrained(str(tmp_path))
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, load_format="dummy", kv_cache_space=0.02)
+    model = llm.llm_engine.engine_core.executor.worker.model_runner.model
+    for name, layer in model.named_modules():
+        if hasattr(layer, "int_qweight"):
+            assert "int_perm" not in layer._parameters, name
+            assert "int_g_idx" not in layer._parameters, name
+    assert hasattr(model.model.layers[0].mlp.down_proj, "int_qweight")
+    out = llm.generate([{"prompt_token_ids": [1, 2, 3]}],
+                       SamplingParams(temperature=0, max_tokens=4, ignore_eos=True),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 4

@@ -32,7 +32,10 @@ def initialize_dummy_weights(model: nn.Module, hf_config: Any, seed: int = 0) ->
             names.add(name)
             data = param.data
             if not data.is_floating_point():
-                data.zero_()  # packed integer weights of a quantized method: zeros are valid
+                # Packed integer weights of a quantized method: zeros are valid, unless the
+                # method says what a plain checkpoint holds (GPTQ's g_idx: row // group).
+                init = getattr(param, "dummy_init", None)
+                init(data) if init is not None else data.zero_()
             elif _is_norm(name, data):
                 data.fill_(1.0)
             elif name.endswith("bias"):

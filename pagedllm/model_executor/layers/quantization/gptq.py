@@ -143,6 +143,17 @@ class GPTQConfig(QuantizationConfig):
                 f"{', desc_act' if s.desc_act else ''}, format {self.checkpoint_format})")
 
 
+
+def _plain_g_idx(row0: int, group_size: int):
+    """`--load-format dummy`: the g_idx of a checkpoint without act order (each row in its
+    own group, row // group_size), so random weights take the kernels' plain path."""
+
+    def fill(data: torch.Tensor) -> None:
+        rows = torch.arange(row0, row0 + data.numel(), device=data.device)
+        data.copy_(rows // group_size if group_size != -1 else torch.zeros_like(rows))
+
+    return fill
+
 class GPTQLinearMethod(PackedIntLinearMethod):
     method_name = "gptq"
     checkpoint_tensors = ("qweight", "qzeros", "scales", "g_idx")
@@ -188,7 +199,9 @@ class GPTQLinearMethod(PackedIntLinearMethod):
             set_weight_attrs(qzeros, {"input_dim": 0})
             set_weight_attrs(scales, {"input_dim": 0})
         g_idx = nn.Parameter(torch.empty(k, dtype=torch.int32), requires_grad=False)
-        set_weight_attrs(g_idx, {"input_dim": 0, "same_for_all_shards": True})
+        row0 = layer.tp_rank * k if partitioned else 0  # this rank's first input row
+        set_weight_attrs(g_idx, {"input_dim": 0, "same_for_all_shards": True,
+                                 "dummy_init": _plain_g_idx(row0, gs)})
         for name, param in (("qweight", qweight), ("qzeros", qzeros), ("scales", scales),
                             ("g_idx", g_idx)):
             layer.register_parameter(name, param)

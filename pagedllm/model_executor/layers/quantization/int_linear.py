@@ -144,6 +144,9 @@ def kernel_layout(cw: CanonicalWeights) -> KernelWeights:
     if g_idx is not None:
         perm = torch.argsort(g_idx, stable=True)
         k = g_idx.numel()
+        if torch.equal(perm, torch.arange(k, device=perm.device)):
+            perm = None  # already sorted (groups uneven or not row // size): no gather
+    if perm is not None:
         qweight = torch.cat([
             pack_int32(unpack_int32(qweight[:, cols], cw.bits, 0, k)[perm], cw.bits, 0)
             for cols in column_chunks(qweight.shape[1])
