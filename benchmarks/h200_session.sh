@@ -63,4 +63,16 @@ G)  # issue #13 end to end after the GEMV sweep: its winners and thresholds, dum
   step fp8_q 100 $T --quantization fp8 $Q --json "$OUT/fp8_q.json"
   step int4_correct 100 python3 benchmarks/gpu_int4.py correctness
   ;;
+H)  # GPU correctness of the model families (the CPU parity tests, run where the engine picks
+    # cuda: Triton attention, KV groups freeing sliding-window blocks, fused MoE, CUDA graphs),
+    # then GPTQ with dummy weights that take the plain (no act-order) kernel path
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/pytest-*.whl \
+    .whl/pluggy-*.whl .whl/iniconfig-*.whl 2>/dev/null
+  step families_gpu 300 python3 -m pytest -q -p no:cacheprovider -rf \
+    tests/engine/test_hf_parity_families.py tests/engine/test_sliding_window_kv.py
+  grep -E "passed|failed|FAILED|Error" "$OUT/families_gpu.log" | tail -20
+  Q="--load-format dummy --datasets single-stream,batch-16"
+  step gptq_plain 110 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_plain.json"
+  step bf16_ref 90 $T $Q --json "$OUT/bf16_ref.json"
+  ;;
 esac
