@@ -132,7 +132,10 @@ def run_parity(config, tmp_path, std: float = 0.2) -> None:
     from transformers import AutoModelForCausalLM
 
     path = build_random_hf_model_dir(str(tmp_path / "model"), config, seed=1, std=std)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    # Eager attention: the reference must apply Gemma 2's score soft-capping, which some
+    # transformers versions (5.17) silently drop under their default SDPA attention.
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                              attn_implementation="eager").eval()
     rng = np.random.default_rng(0)
     prompts = [rng.integers(1, VOCAB, size=n).tolist() for n in PROMPT_LENS]
     expected = [_hf_greedy(hf, p, NUM_TOKENS) for p in prompts]
