@@ -20,6 +20,7 @@ from pagedllm.entrypoints.openai import limits
 
 
 def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = False) -> None:
+    """Every flag of `pagedllm serve`: server, engine, parallelism, features, operations."""
     if model_positional:
         parser.add_argument("model_tag", nargs="?", default=None, metavar="MODEL",
                             help="model path, .gguf file or name (default: SmolLM2-135M-Instruct)")
@@ -31,6 +32,23 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help="one or more names the API accepts for the model; the first is reported")
     parser.add_argument("--api-key", default=None,
                         help="require `Authorization: Bearer KEY` (also env PAGEDLLM_API_KEY)")
+    add_engine_args(parser)
+    add_parallel_args(parser)
+    add_feature_args(parser)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
+                        help="generate text or embed (default: auto, embed for encoder models)")
+    parser.add_argument("--uvicorn-log-level", default="info",
+                        choices=["debug", "info", "warning", "error", "critical", "trace"])
+    parser.add_argument("--disable-log-requests", action="store_true")
+    parser.add_argument("--disable-log-stats", action="store_true")
+    parser.add_argument("--disable-uvicorn-access-log", action="store_true")
+    add_operations_args(parser)
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Model dtype, batch limits and the KV cache."""
     parser.add_argument("--dtype", default="auto",
                         choices=["auto", "float32", "float", "bfloat16", "float16", "half"])
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -46,6 +64,10 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
     parser.add_argument("--disable-hybrid-kv-cache-manager", action="store_true",
                         help="one block table for every layer: sliding-window layers keep "
                         "every block of a request instead of freeing those out of the window")
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """Tensor, pipeline and data parallelism; quantization and weight loading."""
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1)
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1)
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=1,
@@ -57,13 +79,18 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         "per rank, the default for more than one), ray (Ray actors)")
     parser.add_argument("--data-parallel-backend", "-dpb", default="mp",
                         choices=list(DATA_PARALLEL_BACKENDS),
-                        help="how replicas run: mp (a process each, on this machine); ray "
-                        "(not implemented yet)")
+                        help="how replicas run: mp (a process each, on this machine); ray (Ray "
+                        "actors placed on the cluster's GPUs)")
     parser.add_argument("--quantization", "-q", default=None)
     parser.add_argument("--load-format", default="auto",
                         choices=["auto", "safetensors", "gguf", "dummy"],
                         help="dummy: random weights made in place (nothing read from disk)")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"])
+
+
+def add_feature_args(parser: argparse.ArgumentParser) -> None:
+    """Sampling seed, chat templates, logprobs, graphs, scheduling, structured outputs,
+    tools and reasoning."""
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--chat-template", default=None,
                         help="a chat template file, or the template itself")
@@ -92,16 +119,6 @@ def add_server_args(parser: argparse.ArgumentParser, model_positional: bool = Fa
                         help='leave tools out of the prompt when tool_choice is "none"')
     parser.add_argument("--reasoning-parser", default=None,
                         help="split reasoning from the answer: deepseek_r1, qwen3")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--trust-remote-code", action="store_true")
-    parser.add_argument("--task", default="auto", choices=["auto", "generate", "embed"],
-                        help="generate text or embed (default: auto, embed for encoder models)")
-    parser.add_argument("--uvicorn-log-level", default="info",
-                        choices=["debug", "info", "warning", "error", "critical", "trace"])
-    parser.add_argument("--disable-log-requests", action="store_true")
-    parser.add_argument("--disable-log-stats", action="store_true")
-    parser.add_argument("--disable-uvicorn-access-log", action="store_true")
-    add_operations_args(parser)
 
 
 def add_operations_args(parser: argparse.ArgumentParser) -> None:
