@@ -150,6 +150,18 @@ class LinearBase(nn.Module):
         raise NotImplementedError
 
 
+def _load_rank_shard(
+    param: nn.Parameter, loaded_weight: torch.Tensor, dim_attr: str, tp_rank: int, tp_size: int
+) -> None:
+    """Copies this rank's slice of a full checkpoint tensor along the parameter's
+    `dim_attr` dimension ("output_dim" or "input_dim"; the whole tensor when it has none)."""
+    dim = getattr(param, dim_attr, None)
+    if dim is not None:
+        size = param.shape[dim]
+        loaded_weight = _shard(loaded_weight, dim, tp_rank, size, size * tp_size)
+    _copy_checked(param.data, loaded_weight)
+
+
 def _copy_checked(dst: torch.Tensor, src: torch.Tensor) -> None:
     if tuple(dst.shape) != tuple(src.shape):
         raise ValueError(f"shape mismatch: parameter slice {tuple(dst.shape)} vs checkpoint "
@@ -258,12 +270,7 @@ class ColumnParallelLinear(LinearBase):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        output_dim = getattr(param, "output_dim", None)
-        if output_dim is not None:
-            size = param.shape[output_dim]
-            loaded_weight = _shard(loaded_weight, output_dim, self.tp_rank, size,
-                                   size * self.tp_size)
-        _copy_checked(param.data, loaded_weight)
+        _load_rank_shard(param, loaded_weight, "output_dim", self.tp_rank, self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [num_tokens, output_size_per_partition]
@@ -442,12 +449,7 @@ class RowParallelLinear(LinearBase):
     def weight_loader(
         self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: Any = None
     ) -> None:
-        input_dim = getattr(param, "input_dim", None)
-        if input_dim is not None:
-            size = param.shape[input_dim]
-            loaded_weight = _shard(loaded_weight, input_dim, self.tp_rank, size,
-                                   size * self.tp_size)
-        _copy_checked(param.data, loaded_weight)
+        _load_rank_shard(param, loaded_weight, "input_dim", self.tp_rank, self.tp_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.input_is_parallel and self.tp_size > 1:
