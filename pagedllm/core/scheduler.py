@@ -12,79 +12,29 @@ order ("fcfs") or by (priority, arrival time) ("priority", as vLLM's
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import logging
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pagedllm.config import SCHEDULING_POLICIES
 from pagedllm.core.kv_cache_groups import KVCacheSpec
 from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.output_update import update_generation, update_one, update_pooling
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.request_queue import FCFSQueue, PriorityQueue
 from pagedllm.core.scheduler_output import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
 )
-from pagedllm.engine.protocol import (
-    EngineCoreOutput,
-    EngineCoreOutputs,
-    LogprobsLists,
-    SchedulerStats,
-)
+from pagedllm.engine.protocol import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 
 if TYPE_CHECKING:
     from pagedllm.config import CacheConfig, SchedulerConfig
     from pagedllm.structured_output import StructuredOutputManager
 
-logger = logging.getLogger(__name__)
 
 _RUNNING = RequestStatus.RUNNING
-
-
-class FCFSQueue(deque):
-    """Waiting requests in arrival order; preempted ones go back to the front."""
-
-    def remove_ids(self, ids: set[str]) -> None:
-        kept = [r for r in self if r.request_id not in ids]
-        self.clear()
-        self.extend(kept)
-
-
-class PriorityQueue:
-    """Waiting requests by (priority, arrival time); preempted ones go back by the same key.
-    The deque operations the scheduler uses, on a heap."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._seq = itertools.count()  # ties: insertion order, and never compares requests
-
-    def append(self, request: Request) -> None:
-        entry = (request.priority, request.arrival_time, next(self._seq), request)
-        heapq.heappush(self._heap, entry)
-
-    appendleft = append
-
-    def __getitem__(self, index: int) -> Request:
-        if index != 0:
-            raise IndexError("only the head of the priority queue can be read")
-        return self._heap[0][3]
-
-    def popleft(self) -> Request:
-        return heapq.heappop(self._heap)[3]
-
-    def remove_ids(self, ids: set[str]) -> None:
-        self._heap = [e for e in self._heap if e[3].request_id not in ids]
-        heapq.heapify(self._heap)
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def __iter__(self) -> Iterator[Request]:
-        return (e[3] for e in sorted(self._heap))
 
 
 class Scheduler:
@@ -507,8 +457,10 @@ class Scheduler:
             index = {rid: i for i, rid in enumerate(mro.req_ids)}
             pairs = ((rid, mro.sampled_token_ids[i] if (i := index.get(rid)) is not None
                       else []) for rid in scheduled)
-        # One sampled token, no logprobs, no grammar, no pooling: `_update_one`.
+        # One sampled token, no logprobs, no grammar, no pooling: `update_one`.
         plain = not mro.logprobs and not mro.prompt_logprobs
+        max_len = self.max_model_len
+        num_generated = 0
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
         for rid, sampled in pairs:
@@ -516,17 +468,20 @@ class Scheduler:
             if req is None or req.status is not _RUNNING:
                 continue  # aborted (or preempted) since it was scheduled
             if req.pooling:
-                out = self._update_pooling(req, mro)
+                out = update_pooling(req, mro)
             else:
                 if sampled and req.num_output_placeholders:
                     req.num_output_placeholders -= 1
                 if (plain and len(sampled) == 1 and req.grammar is None
                         and req.num_computed_tokens >= len(req.all_token_ids)):
-                    outputs.append(self._update_one(req, sampled[0]))
+                    outputs.append(update_one(req, sampled[0], max_len))
+                    num_generated += 1
                     if req.status is not _RUNNING:
                         finished.append(req)
                     continue
-                out = self._update_generation(req, sampled, mro)
+                out = update_generation(req, sampled, mro, max_len)
+                if out is not None:
+                    num_generated += len(out.new_token_ids)
             if out is not None:
                 outputs.append(out)
             if req.is_finished:
@@ -536,111 +491,8 @@ class Scheduler:
             self.running = [r for r in self.running if r.request_id not in done]
             for r in finished:
                 self._free_request(r)
+        self._num_generation_tokens += num_generated
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
-
-    def _update_one(self, req: Request, tok: int) -> EngineCoreOutput:
-        """`_update_generation` for the common case: one token, no grammar, no logprobs
-        (the stop checks of `_check_stop`, in its order)."""
-        req.append_output_token_id(tok)
-        self._num_generation_tokens += 1
-        num_out = len(req.output_token_ids)
-        sp = req.sampling_params
-        status = None
-        if len(req.all_token_ids) >= self.max_model_len or num_out >= req.max_tokens:
-            status = RequestStatus.FINISHED_LENGTH_CAPPED
-        elif num_out >= sp.min_tokens:
-            if not sp.ignore_eos and tok == req.eos_token_id:
-                status = RequestStatus.FINISHED_STOPPED
-            elif sp.stop_token_ids and tok in sp.stop_token_ids:
-                status = RequestStatus.FINISHED_STOPPED
-                req.stop_reason = tok
-        if status is None:
-            return EngineCoreOutput(req.request_id, [tok], None, None, None, None,
-                                    max(req.num_cached_tokens, 0))
-        req.status = status
-        return EngineCoreOutput(req.request_id, [tok], None, None, status.finish_reason,
-                                req.stop_reason, max(req.num_cached_tokens, 0))
-
-    def _update_pooling(self, req: Request, mro: ModelRunnerOutput) -> EngineCoreOutput | None:
-        if req.num_computed_tokens < req.num_tokens:
-            return None  # more prompt chunks to go
-        req.status = RequestStatus.FINISHED_STOPPED
-        return EngineCoreOutput(
-            request_id=req.request_id,
-            new_token_ids=[],
-            finish_reason=req.finish_reason,
-            num_cached_tokens=max(req.num_cached_tokens, 0),
-            pooling_output=mro.pooler_output.get(req.request_id),
-        )
-
-    def _update_generation(
-        self, req: Request, sampled: list[int], mro: ModelRunnerOutput
-    ) -> EngineCoreOutput | None:
-        rid = req.request_id
-        if req.num_computed_tokens < req.num_tokens:
-            sampled = []  # a partial prefill chunk: any sample is meaningless
-        first_output = req.num_output_tokens == 0
-        new_token_ids: list[int] = []
-        grammar = req.grammar
-        if grammar is not None and grammar.error is not None:
-            logger.warning("request %s aborted: %s", rid, grammar.error)
-            req.status = RequestStatus.FINISHED_ABORTED
-            sampled = []
-        for tok in sampled:
-            if grammar is not None and not grammar.accept(tok):
-                logger.warning("request %s: token %d violates its grammar; aborted", rid, tok)
-                req.status = RequestStatus.FINISHED_ABORTED
-                break
-            req.append_output_token_ids(tok)
-            new_token_ids.append(tok)
-            if self._check_stop(req):
-                break
-            if grammar is not None and grammar.is_terminated:
-                req.status = RequestStatus.FINISHED_STOPPED  # the grammar has ended
-                if tok in req.sampling_params.stop_token_ids:
-                    req.stop_reason = tok
-                break
-        self._num_generation_tokens += len(new_token_ids)
-        prompt_logprobs = mro.prompt_logprobs.get(rid) if first_output else None
-        if not new_token_ids and prompt_logprobs is None and not req.is_finished:
-            return None
-        logprobs = mro.logprobs.get(rid)
-        if logprobs is not None and len(logprobs.sampled_token_ranks) > len(new_token_ids):
-            n = len(new_token_ids)
-            logprobs = LogprobsLists(
-                logprobs.logprob_token_ids[:n],
-                logprobs.logprobs[:n],
-                logprobs.sampled_token_ranks[:n],
-            )
-        return EngineCoreOutput(
-            request_id=rid,
-            new_token_ids=new_token_ids,
-            new_logprobs=logprobs,
-            new_prompt_logprobs=prompt_logprobs,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            num_cached_tokens=max(req.num_cached_tokens, 0),
-        )
-
-    def _check_stop(self, req: Request) -> bool:
-        """vLLM's order: length, then min_tokens, then EOS, then stop_token_ids."""
-        assert req.max_tokens is not None
-        if req.num_tokens >= self.max_model_len or req.num_output_tokens >= req.max_tokens:
-            req.status = RequestStatus.FINISHED_LENGTH_CAPPED
-            return True
-        sp = req.sampling_params
-        assert sp is not None
-        if req.num_output_tokens < sp.min_tokens:
-            return False
-        last = req.output_token_ids[-1]
-        if not sp.ignore_eos and req.eos_token_id is not None and last == req.eos_token_id:
-            req.status = RequestStatus.FINISHED_STOPPED
-            return True
-        if sp.stop_token_ids and last in sp.stop_token_ids:
-            req.status = RequestStatus.FINISHED_STOPPED
-            req.stop_reason = last
-            return True
-        return False
 
     # ------------------------------------------------------------------ stats
 
