@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import cProfile
+import gc
 import json
 import os
 import sys
@@ -43,6 +44,7 @@ STAGES: list[tuple[str, bool]] = [
     ("update", True),  # Scheduler.update_from_output
     ("output", True),  # OutputProcessor.process_outputs (detokenize included)
     ("detokenize", True),  # IncrementalDetokenizer.update, a part of "output"
+    ("gc", True),  # Python's cyclic garbage collector, inside whichever stage triggered it
 ]
 
 
@@ -67,6 +69,20 @@ class StageTimer:
                 cur[stage] += clock() - t0
 
         setattr(owner, attr, timed)
+
+    def time_gc(self) -> None:
+        """Adds the collector's pauses as stage "gc" (they also count in the stage that
+        allocated when the collection started)."""
+        cur = self.current
+        started = [0.0]
+
+        def callback(phase: str, info: dict) -> None:
+            if phase == "start":
+                started[0] = time.thread_time()
+            else:
+                cur["gc"] += time.thread_time() - started[0]
+
+        gc.callbacks.append(callback)
 
     def take(self) -> dict[str, float]:
         out = dict(self.current)
@@ -119,12 +135,14 @@ def run(args, model_dir: str, tokenizer: str, num_requests: int) -> dict:
     from pagedllm.engine.arg_utils import EngineArgs
     from pagedllm.engine.llm_engine import LLMEngine
 
+    gc.callbacks.clear()
     engine = LLMEngine.from_engine_args(EngineArgs(
         model=model_dir, tokenizer=tokenizer, dtype="float32", kv_cache_space=1,
         max_num_seqs=max(num_requests, 1), max_num_batched_tokens=16384,
         async_scheduling=args.async_scheduling, seed=0,
     ))  # fmt: skip
     timer = instrument(engine, args.time_detokenize)
+    timer.time_gc()
     rng = np.random.default_rng(0)
     vocab = engine.model_config.vocab_size
     for i in range(num_requests):
@@ -159,7 +177,8 @@ def run(args, model_dir: str, tokenizer: str, num_requests: int) -> dict:
              "sample")
     per_stage["runner_other"] = per_stage["submit"] - sum(per_stage[k] for k in inner)
     per_stage.pop("submit")
-    host = sum(per_stage[name] for name, is_host in STAGES if is_host and name != "detokenize")
+    host = sum(per_stage[name] for name, is_host in STAGES
+               if is_host and name not in ("detokenize", "gc"))
     step_ms = 1e3 * _median([s[1] for s in full])
     return {
         "num_requests": num_requests,

@@ -46,7 +46,8 @@ class KVCacheManager:
         self.spec = spec if spec is not None else build_kv_cache_spec([None])
         self.groups: tuple[KVCacheGroup, ...] = self.spec.groups
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.block_pool = BlockPool(num_blocks, enable_caching, self.spec.has_sliding)
+        self._has_sliding = self.spec.has_sliding
+        self.block_pool = BlockPool(num_blocks, enable_caching, self._has_sliding)
         self.null_block = self.block_pool.null_block
         # Per request, per group: its block table (null blocks where freed).
         self.req_to_blocks: dict[str, GroupBlocks] = {}
@@ -172,14 +173,18 @@ class KVCacheManager:
         if num_new_tokens < 0:
             raise ValueError(f"num_new_tokens must be non-negative, got {num_new_tokens}")
         rid = request.request_id
-        hits = self._as_groups(new_computed_blocks)
         tables = self.req_to_blocks.get(rid)
-        if tables is not None and any(hits) and any(tables):
-            raise ValueError(f"request {rid}: prefix hit on a non-empty table")
-        if tables is not None:
-            self._free_dead_blocks(rid, tables, request.num_computed_tokens)
         total_tokens = request.num_computed_tokens + num_new_computed_tokens + num_new_tokens
         num_total_blocks = _cdiv(total_tokens, self.block_size)
+        if tables is not None:
+            if self._has_sliding:  # even a step that needs no new block frees dead ones
+                self._free_dead_blocks(rid, tables, request.num_computed_tokens)
+            if not new_computed_blocks and self._fits(request, tables, total_tokens,
+                                                      num_total_blocks):
+                return []  # the common decode step: nothing to allocate or to cache
+        hits = self._as_groups(new_computed_blocks)
+        if tables is not None and any(hits) and any(tables):
+            raise ValueError(f"request {rid}: prefix hit on a non-empty table")
         needs = [max(0, num_total_blocks - (len(tables[g]) if tables else 0) - len(hits[g]))
                  for g in range(len(self.groups))]
         # Hit blocks that are free (ref_cnt 0) leave the free queue when touched.
@@ -213,6 +218,18 @@ class KVCacheManager:
                                                   num_full_after, g)
             self.num_cached_blocks[rid] = max(num_full_before, num_full_after)
         return new_blocks
+
+    def _fits(self, request: Request, tables: GroupBlocks, total_tokens: int,
+              num_total_blocks: int) -> bool:
+        """Whether `total_tokens` fit the tables as they are and fill no block that is not
+        cached yet (what `allocate_slots` would otherwise do)."""
+        for table in tables:
+            if len(table) < num_total_blocks:
+                return False
+        if not self.enable_caching:
+            return True
+        num_full = min(total_tokens // self.block_size, len(request.block_hashes))
+        return num_full <= self.num_cached_blocks.get(request.request_id, 0)
 
     def _as_groups(self, blocks: GroupBlocks | Sequence[KVCacheBlock]) -> GroupBlocks:
         if not blocks:

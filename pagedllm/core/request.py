@@ -159,6 +159,14 @@ class Request:
                 self.all_token_ids, self.block_size, self.block_hashes
             )
 
+    def append_output_token_id(self, token_id: int) -> None:
+        """`append_output_token_ids` for one token (the per-step common case)."""
+        self.output_token_ids.append(token_id)
+        all_ids = self.all_token_ids
+        all_ids.append(token_id)
+        if len(all_ids) // self.block_size > len(self.block_hashes):
+            self.block_hashes = compute_block_hashes(all_ids, self.block_size, self.block_hashes)
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, status={self.status.name}, "

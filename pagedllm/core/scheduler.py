@@ -12,77 +12,29 @@ order ("fcfs") or by (priority, arrival time) ("priority", as vLLM's
 
 from __future__ import annotations
 
-import heapq
-import itertools
-import logging
-from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pagedllm.config import SCHEDULING_POLICIES
 from pagedllm.core.kv_cache_groups import KVCacheSpec
 from pagedllm.core.kv_cache_manager import KVCacheManager
+from pagedllm.core.output_update import update_generation, update_one, update_pooling
 from pagedllm.core.request import Request, RequestStatus
+from pagedllm.core.request_queue import FCFSQueue, PriorityQueue
 from pagedllm.core.scheduler_output import (
     CachedRequestData,
     ModelRunnerOutput,
     NewRequestData,
     SchedulerOutput,
 )
-from pagedllm.engine.protocol import (
-    EngineCoreOutput,
-    EngineCoreOutputs,
-    LogprobsLists,
-    SchedulerStats,
-)
+from pagedllm.engine.protocol import EngineCoreOutput, EngineCoreOutputs, SchedulerStats
 
 if TYPE_CHECKING:
     from pagedllm.config import CacheConfig, SchedulerConfig
     from pagedllm.structured_output import StructuredOutputManager
 
-logger = logging.getLogger(__name__)
 
-
-class FCFSQueue(deque):
-    """Waiting requests in arrival order; preempted ones go back to the front."""
-
-    def remove_ids(self, ids: set[str]) -> None:
-        kept = [r for r in self if r.request_id not in ids]
-        self.clear()
-        self.extend(kept)
-
-
-class PriorityQueue:
-    """Waiting requests by (priority, arrival time); preempted ones go back by the same key.
-    The deque operations the scheduler uses, on a heap."""
-
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, float, int, Request]] = []
-        self._seq = itertools.count()  # ties: insertion order, and never compares requests
-
-    def append(self, request: Request) -> None:
-        entry = (request.priority, request.arrival_time, next(self._seq), request)
-        heapq.heappush(self._heap, entry)
-
-    appendleft = append
-
-    def __getitem__(self, index: int) -> Request:
-        if index != 0:
-            raise IndexError("only the head of the priority queue can be read")
-        return self._heap[0][3]
-
-    def popleft(self) -> Request:
-        return heapq.heappop(self._heap)[3]
-
-    def remove_ids(self, ids: set[str]) -> None:
-        self._heap = [e for e in self._heap if e[3].request_id not in ids]
-        heapq.heapify(self._heap)
-
-    def __len__(self) -> int:
-        return len(self._heap)
-
-    def __iter__(self) -> Iterator[Request]:
-        return (e[3] for e in sorted(self._heap))
+_RUNNING = RequestStatus.RUNNING
 
 
 class Scheduler:
@@ -139,6 +91,10 @@ class Scheduler:
         self._num_prompt_tokens = 0
         self._num_generation_tokens = 0
         self._num_scheduled_tokens = 0
+        # This schedule() call's prompt tokens and constrained requests that sample (in
+        # batch order).
+        self._step_prompt_tokens = 0
+        self._step_structured: list[str] = []
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -248,6 +204,13 @@ class Scheduler:
     # ------------------------------------------------------------------ scheduling
 
     def schedule(self) -> SchedulerOutput:
+        """One step: running requests first (in order, preempting when blocks run out), then
+        waiting ones. Each scheduled request is advanced in the same pass; the step lists in
+        `scheduled_cached_reqs` only running requests that got new blocks (or, under the
+        batch queue, new tokens): the worker advances every scheduled request's
+        `num_computed_tokens` by its tokens itself and checks it against the listed ones."""
+        self._step_prompt_tokens = 0
+        self._step_structured = []
         num_scheduled: dict[str, int] = {}
         new_reqs: list[NewRequestData] = []
         new_block_ids: dict[str, list[list[int]]] = {}  # per KV cache group
@@ -255,9 +218,8 @@ class Scheduler:
         budget, preempted_any = self._schedule_running(num_scheduled, new_block_ids, max_reqs)
         if not preempted_any:
             budget = self._schedule_waiting(budget, num_scheduled, new_reqs, max_reqs)
-        cached_reqs = self._cached_request_data(new_block_ids, num_scheduled)
-        total = sum(num_scheduled.values())
-        structured_ids: list[str] = []
+        cached_reqs = self._cached_request_data(new_block_ids, num_scheduled, new_reqs)
+        total = self.max_num_batched_tokens - budget
         out = SchedulerOutput(
             scheduled_new_reqs=new_reqs,
             scheduled_cached_reqs=cached_reqs,
@@ -265,11 +227,11 @@ class Scheduler:
             total_num_scheduled_tokens=total,
             finished_req_ids=self.finished_req_ids,
             preempted_req_ids=self.preempted_req_ids,
-            structured_output_request_ids=structured_ids,
+            structured_output_request_ids=self._step_structured,  # batch order
         )
         self.finished_req_ids = set()
         self.preempted_req_ids = set()
-        self._advance_scheduled(num_scheduled, structured_ids)
+        self._num_prompt_tokens += self._step_prompt_tokens
         self._num_scheduled_tokens = total
         return out
 
@@ -278,87 +240,126 @@ class Scheduler:
         max_reqs: int,
     ) -> tuple[int, bool]:
         """Gives running requests their tokens in order, preempting from the back when blocks
-        run out; returns the budget left and whether anything was preempted."""
+        run out, and advances each (`_advance`); returns the budget left and whether anything
+        was preempted. The common decode costs a few attribute reads and one allocation
+        check."""
         budget = self.max_num_batched_tokens
         preempted_any = False
+        running = self.running
+        allocate = self.kv_cache_manager.allocate_slots
+        max_len = self.max_model_len
+        in_flight = self.in_flight
         idx = 0
-        while idx < len(self.running) and budget > 0 and len(num_scheduled) < max_reqs:
-            req = self.running[idx]
-            if req.request_id in self.in_flight:
+        while idx < len(running) and budget > 0 and len(num_scheduled) < max_reqs:
+            req = running[idx]
+            if in_flight and req.request_id in in_flight:
                 idx += 1  # its previous step is not back yet (pipeline batch queue)
                 continue
-            if req.num_output_placeholders and self._finishes_with_placeholders(req):
-                idx += 1  # its last token is in flight: nothing left to compute
+            placeholders = req.num_output_placeholders
+            num_tokens = len(req.all_token_ids)
+            if placeholders and (
+                len(req.output_token_ids) + placeholders >= req.max_tokens
+                or num_tokens + placeholders >= max_len
+            ):  # its last token is in flight (max_tokens or the context end): nothing to do
+                idx += 1
                 continue
-            num_new = min(
-                req.num_tokens + req.num_output_placeholders - req.num_computed_tokens,
-                budget,
-                self.max_model_len - req.num_computed_tokens,
-            )
+            computed = req.num_computed_tokens
+            num_new = num_tokens + placeholders - computed
+            if num_new > budget:
+                num_new = budget
+            if num_new > max_len - computed:
+                num_new = max_len - computed
             if num_new <= 0:
                 idx += 1
                 continue
-            new_blocks = self.kv_cache_manager.allocate_slots(req, num_new)
+            new_blocks = allocate(req, num_new)
             while new_blocks is None:
                 victim, pos = self._pick_victim()
                 if pos < idx:  # already passed this step: undo its share, keep idx on req
                     idx -= 1
-                    budget += num_scheduled.pop(victim.request_id, 0)
-                    new_block_ids.pop(victim.request_id, None)
+                    budget += self._unschedule(victim, num_scheduled, new_block_ids)
                 self._preempt(victim)
                 preempted_any = True
                 if victim is req:
                     break
-                new_blocks = self.kv_cache_manager.allocate_slots(req, num_new)
+                new_blocks = allocate(req, num_new)
             if new_blocks is None:
                 break
             num_scheduled[req.request_id] = num_new
-            if self._multi_group:
-                new_block_ids[req.request_id] = self.kv_cache_manager.take_new_block_ids(
-                    req.request_id)
-            else:
-                new_block_ids[req.request_id] = [[b.block_id for b in new_blocks]]
+            if new_blocks:  # else: nothing for the worker but the advance it makes itself
+                new_block_ids[req.request_id] = (
+                    self.kv_cache_manager.take_new_block_ids(req.request_id)
+                    if self._multi_group else [[b.block_id for b in new_blocks]]
+                )
+            self._advance(req, computed, num_new)
             budget -= num_new
             idx += 1
         return budget, preempted_any
 
-    def _cached_request_data(
-        self, new_block_ids: dict[str, list[list[int]]], num_scheduled: dict[str, int]
-    ) -> list[CachedRequestData]:
-        """What changed for each scheduled running request; under the batch queue also its
-        new tokens, and every scheduled request joins the in-flight set."""
-        cached_reqs: list[CachedRequestData] = []
-        queue = self.max_concurrent_batches > 1
-        for rid, block_ids in new_block_ids.items():
-            req = self.requests[rid]
-            cached_reqs.append(CachedRequestData(
-                rid, block_ids[0], req.num_computed_tokens, tuple(block_ids[1:])
-            ))
-            if queue:
-                cached_reqs[-1].new_token_ids = req.output_token_ids[req.num_output_tokens_sent:]
-        if queue:
-            self.in_flight.update(num_scheduled)
-            for rid in num_scheduled:
-                req = self.requests[rid]
-                req.num_output_tokens_sent = req.num_output_tokens
-        return cached_reqs
+    def _advance(self, req: Request, start: int, num_new: int) -> None:
+        """Moves a scheduled request's progress by this step's tokens; one that reaches its
+        last token samples (its grammar id listed; async: a placeholder for the token in
+        flight)."""
+        end = start + num_new
+        req.num_computed_tokens = end
+        num_prompt = len(req.prompt_token_ids)
+        if start < num_prompt:
+            self._step_prompt_tokens += min(num_prompt, end) - start
+        if not req.pooling and end == len(req.all_token_ids) + req.num_output_placeholders:
+            if req.grammar is not None:
+                self._step_structured.append(req.request_id)
+            if self.async_scheduling:
+                req.num_output_placeholders += 1  # this step samples for it
 
-    def _advance_scheduled(self, num_scheduled: dict[str, int], structured_ids: list[str]) -> None:
-        """Moves each scheduled request's computed tokens by its share; a request that reaches
-        its last token samples (its grammar id listed; async: a placeholder in flight)."""
-        for req in self.running:
-            n = num_scheduled.get(req.request_id)
-            if n:
-                start = req.num_computed_tokens
-                self._num_prompt_tokens += max(0, min(req.num_prompt_tokens, start + n) - start)
-                req.num_computed_tokens = start + n
-                samples = not req.pooling and (
-                    start + n == req.num_tokens + req.num_output_placeholders
-                )
-                if samples and req.grammar is not None:
-                    structured_ids.append(req.request_id)
-                if samples and self.async_scheduling:
-                    req.num_output_placeholders += 1  # this step samples for it
+    def _unschedule(
+        self, req: Request, num_scheduled: dict[str, int],
+        new_block_ids: dict[str, list[list[int]]],
+    ) -> int:
+        """Takes back a request scheduled earlier in this step (it is being preempted, which
+        resets its progress and placeholders); returns its tokens."""
+        rid = req.request_id
+        n = num_scheduled.pop(rid, 0)
+        new_block_ids.pop(rid, None)
+        if n:
+            start = req.num_computed_tokens - n
+            num_prompt = len(req.prompt_token_ids)
+            if start < num_prompt:
+                self._step_prompt_tokens -= min(num_prompt, start + n) - start
+            if rid in self._step_structured:
+                self._step_structured.remove(rid)
+        return n
+
+    def _cached_request_data(
+        self, new_block_ids: dict[str, list[list[int]]], num_scheduled: dict[str, int],
+        new_reqs: list[NewRequestData],
+    ) -> list[CachedRequestData]:
+        """The scheduled running requests the worker must be told about: those that got new
+        blocks, and under the batch queue also those that gained output tokens since they
+        were last scheduled (stages before the last do not sample; every decode has one).
+        Under the batch queue every scheduled request joins the in-flight set."""
+        requests = self.requests
+        if self.max_concurrent_batches == 1:
+            return [
+                CachedRequestData(rid, ids[0], requests[rid].num_computed_tokens
+                                  - num_scheduled[rid], tuple(ids[1:]))
+                for rid, ids in new_block_ids.items()
+            ]
+        cached_reqs: list[CachedRequestData] = []
+        new_ids = {nr.req_id for nr in new_reqs}
+        for rid in num_scheduled:
+            req = requests[rid]
+            ids = new_block_ids.get(rid)
+            tokens = req.output_token_ids[req.num_output_tokens_sent:]
+            req.num_output_tokens_sent = len(req.output_token_ids)
+            if rid in new_ids or (ids is None and not tokens):
+                continue
+            ids = ids or [[] for _ in range(self.kv_cache_manager.spec.num_groups)]
+            cached_reqs.append(CachedRequestData(
+                rid, ids[0], req.num_computed_tokens - num_scheduled[rid], tuple(ids[1:]),
+                tokens,
+            ))
+        self.in_flight.update(num_scheduled)
+        return cached_reqs
 
     def _micro_batch_size(self) -> int:
         """Requests one step may hold: all it can, or with a batch queue an even share of
@@ -367,12 +368,6 @@ class Scheduler:
             return self.max_num_seqs
         active = min(len(self.running) + len(self.waiting), self.max_num_seqs)
         return max(1, -(-active // self.max_concurrent_batches))
-
-    def _finishes_with_placeholders(self, req: Request) -> bool:
-        """Whether the tokens in flight take the request to max_tokens or the context end."""
-        assert req.max_tokens is not None
-        p = req.num_output_placeholders
-        return req.num_output_tokens + p >= req.max_tokens or req.num_tokens + p >= self.max_model_len
 
     def _schedule_waiting(
         self, budget: int, num_scheduled: dict[str, int], new_reqs: list[NewRequestData],
@@ -418,6 +413,7 @@ class Scheduler:
                 )
             )
             num_scheduled[req.request_id] = num_new
+            self._advance(req, num_hit, num_new)
             budget -= num_new
         for req in reversed(compiling):
             self.waiting.appendleft(req)
@@ -451,23 +447,41 @@ class Scheduler:
     ) -> EngineCoreOutputs:
         """Append sampled tokens, apply stop checks, free finished requests, emit outputs."""
         mro = model_runner_output
+        scheduled = scheduler_output.num_scheduled_tokens
         if self.in_flight:
-            self.in_flight.difference_update(scheduler_output.num_scheduled_tokens)
-        index = {rid: i for i, rid in enumerate(mro.req_ids)}
+            self.in_flight.difference_update(scheduled)
+        requests = self.requests
+        if len(mro.req_ids) == len(scheduled) and mro.req_ids == list(scheduled):
+            pairs = zip(mro.req_ids, mro.sampled_token_ids)  # the runner keeps batch order
+        else:
+            index = {rid: i for i, rid in enumerate(mro.req_ids)}
+            pairs = ((rid, mro.sampled_token_ids[i] if (i := index.get(rid)) is not None
+                      else []) for rid in scheduled)
+        # One sampled token, no logprobs, no grammar, no pooling: `update_one`.
+        plain = not mro.logprobs and not mro.prompt_logprobs
+        max_len = self.max_model_len
+        num_generated = 0
         outputs: list[EngineCoreOutput] = []
         finished: list[Request] = []
-        for rid in scheduler_output.num_scheduled_tokens:
-            req = self.requests.get(rid)
-            if req is None or req.is_finished or req.status != RequestStatus.RUNNING:
+        for rid, sampled in pairs:
+            req = requests.get(rid)
+            if req is None or req.status is not _RUNNING:
                 continue  # aborted (or preempted) since it was scheduled
             if req.pooling:
-                out = self._update_pooling(req, mro)
+                out = update_pooling(req, mro)
             else:
-                i = index.get(rid)
-                sampled = mro.sampled_token_ids[i] if i is not None else []
                 if sampled and req.num_output_placeholders:
                     req.num_output_placeholders -= 1
-                out = self._update_generation(req, sampled, mro)
+                if (plain and len(sampled) == 1 and req.grammar is None
+                        and req.num_computed_tokens >= len(req.all_token_ids)):
+                    outputs.append(update_one(req, sampled[0], max_len))
+                    num_generated += 1
+                    if req.status is not _RUNNING:
+                        finished.append(req)
+                    continue
+                out = update_generation(req, sampled, mro, max_len)
+                if out is not None:
+                    num_generated += len(out.new_token_ids)
             if out is not None:
                 outputs.append(out)
             if req.is_finished:
@@ -477,88 +491,8 @@ class Scheduler:
             self.running = [r for r in self.running if r.request_id not in done]
             for r in finished:
                 self._free_request(r)
+        self._num_generation_tokens += num_generated
         return EngineCoreOutputs(outputs=outputs, scheduler_stats=self.make_stats())
-
-    def _update_pooling(self, req: Request, mro: ModelRunnerOutput) -> EngineCoreOutput | None:
-        if req.num_computed_tokens < req.num_tokens:
-            return None  # more prompt chunks to go
-        req.status = RequestStatus.FINISHED_STOPPED
-        return EngineCoreOutput(
-            request_id=req.request_id,
-            new_token_ids=[],
-            finish_reason=req.finish_reason,
-            num_cached_tokens=max(req.num_cached_tokens, 0),
-            pooling_output=mro.pooler_output.get(req.request_id),
-        )
-
-    def _update_generation(
-        self, req: Request, sampled: list[int], mro: ModelRunnerOutput
-    ) -> EngineCoreOutput | None:
-        rid = req.request_id
-        if req.num_computed_tokens < req.num_tokens:
-            sampled = []  # a partial prefill chunk: any sample is meaningless
-        first_output = req.num_output_tokens == 0
-        new_token_ids: list[int] = []
-        grammar = req.grammar
-        if grammar is not None and grammar.error is not None:
-            logger.warning("request %s aborted: %s", rid, grammar.error)
-            req.status = RequestStatus.FINISHED_ABORTED
-            sampled = []
-        for tok in sampled:
-            if grammar is not None and not grammar.accept(tok):
-                logger.warning("request %s: token %d violates its grammar; aborted", rid, tok)
-                req.status = RequestStatus.FINISHED_ABORTED
-                break
-            req.append_output_token_ids(tok)
-            new_token_ids.append(tok)
-            if self._check_stop(req):
-                break
-            if grammar is not None and grammar.is_terminated:
-                req.status = RequestStatus.FINISHED_STOPPED  # the grammar has ended
-                if tok in req.sampling_params.stop_token_ids:
-                    req.stop_reason = tok
-                break
-        self._num_generation_tokens += len(new_token_ids)
-        prompt_logprobs = mro.prompt_logprobs.get(rid) if first_output else None
-        if not new_token_ids and prompt_logprobs is None and not req.is_finished:
-            return None
-        logprobs = mro.logprobs.get(rid)
-        if logprobs is not None and len(logprobs.sampled_token_ranks) > len(new_token_ids):
-            n = len(new_token_ids)
-            logprobs = LogprobsLists(
-                logprobs.logprob_token_ids[:n],
-                logprobs.logprobs[:n],
-                logprobs.sampled_token_ranks[:n],
-            )
-        return EngineCoreOutput(
-            request_id=rid,
-            new_token_ids=new_token_ids,
-            new_logprobs=logprobs,
-            new_prompt_logprobs=prompt_logprobs,
-            finish_reason=req.finish_reason,
-            stop_reason=req.stop_reason,
-            num_cached_tokens=max(req.num_cached_tokens, 0),
-        )
-
-    def _check_stop(self, req: Request) -> bool:
-        """vLLM's order: length, then min_tokens, then EOS, then stop_token_ids."""
-        assert req.max_tokens is not None
-        if req.num_tokens >= self.max_model_len or req.num_output_tokens >= req.max_tokens:
-            req.status = RequestStatus.FINISHED_LENGTH_CAPPED
-            return True
-        sp = req.sampling_params
-        assert sp is not None
-        if req.num_output_tokens < sp.min_tokens:
-            return False
-        last = req.output_token_ids[-1]
-        if not sp.ignore_eos and req.eos_token_id is not None and last == req.eos_token_id:
-            req.status = RequestStatus.FINISHED_STOPPED
-            return True
-        if sp.stop_token_ids and last in sp.stop_token_ids:
-            req.status = RequestStatus.FINISHED_STOPPED
-            req.stop_reason = last
-            return True
-        return False
 
     # ------------------------------------------------------------------ stats
 

@@ -41,6 +41,7 @@ class StepInputs:
     # and is still only on the device (the host wrote 0 there), and whose request it is.
     pending_token_idx: list[int]
     pending_req_ids: list[str]
+    pending_sample_rows: list[int]  # each one's row in the previous step's sampled tensor
 
 
 class InputBuffers:
@@ -105,10 +106,12 @@ class InputBuffers:
             (sm.numpy(), bt.numpy())
             for sm, bt in zip(self.extra_slot_mapping_cpu, self.extra_block_table_cpu)
         ]
-        # req_id -> (state, per group (number of blocks, nulled blocks), row) as written into
-        # the block tables last step.
-        self._block_arrays: dict[
-            str, tuple[CachedRequestState, object, int]] = {}
+        # Per block-table row: the state whose tables it holds, and their shape as written
+        # (one group: the number of blocks; several: per group (blocks, nulled blocks)). A
+        # state's tables only grow and their nulled prefix only grows; a resumed request
+        # gets a new state.
+        self._row_state: list[CachedRequestState | None] = [None] * max_num_reqs
+        self._row_shape: list[object] = [None] * max_num_reqs
         self._arange = np.arange(max(max_num_tokens, max_num_reqs) + 1, dtype=np.int64)
         # Marks the end of the last upload: the host buffers are not rewritten before it, even
         # on steps that never sync (prefill chunks that sample nothing).
@@ -131,7 +134,7 @@ class InputBuffers:
         counts_np = np.asarray(counts, dtype=np.int64)
         total = int(counts_np.sum())
         bs = self.block_size
-        starts, num_tokens, pending_idx, pending_reqs = self._fill_ids_and_blocks(states, counts)
+        starts, num_tokens, pending = self._fill_ids_and_blocks(states, counts)
         ends = starts + counts_np
         qsl = self.query_start_loc_np
         qsl[0] = 0
@@ -165,30 +168,34 @@ class InputBuffers:
             sample_rows=sample_rows,
             sample_token_idx=sample_token_idx,
             query_start_loc_np=qsl[: num_reqs + 1].copy(),
-            pending_token_idx=pending_idx,
-            pending_req_ids=pending_reqs,
+            pending_token_idx=pending[0],
+            pending_req_ids=pending[1],
+            pending_sample_rows=pending[2],
         )
 
     def _fill_ids_and_blocks(
         self, states: list[CachedRequestState], counts: list[int]
-    ) -> tuple[np.ndarray, np.ndarray, list[int], list[str]]:
-        """Writes each request's input ids and block-table row (one Python iteration per
+    ) -> tuple[np.ndarray, np.ndarray, tuple[list[int], list[str], list[int]]]:
+        """Writes each request's input ids and block-table rows (one Python iteration per
         request). Returns its first position, its token count with pending samples, and the
-        flat indices (and request ids) of input ids only the device holds."""
+        flat indices, request ids and previous-step sample rows of input ids only the device
+        holds."""
         num_reqs = len(states)
         ids_np = self.input_ids_np
         starts = np.empty(num_reqs, dtype=np.int64)
         num_tokens = np.empty(num_reqs, dtype=np.int64)
-        bt_cache = self._block_arrays
-        new_cache: dict[str, tuple[CachedRequestState, object, int]] = {}
         pending_idx: list[int] = []
         pending_reqs: list[str] = []
+        pending_rows: list[int] = []
+        fill_rows = self._fill_block_row if self._single_full else self._fill_group_rows
         offset = 0
         for i, state in enumerate(states):
             start = state.num_computed_tokens
             n = counts[i]
             starts[i] = start
-            known = state.num_tokens
+            prompt = state.prompt_token_ids
+            p = len(prompt)
+            known = p + len(state.output_token_ids)
             # The step samples when its tokens reach the last known or pending token.
             num_tokens[i] = known + state.num_pending
             if start + n > known and (n != 1 or not state.num_pending):
@@ -197,52 +204,47 @@ class InputBuffers:
                 )
             if n == 1:
                 # Decode (or the last prompt token): one element, no list slicing.
-                p = len(state.prompt_token_ids)
                 if start >= known:
                     ids_np[offset] = 0  # sampled by the previous step; copied on the device
                     pending_idx.append(offset)
                     pending_reqs.append(state.req_id)
+                    pending_rows.append(state.sample_row)
                 else:
                     ids_np[offset] = (
-                        state.prompt_token_ids[start]
-                        if start < p
-                        else state.output_token_ids[start - p]
+                        prompt[start] if start < p else state.output_token_ids[start - p]
                     )
             else:
                 ids_np[offset : offset + n] = state.token_slice(start, start + n)
-            new_cache[state.req_id] = self._fill_block_rows(i, state, start, bt_cache)
+            fill_rows(i, state, start)
             offset += n
-        self._block_arrays = new_cache
-        return starts, num_tokens, pending_idx, pending_reqs
+        return starts, num_tokens, (pending_idx, pending_reqs, pending_rows)
 
-    def _fill_block_rows(
-        self, i: int, state: CachedRequestState, start: int,
-        bt_cache: dict[str, tuple[CachedRequestState, object, int]],
-    ) -> tuple[CachedRequestState, object, int]:
-        """Writes row `i` of every group's block table for `state` (first query at `start`).
+    def _fill_block_row(self, i: int, state: CachedRequestState, start: int) -> None:
+        """One full-attention group: row `i` is rewritten only when another state wrote it
+        or the request got a new block since."""
+        num_blocks = len(state.block_ids)
+        if self._row_state[i] is not state or self._row_shape[i] != num_blocks:
+            self.block_table_np[i, :num_blocks] = state.block_ids
+            self._row_state[i] = state
+            self._row_shape[i] = num_blocks
 
-        A state's block tables only grow (a resumed request gets a new state object) and their
-        nulled prefix only grows: a row is rewritten only when the request moved rows, got a
-        new block or lost one to its window."""
-        cached = bt_cache.get(state.req_id)
-        if self._single_full:  # no sliding groups: nothing is ever nulled
-            num_blocks = len(state.block_ids)
-            if cached is None or cached[0] is not state or cached[1] != num_blocks or (
-                cached[2] != i
-            ):
-                self.block_table_np[i, :num_blocks] = state.block_ids
-            return (state, num_blocks, i)
+    def _fill_group_rows(self, i: int, state: CachedRequestState, start: int) -> None:
+        """Several groups: row `i` of every group's table for `state` (first query at
+        `start`), rewritten only when another state wrote it, the request got a new block or
+        lost one to its window (the null block takes its place, by the scheduler's rule)."""
         tables = (state.block_ids, *state.extra_block_ids)
         shape = tuple(
             (len(ids), num_dead_blocks(start, w, self.block_size))
             for ids, w in zip(tables, self.group_windows)
         )
-        if cached is None or cached[0] is not state or cached[1] != shape or cached[2] != i:
-            for (_, bt), ids, (num_blocks, dead) in zip(self._group_np, tables, shape):
-                bt[i, :num_blocks] = ids
-                if dead:
-                    bt[i, : min(dead, num_blocks)] = NULL_BLOCK_ID
-        return (state, shape, i)
+        if self._row_state[i] is state and self._row_shape[i] == shape:
+            return
+        for (_, bt), ids, (num_blocks, dead) in zip(self._group_np, tables, shape):
+            bt[i, :num_blocks] = ids
+            if dead:
+                bt[i, : min(dead, num_blocks)] = NULL_BLOCK_ID
+        self._row_state[i] = state
+        self._row_shape[i] = shape
 
     def _pad(self, num_reqs: int, num_tokens: int, pad_to: int) -> None:
         """Dummy requests of one token each up to `pad_to` requests (a graph's batch size)."""

@@ -31,6 +31,8 @@ class CachedRequestState:
     # Tokens sampled by submitted steps whose values the host has not read yet (async
     # scheduling): they exist only on the device until the step's output is resolved.
     num_pending: int = 0
+    # Its row in the newest submitted step's sampled tensor (where a pending id is read).
+    sample_row: int = -1
 
     @property
     def num_tokens(self) -> int:
@@ -64,6 +66,19 @@ class CachedRequestState:
         if start >= p:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+
+def may_need_host_tokens(p: SamplingParams) -> bool:
+    """Whether `CachedRequestState.needs_host_tokens` can ever be true for these params."""
+    return not (
+        p.repetition_penalty == 1.0
+        and p.frequency_penalty == 0.0
+        and p.presence_penalty == 0.0
+        and not p.logit_bias
+        and not p.allowed_token_ids
+        and not p.bad_words_token_ids
+        and p.min_tokens <= 0
+    )
 
 
 def step_seed(seed: int, num_output_tokens: int) -> int:
@@ -104,8 +119,8 @@ def _basic_metadata(
     """Temperature, top-k/top-p/min-p, seeds and logprob counts: what every step needs."""
     params = [s.sampling_params for s in states]
     temps = [p.temperature for p in params]
-    greedy = [t < 1e-5 for t in temps]
-    all_greedy = all(greedy)
+    all_greedy = not temps or max(temps) < 1e-5
+    any_greedy = bool(temps) and min(temps) < 1e-5
     top_p = top_k = min_p = None
     if not all_greedy:
         if any(p.top_p < 1.0 for p in params):
@@ -116,16 +131,16 @@ def _basic_metadata(
             )
         if any(p.min_p > 0 for p in params):
             min_p = to_device([p.min_p for p in params], torch.float32, device)
-    step_seeds = {
-        i: step_seed(p.seed, s.num_outputs)
-        for i, (s, p) in enumerate(zip(states, params))
-        if p.seed is not None and not greedy[i]
-    }
+    step_seeds = {}
+    if not all_greedy:
+        for i in [i for i, p in enumerate(params) if p.seed is not None]:
+            if temps[i] >= 1e-5:
+                step_seeds[i] = step_seed(params[i].seed, states[i].num_outputs)
     lp_counts = [p.logprobs for p in params if p.logprobs is not None]
     return SamplingMetadata(
         temperature=to_device(temps, torch.float32, device),
         all_greedy=all_greedy,
-        all_random=not any(greedy),
+        all_random=not any_greedy,
         top_p=top_p,
         top_k=top_k,
         min_p=min_p,

@@ -28,7 +28,12 @@ from pagedllm.sample.sampler import Sampler, SamplerOutput, compute_logprobs
 from pagedllm.structured_output import GrammarBitmask
 from pagedllm.worker.cuda_graph import CudaGraphRunner, capture_sizes
 from pagedllm.worker.gpu_input_batch import InputBuffers, StepInputs
-from pagedllm.worker.input_batch import CachedRequestState, build_sampling_metadata, to_device
+from pagedllm.worker.input_batch import (
+    CachedRequestState,
+    build_sampling_metadata,
+    may_need_host_tokens,
+    to_device,
+)
 from pagedllm.worker.kv_cache_layout import KVCacheLayout, zeroed_cache
 from pagedllm.worker.kv_cache_sizing import (
     MemoryBudget,
@@ -85,6 +90,10 @@ class ModelRunner:
         )
         self.timings: dict[str, float] = {}  # start-up stages, seconds
         self._last: StepHandle | None = None  # the newest submitted step that sampled
+        # Requests that still want prompt logprobs, and those whose sampling may read their
+        # output ids on the host: most steps have neither, and skip the per-request checks.
+        self._want_prompt_lp: set[str] = set()
+        self._host_sampling: set[str] = set()
 
     def load_model(self) -> None:
         from pagedllm.model_executor.loader import load_model
@@ -291,11 +300,17 @@ class ModelRunner:
 
     # ---- state ----
     def _update_states(self, so: SchedulerOutput) -> None:
+        """Applies the step's changes. Only requests that got blocks (or, under the batch
+        queue, new tokens) are listed in `scheduled_cached_reqs`: every state's
+        num_computed_tokens moves by its scheduled tokens at the end of `submit`, which the
+        listed value confirms."""
         for req_id in so.finished_req_ids | so.preempted_req_ids:
-            self.requests.pop(req_id, None)
+            if self.requests.pop(req_id, None) is not None:
+                self._want_prompt_lp.discard(req_id)
+                self._host_sampling.discard(req_id)
         for nr in so.scheduled_new_reqs:
             sp = nr.sampling_params
-            self.requests[nr.req_id] = CachedRequestState(
+            state = self.requests[nr.req_id] = CachedRequestState(
                 req_id=nr.req_id,
                 prompt_token_ids=nr.prompt_token_ids,
                 output_token_ids=list(nr.output_token_ids),
@@ -307,13 +322,21 @@ class ModelRunner:
                     sp is not None and sp.prompt_logprobs is not None and not nr.output_token_ids
                 ),
             )
+            if state.want_prompt_logprobs:
+                self._want_prompt_lp.add(nr.req_id)
+            if sp is not None and may_need_host_tokens(sp):
+                self._host_sampling.add(nr.req_id)
         take_tokens = self.tokens_from_scheduler and not self.pp.is_last_rank
         for cr in so.scheduled_cached_reqs:
             state = self.requests[cr.req_id]
+            if state.num_computed_tokens != cr.num_computed_tokens:
+                raise RuntimeError(
+                    f"request {cr.req_id}: the worker has {state.num_computed_tokens} tokens "
+                    f"computed, the scheduler {cr.num_computed_tokens}"
+                )
             state.block_ids.extend(cr.new_block_ids)
             for ids, new in zip(state.extra_block_ids, cr.extra_new_block_ids):
                 ids.extend(new)
-            state.num_computed_tokens = cr.num_computed_tokens
             if take_tokens:
                 state.output_token_ids.extend(cr.new_token_ids)
 
@@ -339,8 +362,21 @@ class ModelRunner:
         req_ids = list(so.num_scheduled_tokens.keys())
         if not req_ids:
             return StepHandle(ModelRunnerOutput(req_ids=[], sampled_token_ids=[]))
-        states = [self.requests[r] for r in req_ids]
-        counts = [so.num_scheduled_tokens[r] for r in req_ids]
+        requests = self.requests
+        states = [requests[r] for r in req_ids]
+        counts = list(so.num_scheduled_tokens.values())
+        try:
+            return self._launch(so, grammar, req_ids, states, counts)
+        finally:
+            for state, n in zip(states, counts):
+                state.num_computed_tokens += n
+
+    def _launch(
+        self, so: SchedulerOutput, grammar: GrammarFn | None, req_ids: list[str],
+        states: list[CachedRequestState], counts: list[int],
+    ) -> StepHandle:
+        """`submit`'s body: inputs, forward, sampling; the states' progress is still the
+        step's start."""
         num_reqs = len(req_ids)
         graph_size = None
         if self.graph_runner is not None and so.total_num_scheduled_tokens == num_reqs:
@@ -355,9 +391,10 @@ class ModelRunner:
         if self.pooling is not None:
             out.pooler_output = self.pooling.pool(hidden, states, counts)
             return StepHandle(out)
-        prompt_lp = self._prompt_logprob_ranges(states, counts)
-        if prompt_lp:
-            self._prompt_logprobs(hidden, states, step.query_start_loc_np, prompt_lp, out)
+        if self._want_prompt_lp:
+            prompt_lp = self._prompt_logprob_ranges(states, counts)
+            if prompt_lp:
+                self._prompt_logprobs(hidden, states, step.query_start_loc_np, prompt_lp, out)
         sample_rows = step.sample_rows.tolist()
         if not sample_rows:
             return StepHandle(out)
@@ -367,9 +404,11 @@ class ModelRunner:
         else:
             sample_hidden = hidden.index_select(0, self.buffers.sample_idx[:num_sampling])
         logits = self.model.compute_logits(sample_hidden)
-        sample_states = [states[i] for i in sample_rows]
+        sample_states = states if num_sampling == num_reqs else [states[i] for i in sample_rows]
         bitmask = grammar() if grammar is not None else None
-        host_tokens = any(s.needs_host_tokens for s in sample_states)
+        host_tokens = bool(self._host_sampling) and any(
+            s.needs_host_tokens for s in sample_states
+        )
         if host_tokens and self._last is not None:
             self._last.get()  # penalties and friends read every output token on the host
         smd = build_sampling_metadata(sample_states, self.vocab_size, self.device, host_tokens)
@@ -379,13 +418,17 @@ class ModelRunner:
         if self.pp.world_size > 1 and not self.tokens_from_scheduler:
             # Earlier stages keep the same request states (the first builds inputs from them).
             self.pp.broadcast(result.sampled_token_ids, src=self.pp.world_size - 1)
-        for state in sample_states:
-            if state.want_prompt_logprobs:
-                out.prompt_logprobs[state.req_id] = LogprobsLists(
-                    state.prompt_lp_ids, state.prompt_lp_vals, state.prompt_lp_ranks
-                )
-                state.want_prompt_logprobs = False
+        for j, state in enumerate(sample_states):
             state.num_pending += 1
+            state.sample_row = j
+        if self._want_prompt_lp:
+            for state in sample_states:
+                if state.want_prompt_logprobs:
+                    out.prompt_logprobs[state.req_id] = LogprobsLists(
+                        state.prompt_lp_ids, state.prompt_lp_vals, state.prompt_lp_ranks
+                    )
+                    state.want_prompt_logprobs = False
+                    self._want_prompt_lp.discard(state.req_id)
         handle = StepHandle(out, sample_rows, sample_states, result)
         self._last = handle
         return handle
@@ -418,9 +461,12 @@ class ModelRunner:
         sampled = torch.empty(len(sample_rows), dtype=torch.int64, device=self.device)
         self.pp.broadcast(sampled, src=self.pp.world_size - 1)
         sample_states = [states[i] for i in sample_rows]
-        for state in sample_states:
-            state.want_prompt_logprobs = False
+        for j, state in enumerate(sample_states):
+            if state.want_prompt_logprobs:
+                state.want_prompt_logprobs = False
+                self._want_prompt_lp.discard(state.req_id)
             state.num_pending += 1
+            state.sample_row = j
         handle = StepHandle(out, sample_rows, sample_states, SamplerOutput(sampled, None))
         self._last = handle
         return handle
@@ -445,10 +491,12 @@ class ModelRunner:
     def _copy_pending_inputs(self, step: StepInputs) -> None:
         """Input ids sampled by the previous step, copied device to device into the buffer."""
         prev = self._last
-        row_of = {s.req_id: j for j, s in enumerate(prev.sample_states)}
-        rows = [row_of[r] for r in step.pending_req_ids]
         idx = to_device(step.pending_token_idx, torch.int64, self.device)
-        src = prev.sampled_device.index_select(0, to_device(rows, torch.int64, self.device))
+        rows = step.pending_sample_rows  # each one's row in the previous step's samples
+        if rows == list(range(len(prev.sample_states))):
+            src = prev.sampled_device  # the common decode: the same batch, in order
+        else:
+            src = prev.sampled_device.index_select(0, to_device(rows, torch.int64, self.device))
         self.buffers.input_ids.index_copy_(0, idx, src)
 
     def _run_model(

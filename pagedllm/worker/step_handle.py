@@ -51,20 +51,20 @@ class StepHandle:
         if self._event is not None:
             self._event.synchronize()
         sampled = self._host[0].tolist()
-        lp = None
-        if len(self._host) > 1:
-            lp = [t.tolist() for t in self._host[1:]]
         out = self._out
-        for j, (i, state) in enumerate(zip(self._rows, self.sample_states)):
-            tok = sampled[j]
+        out_ids = out.sampled_token_ids
+        for i, state, tok in zip(self._rows, self.sample_states, sampled):
             state.output_token_ids.append(tok)
             state.num_pending -= 1
-            out.sampled_token_ids[i] = [tok]
-            num_lp = state.sampling_params.logprobs
-            if lp is not None and num_lp is not None:
-                out.logprobs[state.req_id] = LogprobsLists(
-                    [lp[0][j][: num_lp + 1]], [lp[1][j][: num_lp + 1]], [lp[2][j]]
-                )
+            out_ids[i] = [tok]
+        if len(self._host) > 1:
+            lp = [t.tolist() for t in self._host[1:]]
+            for j, state in enumerate(self.sample_states):
+                num_lp = state.sampling_params.logprobs
+                if num_lp is not None:
+                    out.logprobs[state.req_id] = LogprobsLists(
+                        [lp[0][j][: num_lp + 1]], [lp[1][j][: num_lp + 1]], [lp[2][j]]
+                    )
         self._host = []
         return out
 

@@ -571,3 +571,56 @@ def test_priority_queue_abort_and_order() -> None:
     assert set(res.finish) == {"y", "x"}
     with pytest.raises(ValueError, match="scheduling policy"):
         make_scheduler(policy="lifo")
+
+
+@pytest.mark.parametrize("policy", ["fcfs", "priority"])
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_incremental_step_data_equals_a_rebuild(policy: str, async_scheduling: bool) -> None:
+    """Random arrivals, aborts and preemptions: each step lists in scheduled_cached_reqs
+    exactly the running requests that got blocks, and a worker that only applies those
+    lists and advances every scheduled request by its tokens holds, after every step, the
+    block tables and progress the scheduler would send from scratch."""
+    import random
+
+    rng = random.Random(11)
+    sched = make_scheduler(num_blocks=14, budget=9, max_num_seqs=5,
+                           async_scheduling=async_scheduling, policy=policy)  # fmt: skip
+    runner = FakeRunner(14)
+    in_flight: deque | None = deque() if async_scheduling else None
+    n_added, steps, listed_empty = 0, 0, 0
+    saw_preemption = False
+    while n_added < 30 or sched.has_unfinished_requests() or in_flight:
+        steps += 1
+        assert steps < 3000
+        if n_added < 30 and rng.random() < 0.5:
+            prompt = [rng.randrange(1, 60) for _ in range(rng.randint(1, 10))]
+            sched.add_request(make_req(f"q{n_added}", prompt, priority=rng.randint(0, 3),
+                                       arrival=float(n_added), max_tokens=rng.randint(1, 8),
+                                       ignore_eos=True))  # fmt: skip
+            n_added += 1
+        if sched.running and rng.random() < 0.1:
+            sched.finish_requests(rng.choice(sched.running).request_id,
+                                  RequestStatus.FINISHED_ABORTED)  # fmt: skip
+        before = {r.request_id: len(sched.kv_cache_manager.get_block_ids(r.request_id))
+                  for r in sched.running}  # fmt: skip
+        step = _next_step(sched, runner, in_flight)
+        if step is None:
+            continue
+        so, mro = step
+        saw_preemption |= bool(so.preempted_req_ids)
+        if in_flight is None:  # the step just scheduled: compare with the tables before it
+            new_ids = {nr.req_id for nr in so.scheduled_new_reqs}
+            grew = {rid for rid in so.num_scheduled_tokens if rid not in new_ids
+                    and len(sched.kv_cache_manager.get_block_ids(rid)) > before.get(rid, 0)}
+            assert {cr.req_id for cr in so.scheduled_cached_reqs} == grew
+        listed_empty += sum(not cr.new_block_ids for cr in so.scheduled_cached_reqs)
+        for rid, st in runner.state.items():
+            req = sched.requests.get(rid)
+            if req is not None and req.status == RequestStatus.RUNNING:
+                assert st.block_ids == sched.kv_cache_manager.get_block_ids(rid)
+                # (the fake runner runs a step as soon as it is scheduled)
+                assert st.computed == req.num_computed_tokens
+        sched.update_from_output(so, mro)
+    assert listed_empty == 0 and saw_preemption
+    assert sched.kv_cache_manager.num_free_blocks == sched.kv_cache_manager.num_blocks
+

@@ -1,6 +1,6 @@
 """The host fast paths of the engine loop equal the general paths they shortcut (issue #16):
 deferred detokenization vs token by token, the output processor's FINAL_ONLY path vs
-`_process_one`, the scheduler's one-token update vs `_update_generation`."""
+`_process_one`, the scheduler's one-token update (`update_one`) vs `update_generation`."""
 
 from __future__ import annotations
 
@@ -117,3 +117,46 @@ def test_output_processor_fast_path_equals_general_path(tokenizer, kind):
         fast = _run(tokenizer, kind, True, seed)
         assert fast == _run(tokenizer, kind, False, seed)
         assert any(finished for _, finished, *_ in fast)
+
+
+def test_scheduler_one_token_update_equals_the_general_update():
+    """`update_one` (one token, no grammar or logprobs) and `update_generation` give the
+    same output, status and stop reason, step by step, over random requests that end by
+    max_tokens, the context end, EOS (after min_tokens, or never under ignore_eos) and stop
+    token ids."""
+    from pagedllm.core.output_update import update_generation, update_one
+    from pagedllm.core.request import Request, RequestStatus
+    from pagedllm.core.scheduler_output import ModelRunnerOutput
+
+    rng = random.Random(3)
+    mro = ModelRunnerOutput(req_ids=[], sampled_token_ids=[])
+    reasons = set()
+    for trial in range(300):
+        eos = rng.choice([None, 2])
+        params = SamplingParams(
+            max_tokens=rng.randint(3, 30), min_tokens=rng.choice([0, 0, 3]),
+            ignore_eos=rng.random() < 0.2, stop_token_ids=rng.choice([[], [5], [5, 7]]),
+        )  # fmt: skip
+        prompt = [rng.randrange(10, 50) for _ in range(rng.randint(1, 6))]
+        max_len = len(prompt) + rng.randint(1, 40)
+        pair = []
+        for _ in range(2):
+            req = Request(str(trial), list(prompt), params, eos, 0.0, block_size=4)
+            req.max_tokens = params.max_tokens
+            req.status = RequestStatus.RUNNING
+            pair.append(req)
+        fast, general = pair
+        while fast.status is RequestStatus.RUNNING:
+            tok = rng.choice([2, 5, 7] + list(range(10, 20)))
+            for r in pair:
+                r.num_computed_tokens = len(r.all_token_ids)
+            got = update_one(fast, tok, max_len)
+            want = update_generation(general, [tok], mro, max_len)
+            assert got == want
+            assert (fast.status, fast.stop_reason) == (general.status, general.stop_reason)
+            assert fast.all_token_ids == general.all_token_ids
+            assert fast.block_hashes == general.block_hashes
+        reasons.add((fast.status, fast.stop_reason is not None))
+    assert reasons >= {(RequestStatus.FINISHED_LENGTH_CAPPED, False),
+                       (RequestStatus.FINISHED_STOPPED, False),
+                       (RequestStatus.FINISHED_STOPPED, True)}  # fmt: skip

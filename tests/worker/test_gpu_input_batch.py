@@ -179,3 +179,55 @@ def test_kv_cache_groups_get_their_own_rows_and_slots_with_freed_entries_null():
         assert buf.slot_mapping_np[:n].tolist() == (np.array(full)[pos // bs] * bs + pos % bs).tolist()
         got = buf.extra_slot_mapping_cpu[0][:n].tolist()
         assert got == (np.array(sliding)[pos // bs] * bs + pos % bs).tolist()
+
+
+@pytest.mark.parametrize("windows", [(None,), (None, 6), (None, 9, 9)])
+def test_block_table_rows_equal_a_rebuild_over_random_steps(windows):
+    """Rows are rewritten only when another state wrote them, the state's table grew or its
+    window nulled more entries: over random steps (requests arrive, finish, move rows, grow,
+    resume as new states, jump ahead by chunks) every used row of every KV cache group still
+    equals what a from-scratch fill writes (the null block before the window)."""
+    rng = np.random.default_rng(5)
+    bs, max_reqs, max_blocks = 4, 6, 16
+    buf = InputBuffers(256, max_reqs, max_blocks, bs, torch.device("cpu"), group_windows=windows)
+    fresh = InputBuffers(256, max_reqs, max_blocks, bs, torch.device("cpu"),
+                         group_windows=windows)  # fmt: skip
+
+    def new_state(i: int, prompt_len: int) -> CachedRequestState:
+        st = _state(rng, i, prompt_len, 0, 0, bs)
+        st.extra_block_ids = tuple(list(st.block_ids) for _ in windows[1:])
+        return st
+
+    live: list[CachedRequestState] = []
+    next_id = 0
+    for _ in range(300):
+        if len(live) < max_reqs and rng.random() < 0.4:
+            live.append(new_state(next_id, int(rng.integers(1, 9))))
+            next_id += 1
+        if live and rng.random() < 0.15:
+            live.pop(int(rng.integers(len(live))))  # finished
+        if live and rng.random() < 0.1:  # preempted and resumed: a new state, same id
+            j = int(rng.integers(len(live)))
+            live[j] = new_state(int(live[j].req_id), len(live[j].prompt_token_ids))
+        if not live:
+            continue
+        order = [live[i] for i in rng.permutation(len(live))]  # rows move between steps
+        for s in order:  # a decode step for everyone: one more token, maybe a new block
+            s.num_computed_tokens = s.num_tokens - 1
+            tables = (s.block_ids, *s.extra_block_ids)
+            while len(s.block_ids) * bs < s.num_tokens or (
+                    len(s.block_ids) < max_blocks and rng.random() < 0.2):
+                for t in tables:
+                    t.append(int(rng.integers(1, 500)))
+        buf.prepare(order, [1] * len(order))
+        fresh._row_state = [None] * max_reqs  # forget every row: a from-scratch fill
+        fresh.prepare(order, [1] * len(order))
+        for g, ((_, bt), (_, ref)) in enumerate(zip(buf._group_np, fresh._group_np)):
+            for i, s in enumerate(order):
+                n = len(s.block_ids)
+                assert bt[i, :n].tolist() == ref[i, :n].tolist()
+                dead = min(n, max(0, (s.num_computed_tokens - (windows[g] or 10**9) + 1) // bs))
+                assert bt[i, :n].tolist() == [0] * dead + (s.block_ids, *s.extra_block_ids)[g][dead:n]
+        for s in order:
+            if s.num_tokens < 50:
+                s.output_token_ids.extend(rng.integers(0, 1000, int(rng.integers(1, 4))).tolist())
