@@ -75,4 +75,19 @@ H)  # GPU correctness of the model families (the CPU parity tests, run where the
   step gptq_plain 110 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_plain.json"
   step bf16_ref 90 $T $Q --json "$OUT/bf16_ref.json"
   ;;
+I)  # after the incremental host step: correctness on CUDA, then sharegpt-shaped A/B against
+    # an older tree in $OLD (default .gpu/old, e.g. `git archive REV | tar -x -C .gpu/old`)
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/pytest-*.whl \
+    .whl/pluggy-*.whl .whl/iniconfig-*.whl 2>/dev/null
+  step families_gpu 300 python3 -m pytest -q -p no:cacheprovider -rf \
+    tests/engine/test_hf_parity_families.py tests/engine/test_sliding_window_kv.py
+  grep -E "passed|failed|FAILED" "$OUT/families_gpu.log" | tail -8
+  step correctness 120 python3 benchmarks/gpu_correctness.py --skip-8b --skip-embed
+  OLD=${OLD:-.gpu/old}
+  S="--load-format dummy --datasets sharegpt-shaped,single-stream"
+  for r in 1 2; do
+    step old_$r 120 env PYTHONPATH=/tmp/site:$OLD python3 $OLD/benchmarks/throughput.py $S --json "$OUT/old_$r.json"
+    step new_$r 120 $T $S --json "$OUT/new_$r.json"
+  done
+  ;;
 esac
