@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = ("gguf_ops.cpp", "gguf_avx512.cpp", "gguf_generic.cpp")
-_HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h")
+_HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h", "gguf_f32_impl.h")
 
 # gguf.GGMLQuantizationType values the kernels read packed, and their block geometry
 # (weights per block, bytes per block).
@@ -138,6 +138,12 @@ def row_bytes(qtype: int, k: int) -> int:
 def gguf_mm(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """[M, K] @ W^T with W packed [N, row_bytes] -> [M, N] float32 (int8 dot products)."""
     return torch.ops.pagedllm_gguf.mm(x, w, qtype, k)
+
+
+def gguf_mm_f32(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """[M, K] @ W^T with W packed [N, row_bytes] -> [M, N] float32, x not rounded (weights
+    dequantized in registers, FMAs): continuous in x and batch-invariant (decode)."""
+    return torch.ops.pagedllm_gguf.mm_f32(x, w, qtype, k)
 
 
 def gguf_mm_dequant(

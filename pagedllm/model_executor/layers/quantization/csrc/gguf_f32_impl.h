@@ -1,0 +1,272 @@
+// y[m, r] = sum_k x[m, k] * W[r, k] for rows r in [n0, n1) of a packed GGUF matrix with x in
+// float32, NOT rounded: each 32-weight group of W is dequantized in registers to exactly the
+// floats gguf's reference dequantization gives (w = a * q + b) and multiplied with x by FMAs.
+// So y is continuous in x (a 1-ulp change of x moves y by ulps), unlike the int8 kernel.
+//
+// Batch invariance: every row of x is computed by the same sequence of operations whatever
+// the number of rows M of the call and however the N rows are split over threads: a row's
+// accumulators are its own (four per row: two per group, groups alternating), the groups are
+// visited in order, and the final reduction is fixed. Rows of x are taken 4, 2 or 1 at a time
+// only to share each unpacked group (the weight row is read from memory once per call and
+// stays in L1 for the other chunks).
+// Included once per ISA inside a namespace; the including file defines GGUF_VNNI to 1 for the
+// AVX512 body, 0 for portable C++.
+
+#if GGUF_VNNI
+
+// The per-group dequantization constants of one weight row: w = A[i] * q + B[i], i = g for
+// every type but Q6_K (i = 2 g + half: its 16-weight sub-blocks have their own scales).
+template <int T>
+static inline void row_scales(const uint8_t* row, int64_t groups, float* A, float* B) {
+  if constexpr (T <= kQ8_0) {
+    constexpr int bb = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : T == kQ5_0 ? 22 : T == kQ5_1 ? 24 : 34;
+    constexpr bool has_min = T == kQ4_1 || T == kQ5_1;
+    constexpr float bias = T == kQ4_0 ? -8.f : T == kQ5_0 ? -16.f : 0.f;  // Q8_0: signed q
+    const __m512i idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(bb));
+    int64_t g = 0;
+    for (; g + 16 <= groups; g += 16) {  // 16 blocks' fp16 d (and min) in one gather
+      const __m512i dw = _mm512_i32gather_epi32(idx, (const void*)(row + g * bb), 1);
+      const __m512 d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));
+      const __m512 b = has_min ? _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(dw, 16)))
+                               : _mm512_mul_ps(d, _mm512_set1_ps(bias));
+      _mm512_storeu_ps(A + g, d);
+      _mm512_storeu_ps(B + g, b);
+    }
+    for (; g < groups; g++) {
+      const uint8_t* blk = row + g * bb;
+      A[g] = rd_half(blk);
+      B[g] = has_min ? rd_half(blk + 2) : bias * A[g];
+    }
+  } else if constexpr (T == kQ4_K || T == kQ5_K) {
+    constexpr int bb = T == kQ4_K ? 144 : 176;
+    for (int64_t s = 0; s < groups / 8; s++) {
+      const uint8_t* blk = row + s * bb;
+      uint32_t u0, u1, u2;  // the 12 bytes of 6-bit scales and mins (see scale_min_k4)
+      std::memcpy(&u0, blk + 4, 4);
+      std::memcpy(&u1, blk + 8, 4);
+      std::memcpy(&u2, blk + 12, 4);
+      const uint32_t sc_lo = u0 & 0x3F3F3F3Fu, mn_lo = u1 & 0x3F3F3F3Fu;
+      const uint32_t sc_hi = (u2 & 0x0F0F0F0Fu) | (((u0 >> 6) & 0x03030303u) << 4);
+      const uint32_t mn_hi = ((u2 >> 4) & 0x0F0F0F0Fu) | (((u1 >> 6) & 0x03030303u) << 4);
+      const __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(sc_lo, sc_hi, 0, 0)));
+      const __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_setr_epi32(mn_lo, mn_hi, 0, 0)));
+      _mm256_storeu_ps(A + 8 * s, _mm256_mul_ps(sc, _mm256_set1_ps(rd_half(blk))));
+      _mm256_storeu_ps(B + 8 * s, _mm256_mul_ps(mn, _mm256_set1_ps(-rd_half(blk + 2))));
+    }
+  } else {  // Q6_K: 16 int8 scales per 256 weights, in the order of (group, half)
+    for (int64_t s = 0; s < groups / 8; s++) {
+      const uint8_t* blk = row + s * 210;
+      const __m512 sc = _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 192))));
+      const __m512 a = _mm512_mul_ps(sc, _mm512_set1_ps(rd_half(blk + 208)));
+      _mm512_storeu_ps(A + 16 * s, a);
+      _mm512_storeu_ps(B + 16 * s, _mm512_mul_ps(a, _mm512_set1_ps(-32.f)));
+    }
+  }
+}
+
+static inline __m512 iota16(float base) {
+  return _mm512_add_ps(_mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                       _mm512_set1_ps(base));
+}
+
+// 16 weights from their 4-bit (low 4 bits of each lane) or 5-bit indices through a table of
+// the block's 16 / 32 dequantized values (one FMA builds it; vpermps does the lookup).
+static inline __m512 lookup4(__m512i idx, __m512 table) { return _mm512_permutexvar_ps(idx, table); }
+static inline __m512 lookup5(__m512i idx, __m512 t0, __m512 t1) {
+  return _mm512_permutex2var_ps(t0, idx, t1);
+}
+
+// Group g of a row dequantized: weights 0-15 in wl, 16-31 in wh.
+template <int T>
+static inline void group_weights(const uint8_t* row, int64_t g, const float* A, const float* B,
+                                 __m512& wl, __m512& wh) {
+  const __m512i m4 = _mm512_set1_epi32(0x0F), b16 = _mm512_set1_epi32(0x10);
+  if constexpr (T == kQ4_0 || T == kQ4_1) {
+    constexpr int bb = T == kQ4_0 ? 18 : 20;
+    const uint8_t* blk = row + g * bb;
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + bb - 16)));
+    const __m512 tab = _mm512_fmadd_ps(iota16(0.f), _mm512_set1_ps(A[g]), _mm512_set1_ps(B[g]));
+    wl = lookup4(v, tab);
+    wh = lookup4(_mm512_srli_epi32(v, 4), tab);
+  } else if constexpr (T == kQ5_0 || T == kQ5_1) {
+    constexpr int bb = T == kQ5_0 ? 22 : 24;
+    const uint8_t* blk = row + g * bb;
+    uint32_t qh;
+    std::memcpy(&qh, blk + bb - 20, 4);
+    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + bb - 16)));
+    const __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi32(v, 4);
+    const __m512 a = _mm512_set1_ps(A[g]), b = _mm512_set1_ps(B[g]);
+    const __m512 t0 = _mm512_fmadd_ps(iota16(0.f), a, b), t1 = _mm512_fmadd_ps(iota16(16.f), a, b);
+    wl = lookup5(_mm512_mask_or_epi32(lo, (__mmask16)(qh & 0xFFFF), lo, b16), t0, t1);
+    wh = lookup5(_mm512_mask_or_epi32(hi, (__mmask16)(qh >> 16), hi, b16), t0, t1);
+  } else if constexpr (T == kQ8_0) {
+    const uint8_t* blk = row + g * 34;
+    const __m512 a = _mm512_set1_ps(A[g]);
+    wl = _mm512_mul_ps(a, _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 2)))));
+    wh = _mm512_mul_ps(a, _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 18)))));
+  } else if constexpr (T == kQ4_K || T == kQ5_K) {
+    constexpr int bb = T == kQ4_K ? 144 : 176;
+    const uint8_t* blk = row + (g >> 3) * bb;
+    const int sub = (int)(g & 7);
+    const uint8_t* qs = blk + (T == kQ4_K ? 16 : 48) + 32 * (sub >> 1);
+    __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
+    __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16)));
+    if (sub & 1) {  // odd sub-blocks are the high nibbles
+      lo = _mm512_srli_epi32(lo, 4);
+      hi = _mm512_srli_epi32(hi, 4);
+    }
+    const __m512 a = _mm512_set1_ps(A[g]), b = _mm512_set1_ps(B[g]);
+    const __m512 t0 = _mm512_fmadd_ps(iota16(0.f), a, b);
+    if constexpr (T == kQ4_K) {
+      wl = lookup4(lo, t0);
+      wh = lookup4(hi, t0);
+    } else {  // the fifth bit: bit `sub` of qh[j]
+      const uint8_t* qh = blk + 16;
+      const __m512i bit = _mm512_set1_epi32(1 << sub);
+      const __mmask16 kl = _mm512_test_epi32_mask(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qh)), bit);
+      const __mmask16 kh = _mm512_test_epi32_mask(
+          _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qh + 16))), bit);
+      lo = _mm512_and_si512(lo, m4);
+      hi = _mm512_and_si512(hi, m4);
+      const __m512 t1 = _mm512_fmadd_ps(iota16(16.f), a, b);
+      wl = lookup5(_mm512_mask_or_epi32(lo, kl, lo, b16), t0, t1);
+      wh = lookup5(_mm512_mask_or_epi32(hi, kh, hi, b16), t0, t1);
+    }
+  } else {  // Q6_K: low 4 bits from ql, high 2 from qh, 6-bit value -> float -> a * q + b
+    const uint8_t* blk = row + (g >> 3) * 210;
+    const int half = (int)(g >> 2) & 1, t = (int)(g & 3);
+    const uint8_t* ql = blk + 64 * half + 32 * (t & 1);
+    const uint8_t* qh = blk + 128 + 32 * half;
+    const int lshift = (t >> 1) * 4, hshift = 2 * t;
+    const __m512i m3 = _mm512_set1_epi32(3);
+    __m512i q[2];
+    for (int h = 0; h < 2; h++) {
+      const __m512i l = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(ql + 16 * h)));
+      const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qh + 16 * h)));
+      q[h] = _mm512_or_si512(
+          _mm512_and_si512(_mm512_srl_epi32(l, _mm_cvtsi32_si128(lshift)), m4),
+          _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(u, _mm_cvtsi32_si128(hshift)), m3), 4));
+    }
+    wl = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q[0]), _mm512_set1_ps(A[2 * g]),
+                         _mm512_set1_ps(B[2 * g]));
+    wh = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q[1]), _mm512_set1_ps(A[2 * g + 1]),
+                         _mm512_set1_ps(B[2 * g + 1]));
+  }
+}
+
+// Rows x[0..MB) (stride k) against one weight row; y[i * ldy] = the dot of row i.
+template <int T, int MB>
+static void dot_rows_f32(const uint8_t* row, const float* A, const float* B, const float* x,
+                         int64_t k, int64_t ldy, float* y) {
+  const int64_t groups = k / 32;
+  __m512 acc[MB][4];
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    __m512 wl, wh;
+    group_weights<T>(row, g, A, B, wl, wh);
+    for (int i = 0; i < MB; i++) {
+      const float* xr = x + i * k + g * 32;
+      acc[i][0] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[i][1]);
+    }
+    group_weights<T>(row, g + 1, A, B, wl, wh);
+    for (int i = 0; i < MB; i++) {
+      const float* xr = x + i * k + g * 32 + 32;
+      acc[i][2] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[i][2]);
+      acc[i][3] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[i][3]);
+    }
+  }
+  if (g < groups) {
+    __m512 wl, wh;
+    group_weights<T>(row, g, A, B, wl, wh);
+    for (int i = 0; i < MB; i++) {
+      const float* xr = x + i * k + g * 32;
+      acc[i][0] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[i][0]);
+      acc[i][1] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[i][1]);
+    }
+  }
+  for (int i = 0; i < MB; i++) {
+    y[i * ldy] = _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
+  }
+}
+
+template <int T>
+static void gemv_f32_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t m,
+                          int64_t k, int64_t n0, int64_t n1, int64_t ldy, float* y) {
+  const int64_t groups = k / 32;
+  thread_local std::vector<float> scales;
+  if ((int64_t)scales.size() < 4 * groups + 32) scales.resize(4 * groups + 32);
+  float* A = scales.data();
+  float* B = A + 2 * groups + 16;
+  for (int64_t r = n0; r < n1; r++) {
+    const uint8_t* row = w + r * row_bytes;
+    row_scales<T>(row, groups, A, B);
+    int64_t m0 = 0;
+    for (; m0 + 4 <= m; m0 += 4) dot_rows_f32<T, 4>(row, A, B, x + m0 * k, k, ldy, y + m0 * ldy + r);
+    for (; m0 + 2 <= m; m0 += 2) dot_rows_f32<T, 2>(row, A, B, x + m0 * k, k, ldy, y + m0 * ldy + r);
+    for (; m0 < m; m0++) dot_rows_f32<T, 1>(row, A, B, x + m0 * k, k, ldy, y + m0 * ldy + r);
+  }
+}
+
+#else  // portable C++: the canonical unpack, 16 lane accumulators per row
+
+template <int T, int MB>
+static void dot_rows_f32(const uint8_t* row, const float* x, int64_t k, int64_t ldy, float* y) {
+  const int64_t groups = k / 32;
+  float acc[MB][16];
+  for (int i = 0; i < MB; i++)
+    for (int j = 0; j < 16; j++) acc[i][j] = 0.f;
+  for (int64_t g = 0; g < groups; g++) {
+    alignas(32) uint8_t q[32];
+    float a[2], b[2], wv[32];
+    unpack_group<T>(row, (int)g, q, a, b);
+    for (int j = 0; j < 32; j++) wv[j] = a[j >> 4] * (float)q[j] + b[j >> 4];
+    for (int i = 0; i < MB; i++) {
+      const float* xr = x + i * k + g * 32;
+      for (int j = 0; j < 16; j++) acc[i][j] += wv[j] * xr[j];
+      for (int j = 0; j < 16; j++) acc[i][j] += wv[16 + j] * xr[16 + j];
+    }
+  }
+  for (int i = 0; i < MB; i++) {
+    float s = 0.f;
+    for (int j = 0; j < 16; j++) s += acc[i][j];
+    y[i * ldy] = s;
+  }
+}
+
+template <int T>
+static void gemv_f32_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t m,
+                          int64_t k, int64_t n0, int64_t n1, int64_t ldy, float* y) {
+  for (int64_t r = n0; r < n1; r++) {
+    const uint8_t* row = w + r * row_bytes;
+    int64_t m0 = 0;
+    for (; m0 + 4 <= m; m0 += 4) dot_rows_f32<T, 4>(row, x + m0 * k, k, ldy, y + m0 * ldy + r);
+    for (; m0 < m; m0++) dot_rows_f32<T, 1>(row, x + m0 * k, k, ldy, y + m0 * ldy + r);
+  }
+}
+
+#endif
+
+void gemv_f32(int qtype, const uint8_t* w, int64_t row_bytes, const float* x, int64_t m,
+              int64_t k, int64_t n0, int64_t n1, int64_t ldy, float* y) {
+  switch (qtype) {
+    case kQ4_0: gemv_f32_rows<kQ4_0>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
+    case kQ4_1: gemv_f32_rows<kQ4_1>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
+    case kQ5_0: gemv_f32_rows<kQ5_0>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
+    case kQ5_1: gemv_f32_rows<kQ5_1>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
+    case kQ8_0: gemv_f32_rows<kQ8_0>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
+    case kQ4_K: gemv_f32_rows<kQ4_K>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
+    case kQ5_K: gemv_f32_rows<kQ5_K>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
+    case kQ6_K: gemv_f32_rows<kQ6_K>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
+    default: break;
+  }
+}
