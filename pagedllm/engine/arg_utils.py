@@ -280,8 +280,9 @@ class EngineArgs:
 
     def _resolve_quantization(self, resolved, hf_config, device: str) -> str | None:
         """The flag or checkpoint's method; for a GGUF file on CPU "gguf" (the weights stay
-        packed) with `--quantization gguf`, or with dtype auto, one rank and
-        PAGEDLLM_CPU_GGUF_PACKED=1; otherwise None (dequantized, as before)."""
+        packed) with `--quantization gguf`, or by default with dtype auto and one rank
+        (PAGEDLLM_CPU_GGUF_PACKED=0 turns the default off); otherwise None (dequantized in the
+        model dtype: an explicit --dtype, a GPU, tensor parallelism, a failed kernel build)."""
         flag = self.quantization
         if resolved.model_format != "gguf":
             return resolve_quantization(flag, hf_config)
