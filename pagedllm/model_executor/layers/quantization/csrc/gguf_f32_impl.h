@@ -141,7 +141,77 @@ static inline void group_weights(const uint8_t* row, int64_t g, const float* A, 
   }
 }
 
-// Rows x[0..MB) (stride k) against one weight row; y[i * ldy] = the dot of row i.
+// Four groups g..g+3 of a K-quant row (g a multiple of 4) dequantized into w[2 j] (weights
+// 0-15 of group g + j) and w[2 j + 1] (16-31): the groups sharing quant bytes (Q4_K/Q5_K's
+// low and high nibbles, Q6_K's ql pairs and qh) unpack from one load of them.
+template <int T>
+static inline void group_quad(const uint8_t* row, int64_t g, const float* A, const float* B,
+                              __m512* w) {
+  const __m512i m4 = _mm512_set1_epi32(0x0F);
+  if constexpr (T == kQ4_K || T == kQ5_K) {
+    constexpr int bb = T == kQ4_K ? 144 : 176;
+    const uint8_t* blk = row + (g >> 3) * bb;
+    const int sub0 = (int)(g & 7);  // 0 or 4
+    __m512i hb[2];
+    if constexpr (T == kQ5_K) {
+      for (int h = 0; h < 2; h++)
+        hb[h] = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(blk + 16 + 16 * h)));
+    }
+    for (int p = 0; p < 2; p++) {
+      const int sub = sub0 + 2 * p;  // even sub-block: low nibbles; sub + 1: high nibbles
+      const uint8_t* qs = blk + (T == kQ4_K ? 16 : 48) + 16 * sub;
+      for (int h = 0; h < 2; h++) {
+        const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16 * h)));
+        __m512i lo = _mm512_and_si512(v, m4), hi = _mm512_srli_epi32(v, 4);
+        if constexpr (T == kQ5_K) {
+          const __m512i b16 = _mm512_set1_epi32(0x10);
+          lo = _mm512_mask_or_epi32(lo, _mm512_test_epi32_mask(hb[h], _mm512_set1_epi32(1 << sub)),
+                                    lo, b16);
+          hi = _mm512_mask_or_epi32(
+              hi, _mm512_test_epi32_mask(hb[h], _mm512_set1_epi32(2 << sub)), hi, b16);
+        }
+        const int64_t ge = g + 2 * p;
+        w[4 * p + h] = dequant16(lo, _mm512_set1_ps(A[ge]), _mm512_set1_ps(B[ge]));
+        w[4 * p + 2 + h] = dequant16(hi, _mm512_set1_ps(A[ge + 1]), _mm512_set1_ps(B[ge + 1]));
+      }
+    }
+  } else {  // Q6_K: groups t = 0..3 of one 128-weight half
+    const uint8_t* blk = row + (g >> 3) * 210;
+    const int half = (int)(g >> 2) & 1;
+    const uint8_t* ql = blk + 64 * half;
+    const uint8_t* qh = blk + 128 + 32 * half;
+    const __m512i c30 = _mm512_set1_epi32(0x30);
+    for (int h = 0; h < 2; h++) {
+      const __m512i l0 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(ql + 16 * h)));
+      const __m512i l1 = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(ql + 32 + 16 * h)));
+      const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qh + 16 * h)));
+      // 6-bit q = low 4 bits | (2 bits of qh) << 4; 0xD8: c ? b : a, c = 0x30 per lane
+      __m512i q[4];
+      q[0] = _mm512_ternarylogic_epi32(_mm512_and_si512(l0, m4), _mm512_slli_epi32(u, 4), c30, 0xD8);
+      q[1] = _mm512_ternarylogic_epi32(_mm512_and_si512(l1, m4), _mm512_slli_epi32(u, 2), c30, 0xD8);
+      q[2] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(l0, 4), u, c30, 0xD8);
+      q[3] = _mm512_ternarylogic_epi32(_mm512_srli_epi32(l1, 4), _mm512_srli_epi32(u, 2), c30, 0xD8);
+      for (int t = 0; t < 4; t++) {
+        const int64_t i = 2 * (g + t) + h;
+        w[2 * t + h] = dequant16(q[t], _mm512_set1_ps(A[i]), _mm512_set1_ps(B[i]));
+      }
+    }
+  }
+}
+
+// acc[i][2 par], acc[i][2 par + 1] += group g's weights (wl, wh) times row i of x.
+template <int MB>
+static inline void fma_group(__m512 (*acc)[4], int par, __m512 wl, __m512 wh, const float* x,
+                             int64_t k, int64_t g) {
+  for (int i = 0; i < MB; i++) {
+    const float* xr = x + i * k + g * 32;
+    acc[i][2 * par] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[i][2 * par]);
+    acc[i][2 * par + 1] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[i][2 * par + 1]);
+  }
+}
+
+// Rows x[0..MB) (stride k) against one weight row; y[i * ldy] = the dot of row i. Group g
+// goes into accumulators 2 (g & 1) and 2 (g & 1) + 1 of its row, in order of g, for every MB.
 template <int T, int MB>
 static void dot_rows_f32(const uint8_t* row, const float* A, const float* B, const float* x,
                          int64_t k, int64_t ldy, float* y) {
@@ -149,29 +219,17 @@ static void dot_rows_f32(const uint8_t* row, const float* A, const float* B, con
   __m512 acc[MB][4];
   for (int i = 0; i < MB; i++)
     for (int j = 0; j < 4; j++) acc[i][j] = _mm512_setzero_ps();
-  int64_t g = 0;
-  for (; g + 2 <= groups; g += 2) {
-    __m512 wl, wh;
-    group_weights<T>(row, g, A, B, wl, wh);
-    for (int i = 0; i < MB; i++) {
-      const float* xr = x + i * k + g * 32;
-      acc[i][0] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[i][1]);
+  if constexpr (T >= kQ4_K) {  // groups: a multiple of 8
+    for (int64_t g = 0; g < groups; g += 4) {
+      __m512 w[8];
+      group_quad<T>(row, g, A, B, w);
+      for (int j = 0; j < 4; j++) fma_group<MB>(acc, j & 1, w[2 * j], w[2 * j + 1], x, k, g + j);
     }
-    group_weights<T>(row, g + 1, A, B, wl, wh);
-    for (int i = 0; i < MB; i++) {
-      const float* xr = x + i * k + g * 32 + 32;
-      acc[i][2] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[i][2]);
-      acc[i][3] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[i][3]);
-    }
-  }
-  if (g < groups) {
-    __m512 wl, wh;
-    group_weights<T>(row, g, A, B, wl, wh);
-    for (int i = 0; i < MB; i++) {
-      const float* xr = x + i * k + g * 32;
-      acc[i][0] = _mm512_fmadd_ps(wl, _mm512_loadu_ps(xr), acc[i][0]);
-      acc[i][1] = _mm512_fmadd_ps(wh, _mm512_loadu_ps(xr + 16), acc[i][1]);
+  } else {
+    for (int64_t g = 0; g < groups; g++) {
+      __m512 wl, wh;
+      group_weights<T>(row, g, A, B, wl, wh);
+      fma_group<MB>(acc, (int)(g & 1), wl, wh, x, k, g);
     }
   }
   for (int i = 0; i < MB; i++) {
