@@ -226,10 +226,18 @@ static void dot_rows_f32(const uint8_t* row, const float* A, const float* B, con
       for (int j = 0; j < 4; j++) fma_group<MB>(acc, j & 1, w[2 * j], w[2 * j + 1], x, k, g + j);
     }
   } else {
-    for (int64_t g = 0; g < groups; g++) {
+    int64_t g = 0;
+    for (; g + 2 <= groups; g += 2) {  // the parity a constant: acc stays in registers
       __m512 wl, wh;
       group_weights<T>(row, g, A, B, wl, wh);
-      fma_group<MB>(acc, (int)(g & 1), wl, wh, x, k, g);
+      fma_group<MB>(acc, 0, wl, wh, x, k, g);
+      group_weights<T>(row, g + 1, A, B, wl, wh);
+      fma_group<MB>(acc, 1, wl, wh, x, k, g + 1);
+    }
+    if (g < groups) {
+      __m512 wl, wh;
+      group_weights<T>(row, g, A, B, wl, wh);
+      fma_group<MB>(acc, 0, wl, wh, x, k, g);
     }
   }
   for (int i = 0; i < MB; i++) {
