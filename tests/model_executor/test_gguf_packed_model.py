@@ -108,6 +108,15 @@ def test_float32_flag_and_env_dequantize(monkeypatch: pytest.MonkeyPatch) -> Non
     assert EngineArgs()._resolve_quantization(resolved, resolved.hf_config, "cpu") is None
     assert EngineArgs(quantization="gguf")._resolve_quantization(
         resolved, resolved.hf_config, "cpu") == "gguf"  # the flag still asks for it
+    # without AVX512-VNNI the portable kernels are slower than float32: not the default
+    monkeypatch.delenv("PAGEDLLM_CPU_GGUF_PACKED")
+    gguf_kernels.set_portable(True)
+    try:
+        assert EngineArgs()._resolve_quantization(resolved, resolved.hf_config, "cpu") is None
+        assert EngineArgs(quantization="gguf")._resolve_quantization(
+            resolved, resolved.hf_config, "cpu") == "gguf"
+    finally:
+        gguf_kernels.set_portable(False)
 
 
 def test_failed_build_warns_once_and_dequantizes(
