@@ -72,10 +72,10 @@ static inline __m512 dequant16(__m512i q, __m512 a, __m512 b) {
   return _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), a, b);
 }
 
-// Group g of a row dequantized: weights 0-15 in wl, 16-31 in wh.
+// Group g of a row of a 32-weight block type dequantized: weights 0-15 in wl, 16-31 in wh.
 template <int T>
-static inline void group_weights(const uint8_t* row, int64_t g, const float* A, const float* B,
-                                 __m512& wl, __m512& wh) {
+static inline void group_weights(const uint8_t* row, int64_t g, __m512& wl, __m512& wh) {
+  static_assert(T <= kQ8_0, "K-quants unpack four groups at a time (group_quad)");
   const __m512i m4 = _mm512_set1_epi32(0x0F), b16 = _mm512_set1_epi32(0x10);
   if constexpr (T == kQ4_0 || T == kQ4_1) {
     constexpr int bb = T == kQ4_0 ? 18 : 20;
@@ -113,51 +113,6 @@ static inline void group_weights(const uint8_t* row, int64_t g, const float* A, 
         _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 2)))));
     wh = _mm512_mul_ps(a, _mm512_cvtepi32_ps(
         _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(blk + 18)))));
-  } else if constexpr (T == kQ4_K || T == kQ5_K) {
-    constexpr int bb = T == kQ4_K ? 144 : 176;
-    const uint8_t* blk = row + (g >> 3) * bb;
-    const int sub = (int)(g & 7);
-    const uint8_t* qs = blk + (T == kQ4_K ? 16 : 48) + 32 * (sub >> 1);
-    __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qs));
-    __m512i hi = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qs + 16)));
-    if (sub & 1) {  // odd sub-blocks are the high nibbles
-      lo = _mm512_srli_epi32(lo, 4);
-      hi = _mm512_srli_epi32(hi, 4);
-    } else {
-      lo = _mm512_and_si512(lo, m4);
-      hi = _mm512_and_si512(hi, m4);
-    }
-    const __m512 a = _mm512_set1_ps(A[g]), b = _mm512_set1_ps(B[g]);
-    if constexpr (T == kQ4_K) {
-      wl = dequant16(lo, a, b);
-      wh = dequant16(hi, a, b);
-    } else {  // the fifth bit: bit `sub` of qh[j]
-      const uint8_t* qh = blk + 16;
-      const __m512i bit = _mm512_set1_epi32(1 << sub);
-      const __mmask16 kl = _mm512_test_epi32_mask(
-          _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)qh)), bit);
-      const __mmask16 kh = _mm512_test_epi32_mask(
-          _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qh + 16))), bit);
-      wl = dequant16(_mm512_mask_or_epi32(lo, kl, lo, b16), a, b);
-      wh = dequant16(_mm512_mask_or_epi32(hi, kh, hi, b16), a, b);
-    }
-  } else {  // Q6_K: low 4 bits from ql, high 2 from qh, 6-bit value -> float -> a * q + b
-    const uint8_t* blk = row + (g >> 3) * 210;
-    const int half = (int)(g >> 2) & 1, t = (int)(g & 3);
-    const uint8_t* ql = blk + 64 * half + 32 * (t & 1);
-    const uint8_t* qh = blk + 128 + 32 * half;
-    const int lshift = (t >> 1) * 4, hshift = 2 * t;
-    const __m512i m3 = _mm512_set1_epi32(3);
-    __m512i q[2];
-    for (int h = 0; h < 2; h++) {
-      const __m512i l = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(ql + 16 * h)));
-      const __m512i u = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i*)(qh + 16 * h)));
-      q[h] = _mm512_or_si512(
-          _mm512_and_si512(_mm512_srl_epi32(l, _mm_cvtsi32_si128(lshift)), m4),
-          _mm512_slli_epi32(_mm512_and_si512(_mm512_srl_epi32(u, _mm_cvtsi32_si128(hshift)), m3), 4));
-    }
-    wl = dequant16(q[0], _mm512_set1_ps(A[2 * g]), _mm512_set1_ps(B[2 * g]));
-    wh = dequant16(q[1], _mm512_set1_ps(A[2 * g + 1]), _mm512_set1_ps(B[2 * g + 1]));
   }
 }
 
@@ -249,14 +204,14 @@ static void dot_rows_f32(const uint8_t* row, const float* A, const float* B, con
     int64_t g = 0;
     for (; g + 2 <= groups; g += 2) {  // the parity a constant: acc stays in registers
       __m512 wl, wh;
-      group_weights<T>(row, g, A, B, wl, wh);
+      group_weights<T>(row, g, wl, wh);
       fma_group<MB>(acc, 0, wl, wh, x, k, g);
-      group_weights<T>(row, g + 1, A, B, wl, wh);
+      group_weights<T>(row, g + 1, wl, wh);
       fma_group<MB>(acc, 1, wl, wh, x, k, g + 1);
     }
     if (g < groups) {
       __m512 wl, wh;
-      group_weights<T>(row, g, A, B, wl, wh);
+      group_weights<T>(row, g, wl, wh);
       fma_group<MB>(acc, 0, wl, wh, x, k, g);
     }
   }
