@@ -239,6 +239,52 @@ static void gemv_f32_rows(const uint8_t* w, int64_t row_bytes, const float* x, i
   }
 }
 
+// Rows [0, n) dequantized to out[n, k] through the same register unpack (the prefill tiles;
+// the int8 file's dequantizer unpacks K-quants through a stack buffer, ~3x slower).
+template <int T>
+static void dequant_rows_f32(const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k,
+                             float* out) {
+  const int64_t groups = k / 32;
+  thread_local std::vector<float> scales;
+  if ((int64_t)scales.size() < 4 * groups + 32) scales.resize(4 * groups + 32);
+  float* A = scales.data();
+  float* B = A + 2 * groups + 16;
+  for (int64_t r = 0; r < n; r++) {
+    const uint8_t* row = w + r * row_bytes;
+    float* o = out + r * k;
+    row_scales<T>(row, groups, A, B);
+    if constexpr (T >= kQ4_K) {
+      for (int64_t g = 0; g < groups; g += 4) {
+        __m512 wv[8];
+        group_quad<T>(row, g, A, B, wv);
+        for (int j = 0; j < 8; j++) _mm512_storeu_ps(o + g * 32 + 16 * j, wv[j]);
+      }
+    } else {
+      for (int64_t g = 0; g < groups; g++) {
+        __m512 wl, wh;
+        group_weights<T>(row, g, wl, wh);
+        _mm512_storeu_ps(o + g * 32, wl);
+        _mm512_storeu_ps(o + g * 32 + 16, wh);
+      }
+    }
+  }
+}
+
+void dequant_f32(int qtype, const uint8_t* w, int64_t row_bytes, int64_t n, int64_t k,
+                 float* out) {
+  switch (qtype) {
+    case kQ4_0: dequant_rows_f32<kQ4_0>(w, row_bytes, n, k, out); break;
+    case kQ4_1: dequant_rows_f32<kQ4_1>(w, row_bytes, n, k, out); break;
+    case kQ5_0: dequant_rows_f32<kQ5_0>(w, row_bytes, n, k, out); break;
+    case kQ5_1: dequant_rows_f32<kQ5_1>(w, row_bytes, n, k, out); break;
+    case kQ8_0: dequant_rows_f32<kQ8_0>(w, row_bytes, n, k, out); break;
+    case kQ4_K: dequant_rows_f32<kQ4_K>(w, row_bytes, n, k, out); break;
+    case kQ5_K: dequant_rows_f32<kQ5_K>(w, row_bytes, n, k, out); break;
+    case kQ6_K: dequant_rows_f32<kQ6_K>(w, row_bytes, n, k, out); break;
+    default: break;
+  }
+}
+
 #else  // portable C++: the canonical unpack, 16 lane accumulators per row
 
 template <int T, int MB>

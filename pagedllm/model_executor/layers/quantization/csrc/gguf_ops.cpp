@@ -16,6 +16,7 @@ void gemv(int, const uint8_t*, int64_t, const QuantX&, int64_t, int64_t, int64_t
 void dequant(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
 void gemv_f32(int, const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
               int64_t, float*);
+void dequant_f32(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
 }  // namespace gguf_avx512
 namespace gguf_generic {
 void gemv(int, const uint8_t*, int64_t, const QuantX&, int64_t, int64_t, int64_t, float*);
@@ -159,7 +160,7 @@ at::Tensor gguf_dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
   const bool avx = use_avx512();
   at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
     if (avx) {
-      gguf_avx512::dequant((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
+      gguf_avx512::dequant_f32((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
     } else {
       gguf_generic::dequant((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
     }
