@@ -8,8 +8,9 @@ compile. The extension picks its ISA at run time (AVX512-VNNI or portable C++). 
 cannot be built `available()` is False, one warning is logged, and callers fall back to
 dequantized weights.
 
-Ops (torch.ops.pagedllm_gguf): mm(x[M, K] f32, w[N, row_bytes] u8, qtype, K) -> [M, N]
-(x quantized to int8 per 32-group, integer dots with the packed weights: decode);
+Ops (torch.ops.pagedllm_gguf): mm_f32(x[M, K] f32, w[N, row_bytes] u8, qtype, K) -> [M, N]
+(weights dequantized in registers, float32 FMAs with x unrounded: decode, batch-invariant);
+mm(x, w, qtype, K) (x quantized to int8 per 32-group, integer dots: benchmarks);
 mm_dequant(x, w, qtype, K, tile_rows) (tiles of W dequantized to f32 for torch's GEMM:
 prefill); dequantize(w, qtype, K) -> [N, K] f32.
 """
