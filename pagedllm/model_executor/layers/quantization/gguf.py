@@ -8,9 +8,8 @@ the C++ kernels in `gguf_kernels`: up to DECODE_MAX_M rows the float-activation 
 above it dequantized tiles + torch's float32 GEMM (prefill). The int8-dot kernel (`gguf_mm`,
 llama.cpp's approach) stays for benchmarks. A fused layer whose parts have different GGUF
 types, and every F32/F16/BF16 or unsupported type, stays dequantized in the model dtype. The
-LM head (the
-embedding table when tied) is multiplied packed too; the embedding lookup itself gathers
-from the dequantized table. CPU only, one rank (tensor parallelism dequantizes).
+LM head (the embedding table when tied) is multiplied packed too; the embedding lookup itself
+gathers from the dequantized table. CPU only, one rank (tensor parallelism dequantizes).
 """
 
 from __future__ import annotations
