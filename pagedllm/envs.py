@@ -142,11 +142,9 @@ def omp_num_threads_set() -> bool:
 
 
 def cpu_gguf_packed() -> bool:
-    """Whether a GGUF model on CPU (dtype auto) keeps its quantized weights packed
-    (PAGEDLLM_CPU_GGUF_PACKED=1, or `--quantization gguf`) rather than dequantizing them at
-    load (the default for now: the packed kernels round activations to int8, so a prefix-cache
-    hit or another batch can flip a greedy near tie that the float32 path keeps stable)."""
-    return os.environ.get("PAGEDLLM_CPU_GGUF_PACKED", "0") not in ("0", "false", "False", "")
+    """Whether a GGUF model on CPU (dtype auto) keeps its quantized weights packed (the
+    default; PAGEDLLM_CPU_GGUF_PACKED=0 dequantizes them to float32 at load, as before)."""
+    return os.environ.get("PAGEDLLM_CPU_GGUF_PACKED", "1") not in ("0", "false", "False", "")
 
 
 def gguf_kernel_build_dir() -> str:

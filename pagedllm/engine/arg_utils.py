@@ -280,8 +280,10 @@ class EngineArgs:
 
     def _resolve_quantization(self, resolved, hf_config, device: str) -> str | None:
         """The flag or checkpoint's method; for a GGUF file on CPU "gguf" (the weights stay
-        packed) with `--quantization gguf`, or with dtype auto, one rank and
-        PAGEDLLM_CPU_GGUF_PACKED=1; otherwise None (dequantized, as before)."""
+        packed) with `--quantization gguf`, or by default with dtype auto, one rank and the
+        AVX512 kernels (PAGEDLLM_CPU_GGUF_PACKED=0 turns the default off); otherwise None
+        (dequantized in the model dtype: an explicit --dtype, a GPU, tensor parallelism, a CPU
+        without AVX512-VNNI, a failed kernel build)."""
         flag = self.quantization
         if resolved.model_format != "gguf":
             return resolve_quantization(flag, hf_config)
@@ -303,7 +305,14 @@ class EngineArgs:
             return None
         from pagedllm.model_executor.layers.quantization import gguf_kernels
 
-        return "gguf" if gguf_kernels.available() else None
+        if not gguf_kernels.available():
+            return None
+        if not explicit and gguf_kernels.isa() != "avx512-vnni":
+            # the portable C++ kernels are ~6x slower than float32 GEMMs (docs/benchmarks.md)
+            logger.info("GGUF weights dequantized to float32: this CPU has no AVX512-VNNI for "
+                        "the packed kernels (--quantization gguf keeps them packed anyway)")
+            return None
+        return "gguf"
 
     def _default_batch_limits(self, device: str) -> tuple[int, int]:
         """(max_num_seqs, max_num_batched_tokens) when not given, following vLLM's defaults:

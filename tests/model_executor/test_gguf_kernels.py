@@ -1,4 +1,5 @@
-"""The packed GGUF CPU kernels against gguf's reference dequantization times a matmul."""
+"""The packed GGUF CPU kernels against gguf's reference dequantization times a matmul; the
+float-activation kernel's batch invariance and continuity in x."""
 
 from __future__ import annotations
 
@@ -47,20 +48,28 @@ def _check(qtype: T, packed: np.ndarray, k: int, m: int, seed: int) -> None:
     assert y.shape == (m, packed.shape[0]) and err < 1.5e-2, (qtype.name, m, float(err))
     scale = (x.abs().double() @ ref_w.abs().double().T).float()
     assert ((y - ref).abs() <= 0.03 * scale + 1e-4).all(), qtype.name
+    # Float path: x not rounded, so float32 accuracy.
+    _check_f32(y_f32 := gguf_kernels.gguf_mm_f32(x, w, int(qtype), k), ref, scale)
+    assert y_f32.shape == (m, packed.shape[0])
     # Prefill path: dequantized tiles, float32 GEMM.
     y2 = gguf_kernels.gguf_mm_dequant(x, w, int(qtype), k, tile_rows=7)
     torch.testing.assert_close(y2, ref, rtol=1e-4, atol=1e-4)
+
+
+def _check_f32(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> None:
+    """Within float32 rounding of the exact product: |y - ref| <= 1e-5 * (|x| @ |W|^T)."""
+    assert ((y - ref).abs() <= 1e-5 * scale + 1e-7).all(), float(((y - ref).abs() / scale).max())
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_random_blocks_match_gguf_dequantize(qtype: T) -> None:
     k = 512 if qtype >= T.Q4_K else 288  # 9 groups: one 8-group step and one left over
     packed = random_packed(qtype, 37, k, seed=int(qtype))
-    for m in (1, 3, 13):  # the 1-row kernel, 2+1 chunks, 8+4+1 chunks (M > 8)
+    for m in (1, 3, 13, 16):  # 1-row kernels, 2+1 and 4+1 chunks, 8+4+1, 4 x 4
         _check(qtype, packed, k, m, seed=m)
 
 
-@pytest.mark.parametrize("qtype", [T.Q4_1, T.Q5_0, T.Q8_0, T.Q6_K], ids=lambda t: t.name)
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_portable_kernels(qtype: T) -> None:
     """The C++ fallback for CPUs without AVX512-VNNI gives the same results."""
     k = 256
@@ -68,7 +77,7 @@ def test_portable_kernels(qtype: T) -> None:
     gguf_kernels.set_portable(True)
     try:
         assert gguf_kernels.isa() == "portable"
-        _check(qtype, packed, k, 2, seed=2)
+        _check(qtype, packed, k, 5, seed=2)
     finally:
         gguf_kernels.set_portable(False)
 
@@ -113,3 +122,75 @@ def test_fused_layer_keeps_packed_only_when_types_match() -> None:
     assert not config.keep_packed(f"{attn}.q_proj.weight", 12)
     tp2 = SimpleNamespace(tp_size=2, input_size=512)
     assert GGUFConfig(types).get_linear_method(tp2, f"{attn}.o_proj") is None
+
+
+def _packed_case(qtype: T, m: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    k = 768 if qtype >= T.Q4_K else 288
+    w = torch.from_numpy(random_packed(qtype, 45, k, seed=seed))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed))
+    return x, w, k
+
+
+@pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
+def test_f32_kernel_is_batch_and_thread_invariant(portable: bool) -> None:
+    """Row m of an M-row call is bitwise the row alone (and in any other batch), whatever the
+    thread count: what a prefix-cache hit or another batch needs to give the same tokens."""
+    gguf_kernels.set_portable(portable)
+    threads = torch.get_num_threads()
+    try:
+        for qtype in TYPES:
+            x, w, k = _packed_case(qtype, 16, seed=int(qtype))
+            full = gguf_kernels.gguf_mm_f32(x, w, int(qtype), k)
+            for m in range(16):
+                alone = gguf_kernels.gguf_mm_f32(x[m:m + 1], w, int(qtype), k)
+                assert torch.equal(alone[0], full[m]), (qtype.name, m)
+            mid = gguf_kernels.gguf_mm_f32(x[3:8], w, int(qtype), k)  # 4+1 chunks
+            assert torch.equal(mid, full[3:8]), qtype.name
+            torch.set_num_threads(1 if threads > 1 else 2)
+            assert torch.equal(gguf_kernels.gguf_mm_f32(x, w, int(qtype), k), full), qtype.name
+            torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
+        gguf_kernels.set_portable(False)
+
+
+def _near_half_steps(m: int, k: int, seed: int) -> torch.Tensor:
+    """x whose int8 quantization sits on rounding boundaries: each 32-group's first value is
+    its max (127 steps), the others (j + 0.5) steps."""
+    rng = torch.Generator().manual_seed(seed)
+    step = 0.01
+    x = (torch.randint(-120, 120, (m, k), generator=rng).float() + 0.5) * step
+    x[:, ::32] = 127 * step
+    return x
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_f32_kernel_is_continuous_in_x(qtype: T) -> None:
+    """A tiny relative change of x (1 ulp, or 1e-6 of each value) changes y by about as much,
+    not by a quantization step; the int8 kernel fails the same check (which proves the test
+    can see the difference)."""
+    m, k = 3, 768 if qtype >= T.Q4_K else 288
+    w = torch.from_numpy(random_packed(qtype, 45, k, seed=5))
+    ref_w = torch.from_numpy(np.asarray(dequantize(w.numpy(), qtype), dtype=np.float32))
+    x = _near_half_steps(m, k, seed=int(qtype))
+    sign = torch.where(torch.rand(m, k, generator=torch.Generator().manual_seed(1)) < 0.5, -1, 1)
+    x2 = x * (1 + 1e-6 * sign)
+    x2[:, ::32] = x[:, ::32]  # the group maxima (the int8 scales) unchanged
+    scale = x.abs() @ ref_w.abs().T
+    for mm in (gguf_kernels.gguf_mm_f32, gguf_kernels.gguf_mm):
+        dy = (mm(x2, w, int(qtype), k) - mm(x, w, int(qtype), k)).abs()
+        if mm is gguf_kernels.gguf_mm_f32:
+            assert (dy <= 1e-5 * scale).all(), float((dy / scale).max())
+            ulp = torch.nextafter(x, torch.full_like(x, float("inf")))
+            dy1 = (mm(ulp, w, int(qtype), k) - mm(x, w, int(qtype), k)).abs()
+            assert (dy1 <= 1e-6 * scale).all(), float((dy1 / scale).max())
+        else:  # int8: the flipped roundings move y by ~1e-3 of its scale
+            assert float((dy / scale).max()) > 1e-3
+
+
+def test_f32_kernel_refuses_bad_shapes() -> None:
+    w = torch.from_numpy(random_packed(T.Q4_K, 4, 256, seed=0))
+    with pytest.raises(RuntimeError, match="bytes, expected"):
+        gguf_kernels.gguf_mm_f32(torch.randn(2, 512), w, int(T.Q4_K), 512)
+    with pytest.raises(RuntimeError, match="x must be"):
+        gguf_kernels.gguf_mm_f32(torch.randn(2, 64), w, int(T.Q4_K), 256)

@@ -3,11 +3,13 @@
 The loader hands each quantized linear weight over as its GGUF bytes, [N, row_bytes] uint8
 (rows along the output, blocks along K: row-wise concatenation of q/k/v or gate/up is valid
 and the fused layer holds one packed tensor), and `GGUFLinearMethod` multiplies them with
-the C++ kernels in `gguf_kernels` (int8 dot products at every batch size, so results are
-batch-invariant; a dequantized-tile + float32 GEMM path exists for large batches). A fused layer whose parts have different GGUF types, and every
-F32/F16/BF16 or unsupported type, stays dequantized in the model dtype. The LM head (the
-embedding table when tied) is multiplied packed too; the embedding lookup itself gathers
-from the dequantized table. CPU only, one rank (tensor parallelism dequantizes).
+the C++ kernels in `gguf_kernels`: up to DECODE_MAX_M rows the float-activation kernel
+(weights dequantized in registers, FMAs with x unrounded: continuous in x, batch-invariant),
+above it dequantized tiles + torch's float32 GEMM (prefill). The int8-dot kernel (`gguf_mm`,
+llama.cpp's approach) stays for benchmarks. A fused layer whose parts have different GGUF
+types, and every F32/F16/BF16 or unsupported type, stays dequantized in the model dtype. The
+LM head (the embedding table when tied) is multiplied packed too; the embedding lookup itself
+gathers from the dequantized table. CPU only, one rank (tensor parallelism dequantizes).
 """
 
 from __future__ import annotations
@@ -29,13 +31,13 @@ from pagedllm.model_executor.layers.utils import set_weight_attrs
 
 logger = logging.getLogger(__name__)
 
-# Rows of x up to which the int8-dot kernel runs; above, dequantized tiles + GEMM. Every
-# size takes the int8 dots: a row's result then does not depend on how many rows share its
-# step (the tile path rounds differently), so a prefix-cache hit, a batch or a chunked
-# prefill gives the same greedy tokens as the request alone. The tile path prefills ~1.5x
-# faster (SmolLM2 Q4_1, 512 tokens, 2 threads: 504-520 vs 293-360 tok/s, docs/benchmarks.md)
-# and stays for benchmarks and callers that set this lower.
-DECODE_MAX_M = 1 << 62
+# Rows of x up to which the float-activation kernel (`mm_f32`: weights dequantized in
+# registers, x not rounded) runs; above, dequantized tiles + torch's float32 GEMM (prefill).
+# Both paths are float32 and continuous in x, so switching by row count only moves a result
+# by rounding (as torch's GEMM does between batch sizes); the kernel itself is
+# batch-invariant up to this size. Measured crossover (SmolLM2 Q4_1 shapes, 1 thread,
+# docs/benchmarks.md): the kernel wins up to 16-24 rows.
+DECODE_MAX_M = 16
 # Dequantized tile of the prefill path: about 256 KiB of float32 (stays in L2) for small
 # batches, 4 MiB for long prefills (bigger GEMMs, the dequantization is amortised anyway).
 _TILE_FLOATS = 1 << 16
@@ -48,7 +50,7 @@ def gguf_linear(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.T
     """[..., K] @ W^T for a packed W [N, row_bytes], in x's dtype."""
     x2 = x.reshape(-1, k)  # [M, K]
     if x2.shape[0] <= DECODE_MAX_M:
-        y = gguf_kernels.gguf_mm(x2, w, qtype, k)
+        y = gguf_kernels.gguf_mm_f32(x2, w, qtype, k)
     else:
         floats = _TILE_FLOATS_LONG if x2.shape[0] >= 256 else _TILE_FLOATS
         y = gguf_kernels.gguf_mm_dequant(x2, w, qtype, k, max(16, floats // k))

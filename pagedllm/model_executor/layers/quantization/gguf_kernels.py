@@ -8,8 +8,9 @@ compile. The extension picks its ISA at run time (AVX512-VNNI or portable C++). 
 cannot be built `available()` is False, one warning is logged, and callers fall back to
 dequantized weights.
 
-Ops (torch.ops.pagedllm_gguf): mm(x[M, K] f32, w[N, row_bytes] u8, qtype, K) -> [M, N]
-(x quantized to int8 per 32-group, integer dots with the packed weights: decode);
+Ops (torch.ops.pagedllm_gguf): mm_f32(x[M, K] f32, w[N, row_bytes] u8, qtype, K) -> [M, N]
+(weights dequantized in registers, float32 FMAs with x unrounded: decode, batch-invariant);
+mm(x, w, qtype, K) (x quantized to int8 per 32-group, integer dots: benchmarks);
 mm_dequant(x, w, qtype, K, tile_rows) (tiles of W dequantized to f32 for torch's GEMM:
 prefill); dequantize(w, qtype, K) -> [N, K] f32.
 """
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = ("gguf_ops.cpp", "gguf_avx512.cpp", "gguf_generic.cpp")
-_HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h")
+_HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h", "gguf_f32_impl.h")
 
 # gguf.GGMLQuantizationType values the kernels read packed, and their block geometry
 # (weights per block, bytes per block).
@@ -138,6 +139,12 @@ def row_bytes(qtype: int, k: int) -> int:
 def gguf_mm(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """[M, K] @ W^T with W packed [N, row_bytes] -> [M, N] float32 (int8 dot products)."""
     return torch.ops.pagedllm_gguf.mm(x, w, qtype, k)
+
+
+def gguf_mm_f32(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """[M, K] @ W^T with W packed [N, row_bytes] -> [M, N] float32, x not rounded (weights
+    dequantized in registers, FMAs): continuous in x and batch-invariant (decode)."""
+    return torch.ops.pagedllm_gguf.mm_f32(x, w, qtype, k)
 
 
 def gguf_mm_dequant(

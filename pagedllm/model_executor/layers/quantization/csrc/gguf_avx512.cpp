@@ -5,5 +5,6 @@
 namespace gguf_avx512 {
 #define GGUF_VNNI 1
 #include "gguf_gemv_impl.h"
+#include "gguf_f32_impl.h"
 #undef GGUF_VNNI
 }  // namespace gguf_avx512

@@ -3,5 +3,6 @@
 namespace gguf_generic {
 #define GGUF_VNNI 0
 #include "gguf_gemv_impl.h"
+#include "gguf_f32_impl.h"
 #undef GGUF_VNNI
 }  // namespace gguf_generic

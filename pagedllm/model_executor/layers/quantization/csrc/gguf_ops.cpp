@@ -1,4 +1,4 @@
-// torch ops over the GGUF kernels: torch.ops.pagedllm_gguf.{mm, dequantize, isa}.
+// torch ops over the GGUF kernels: torch.ops.pagedllm_gguf.{mm, mm_f32, mm_dequant, dequantize, isa}.
 // The ISA is chosen once at run time from the CPU's features; rows are split over torch's
 // intra-op threads (at::parallel_for).
 #include <ATen/ATen.h>
@@ -14,10 +14,15 @@
 namespace gguf_avx512 {
 void gemv(int, const uint8_t*, int64_t, const QuantX&, int64_t, int64_t, int64_t, float*);
 void dequant(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
+void gemv_f32(int, const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
+              int64_t, float*);
+void dequant_f32(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
 }  // namespace gguf_avx512
 namespace gguf_generic {
 void gemv(int, const uint8_t*, int64_t, const QuantX&, int64_t, int64_t, int64_t, float*);
 void dequant(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
+void gemv_f32(int, const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
+              int64_t, float*);
 }  // namespace gguf_generic
 
 namespace {
@@ -119,6 +124,32 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, i
   return y;
 }
 
+// y = x @ W^T with W packed and x in float32, not rounded: the weights are dequantized in
+// registers and multiplied by FMAs. Each y[m, r] is computed by one thread in an order that
+// depends neither on M nor on the split of N over threads (batch-invariant, deterministic).
+at::Tensor gguf_mm_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k) {
+  check_weight(w, qtype, k);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t m = x.size(0), n = w.size(0);
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t row_bytes = w.size(1);
+  float* yp = y.data_ptr<float>();
+  const bool avx = use_avx512();
+  const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
+  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+    if (avx) {
+      gguf_avx512::gemv_f32((int)qtype, wp, row_bytes, xp, m, k, n0, n1, n, yp);
+    } else {
+      gguf_generic::gemv_f32((int)qtype, wp, row_bytes, xp, m, k, n0, n1, n, yp);
+    }
+  });
+  return y;
+}
+
 // W [N, K] float32 from its packed rows.
 at::Tensor gguf_dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
   check_weight(w, qtype, k);
@@ -129,7 +160,7 @@ at::Tensor gguf_dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
   const bool avx = use_avx512();
   at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
     if (avx) {
-      gguf_avx512::dequant((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
+      gguf_avx512::dequant_f32((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
     } else {
       gguf_generic::dequant((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
     }
@@ -162,11 +193,13 @@ void gguf_set_portable(bool on) { force_portable.store(on); }
 
 TORCH_LIBRARY(pagedllm_gguf, m) {
   m.def("mm(Tensor x, Tensor w, int qtype, int k) -> Tensor");
+  m.def("mm_f32(Tensor x, Tensor w, int qtype, int k) -> Tensor");
   m.def("mm_dequant(Tensor x, Tensor w, int qtype, int k, int tile_rows) -> Tensor");
   m.def("dequantize(Tensor w, int qtype, int k) -> Tensor");
   m.def("isa() -> int", &gguf_isa);
   m.def("set_portable(bool on) -> ()", &gguf_set_portable);
   m.impl("mm", c10::DispatchKey::CPU, TORCH_FN(gguf_mm));
+  m.impl("mm_f32", c10::DispatchKey::CPU, TORCH_FN(gguf_mm_f32));
   m.impl("mm_dequant", c10::DispatchKey::CPU, TORCH_FN(gguf_mm_dequant));
   m.impl("dequantize", c10::DispatchKey::CPU, TORCH_FN(gguf_dequantize));
 }
