@@ -95,6 +95,9 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,  # [num_tokens, num_heads * head_size]
         key: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotated (query, key). CUDA and the CPU ops rotate the given tensors in place and
+        return them; the plain torch path returns new ones. Callers use the return values
+        and must not reuse the inputs."""
         if query.is_cuda:
             # Triton kernel: rotates q and k in place (they may be views into the QKV output).
             from pagedllm.model_executor.layers.ops.rotary import rotary_embedding
