@@ -55,11 +55,16 @@ def reset_for_tests() -> None:
 
 def supports(*tensors: torch.Tensor) -> bool:
     """Whether these tensors may take the ops: enabled, on the CPU, one float32/bfloat16
-    dtype."""
+    dtype. (Called per layer: plain loops, no generators.)"""
+    if not (_enabled if _enabled is not None else enabled()):
+        return False
     dtype = tensors[0].dtype
-    return enabled() and dtype in _DTYPES and all(
-        t.device.type == "cpu" and t.dtype == dtype for t in tensors
-    )
+    if dtype not in _DTYPES:
+        return False
+    for t in tensors:
+        if not t.is_cpu or t.dtype != dtype:
+            return False
+    return True
 
 
 def isa() -> str:
