@@ -1,7 +1,9 @@
 """C++ ops of the CPU decode step around the matmuls (torch.ops.pagedllm_cpu).
 
 One dispatch per op instead of several torch ops each: RMSNorm with the residual add fused
-in place, SiLU-and-mul, RoPE on q and k in place (neox and GPT-J styles, partial rotary),
+in place (torch's own mean of squares inside, so the result is `torch.rms_norm`'s bit for
+bit), SiLU-and-mul (torch's SiLU inside, bit for bit), RoPE on q and k in place (the torch
+path's roundings, bit for bit) (neox and GPT-J styles, partial rotary),
 the KV-cache write, and paged decode attention that reads each request's blocks through its
 block table in place (GQA, sliding window, soft cap; float32 and bfloat16 caches). Sources
 in csrc/ (one AVX-512 and one portable build, chosen at run time); built, cached and loaded
@@ -78,7 +80,8 @@ def set_portable(on: bool) -> None:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """[rows, d] -> x / sqrt(mean(x^2) + eps) * weight (bf16: normed x rounded first)."""
+    """[rows, d] -> x / sqrt(mean(x^2) + eps) * weight (bf16: normed x rounded first), as
+    `RMSNorm`'s torch path computes it."""
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     torch.ops.pagedllm_cpu.rms_norm(out, x, weight, eps)
     return out

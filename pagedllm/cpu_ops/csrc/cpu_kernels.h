@@ -7,18 +7,17 @@
 
 #define PAGEDLLM_CPU_KERNELS(NS)                                                           \
   namespace NS {                                                                           \
-  /* out[r] = norm(x[r] (+ res[r])) * w; with res, res[r] becomes x[r] + res[r]. */        \
-  void rms_norm_f32(const float* x, int64_t xs, float* res, int64_t rs, float* out,        \
-                    int64_t os, const float* w, int64_t r0, int64_t r1, int64_t d,         \
-                    float eps);                                                            \
-  void rms_norm_bf16(const uint16_t* x, int64_t xs, uint16_t* res, int64_t rs,             \
-                     uint16_t* out, int64_t os, const uint16_t* w, int64_t r0, int64_t r1, \
-                     int64_t d, float eps);                                                \
-  /* out[r, :d] = silu(x[r, :d]) * x[r, d:2d] */                                           \
-  void silu_and_mul_f32(const float* x, int64_t xs, float* out, int64_t os, int64_t r0,    \
+  /* res[r] = x[r] + res[r], rounded to the element type */                              \
+  void residual_add_f32(const float* x, int64_t xs, float* res, int64_t rs, int64_t r0,     \
                         int64_t r1, int64_t d);                                            \
-  void silu_and_mul_bf16(const uint16_t* x, int64_t xs, uint16_t* out, int64_t os,         \
+  void residual_add_bf16(const uint16_t* x, int64_t xs, uint16_t* res, int64_t rs,          \
                          int64_t r0, int64_t r1, int64_t d);                               \
+  /* out[r] = x[r] / sqrt(ms[r] + eps) * w (bf16: the normed x rounded first) */           \
+  void rms_apply_f32(const float* x, int64_t xs, const float* ms, float* out, int64_t os,   \
+                     const float* w, int64_t r0, int64_t r1, int64_t d, float eps);        \
+  void rms_apply_bf16(const uint16_t* x, int64_t xs, const float* ms, uint16_t* out,        \
+                      int64_t os, const uint16_t* w, int64_t r0, int64_t r1, int64_t d,     \
+                      float eps);                                                          \
   /* RoPE in place on `heads` heads of one token's row x (head_size apart); cs is the      \
      position's [cos(rot/2) | sin(rot/2)] row. */                                          \
   void rope_f32(float* x, int64_t heads, int64_t head_size, const float* cs, int64_t rot,  \

@@ -28,7 +28,7 @@ inline float rnd(float v, const uint16_t*) { return ld(to_bf16(v)); }
 
 // exp(x) for float, vectorisable (no libm call): x = n ln2 + r, |r| <= ln2 / 2, a degree-6
 // polynomial for e^r, times 2^n built in the exponent bits. Within 2 ulp of expf on the
-// range softmax and SiLU use; 0 below -87.3, +inf above 88.7.
+// range softmax uses; 0 below -87.3, +inf above 88.7.
 inline float fast_exp(float x) {
   const float hi = 88.72283f, lo = -87.33654f;
   const bool over = x > hi, under = x < lo;
@@ -59,51 +59,30 @@ inline float fast_exp(float x) {
 }
 
 template <typename T>
-void rms_norm_rows(const T* x, int64_t xs, T* res, int64_t rs, T* out, int64_t os, const T* w,
-                   int64_t r0, int64_t r1, int64_t d, float eps) {
+void residual_add_rows(const T* x, int64_t xs, T* res, int64_t rs, int64_t r0, int64_t r1,
+                       int64_t d) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * xs;
+    T* rr = res + r * rs;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) st(rr + i, ld(xr[i]) + ld(rr[i]));
+  }
+}
+
+// The mean of squares comes from torch (the caller), so the result is torch's rms_norm bit
+// for bit: x * (1 / sqrt(ms + eps)) * w, each product rounded.
+template <typename T>
+void rms_apply_rows(const T* x, int64_t xs, const float* ms, T* out, int64_t os, const T* w,
+                    int64_t r0, int64_t r1, int64_t d, float eps) {
   constexpr bool bf = sizeof(T) == 2;
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * xs;
     T* orow = out + r * os;
-    float ss = 0.f;
-    if (res != nullptr) {
-      T* rr = res + r * rs;
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < d; ++i) {
-        const float s = rnd(ld(xr[i]) + ld(rr[i]), xr);
-        st(rr + i, s);
-        ss += s * s;
-      }
-      xr = rr;
-    } else {
-#pragma omp simd reduction(+ : ss)
-      for (int64_t i = 0; i < d; ++i) {
-        const float v = ld(xr[i]);
-        ss += v * v;
-      }
-    }
-    const float inv = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
+    const float inv = 1.f / std::sqrt(ms[r] + eps);
 #pragma omp simd
     for (int64_t i = 0; i < d; ++i) {
-      // bf16: the normed x is rounded to bf16 before the weight (the HF order)
       const float n = bf ? rnd(ld(xr[i]) * inv, xr) : ld(xr[i]) * inv;
       st(orow + i, n * ld(w[i]));
-    }
-  }
-}
-
-template <typename T>
-void silu_mul_rows(const T* x, int64_t xs, T* out, int64_t os, int64_t r0, int64_t r1,
-                   int64_t d) {
-  for (int64_t r = r0; r < r1; ++r) {
-    const T* g = x + r * xs;
-    const T* u = g + d;
-    T* o = out + r * os;
-#pragma omp simd
-    for (int64_t i = 0; i < d; ++i) {
-      const float gv = ld(g[i]);
-      const float s = rnd(gv / (1.f + fast_exp(-gv)), g);
-      st(o + i, s * ld(u[i]));
     }
   }
 }
@@ -278,22 +257,21 @@ void decode_attn(const T* q, int64_t qhs, const T* kc, const T* vc, const int32_
 
 }  // namespace
 
-void rms_norm_f32(const float* x, int64_t xs, float* res, int64_t rs, float* out, int64_t os,
-                  const float* w, int64_t r0, int64_t r1, int64_t d, float eps) {
-  rms_norm_rows(x, xs, res, rs, out, os, w, r0, r1, d, eps);
-}
-void rms_norm_bf16(const uint16_t* x, int64_t xs, uint16_t* res, int64_t rs, uint16_t* out,
-                   int64_t os, const uint16_t* w, int64_t r0, int64_t r1, int64_t d,
-                   float eps) {
-  rms_norm_rows(x, xs, res, rs, out, os, w, r0, r1, d, eps);
-}
-void silu_and_mul_f32(const float* x, int64_t xs, float* out, int64_t os, int64_t r0,
+void residual_add_f32(const float* x, int64_t xs, float* res, int64_t rs, int64_t r0,
                       int64_t r1, int64_t d) {
-  silu_mul_rows(x, xs, out, os, r0, r1, d);
+  residual_add_rows(x, xs, res, rs, r0, r1, d);
 }
-void silu_and_mul_bf16(const uint16_t* x, int64_t xs, uint16_t* out, int64_t os, int64_t r0,
+void residual_add_bf16(const uint16_t* x, int64_t xs, uint16_t* res, int64_t rs, int64_t r0,
                        int64_t r1, int64_t d) {
-  silu_mul_rows(x, xs, out, os, r0, r1, d);
+  residual_add_rows(x, xs, res, rs, r0, r1, d);
+}
+void rms_apply_f32(const float* x, int64_t xs, const float* ms, float* out, int64_t os,
+                   const float* w, int64_t r0, int64_t r1, int64_t d, float eps) {
+  rms_apply_rows(x, xs, ms, out, os, w, r0, r1, d, eps);
+}
+void rms_apply_bf16(const uint16_t* x, int64_t xs, const float* ms, uint16_t* out, int64_t os,
+                    const uint16_t* w, int64_t r0, int64_t r1, int64_t d, float eps) {
+  rms_apply_rows(x, xs, ms, out, os, w, r0, r1, d, eps);
 }
 void rope_f32(float* x, int64_t heads, int64_t head_size, const float* cs, int64_t rot,
               bool neox) {

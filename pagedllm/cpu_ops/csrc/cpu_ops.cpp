@@ -71,23 +71,41 @@ void rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor* res,
     TORCH_CHECK(res->sizes() == x.sizes() && res->scalar_type() == x.scalar_type(),
                 "residual must match x");
   }
-  const int64_t rs = res ? res->stride(0) : 0;
   const float e = static_cast<float>(eps);
+  if (res != nullptr) {
+    if (is_bf16(x)) {
+      auto xp = reinterpret_cast<const u16*>(x.data_ptr());
+      auto rp = reinterpret_cast<u16*>(res->data_ptr());
+      over_rows(rows, d, [&](int64_t r0, int64_t r1) {
+        CPU_DISPATCH(residual_add_bf16, xp, x.stride(0), rp, res->stride(0), r0, r1, d);
+      });
+    } else {
+      const float* xp = x.data_ptr<float>();
+      float* rp = res->data_ptr<float>();
+      over_rows(rows, d, [&](int64_t r0, int64_t r1) {
+        CPU_DISPATCH(residual_add_f32, xp, x.stride(0), rp, res->stride(0), r0, r1, d);
+      });
+    }
+  }
+  const at::Tensor& src = res != nullptr ? *res : x;
+  // torch's own mean of squares (its reduction order): the result equals torch's rms_norm
+  // (HF's arithmetic) bit for bit in float32.
+  const at::Tensor ms = at::mean(at::pow(is_bf16(src) ? src.to(at::kFloat) : src, 2), {-1})
+                            .contiguous();
+  const float* msp = ms.data_ptr<float>();
   if (is_bf16(x)) {
-    auto xp = reinterpret_cast<const u16*>(x.data_ptr());
-    auto rp = res ? reinterpret_cast<u16*>(res->data_ptr()) : nullptr;
+    auto sp = reinterpret_cast<const u16*>(src.data_ptr());
     auto op = reinterpret_cast<u16*>(out.data_ptr());
     auto wp = reinterpret_cast<const u16*>(w.data_ptr());
     over_rows(rows, d, [&](int64_t r0, int64_t r1) {
-      CPU_DISPATCH(rms_norm_bf16, xp, x.stride(0), rp, rs, op, out.stride(0), wp, r0, r1, d, e);
+      CPU_DISPATCH(rms_apply_bf16, sp, src.stride(0), msp, op, out.stride(0), wp, r0, r1, d, e);
     });
   } else {
-    const float* xp = x.data_ptr<float>();
-    float* rp = res ? res->data_ptr<float>() : nullptr;
+    const float* sp = src.data_ptr<float>();
     float* op = out.data_ptr<float>();
     const float* wp = w.data_ptr<float>();
     over_rows(rows, d, [&](int64_t r0, int64_t r1) {
-      CPU_DISPATCH(rms_norm_f32, xp, x.stride(0), rp, rs, op, out.stride(0), wp, r0, r1, d, e);
+      CPU_DISPATCH(rms_apply_f32, sp, src.stride(0), msp, op, out.stride(0), wp, r0, r1, d, e);
     });
   }
 }
@@ -107,19 +125,10 @@ void silu_and_mul(at::Tensor out, at::Tensor x) {
   const int64_t rows = x.size(0), d = x.size(1) / 2;
   TORCH_CHECK(x.size(1) == 2 * d && out.size(0) == rows && out.size(1) == d &&
                   out.scalar_type() == x.scalar_type(), "out must be [rows, d] for x [rows, 2d]");
-  if (is_bf16(x)) {
-    auto xp = reinterpret_cast<const u16*>(x.data_ptr());
-    auto op = reinterpret_cast<u16*>(out.data_ptr());
-    over_rows(rows, d, [&](int64_t r0, int64_t r1) {
-      CPU_DISPATCH(silu_and_mul_bf16, xp, x.stride(0), op, out.stride(0), r0, r1, d);
-    });
-  } else {
-    const float* xp = x.data_ptr<float>();
-    float* op = out.data_ptr<float>();
-    over_rows(rows, d, [&](int64_t r0, int64_t r1) {
-      CPU_DISPATCH(silu_and_mul_f32, xp, x.stride(0), op, out.stride(0), r0, r1, d);
-    });
-  }
+  // torch's own SiLU (its vectorised exp) and product: the torch path's result bit for bit,
+  // one Python-level call instead of three.
+  at::silu_out(out, x.narrow(1, 0, d));
+  out.mul_(x.narrow(1, d, d));
 }
 
 void rope(at::Tensor positions, at::Tensor q, at::Tensor k, at::Tensor cos_sin,
