@@ -37,7 +37,7 @@ def _strided_rows(g: torch.Generator, rows: int, d: int, dtype: torch.dtype) -> 
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows,d", [(1, 576), (3, 64), (17, 577), (2, 1)])
+@pytest.mark.parametrize("rows,d", [(1, 576), (3, 64), (17, 577), (2, 1), (2, 5000)])
 def test_rms_norm_and_fused_add(dtype, rows, d):
     g = torch.Generator().manual_seed(rows * 1000 + d)
     norm = RMSNorm(d, 1e-5, params_dtype=dtype)

@@ -4,11 +4,15 @@
 // threads when there is enough work.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 #include "cpu_kernels.h"
@@ -57,6 +61,141 @@ void over_rows(int64_t rows, int64_t d, const F& f) {
   at::parallel_for(0, rows, grain, f);
 }
 
+// ---- torch's float sum of one contiguous row, in torch's own order -----------------------
+// at::sum over a contiguous inner dimension (ATen/native/cpu/SumKernel.cpp): rows of at least
+// one vector are summed as vectors (W float lanes, the build's Vectorized<float>), 4 of them
+// interleaved, in a 4-level cascade; the tail and then the lanes are added in order. Each
+// lane is a sequence of IEEE float adds, so emulating the lanes in scalar code gives the same
+// bits. Checked against at::mean once per row width (`torch_lanes`), which also finds W; a
+// torch whose order differs keeps calling at::mean.
+
+int64_t ceil_log2(int64_t x) {
+  if (x <= 2) return 1;
+  return 64 - __builtin_clzll(static_cast<uint64_t>(x - 1));
+}
+
+// multi_row_sum<nrows=4>: element (i, k) = v[(i * 4 + k) * W + lane] for `size` i.
+template <int W>
+void multi_row_sum4(const float* v, int64_t size, float (&out)[4][W]) {
+  constexpr int levels = 4;
+  const int64_t level_power = std::max<int64_t>(4, ceil_log2(size) / levels);
+  const int64_t level_step = int64_t{1} << level_power, level_mask = level_step - 1;
+  float acc[levels][4][W] = {};
+  int64_t i = 0;
+  for (; i + level_step <= size;) {
+    for (int64_t j = 0; j < level_step; ++j, ++i)
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < W; ++l) acc[0][k][l] += v[(i * 4 + k) * W + l];
+    for (int j = 1; j < levels; ++j) {
+      for (int k = 0; k < 4; ++k)
+        for (int l = 0; l < W; ++l) {
+          acc[j][k][l] += acc[j - 1][k][l];
+          acc[j - 1][k][l] = 0.f;
+        }
+      if ((i & (level_mask << (j * level_power))) != 0) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += v[(i * 4 + k) * W + l];
+  for (int j = 1; j < levels; ++j)
+    for (int k = 0; k < 4; ++k)
+      for (int l = 0; l < W; ++l) acc[0][k][l] += acc[j][k][l];
+  std::memcpy(out, acc[0], sizeof(out));
+}
+
+// row_sum over `n` items of W lanes each (W = 1: scalars).
+template <int W>
+void row_sum(const float* v, int64_t n, float (&lanes)[W]) {
+  const int64_t n_ilp = n / 4;
+  float part[4][W];
+  multi_row_sum4<W>(v, n_ilp, part);
+  for (int64_t i = n_ilp * 4; i < n; ++i)
+    for (int l = 0; l < W; ++l) part[0][l] += v[i * W + l];
+  for (int k = 1; k < 4; ++k)
+    for (int l = 0; l < W; ++l) part[0][l] += part[k][l];
+  std::memcpy(lanes, part[0], sizeof(lanes));
+}
+
+template <int W>
+float torch_row_sum(const float* v, int64_t d) {
+  if (d < W) {  // scalar_inner_sum
+    float one[1];
+    row_sum<1>(v, d, one);
+    return one[0];
+  }
+  const int64_t nvec = d / W;
+  float lanes[W];
+  row_sum<W>(v, nvec, lanes);
+  float acc = 0.f;
+  for (int64_t k = nvec * W; k < d; ++k) acc += v[k];
+  for (int l = 0; l < W; ++l) acc += lanes[l];
+  return acc;
+}
+
+float torch_mean_sq(const float* sq, int64_t d, int lanes) {
+  const float sum = lanes == 16 ? torch_row_sum<16>(sq, d) : torch_row_sum<8>(sq, d);
+  return sum / static_cast<float>(d);
+}
+
+// The vector width (16 or 8 lanes) whose order reproduces at::mean for rows of width d, or
+// 0 when neither does; found once per d on random rows.
+int torch_lanes(int64_t d) {
+  static std::mutex mu;
+  static std::unordered_map<int64_t, int> known;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = known.find(d);
+  if (it != known.end()) return it->second;
+  auto gen = at::make_generator<at::CPUGeneratorImpl>(1234);
+  const at::Tensor x = at::randn({8, d}, gen, at::kFloat) * 3;
+  const at::Tensor sq = at::pow(x, 2);
+  const at::Tensor ref = at::mean(sq, {-1}).contiguous();
+  int found = 0;
+  for (int lanes : {16, 8}) {
+    bool ok = true;
+    for (int64_t r = 0; r < 8 && ok; ++r) {
+      const float m = torch_mean_sq(sq.data_ptr<float>() + r * d, d, lanes);
+      ok = std::memcmp(&m, ref.data_ptr<float>() + r, 4) == 0;
+    }
+    if (ok) {
+      found = lanes;
+      break;
+    }
+  }
+  known[d] = found;
+  return found;
+}
+
+// [rows] mean of squares of src's rows, as at::mean(at::pow(src.float(), 2), -1) computes it.
+at::Tensor mean_of_squares(const at::Tensor& src) {
+  const int64_t rows = src.size(0), d = src.size(1);
+  const int lanes = d > 65536 ? 0 : torch_lanes(d);
+  if (lanes == 0)
+    return at::mean(at::pow(is_bf16(src) ? src.to(at::kFloat) : src, 2), {-1}).contiguous();
+  at::Tensor ms = at::empty({rows}, src.options().dtype(at::kFloat));
+  float* msp = ms.data_ptr<float>();
+  std::vector<float> sq(d);
+  const int64_t es = src.element_size();
+  const char* base = static_cast<const char*>(src.data_ptr());
+  for (int64_t r = 0; r < rows; ++r) {
+    const char* row = base + r * src.stride(0) * es;
+    if (is_bf16(src)) {
+      const u16* p = reinterpret_cast<const u16*>(row);
+      for (int64_t i = 0; i < d; ++i) {
+        uint32_t u = static_cast<uint32_t>(p[i]) << 16;
+        float f;
+        std::memcpy(&f, &u, 4);
+        sq[i] = f * f;
+      }
+    } else {
+      const float* p = reinterpret_cast<const float*>(row);
+      for (int64_t i = 0; i < d; ++i) sq[i] = p[i] * p[i];
+    }
+    msp[r] = torch_mean_sq(sq.data(), d, lanes);
+  }
+  return ms;
+}
+
 void rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor* res,
                    const at::Tensor& w, double eps) {
   check_rows(x, "x");
@@ -88,10 +227,9 @@ void rms_norm_impl(at::Tensor& out, const at::Tensor& x, const at::Tensor* res,
     }
   }
   const at::Tensor& src = res != nullptr ? *res : x;
-  // torch's own mean of squares (its reduction order): the result equals torch's rms_norm
-  // (HF's arithmetic) bit for bit in float32.
-  const at::Tensor ms = at::mean(at::pow(is_bf16(src) ? src.to(at::kFloat) : src, 2), {-1})
-                            .contiguous();
+  // torch's mean of squares (its reduction order): the result equals torch's rms_norm
+  // (HF's arithmetic) bit for bit.
+  const at::Tensor ms = mean_of_squares(src);
   const float* msp = ms.data_ptr<float>();
   if (is_bf16(x)) {
     auto sp = reinterpret_cast<const u16*>(src.data_ptr());
