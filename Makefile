@@ -26,6 +26,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# missing pagedllm warns and dequantizes GGUF weights instead.
 	$(PY) -m pagedllm.model_executor.layers.quantization.gguf_kernels --build || \
 	  echo "GGUF CPU kernels not built: GGUF weights will be dequantized (slower)"
+	$(PY) -m pagedllm.cpu_ops --build || \
+	  echo "CPU ops not built: the CPU decode step keeps plain torch ops (slower)"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

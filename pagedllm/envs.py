@@ -151,3 +151,14 @@ def gguf_kernel_build_dir() -> str:
     """Where the GGUF CPU kernels' C++ extension is JIT-built and cached."""
     explicit = os.environ.get("PAGEDLLM_GGUF_KERNEL_DIR")
     return explicit or os.path.join(cache_root(), "gguf_kernels")
+
+
+def cpu_ops_build_dir() -> str:
+    """Where the CPU decode-step ops' C++ extension (pagedllm/cpu_ops) is JIT-built and cached."""
+    explicit = os.environ.get("PAGEDLLM_CPU_OPS_DIR")
+    return explicit or os.path.join(cache_root(), "cpu_ops")
+
+
+def cpu_ops_enabled() -> bool:
+    """PAGEDLLM_CPU_OPS=0 keeps the plain torch ops on CPU (benchmarks, bisecting)."""
+    return os.environ.get("PAGEDLLM_CPU_OPS", "1") not in ("0", "false", "False", "")

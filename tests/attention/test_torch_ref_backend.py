@@ -2,9 +2,22 @@
 
 import math
 
+import pytest
 import torch
 
+from pagedllm import cpu_ops
 from pagedllm.attention.backend import AttentionMetadata, get_attn_backend, kv_cache_shape
+
+
+@pytest.fixture(params=["cpu_ops", "torch"], autouse=True)
+def decode_path(request, monkeypatch):
+    """Every test twice: decodes through the C++ paged decode kernel (and KV write), and
+    through the plain torch paths (in-place runs, gathered length groups)."""
+    if request.param == "cpu_ops":
+        assert cpu_ops.enabled()
+    else:
+        monkeypatch.setattr(cpu_ops, "_enabled", False)
+    return request.param
 
 
 def _dense_reference(q, k, v, q_pos, scale, sliding_window=None, soft_cap=None):

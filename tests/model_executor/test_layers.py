@@ -41,7 +41,8 @@ def test_rmsnorm_plain_and_fused_residual() -> None:
     # torch's fused rms_norm is HF's arithmetic bit for bit (fp32)
     assert torch.equal(norm(x), norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
                                                                 + 1e-5)))
-    normed, new_residual = norm(x, residual)
+    # CPU (the C++ op) and CUDA write x + residual into `residual` in place
+    normed, new_residual = norm(x, residual.clone())
     torch.testing.assert_close(new_residual, x + residual)
     torch.testing.assert_close(normed, norm(x + residual))
 
@@ -68,7 +69,7 @@ def test_rope_default_and_partial(rotary_dim: int) -> None:
     rope = get_rope(16, rotary_dim, 64, 10000.0, None)
     positions = torch.tensor([0, 5, 63, 1])
     q, k = randn(4, 3 * 16), randn(4, 1 * 16)
-    q_out, k_out = rope(positions, q, k)
+    q_out, k_out = rope(positions, q.clone(), k.clone())  # rotated in place, as on CUDA
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, rotary_dim, 2).float() / rotary_dim)
     torch.testing.assert_close(
         q_out.view(4, 3, 16), _reference_rope(q.view(4, 3, 16), positions, inv_freq, rotary_dim)
@@ -89,13 +90,14 @@ def test_rope_fused_cpu_form_is_bitwise_the_formula_and_cached_per_step() -> Non
     cos, sin = cos[:, None], sin[:, None]
     x1, x2 = q.view(4, 3, 16).chunk(2, dim=-1)
     expected = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    assert torch.equal(rope(positions, q, k)[0].view(4, 3, 16), expected)
+    assert torch.equal(rope(positions, q.clone(), k.clone())[0].view(4, 3, 16), expected)
     # The cos/sin rows are reused by the step's other layers, and recomputed when the
     # positions buffer is rewritten in place (a new step in the same tensor).
     other_layer = get_rope(16, 16, 64, 10000.0, None)
-    assert torch.equal(other_layer(positions, q, k)[0], rope(positions, q, k)[0])
+    assert torch.equal(other_layer(positions, q.clone(), k.clone())[0],
+                       rope(positions, q.clone(), k.clone())[0])
     positions[:] = torch.tensor([0, 0, 0, 0])
-    torch.testing.assert_close(rope(positions, q, k)[0], q)  # position 0: identity
+    torch.testing.assert_close(rope(positions, q.clone(), k.clone())[0], q)  # position 0
 
 
 def test_rmsnorm_bf16_rounds_before_the_weight() -> None:
@@ -117,7 +119,7 @@ def test_rope_gptj_style_is_interleaved_neox() -> None:
     # GPT-J pairs (0,1),(2,3)...; neox pairs (0,4),(1,5)...: the same rotation up to a
     # permutation of the head dims.
     perm = torch.tensor([0, 2, 4, 6, 1, 3, 5, 7])
-    q_gptj, _ = gptj(positions, q, k)
+    q_gptj, _ = gptj(positions, q.clone(), k.clone())
     q_neox, _ = neox(positions, q[:, perm], k[:, perm])
     torch.testing.assert_close(q_gptj[:, perm], q_neox)
 

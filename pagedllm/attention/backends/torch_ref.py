@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from pagedllm import cpu_ops
 from pagedllm.attention.backend import AttentionBackend, AttentionMetadata, register_backend
 from pagedllm.attention.backends.inplace_decode import (
     InplaceDecode,
@@ -45,6 +46,11 @@ def write_to_kv_cache(
 ) -> None:
     """Writes every token whose slot is >= 0. `valid` is None when the caller knows every
     slot is valid (the step plan checks that once, not per layer)."""
+    if (key.dtype == kv_cache.dtype and slot_mapping.dtype == torch.int64
+            and kv_cache.is_contiguous() and _rows_of_heads(key) and _rows_of_heads(value)
+            and cpu_ops.supports(key, value, kv_cache)):
+        cpu_ops.write_kv(key, value, kv_cache, slot_mapping)  # skips slots < 0 itself
+        return
     num_slots = kv_cache.shape[1] * kv_cache.shape[2]
     raw = _raw(kv_cache)
     flat = raw.view(2, num_slots, *kv_cache.shape[3:])
@@ -59,6 +65,11 @@ def write_to_kv_cache(
         value = quantize_kv(value, kv_cache.dtype, v_scale).view(raw.dtype)
     flat[0].index_copy_(0, slots, key)
     flat[1].index_copy_(0, slots, value)
+
+
+def _rows_of_heads(x: torch.Tensor) -> bool:
+    """[num_tokens, heads, head_dim] with each token's heads contiguous (rows may be strided)."""
+    return x.dim() == 3 and x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
 def gather_kv(
@@ -133,9 +144,12 @@ class _StepPlan:
     prefills: list[tuple[int, int, int, int]]  # (request index, start, end, seq_len)
     decode_groups: list[_DecodeGroup]
     inplace: list[InplaceDecode]  # decodes read in place (few decodes in the step)
-    # The step's query rows are exactly the in-place decodes, in order: their outputs are the
-    # layer's output (no scatter into a zeroed buffer).
+    # The step's query rows are exactly the in-place (or C++) decodes, in order: their outputs
+    # are the layer's output (no scatter into a zeroed buffer).
     inplace_only: bool
+    # Every decode through the C++ kernel (cpu_ops.decode_attention): (query rows, request
+    # indices) [n] int64 each; then decode_groups and inplace are empty.
+    cpu_decodes: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 # Decodes are split into up to this many groups by context length, so a short request does
@@ -170,7 +184,7 @@ def _decode_group(
 
 def _plan(
     md: AttentionMetadata, block_size: int, sliding_window: int | None, soft_cap: bool,
-    num_rows: int,
+    num_rows: int, cpu_kernel: bool = False,
 ) -> _StepPlan:
     qsl = (md.query_start_loc_cpu if md.query_start_loc_cpu is not None
            else md.query_start_loc.cpu()).tolist()
@@ -184,6 +198,11 @@ def _plan(
             decodes.append(i)
         else:
             prefills.append((i, start, end, sl[i]))
+    if cpu_kernel and decodes:
+        rows = [qsl[i] for i in decodes]
+        only = not prefills and rows == list(range(num_rows))
+        return _StepPlan(prefills, [], [], only,
+                         (torch.tensor(rows), torch.tensor(decodes)))
     if not soft_cap and 0 < len(decodes) <= _MAX_INPLACE_DECODES and (
         md.block_table.device.type == "cpu"
     ):
@@ -207,6 +226,15 @@ def _plan(
                 sliding_window,
             ))
     return _StepPlan(prefills, groups, [], False)
+
+
+def _cpu_kernel(query: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata) -> bool:
+    """Whether this step's decodes take the C++ paged decode kernel (CPU, float32/bf16
+    cache in the query's dtype, int32 block table and lengths)."""
+    return (md.causal and md.block_table.dtype == torch.int32
+            and md.seq_lens.dtype == torch.int32 and md.seq_lens.is_contiguous()
+            and md.block_table.stride(-1) == 1 and kv_cache.is_contiguous()
+            and cpu_ops.supports(query, kv_cache) and md.block_table.device.type == "cpu")
 
 
 class TorchRefBackend(AttentionBackend):
@@ -244,15 +272,25 @@ class TorchRefBackend(AttentionBackend):
         plan_key = ("torch_ref", sliding_window, soft_cap)
         plan = cache.get(plan_key)
         if plan is None:
-            plan = _plan(metadata, kv_cache.shape[2], sliding_window, soft_cap, query.shape[0])
+            plan = _plan(metadata, kv_cache.shape[2], sliding_window, soft_cap, query.shape[0],
+                         _cpu_kernel(query, kv_cache, metadata))
             cache[plan_key] = plan
-        if plan.inplace_only:
+        if plan.cpu_decodes is not None:
+            rows, reqs = plan.cpu_decodes
+            out = torch.empty_like(query) if plan.inplace_only else torch.zeros_like(query)
+            cpu_ops.decode_attention(out, query, kv_cache, metadata.block_table,
+                                     metadata.seq_lens, rows, reqs, scale, sliding_window,
+                                     logits_soft_cap)
+            if plan.inplace_only:
+                return out
+        elif plan.inplace_only:
             outs = [inplace_decode(query, kv_cache, d, scale) for d in plan.inplace]
             out = outs[0][None] if len(outs) == 1 else torch.stack(outs)
             if fp8 and v_scale != 1.0:
                 out.mul_(v_scale)
             return out
-        out = torch.zeros_like(query)
+        else:
+            out = torch.zeros_like(query)
         for d in plan.inplace:
             out[d.row] = inplace_decode(query, kv_cache, d, scale)
         for i, start, end, seq_len in plan.prefills:

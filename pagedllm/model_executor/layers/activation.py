@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm import cpu_ops
+
 
 class SiluAndMul(nn.Module):
     """[num_tokens, 2 * intermediate] (gate | up) -> [num_tokens, intermediate]: silu(gate) * up."""
@@ -15,6 +17,8 @@ class SiluAndMul(nn.Module):
             from pagedllm.model_executor.layers.ops.activation import silu_and_mul
 
             return silu_and_mul(x)
+        if x.dim() == 2 and x.stride(-1) == 1 and cpu_ops.supports(x):
+            return cpu_ops.silu_and_mul(x)
         d = x.shape[-1] // 2
         return F.silu(x[..., :d]).mul_(x[..., d:])
 

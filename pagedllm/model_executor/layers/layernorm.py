@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedllm import cpu_ops
 from pagedllm.model_executor.layers.utils import set_weight_attrs
 
 
@@ -54,6 +55,14 @@ class RMSNorm(nn.Module):
             if residual is None:
                 return ops.rms_norm(x, self.weight, self.eps)
             return ops.fused_add_rms_norm(x, residual.contiguous(), self.weight, self.eps)
+        if (x.dim() == 2 and type(self)._norm is RMSNorm._norm
+                and cpu_ops.supports(x, self.weight)):
+            # One C++ call; like the CUDA kernel, the fused variant writes x + residual into
+            # `residual` in place.
+            if residual is None:
+                return cpu_ops.rms_norm(x, self.weight, self.eps)
+            if residual.dtype == x.dtype and residual.stride(-1) == 1:
+                return cpu_ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return self._norm(x)
         summed = x + residual

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedllm import cpu_ops
+
 # Every layer of a model has the same table: share one tensor per (variant, parameters, device)
 # instead of one per layer (2 GiB on Llama-3.1-8B at 131k positions). Weak values: a table
 # lives as long as some model uses it.
@@ -93,7 +95,9 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,  # [num_tokens, num_heads * head_size]
         key: torch.Tensor,  # [num_tokens, num_kv_heads * head_size]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        num_tokens = positions.shape[0]
+        """Rotated (query, key). CUDA and the CPU ops rotate the given tensors in place and
+        return them; the plain torch path returns new ones. Callers use the return values
+        and must not reuse the inputs."""
         if query.is_cuda:
             # Triton kernel: rotates q and k in place (they may be views into the QKV output).
             from pagedllm.model_executor.layers.ops.rotary import rotary_embedding
@@ -102,6 +106,20 @@ class RotaryEmbedding(nn.Module):
                 positions, query, key, self.head_size, self.cos_sin_cache, self.is_neox_style
             )
             return query, key
+        if (query.dim() == 2 and key.dim() == 2 and positions.dtype == torch.int64
+                and query.stride(-1) == 1 and key.stride(-1) == 1
+                and self.cos_sin_cache.dtype == torch.float32 and cpu_ops.supports(query, key)):
+            # One C++ call rotating q and k in place, the torch path's roundings.
+            cpu_ops.rope_(positions, query, key, self.cos_sin_cache, self.head_size,
+                          self.is_neox_style)
+            return query, key
+        return self._forward_torch(positions, query, key)
+
+    def _forward_torch(
+        self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The plain torch rotation (new tensors; the reference of the CPU op)."""
+        num_tokens = positions.shape[0]
         cos, sin, cos2, sin2 = _step_cos_sin(self.cos_sin_cache, positions, query.dtype)
         out = []
         for x in (query, key):

@@ -38,6 +38,7 @@ from pagedllm.model_executor.layers.vocab_parallel_embedding import (
     VocabParallelEmbedding,
     compute_logits,
 )
+from pagedllm.model_executor.models import cpu_fast_path
 from pagedllm.model_executor.models.pp_utils import (
     IntermediateTensors,
     PPMissingLayer,
@@ -259,6 +260,15 @@ class LlamaModel(nn.Module):
         """[num_tokens] -> [num_tokens, hidden_size] (a hook: Gemma scales it)."""
         return self.embed_tokens(input_ids)
 
+    def _cpu_plan(self, layers: nn.ModuleList, hidden: torch.Tensor) -> list | None:
+        """The CPU fast path's per-layer references (built on the first CPU forward, after
+        loading), or None when a layer must take the module path."""
+        cached = self.__dict__.get("_cpu_fast_plan")
+        if cached is None or cached[0] != hidden.dtype:
+            cached = (hidden.dtype, cpu_fast_path.build_plan(list(layers), hidden.dtype))
+            self.__dict__["_cpu_fast_plan"] = cached
+        return cached[1]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -274,8 +284,15 @@ class LlamaModel(nn.Module):
             hidden = intermediate_tensors["hidden_states"]
             residual = intermediate_tensors["residual"]
         layers = self.layers[self.start_layer : self.end_layer]
-        for layer, kv_cache in zip(layers, kv_caches, strict=True):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
+        plan = self._cpu_plan(layers, hidden) if cpu_fast_path.usable(hidden) else None
+        if plan is not None:
+            # CPU: the same layers without per-module dispatch (models/cpu_fast_path.py)
+            for refs, kv_cache in zip(plan, kv_caches, strict=True):
+                hidden, residual = cpu_fast_path.layer_forward(
+                    refs, positions, hidden, residual, kv_cache, attn_metadata)
+        else:
+            for layer, kv_cache in zip(layers, kv_caches, strict=True):
+                hidden, residual = layer(positions, hidden, residual, kv_cache, attn_metadata)
         if not self.is_last_stage:
             return {"hidden_states": hidden, "residual": residual}
         hidden, _ = self.norm(hidden, residual)

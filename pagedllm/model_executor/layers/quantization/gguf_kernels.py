@@ -1,11 +1,11 @@
 """The GGUF CPU kernels: a small C++ extension (csrc/gguf_*.cpp) built on first use.
 
-`torch.utils.cpp_extension.load` compiles it with the system compiler into a cache
-directory keyed by the sources' hash (envs.gguf_kernel_build_dir), so a fresh machine needs
-no manual step; `python -m pagedllm.model_executor.layers.quantization.gguf_kernels --build`
-(the Makefile's venv target) builds it once ahead so tests and servers do not pay the
-compile. The extension picks its ISA at run time (AVX512-VNNI or portable C++). When it
-cannot be built `available()` is False, one warning is logged, and callers fall back to
+Built, cached and loaded by `pagedllm/cpp_extension.py` (a cache directory keyed by the
+sources' hash under envs.gguf_kernel_build_dir), so a fresh machine needs no manual step;
+`python -m pagedllm.model_executor.layers.quantization.gguf_kernels --build` (the
+Makefile's venv target) builds it once ahead so tests and servers do not pay the compile.
+The extension picks its ISA at run time (AVX512-VNNI or portable C++). When it cannot be
+built `available()` is False, one warning is logged, and callers fall back to
 dequantized weights.
 
 Ops (torch.ops.pagedllm_gguf): mm_f32(x[M, K] f32, w[N, row_bytes] u8, qtype, K) -> [M, N]
@@ -17,16 +17,12 @@ prefill); dequantize(w, qtype, K) -> [N, K] f32.
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import threading
 
 import torch
 
 from pagedllm import envs
-
-logger = logging.getLogger(__name__)
+from pagedllm.cpp_extension import CppExtension
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = ("gguf_ops.cpp", "gguf_avx512.cpp", "gguf_generic.cpp")
@@ -45,77 +41,30 @@ PACKED_TYPES: dict[int, tuple[int, int]] = {
     14: (256, 210),  # Q6_K
 }
 
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "ok": bool, "error": str
+_EXT = CppExtension(
+    "pagedllm_gguf", _CSRC, _SOURCES, _HEADERS, envs.gguf_kernel_build_dir,
+    fail_env="PAGEDLLM_GGUF_KERNEL_FAIL",  # tests: a failed build
+    fallback="GGUF weights are dequantized to float32 instead (slower)",
+)
+_state = _EXT.state  # "ok": bool, "error": str
 
 
 def _ext_name() -> str:
-    digest = hashlib.sha1()
-    for name in (*_SOURCES, *_HEADERS):
-        with open(os.path.join(_CSRC, name), "rb") as f:
-            digest.update(f.read())
-    digest.update(torch.__version__.encode())
-    return f"pagedllm_gguf_{digest.hexdigest()[:12]}"
-
-
-def _ninja_on_path() -> None:
-    """The `ninja` pip package's binary (and the venv's bin) on PATH, where torch's
-    extension builder looks for it, also when the venv is not activated."""
-    import sys
-
-    dirs = [os.path.dirname(sys.executable)]
-    try:
-        import ninja
-
-        dirs.insert(0, ninja.BIN_DIR)
-    except (ImportError, AttributeError):
-        pass
-    path = os.environ.get("PATH", "").split(os.pathsep)
-    os.environ["PATH"] = os.pathsep.join([d for d in dirs if d not in path] + path)
+    return _EXT.ext_name()
 
 
 def _build() -> None:
-    from torch.utils import cpp_extension
-
-    _ninja_on_path()
-
-    build_dir = os.path.join(envs.gguf_kernel_build_dir(), _ext_name())
-    os.makedirs(build_dir, exist_ok=True)
-    cpp_extension.load(
-        name=_ext_name(),
-        sources=[os.path.join(_CSRC, s) for s in _SOURCES],
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        build_directory=build_dir,
-        is_python_module=False,
-        verbose=False,
-    )
+    _EXT.build()
 
 
 def available() -> bool:
     """Whether the extension is built and loaded (building it on the first call). A failed
     build logs one warning and stays failed for the process."""
-    with _lock:
-        if "ok" not in _state:
-            if os.environ.get("PAGEDLLM_GGUF_KERNEL_FAIL") == "1":  # tests: a failed build
-                _state.update(ok=False, error="PAGEDLLM_GGUF_KERNEL_FAIL=1")
-            else:
-                try:
-                    _build()
-                    _state["ok"] = True
-                except Exception as e:  # noqa: BLE001 - any build failure means fallback
-                    _state.update(ok=False, error=f"{type(e).__name__}: {e}")
-            if not _state["ok"]:
-                logger.warning(
-                    "GGUF CPU kernels could not be built (%s); GGUF weights are dequantized "
-                    "to float32 instead (slower)", str(_state["error"]).splitlines()[0][:300],
-                )
-        return bool(_state["ok"])
+    return _EXT.available()
 
 
 def reset_for_tests() -> None:
-    with _lock:
-        _state.clear()
+    _EXT.reset_for_tests()
 
 
 def isa() -> str:
@@ -160,16 +109,10 @@ def gguf_dequantize(w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
 
 
 def main() -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--build", action="store_true", help="build the extension now")
-    args = parser.parse_args()
-    if args.build:
-        logging.basicConfig(level=logging.INFO)
-        if not available():
-            raise SystemExit(f"GGUF kernels not built: {_state.get('error')}")
-        print(f"GGUF CPU kernels built ({isa()}) in {envs.gguf_kernel_build_dir()}")
+    _EXT.build_main(
+        __doc__.splitlines()[0],
+        lambda: f"GGUF CPU kernels built ({isa()}) in {envs.gguf_kernel_build_dir()}",
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,299 @@
+// The kernels declared in cpu_kernels.h; included once per ISA inside its namespace.
+// Loops are written for the compiler's vectoriser (`omp simd`); -ffp-contract=off keeps
+// products and sums rounded separately, as the torch ops they replace round them.
+// (The including file includes <algorithm>, <cmath> and <cstring> outside the namespace.)
+
+namespace {
+
+inline float ld(float v) { return v; }
+inline float ld(uint16_t v) {
+  uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// Round to nearest even, as c10::BFloat16 does (NaN kept a quiet NaN).
+inline uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fc0;
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+inline void st(float* p, float v) { *p = v; }
+inline void st(uint16_t* p, float v) { *p = to_bf16(v); }
+// The value after rounding to T (the result of a torch op in T).
+inline float rnd(float v, const float*) { return v; }
+inline float rnd(float v, const uint16_t*) { return ld(to_bf16(v)); }
+
+// exp(x) for float, vectorisable (no libm call): x = n ln2 + r, |r| <= ln2 / 2, a degree-6
+// polynomial for e^r, times 2^n built in the exponent bits. Within 2 ulp of expf on the
+// range softmax uses; 0 below -87.3, +inf above 88.7.
+inline float fast_exp(float x) {
+  const float hi = 88.72283f, lo = -87.33654f;
+  const bool over = x > hi, under = x < lo;
+  x = x > hi ? hi : (x < lo ? lo : x);
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.f;
+  // 2^n: n in [-126, 127] here (x clamped)
+  const int32_t e = static_cast<int32_t>(n) + 127;
+  uint32_t bits = static_cast<uint32_t>(e > 0 ? e : 0) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  float y = p * scale;
+  if (n < -126.f) {  // subnormal results: two steps
+    uint32_t b1 = static_cast<uint32_t>(static_cast<int32_t>(n) + 127 + 64) << 23;
+    std::memcpy(&scale, &b1, 4);
+    y = p * scale * 5.42101086e-20f;  // 2^-64
+  }
+  y = under ? 0.f : y;
+  return over ? __builtin_inff() : y;
+}
+
+template <typename T>
+void residual_add_rows(const T* x, int64_t xs, T* res, int64_t rs, int64_t r0, int64_t r1,
+                       int64_t d) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * xs;
+    T* rr = res + r * rs;
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) st(rr + i, ld(xr[i]) + ld(rr[i]));
+  }
+}
+
+// The mean of squares comes from torch (the caller), so the result is torch's rms_norm bit
+// for bit: x * (1 / sqrt(ms + eps)) * w, each product rounded.
+template <typename T>
+void rms_apply_rows(const T* x, int64_t xs, const float* ms, T* out, int64_t os, const T* w,
+                    int64_t r0, int64_t r1, int64_t d, float eps) {
+  constexpr bool bf = sizeof(T) == 2;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * xs;
+    T* orow = out + r * os;
+    const float inv = 1.f / std::sqrt(ms[r] + eps);
+#pragma omp simd
+    for (int64_t i = 0; i < d; ++i) {
+      const float n = bf ? rnd(ld(xr[i]) * inv, xr) : ld(xr[i]) * inv;
+      st(orow + i, n * ld(w[i]));
+    }
+  }
+}
+
+template <typename T>
+void rope_heads(T* x, int64_t heads, int64_t head_size, const float* cs, int64_t rot,
+                bool neox) {
+  const int64_t half = rot / 2;
+  float c[512], s[512];
+  for (int64_t i = 0; i < half; ++i) {
+    c[i] = rnd(cs[i], x);  // the torch path casts cos/sin to x's dtype first
+    s[i] = rnd(cs[half + i], x);
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    T* xh = x + h * head_size;
+    if (neox) {
+#pragma omp simd
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = ld(xh[i]), b = ld(xh[i + half]);
+        st(xh + i, rnd(a * c[i], x) - rnd(b * s[i], x));
+        st(xh + i + half, rnd(b * c[i], x) + rnd(a * s[i], x));
+      }
+    } else {
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = ld(xh[2 * i]), b = ld(xh[2 * i + 1]);
+        st(xh + 2 * i, rnd(a * c[i], x) - rnd(b * s[i], x));
+        st(xh + 2 * i + 1, rnd(b * c[i], x) + rnd(a * s[i], x));
+      }
+    }
+  }
+}
+
+#if PAGEDLLM_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Scores (scaled q.k) of one query head against tokens [t0, t0 + run) at kb, tok_stride
+// apart, and the weighted V sum into acc; NC = head_size / 16 chunks held in registers.
+template <int NC, typename T>
+void scores_avx512(const float* qg, const T* kb, int64_t tok_stride, int64_t run, float scale,
+                   float* sg) {
+  __m512 qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(qg + 16 * c);
+  for (int64_t j = 0; j < run; ++j) {
+    const T* kp = kb + j * tok_stride;
+    __m512 a = _mm512_mul_ps(qv[0], load16(kp));
+    for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(kp + 16 * c), a);
+    sg[j] = _mm512_reduce_add_ps(a) * scale;
+  }
+}
+
+template <int NC, typename T>
+void values_avx512(const float* pg, const T* vb, int64_t tok_stride, int64_t run, float* ag) {
+  __m512 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm512_loadu_ps(ag + 16 * c);
+  for (int64_t j = 0; j < run; ++j) {
+    const T* vp = vb + j * tok_stride;
+    const __m512 p = _mm512_set1_ps(pg[j]);
+    for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vp + 16 * c), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(ag + 16 * c, acc[c]);
+}
+#endif
+
+// One query head's scores over one run of tokens (the portable loop, or AVX-512 chunks).
+template <typename T>
+void scores_run(const float* qg, const T* kb, int64_t tok_stride, int64_t run, int64_t hs,
+                float scale, float* sg) {
+#if PAGEDLLM_AVX512
+  switch (hs) {
+    case 64: return scores_avx512<4>(qg, kb, tok_stride, run, scale, sg);
+    case 128: return scores_avx512<8>(qg, kb, tok_stride, run, scale, sg);
+    case 256: return scores_avx512<16>(qg, kb, tok_stride, run, scale, sg);
+    case 32: return scores_avx512<2>(qg, kb, tok_stride, run, scale, sg);
+    case 96: return scores_avx512<6>(qg, kb, tok_stride, run, scale, sg);
+    default: break;
+  }
+#endif
+  for (int64_t j = 0; j < run; ++j) {
+    const T* kp = kb + j * tok_stride;
+    float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t i = 0; i < hs; ++i) dot += qg[i] * ld(kp[i]);
+    sg[j] = dot * scale;
+  }
+}
+
+template <typename T>
+void values_run(const float* pg, const T* vb, int64_t tok_stride, int64_t run, int64_t hs,
+                float* ag) {
+#if PAGEDLLM_AVX512
+  switch (hs) {
+    case 64: return values_avx512<4>(pg, vb, tok_stride, run, ag);
+    case 128: return values_avx512<8>(pg, vb, tok_stride, run, ag);
+    case 256: return values_avx512<16>(pg, vb, tok_stride, run, ag);
+    case 32: return values_avx512<2>(pg, vb, tok_stride, run, ag);
+    case 96: return values_avx512<6>(pg, vb, tok_stride, run, ag);
+    default: break;
+  }
+#endif
+  for (int64_t j = 0; j < run; ++j) {
+    const T* vp = vb + j * tok_stride;
+    const float p = pg[j];
+#pragma omp simd
+    for (int64_t i = 0; i < hs; ++i) ag[i] += p * ld(vp[i]);
+  }
+}
+
+// Softmax in place over n scores (after the optional soft cap).
+inline void softmax_row(float* sg, int64_t n, float soft_cap) {
+  if (soft_cap > 0.f) {
+    const float inv_cap = 1.f / soft_cap;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {  // cap * tanh(s / cap), tanh(y) = 1 - 2 / (e^2y + 1)
+      const float y = sg[j] * inv_cap;
+      sg[j] = soft_cap * (1.f - 2.f / (fast_exp(2.f * y) + 1.f));
+    }
+  }
+  float mx = sg[0];
+#pragma omp simd reduction(max : mx)
+  for (int64_t j = 1; j < n; ++j) mx = sg[j] > mx ? sg[j] : mx;
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) {
+    sg[j] = fast_exp(sg[j] - mx);
+    sum += sg[j];
+  }
+  const float inv = 1.f / sum;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) sg[j] *= inv;
+}
+
+template <typename T>
+void decode_attn(const T* q, int64_t qhs, const T* kc, const T* vc, const int32_t* table,
+                 int64_t block_size, int64_t num_kv_heads, int64_t kvh, int64_t group,
+                 int64_t head_size, int64_t start, int64_t end, float scale, float soft_cap,
+                 T* out, int64_t ohs, float* scratch) {
+  const int64_t n = end - start, hs = head_size;
+  const int64_t tok_stride = num_kv_heads * hs;  // between tokens of one block
+  float* sc = scratch;  // [group, n] scores, then probabilities
+  float* qf = sc + group * n;  // [group, hs] the query heads in float
+  float* acc = qf + group * hs;  // [group, hs]
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < hs; ++i) {
+      qf[g * hs + i] = ld(q[g * qhs + i]);
+      acc[g * hs + i] = 0.f;
+    }
+  // Block by block (a block's tokens are tok_stride apart), each query head of the group.
+  for (int64_t t = start; t < end;) {
+    const int64_t blk = table[t / block_size], off = t % block_size;
+    const int64_t run = std::min(block_size - off, end - t);
+    const T* kb = kc + ((blk * block_size + off) * num_kv_heads + kvh) * hs;
+    for (int64_t g = 0; g < group; ++g)
+      scores_run(qf + g * hs, kb, tok_stride, run, hs, scale, sc + g * n + (t - start));
+    t += run;
+  }
+  for (int64_t g = 0; g < group; ++g) softmax_row(sc + g * n, n, soft_cap);
+  for (int64_t t = start; t < end;) {
+    const int64_t blk = table[t / block_size], off = t % block_size;
+    const int64_t run = std::min(block_size - off, end - t);
+    const T* vb = vc + ((blk * block_size + off) * num_kv_heads + kvh) * hs;
+    for (int64_t g = 0; g < group; ++g)
+      values_run(sc + g * n + (t - start), vb, tok_stride, run, hs, acc + g * hs);
+    t += run;
+  }
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t i = 0; i < hs; ++i) st(out + g * ohs + i, acc[g * hs + i]);
+}
+
+}  // namespace
+
+void residual_add_f32(const float* x, int64_t xs, float* res, int64_t rs, int64_t r0,
+                      int64_t r1, int64_t d) {
+  residual_add_rows(x, xs, res, rs, r0, r1, d);
+}
+void residual_add_bf16(const uint16_t* x, int64_t xs, uint16_t* res, int64_t rs, int64_t r0,
+                       int64_t r1, int64_t d) {
+  residual_add_rows(x, xs, res, rs, r0, r1, d);
+}
+void rms_apply_f32(const float* x, int64_t xs, const float* ms, float* out, int64_t os,
+                   const float* w, int64_t r0, int64_t r1, int64_t d, float eps) {
+  rms_apply_rows(x, xs, ms, out, os, w, r0, r1, d, eps);
+}
+void rms_apply_bf16(const uint16_t* x, int64_t xs, const float* ms, uint16_t* out, int64_t os,
+                    const uint16_t* w, int64_t r0, int64_t r1, int64_t d, float eps) {
+  rms_apply_rows(x, xs, ms, out, os, w, r0, r1, d, eps);
+}
+void rope_f32(float* x, int64_t heads, int64_t head_size, const float* cs, int64_t rot,
+              bool neox) {
+  rope_heads(x, heads, head_size, cs, rot, neox);
+}
+void rope_bf16(uint16_t* x, int64_t heads, int64_t head_size, const float* cs, int64_t rot,
+               bool neox) {
+  rope_heads(x, heads, head_size, cs, rot, neox);
+}
+void decode_attention_f32(const float* q, int64_t qhs, const float* kc, const float* vc,
+                          const int32_t* table, int64_t block_size, int64_t num_kv_heads,
+                          int64_t kvh, int64_t group, int64_t head_size, int64_t start,
+                          int64_t end, float scale, float soft_cap, float* out, int64_t ohs,
+                          float* scratch) {
+  decode_attn(q, qhs, kc, vc, table, block_size, num_kv_heads, kvh, group, head_size, start,
+              end, scale, soft_cap, out, ohs, scratch);
+}
+void decode_attention_bf16(const uint16_t* q, int64_t qhs, const uint16_t* kc,
+                           const uint16_t* vc, const int32_t* table, int64_t block_size,
+                           int64_t num_kv_heads, int64_t kvh, int64_t group, int64_t head_size,
+                           int64_t start, int64_t end, float scale, float soft_cap,
+                           uint16_t* out, int64_t ohs, float* scratch) {
+  decode_attn(q, qhs, kc, vc, table, block_size, num_kv_heads, kvh, group, head_size, start,
+              end, scale, soft_cap, out, ohs, scratch);
+}
