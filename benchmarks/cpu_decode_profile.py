@@ -3,7 +3,7 @@ engine's host work, for one greedy stream of the default model (packed GGUF weig
 
 A prompt of P random token ids (default 128) and N greedy decode tokens (default 64). The
 decode steps' wall and process CPU time are split by timers wrapped around the packed matmul
-kernel (`gguf_kernels.gguf_mm`, LM head included), the model forward, `compute_logits` and the
+kernels (`gguf_kernels.gguf_mm_f32` and friends, LM head included), the model forward, `compute_logits` and the
 sampler; "engine host" is the rest of the step (schedule, input preparation, update, output
 processing). Then, optionally, torch.profiler's op table and cProfile's top functions of the
 same decode.
@@ -48,7 +48,10 @@ def _install_timers() -> None:
     from pagedllm.model_executor.models.llama import LlamaForCausalLM
     from pagedllm.sample.sampler import Sampler
 
-    gk.gguf_mm = _timed("gguf_mm", gk.gguf_mm)
+    # Every packed kernel counts as "gguf_mm": the float-activation one (decode, the default),
+    # the int8 one and the dequantized-tile GEMM (prefill).
+    for name in ("gguf_mm", "gguf_mm_f32", "gguf_mm_dequant"):
+        setattr(gk, name, _timed("gguf_mm", getattr(gk, name)))
     LlamaForCausalLM.forward = _timed("forward", LlamaForCausalLM.forward)
     LlamaForCausalLM.compute_logits = _timed("logits", LlamaForCausalLM.compute_logits)
     Sampler.__call__ = _timed("sampler", Sampler.__call__)
