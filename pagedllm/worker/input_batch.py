@@ -49,15 +49,7 @@ class CachedRequestState:
         """Whether sampling for this request reads its output token ids on the host
         (penalties, bias, allowed/banned tokens, min_tokens suppression)."""
         p = self.sampling_params
-        return not (
-            p.repetition_penalty == 1.0
-            and p.frequency_penalty == 0.0
-            and p.presence_penalty == 0.0
-            and not p.logit_bias
-            and not p.allowed_token_ids
-            and not p.bad_words_token_ids
-            and self.num_outputs >= p.min_tokens
-        )
+        return not (_no_token_dependent_params(p) and self.num_outputs >= p.min_tokens)
 
     def token_slice(self, start: int, end: int) -> list[int]:
         p = len(self.prompt_token_ids)
@@ -68,17 +60,21 @@ class CachedRequestState:
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
 
-def may_need_host_tokens(p: SamplingParams) -> bool:
-    """Whether `CachedRequestState.needs_host_tokens` can ever be true for these params."""
-    return not (
+def _no_token_dependent_params(p: SamplingParams) -> bool:
+    """No penalty, bias or token filter that reads the request's tokens (min_tokens aside)."""
+    return (
         p.repetition_penalty == 1.0
         and p.frequency_penalty == 0.0
         and p.presence_penalty == 0.0
         and not p.logit_bias
         and not p.allowed_token_ids
         and not p.bad_words_token_ids
-        and p.min_tokens <= 0
     )
+
+
+def may_need_host_tokens(p: SamplingParams) -> bool:
+    """Whether `CachedRequestState.needs_host_tokens` can ever be true for these params."""
+    return not (_no_token_dependent_params(p) and p.min_tokens <= 0)
 
 
 def step_seed(seed: int, num_output_tokens: int) -> int:
