@@ -150,6 +150,46 @@ void values_avx512(const float* pg, const T* vb, int64_t tok_stride, int64_t run
 }
 #endif
 
+#if PAGEDLLM_AVX512
+// out = silu(gate) * up over rows of x = [gate | up] (d each), as torch computes it on an
+// AVX-512 CPU: chunks of 32 through its vectorised SiLU (x / (1 + exp(-x)), the exp being
+// libtorch's own Sleef_expf16_u10), the rest of a row through the scalar x / (1 + expf(-x));
+// bf16 rounds the SiLU, then the product (two torch ops). The caller checks once per width
+// that this reproduces at::silu bit for bit and calls at::silu otherwise.
+template <typename T>
+void silu_mul_rows(const T* x, int64_t xs, T* out, int64_t os, int64_t r0, int64_t r1,
+                   int64_t d) {
+  constexpr bool bf = sizeof(T) == 2;
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));  // neg: flip the sign
+  const int64_t dv = d / 32 * 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = x + r * xs;
+    const T* u = g + d;
+    T* o = out + r * os;
+    for (int64_t i = 0; i < dv; i += 16) {
+      const __m512 v = load16(g + i);
+      const __m512 e = Sleef_expf16_u10(
+          _mm512_castsi512_ps(_mm512_xor_si512(sign, _mm512_castps_si512(v))));
+      const __m512 sv = _mm512_div_ps(v, _mm512_add_ps(one, e));
+      if constexpr (bf) {
+        alignas(64) float sf[16], uf[16];
+        _mm512_store_ps(sf, sv);
+        _mm512_store_ps(uf, load16(u + i));
+        for (int l = 0; l < 16; ++l) st(o + i + l, rnd(sf[l], g) * uf[l]);
+      } else {
+        _mm512_storeu_ps(reinterpret_cast<float*>(o) + i, _mm512_mul_ps(sv, load16(u + i)));
+      }
+    }
+    for (int64_t i = dv; i < d; ++i) {
+      const float v = ld(g[i]);
+      const float sv = rnd(v / (1.f + std::exp(-v)), g);
+      st(o + i, sv * ld(u[i]));
+    }
+  }
+}
+#endif
+
 // One query head's scores over one run of tokens (the portable loop, or AVX-512 chunks).
 template <typename T>
 void scores_run(const float* qg, const T* kb, int64_t tok_stride, int64_t run, int64_t hs,
@@ -256,6 +296,17 @@ void decode_attn(const T* q, int64_t qhs, const T* kc, const T* vc, const int32_
 }
 
 }  // namespace
+
+#if PAGEDLLM_AVX512
+void silu_mul_f32(const float* x, int64_t xs, float* out, int64_t os, int64_t r0, int64_t r1,
+                  int64_t d) {
+  silu_mul_rows(x, xs, out, os, r0, r1, d);
+}
+void silu_mul_bf16(const uint16_t* x, int64_t xs, uint16_t* out, int64_t os, int64_t r0,
+                   int64_t r1, int64_t d) {
+  silu_mul_rows(x, xs, out, os, r0, r1, d);
+}
+#endif
 
 void residual_add_f32(const float* x, int64_t xs, float* res, int64_t rs, int64_t r0,
                       int64_t r1, int64_t d) {
