@@ -2,7 +2,8 @@
 
 One dispatch per op instead of several torch ops each: RMSNorm with the residual add fused
 in place (torch's own mean of squares inside, so the result is `torch.rms_norm`'s bit for
-bit), SiLU-and-mul (torch's SiLU inside, bit for bit), RoPE on q and k in place (the torch
+bit), SiLU-and-mul (torch's SiLU bit for bit: one pass through libtorch's own vectorised exp on
+AVX-512, else torch's SiLU inside), RoPE on q and k in place (the torch
 path's roundings, bit for bit) (neox and GPT-J styles, partial rotary),
 the KV-cache write, and paged decode attention that reads each request's blocks through its
 block table in place (GQA, sliding window, soft cap; float32 and bfloat16 caches). Sources
@@ -102,6 +103,12 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(x.shape[0], x.shape[1] // 2)
     torch.ops.pagedllm_cpu.silu_and_mul(out, x)
     return out
+
+
+def silu_one_pass(d: int, dtype: torch.dtype) -> bool:
+    """Tests: whether SiLU-and-mul of width d takes the one-pass AVX-512 kernel (checked
+    once against at::silu) rather than at::silu + mul."""
+    return torch.ops.pagedllm_cpu.silu_one_pass(d, dtype == torch.bfloat16)
 
 
 def rope_(

@@ -7,6 +7,9 @@
 #include <cstring>
 #include "cpu_kernels.h"
 #define PAGEDLLM_AVX512 1
+// torch's vectorised float exp on AVX-512 (libtorch_cpu exports it; SiLU-and-mul calls it to
+// give at::silu's bits).
+extern "C" __m512 Sleef_expf16_u10(__m512);
 namespace cpu_avx512 {
 #include "cpu_kernels_impl.h"
 }  // namespace cpu_avx512

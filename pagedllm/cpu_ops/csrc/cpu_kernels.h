@@ -39,6 +39,14 @@
   }
 
 PAGEDLLM_CPU_KERNELS(cpu_avx512)
+namespace cpu_avx512 {
+// out[r] = silu(x[r, :d]) * x[r, d:], torch's AVX-512 SiLU bit for bit (AVX-512 build only:
+// it calls libtorch's Sleef exp; the caller checks it against at::silu once per width).
+void silu_mul_f32(const float* x, int64_t xs, float* out, int64_t os, int64_t r0, int64_t r1,
+                  int64_t d);
+void silu_mul_bf16(const uint16_t* x, int64_t xs, uint16_t* out, int64_t os, int64_t r0,
+                   int64_t r1, int64_t d);
+}  // namespace cpu_avx512
 PAGEDLLM_CPU_KERNELS(cpu_generic)
 
 // Floats of scratch decode_attention needs for a context of n tokens.

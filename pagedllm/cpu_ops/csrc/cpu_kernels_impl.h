@@ -124,12 +124,46 @@ inline __m512 load16(const uint16_t* p) {
 
 // Scores (scaled q.k) of one query head against tokens [t0, t0 + run) at kb, tok_stride
 // apart, and the weighted V sum into acc; NC = head_size / 16 chunks held in registers.
+// Lane t = the lane sum of a[t], for 16 vectors, each in _mm512_reduce_add_ps's order
+// (halves: lane i + lane i + 8, then i + 4, then i + 2, then i + 1), so the sums have its
+// bits; 15 adds and 31 shuffles for 16 tokens instead of 16 x 7 dependent steps.
+inline __m512 reduce_add16(const __m512 (&a)[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int j = 0; j < 8; ++j)  // [tok 2j: 8 sums | tok 2j + 1: 8 sums]
+    b[j] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0x44),
+                         _mm512_shuffle_f32x4(a[2 * j], a[2 * j + 1], 0xEE));
+  for (int m = 0; m < 4; ++m)  // quad k: tok 4m + k's 4 sums
+    c[m] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0x88),
+                         _mm512_shuffle_f32x4(b[2 * m], b[2 * m + 1], 0xDD));
+  for (int m = 0; m < 2; ++m)  // quad k: 2 sums of tok 4(2m) + k, then of tok 4(2m + 1) + k
+    d[m] = _mm512_add_ps(_mm512_shuffle_ps(c[2 * m], c[2 * m + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(c[2 * m], c[2 * m + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // lane 4k + j: tok 4j + k
+  const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_permutexvar_ps(order, e);
+}
+
 template <int NC, typename T>
 void scores_avx512(const float* qg, const T* kb, int64_t tok_stride, int64_t run, float scale,
                    float* sg) {
   __m512 qv[NC];
   for (int c = 0; c < NC; ++c) qv[c] = _mm512_loadu_ps(qg + 16 * c);
-  for (int64_t j = 0; j < run; ++j) {
+  int64_t j = 0;
+  if constexpr (NC <= 8) {  // 16 tokens at a time (q and 16 sums in registers)
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (; j + 16 <= run; j += 16) {
+      __m512 a[16];
+      for (int t = 0; t < 16; ++t) {
+        const T* kp = kb + (j + t) * tok_stride;
+        a[t] = _mm512_mul_ps(qv[0], load16(kp));
+        for (int c = 1; c < NC; ++c) a[t] = _mm512_fmadd_ps(qv[c], load16(kp + 16 * c), a[t]);
+      }
+      _mm512_storeu_ps(sg + j, _mm512_mul_ps(reduce_add16(a), sv));
+    }
+  }
+  for (; j < run; ++j) {
     const T* kp = kb + j * tok_stride;
     __m512 a = _mm512_mul_ps(qv[0], load16(kp));
     for (int c = 1; c < NC; ++c) a = _mm512_fmadd_ps(qv[c], load16(kp + 16 * c), a);
@@ -147,6 +181,46 @@ void values_avx512(const float* pg, const T* vb, int64_t tok_stride, int64_t run
     for (int c = 0; c < NC; ++c) acc[c] = _mm512_fmadd_ps(p, load16(vp + 16 * c), acc[c]);
   }
   for (int c = 0; c < NC; ++c) _mm512_storeu_ps(ag + 16 * c, acc[c]);
+}
+#endif
+
+#if PAGEDLLM_AVX512
+// out = silu(gate) * up over rows of x = [gate | up] (d each), as torch computes it on an
+// AVX-512 CPU: chunks of 32 through its vectorised SiLU (x / (1 + exp(-x)), the exp being
+// libtorch's own Sleef_expf16_u10), the rest of a row through the scalar x / (1 + expf(-x));
+// bf16 rounds the SiLU, then the product (two torch ops). The caller checks once per width
+// that this reproduces at::silu bit for bit and calls at::silu otherwise.
+template <typename T>
+void silu_mul_rows(const T* x, int64_t xs, T* out, int64_t os, int64_t r0, int64_t r1,
+                   int64_t d) {
+  constexpr bool bf = sizeof(T) == 2;
+  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));  // neg: flip the sign
+  const int64_t dv = d / 32 * 32;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = x + r * xs;
+    const T* u = g + d;
+    T* o = out + r * os;
+    for (int64_t i = 0; i < dv; i += 16) {
+      const __m512 v = load16(g + i);
+      const __m512 e = Sleef_expf16_u10(
+          _mm512_castsi512_ps(_mm512_xor_si512(sign, _mm512_castps_si512(v))));
+      const __m512 sv = _mm512_div_ps(v, _mm512_add_ps(one, e));
+      if constexpr (bf) {
+        alignas(64) float sf[16], uf[16];
+        _mm512_store_ps(sf, sv);
+        _mm512_store_ps(uf, load16(u + i));
+        for (int l = 0; l < 16; ++l) st(o + i + l, rnd(sf[l], g) * uf[l]);
+      } else {
+        _mm512_storeu_ps(reinterpret_cast<float*>(o) + i, _mm512_mul_ps(sv, load16(u + i)));
+      }
+    }
+    for (int64_t i = dv; i < d; ++i) {
+      const float v = ld(g[i]);
+      const float sv = rnd(v / (1.f + std::exp(-v)), g);
+      st(o + i, sv * ld(u[i]));
+    }
+  }
 }
 #endif
 
@@ -256,6 +330,17 @@ void decode_attn(const T* q, int64_t qhs, const T* kc, const T* vc, const int32_
 }
 
 }  // namespace
+
+#if PAGEDLLM_AVX512
+void silu_mul_f32(const float* x, int64_t xs, float* out, int64_t os, int64_t r0, int64_t r1,
+                  int64_t d) {
+  silu_mul_rows(x, xs, out, os, r0, r1, d);
+}
+void silu_mul_bf16(const uint16_t* x, int64_t xs, uint16_t* out, int64_t os, int64_t r0,
+                   int64_t r1, int64_t d) {
+  silu_mul_rows(x, xs, out, os, r0, r1, d);
+}
+#endif
 
 void residual_add_f32(const float* x, int64_t xs, float* res, int64_t rs, int64_t r0,
                       int64_t r1, int64_t d) {
