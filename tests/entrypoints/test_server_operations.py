@@ -179,7 +179,8 @@ def test_dashboard_page_is_self_contained_and_public(ops_server):
 
 
 def test_dashboard_stats_follow_load_and_agree_with_metrics(ops_server):
-    long = {"prompt": PROMPT, "max_tokens": 40, "ignore_eos": True, "stream": True}
+    # Long enough to still run 1 s after the first token (CPU decode is ~50 tok/s now).
+    long = {"prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", ops_server.url + "/v1/completions", json=long, timeout=120,
                       headers=AUTH) as s:
         lines = s.iter_lines()
@@ -189,11 +190,11 @@ def test_dashboard_stats_follow_load_and_agree_with_metrics(ops_server):
         second = get(ops_server, "/dashboard/stats").json()
         for snap in (first, second):
             assert snap["running"] == 1 and snap["kv_cache_usage"] > 0
-            rows = [r for r in snap["requests"] if r["max_tokens"] == 40]
+            rows = [r for r in snap["requests"] if r["max_tokens"] == 200]
             assert len(rows) == 1 and rows[0]["state"] == "running"
             assert rows[0]["prompt_tokens"] > 0
-        before = [r for r in first["requests"] if r["max_tokens"] == 40][0]
-        after = [r for r in second["requests"] if r["max_tokens"] == 40][0]
+        before = [r for r in first["requests"] if r["max_tokens"] == 200][0]
+        after = [r for r in second["requests"] if r["max_tokens"] == 200][0]
         assert after["generated_tokens"] > before["generated_tokens"]
         assert second["generation_tokens_total"] > first["generation_tokens_total"]
         assert second["generation_tokens_per_s"] > 0
@@ -231,7 +232,7 @@ def test_dashboard_in_headless_chromium_under_load(ops_server, tmp_path):
             page.fill("#key", KEY)
             page.click("button[type=submit]")
             expect(page.locator("#status")).to_contain_text("live", timeout=20_000)
-            long = {"prompt": PROMPT, "max_tokens": 60, "ignore_eos": True}
+            long = {"prompt": PROMPT, "max_tokens": 300, "ignore_eos": True}  # a few polls
             worker = threading.Thread(target=lambda: post(ops_server, "/v1/completions", long))
             worker.start()
             expect(page.locator("#running")).to_have_text("1", timeout=30_000)

@@ -35,7 +35,10 @@ def initialize_dummy_weights(model: nn.Module, hf_config: Any, seed: int = 0) ->
                 # Packed integer weights of a quantized method: zeros are valid, unless the
                 # method says what a plain checkpoint holds (GPTQ's g_idx: row // group).
                 init = getattr(param, "dummy_init", None)
-                init(data) if init is not None else data.zero_()
+                if init is not None:
+                    init(data)
+                else:
+                    data.zero_()
             elif _is_norm(name, data):
                 data.fill_(1.0)
             elif name.endswith("bias"):

@@ -44,6 +44,14 @@ bool use_avx512() {
   return ok;
 }
 
+// Output rows [0, n) split over the intra-op threads, about four ranges a thread (at least
+// 16 rows each); every row is computed by one thread, so results do not depend on the split.
+template <typename F>
+void for_row_ranges(int64_t n, const F& body) {
+  const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
+  at::parallel_for(0, n, grain, body);
+}
+
 void check_weight(const at::Tensor& w, int64_t qtype, int64_t k) {
   const int be = block_elems((int)qtype), bb = block_bytes((int)qtype);
   TORCH_CHECK(bb > 0, "GGUF type ", qtype, " has no packed kernel");
@@ -113,8 +121,7 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, i
   const int64_t row_bytes = w.size(1);
   float* yp = y.data_ptr<float>();
   const bool avx = use_avx512();
-  const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
-  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+  for_row_ranges(n, [&](int64_t n0, int64_t n1) {
     if (avx) {
       gguf_avx512::gemv((int)qtype, wp, row_bytes, qx, n0, n1, n, yp);
     } else {
@@ -139,8 +146,7 @@ at::Tensor gguf_mm_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t qtyp
   const int64_t row_bytes = w.size(1);
   float* yp = y.data_ptr<float>();
   const bool avx = use_avx512();
-  const int64_t grain = std::max<int64_t>(16, n / (4 * at::get_num_threads()));
-  at::parallel_for(0, n, grain, [&](int64_t n0, int64_t n1) {
+  for_row_ranges(n, [&](int64_t n0, int64_t n1) {
     if (avx) {
       gguf_avx512::gemv_f32((int)qtype, wp, row_bytes, xp, m, k, n0, n1, n, yp);
     } else {
