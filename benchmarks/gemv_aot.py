@@ -44,7 +44,8 @@ def _int_consts(cfg: GemvConfig, m: int, bits: int, group_mode: int) -> dict:
             "GROUP_MODE": group_mode, "BLOCK_M": gemv_config.block_m(m, cfg.use_dot),
             "BLOCK_N": cfg.block_n, "WORDS": block_k // pack, "HAS_SPLIT": True,
             "USE_DOT": cfg.use_dot, "SWAP_AB": cfg.swap_ab, "DOT_FP32": False,
-            "MAGIC": magic, "MAGIC_OFFSET": offset, "PREFETCH": cfg.prefetch}
+            "MAGIC": magic, "MAGIC_OFFSET": offset, "PREFETCH": cfg.prefetch,
+            "INPLACE": cfg.inplace}
 
 
 def _fp8_consts(cfg: GemvConfig, m: int) -> dict:
@@ -59,7 +60,7 @@ def _configs(kind: str, m: int, grid: bool) -> list[GemvConfig]:
     seen: list[GemvConfig] = []
     for cfg in _grid(kind, m, smoke=False):
         cfg = GemvConfig(cfg.block_n, cfg.block_k, 0, cfg.num_warps, cfg.num_stages,
-                         cfg.use_dot, cfg.swap_ab, cfg.prefetch)  # splits: runtime
+                         cfg.use_dot, cfg.swap_ab, cfg.prefetch, cfg.inplace)  # splits: runtime
         if cfg not in seen:
             seen.append(cfg)
     return seen

@@ -60,15 +60,20 @@ GROUP = 128
 SPLITS = (0, 1, 4, 16)  # 0: the heuristic of gemv_config.split_for (16: loads in flight)
 
 
-def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
+def _grid(kind: str, m: int, smoke: bool, wide: bool = False) -> list[GemvConfig]:
     """A small grid per M: FMA tiles (one 2-D accumulator per row) up to M = 4, tensor-core
     tiles from M = 2; split 0 is the heuristic (none once the tiles give two programs per
-    SM). Splits are runtime values (no recompile), the rest compile."""
+    SM). Splits are runtime values (no recompile), the rest compile. `wide` (M = 1 and 2):
+    larger tiles per thread, more split counts, int4's in-place planes and tensor-core tiles
+    at M = 1 too."""
     if smoke:
-        fma = [GemvConfig(32, 64, 0, 4, 1), GemvConfig(32, 64, 2, 4, 1, prefetch=True)]
+        fma = [GemvConfig(32, 64, 0, 4, 1), GemvConfig(32, 64, 2, 4, 1, prefetch=True),
+               GemvConfig(32, 64, 2, 4, 1, inplace=True)]
         dot = [GemvConfig(32, 128, 0, 4, 1, use_dot=True),
                GemvConfig(32, 128, 2, 4, 1, use_dot=True, swap_ab=True)]
         return (fma if m <= 4 else []) + (dot if m >= 2 else [])
+    if wide and m <= 2:
+        return _wide_grid(kind, m)
     configs: list[GemvConfig] = []
     if m <= 4:
         tiles = ([(16, 128, 8), (16, 256, 8), (32, 128, 4), (32, 256, 8), (64, 128, 8)]
@@ -83,6 +88,35 @@ def _grid(kind: str, m: int, smoke: bool) -> list[GemvConfig]:
                              (128, 128, True)):
             for split in SPLITS:
                 configs.append(GemvConfig(bn, bk, split, 4, 3, use_dot=True, swap_ab=swap))
+    return configs
+
+
+WIDE_SPLITS = (0, 1, 2, 3, 4, 6, 8, 12, 16)
+
+
+def _wide_grid(kind: str, m: int) -> list[GemvConfig]:
+    configs: list[GemvConfig] = []
+    if kind == "fp8":
+        tiles = [(16, 256, 8), (32, 128, 4), (32, 256, 8), (32, 512, 8), (64, 128, 8),
+                 (64, 256, 8), (128, 128, 8)]
+        for bn, bk, warps in tiles:
+            for split in WIDE_SPLITS:
+                configs.append(GemvConfig(bn, bk, split, warps, 3))
+                if m == 1:
+                    configs.append(GemvConfig(bn, bk, split, warps, 3, prefetch=True))
+    else:
+        tiles = [(64, 128, 4), (64, 256, 8), (64, 256, 4), (64, 512, 8), (128, 128, 8),
+                 (128, 256, 8), (32, 256, 4)]
+        for bn, bk, warps in tiles:
+            for split in WIDE_SPLITS:
+                configs.append(GemvConfig(bn, bk, split, warps, 3))
+                if m == 1:
+                    configs.append(GemvConfig(bn, bk, split, warps, 3, inplace=True))
+                    configs.append(GemvConfig(bn, bk, split, warps, 3, prefetch=True,
+                                              inplace=True))
+    for bn, bk, swap in ((64, 128, True), (128, 128, True), (64, 256, True)):
+        for split in (0, 4, 8, 16):
+            configs.append(GemvConfig(bn, bk, split, 4, 3, use_dot=True, swap_ab=swap))
     return configs
 
 
@@ -183,7 +217,7 @@ CASES = {"int4": _int4_case, "fp8": _fp8_case}
 
 
 def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: str,
-                 smoke: bool, winners: dict) -> bool:
+                 smoke: bool, winners: dict, wide: bool = False) -> bool:
     gen = torch.Generator(device=device).manual_seed(0)
     case = CASES[kind](k, n, device, gen)
     dtype = torch.bfloat16
@@ -192,9 +226,10 @@ def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: st
         x = (torch.randn(m, k, generator=gen, device=device) * 0.5).to(dtype)
         ref = case["ref"](x)
         best: tuple[float, GemvConfig] | None = None
+        timed: list[tuple[float, GemvConfig]] = []
         fails = 0
         weights = case["weights"]
-        for cfg in [None, *_grid(kind, m, smoke)]:
+        for cfg in [None, *_grid(kind, m, smoke, wide)]:
             try:
                 out = case["gemv"](x, weights[0], cfg)
             except Exception as e:  # a config the compiler refuses (resources): skip it
@@ -212,6 +247,7 @@ def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: st
                 continue  # the defaults: checked, not a candidate
             us = _bench([lambda c=cfg, x=x, w=w: case["gemv"](x, w, c) for w in weights],
                         device)
+            timed.append((us, cfg))
             if best is None or us < best[0]:
                 best = (us, cfg)
         default_us = _bench([lambda x=x, w=w: case["gemv"](x, w, None) for w in weights],
@@ -222,6 +258,8 @@ def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: st
             print(f"| {kind} | {name} {k}x{n} | {m} | no valid config | | | | | |", flush=True)
             continue
         us, cfg = best
+        for t, c in sorted(timed, key=lambda tc: tc[0])[:4]:  # the runners-up, for the notes
+            print(f"  top {kind} {name} M={m}: {t:.1f} us {_short(c)}", flush=True)
         nbytes = case["bytes"] + 2 * m * (k + n)
         gbs = nbytes / (us * 1e-6) / 1e9
         winners[(kind, gemv_config.m_bucket(m), n, k)] = (cfg, us, today_us)
@@ -233,7 +271,7 @@ def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: st
 
 def _short(cfg: GemvConfig) -> str:
     how = ("dot-swap" if cfg.swap_ab else "dot") if cfg.use_dot else "fma"
-    return (f"{how}{' pf' if cfg.prefetch else ''} n{cfg.block_n} k{cfg.block_k} "
+    return (f"{how}{' pf' if cfg.prefetch else ''}{' in' if cfg.inplace else ''} n{cfg.block_n} k{cfg.block_k} "
             f"s{cfg.split_k or 'auto'} w{cfg.num_warps} st{cfg.num_stages}")
 
 
@@ -243,7 +281,7 @@ def _report(winners: dict, json_path: str | None) -> None:
     for (kind, m, n, k), (cfg, _, _) in sorted(winners.items()):
         print(f"    ({kind!r}, {m}, {n}, {k}): GemvConfig({cfg.block_n}, {cfg.block_k}, "
               f"{cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, use_dot={cfg.use_dot}, "
-              f"swap_ab={cfg.swap_ab}, prefetch={cfg.prefetch}),")
+              f"swap_ab={cfg.swap_ab}, prefetch={cfg.prefetch}, inplace={cfg.inplace}),")
     print("}")
     for kind in sorted({w[0] for w in winners}):
         ms = sorted({m for (kd, m, _, _) in winners if kd == kind})
@@ -271,6 +309,7 @@ def main() -> int:
     parser.add_argument("--shapes", default=",".join(SHAPES_8B))
     parser.add_argument("--json", default=None)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter)")
+    parser.add_argument("--wide", action="store_true", help="the wider M <= 2 grid")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     smoke = args.smoke or device == "cpu"
@@ -291,7 +330,7 @@ def main() -> int:
     t0 = time.perf_counter()
     for kind in args.kinds.split(","):
         for name, (k, n) in shapes.items():
-            failed |= _sweep_shape(kind, name, k, n, ms, device, smoke, winners)
+            failed |= _sweep_shape(kind, name, k, n, ms, device, smoke, winners, args.wide)
             if device == "cuda":
                 torch.cuda.empty_cache()
         print(f"# {kind} done at {time.perf_counter() - t0:.0f} s", flush=True)

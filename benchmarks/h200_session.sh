@@ -75,6 +75,14 @@ H)  # GPU correctness of the model families (the CPU parity tests, run where the
   step gptq_plain 110 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_plain.json"
   step bf16_ref 90 $T $Q --json "$OUT/bf16_ref.json"
   ;;
+J)  # issue #13: the wide M <= 2 GEMV sweep (int4 in-place planes, more splits and tiles), then
+  # end to end with its winners next to bf16, dummy weights
+  step gemv_wide 270 python3 benchmarks/gpu_gemv.py --kinds int4,fp8 --ms 1,2 --wide --json "$OUT/gemv_wide.json"
+  export PAGEDLLM_GEMV_CONFIG="$OUT/gemv_wide.json"
+  step bf16 100 $T --load-format dummy --datasets single-stream,batch-16 --json "$OUT/bf16.json"
+  step fp8 100 $T --load-format dummy --quantization fp8 --datasets single-stream,batch-16 --json "$OUT/fp8.json"
+  step gptq 110 $T --model random:llama-3.1-8b:gptq --load-format dummy --dtype bfloat16 --datasets single-stream,batch-16 --json "$OUT/gptq.json"
+  ;;
 I)  # after the incremental host step: correctness on CUDA, then sharegpt-shaped A/B against
     # an older tree in $OLD (default .gpu/old, e.g. `git archive REV | tar -x -C .gpu/old`)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/pytest-*.whl \

@@ -39,6 +39,7 @@ FMA_PREFETCH = GemvConfig(32, 64, 2, 4, 1, prefetch=True)  # split 2: blocks pas
 DOT = GemvConfig(block_n=32, block_k=128, split_k=1, num_warps=4, num_stages=1, use_dot=True,
                  prefetch=True)
 DOT_SWAP = GemvConfig(32, 128, 2, 4, 1, use_dot=True, swap_ab=True)
+INPLACE = GemvConfig(32, 64, 2, 4, 1, inplace=True)  # planes unpacked in place (one row)
 
 
 def _canonical(k: int, n: int, bits: int, group_size: int, order: str, seed: int):
@@ -77,6 +78,11 @@ TOLERANCE = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
     (4, 256, "none", 2, FMA, torch.float16),  # one group per column (group_size -1)
     (4, 32, "ragged", 3, GemvConfig(32, 128, 2, 4, 1), torch.bfloat16),  # 3 of 4 FMA rows
     (8, 64, "none", 1, FMA, torch.bfloat16),
+    (4, 64, "none", 1, INPLACE, torch.bfloat16),  # one group per K block
+    (4, 32, "none", 1, INPLACE, torch.float16),  # groups smaller than the block: per word
+    (4, 64, "ragged", 1, INPLACE, torch.bfloat16),  # g_idx: the shifting form
+    (8, 32, "none", 1, GemvConfig(32, 64, 2, 4, 1, prefetch=True, inplace=True), torch.bfloat16),
+    (4, 128, "none", 2, INPLACE, torch.bfloat16),  # two rows: the flag does not apply
     (8, 128, "ragged", 16, DOT_SWAP, torch.bfloat16),
     (8, 128, "none", 3, DOT, torch.float16),
 ])

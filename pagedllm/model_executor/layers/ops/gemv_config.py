@@ -53,6 +53,7 @@ class GemvConfig:
     use_dot: bool = False
     swap_ab: bool = False
     prefetch: bool = False  # load block i + 1 before block i's math (registers, not stages)
+    inplace: bool = False  # int FMA, one row: planes unpacked in place (`int_gemv._plane_inplace`)
 
     def to_json(self) -> dict:
         return asdict(self)

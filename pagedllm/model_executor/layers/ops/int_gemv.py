@@ -97,28 +97,61 @@ def _plane_f32(packed, j: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
+def _plane_inplace(packed, hi, j: tl.constexpr, BITS: tl.constexpr):
+    """Value j of every word as q in fp32, with no shift for the first LOW = 23 // BITS
+    planes: their bits (from SH = (j % LOW) * BITS) already lie inside fp32's mantissa, so
+    one AND-OR with the exponent of 2^(23 - SH), whose mantissa step is 2^-SH, makes
+    2^(23 - SH) + q, and subtracting the constant leaves q exactly. The other planes come
+    from `hi`, the words shifted down by LOW planes once for all of them (PACK <= 2 * LOW
+    for 4 and 8 bits)."""
+    LOW: tl.constexpr = 23 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    SH: tl.constexpr = (j % LOW) * BITS
+    MAGIC: tl.constexpr = 0x4B000000 - (SH << 23)
+    if j < LOW:
+        bits = packed & (MASK << SH)
+    else:
+        bits = hi & (MASK << SH)
+    return (bits | MAGIC).to(tl.float32, bitcast=True) - (1 << (23 - SH))
+
+
+@triton.jit
 def _fma_block_1(acc, packed, x_ptr, offs_w, w_ok, k0, offs_n, n_ok, s_ptr, z_ptr, g_ptr, N,
                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, GROUP_MODE: tl.constexpr,
-                 WORDS: tl.constexpr, BLOCK_N: tl.constexpr):
+                 WORDS: tl.constexpr, BLOCK_N: tl.constexpr, INPLACE: tl.constexpr):
     """`_fma_block` for one activation row: acc [WORDS, BLOCK_N], every tensor 2-D (the
     3-D form costs registers the single-stream case needs for loads in flight)."""
     PACK: tl.constexpr = 32 // BITS
+    LOW: tl.constexpr = 23 // BITS
     blk = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     if GROUP_MODE != 2:
         s, z = _word_groups(s_ptr, z_ptr, k0, offs_w, w_ok, offs_n, n_ok, N, PACK,
                             GROUP_SIZE, GROUP_MODE)
         zo = z + 8388608.0
+    if INPLACE:
+        hi = packed >> (LOW * BITS)
+        xs = tl.zeros((WORDS,), dtype=tl.float32)
     for j in tl.static_range(PACK):
         rows = offs_w * PACK + j
-        xj = tl.load(x_ptr + rows, mask=w_ok, other=0.0).to(tl.float32)[:, None]
-        v = _plane_f32(packed, j, BITS)
         if GROUP_MODE == 2:
+            xj = tl.load(x_ptr + rows, mask=w_ok, other=0.0).to(tl.float32)[:, None]
+            v = _plane_f32(packed, j, BITS)
             s, z = _row_groups(s_ptr, z_ptr, g_ptr, rows, w_ok, offs_n, n_ok, N)
             blk += xj * ((v - (z + 8388608.0)) * s)
+        elif INPLACE:
+            # The zero point once per word below: sum_j x_j (q_j - z) = sum_j x_j q_j -
+            # z sum_j x_j (a word's values share one group).
+            xv = tl.load(x_ptr + rows, mask=w_ok, other=0.0).to(tl.float32)
+            xs += xv
+            blk += xv[:, None] * _plane_inplace(packed, hi, j, BITS)
         else:
+            xj = tl.load(x_ptr + rows, mask=w_ok, other=0.0).to(tl.float32)[:, None]
+            v = _plane_f32(packed, j, BITS)
             blk += xj * (v - zo)
     if GROUP_MODE == 2:
         acc += blk
+    elif INPLACE:
+        acc += (blk - z * xs[:, None]) * s
     else:
         acc += blk * s
     return acc
@@ -251,6 +284,7 @@ def _int_gemv_kernel(
     MAGIC: tl.constexpr,
     MAGIC_OFFSET: tl.constexpr,
     PREFETCH: tl.constexpr,
+    INPLACE: tl.constexpr,  # FMA at one row: `_plane_inplace` (no shift for most planes)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -293,7 +327,8 @@ def _int_gemv_kernel(
                              BLOCK_N, SWAP_AB, DOT_FP32, MAGIC, MAGIC_OFFSET)
         elif BLOCK_M == 1:
             acc = _fma_block_1(acc, packed, x_ptr, offs_w, w_ok, k0, offs_n, n_ok, s_ptr,
-                               z_ptr, g_ptr, N, BITS, GROUP_SIZE, GROUP_MODE, WORDS, BLOCK_N)
+                               z_ptr, g_ptr, N, BITS, GROUP_SIZE, GROUP_MODE, WORDS, BLOCK_N,
+                               INPLACE)
         else:
             acc, acc1, acc2, acc3 = _fma_rows(acc, acc1, acc2, acc3, packed, x_ptr,
                                               stride_xm, M, offs_w, w_ok, k0, offs_n, n_ok,
@@ -382,6 +417,7 @@ def int_gemv(
         BITS=bits, GROUP_SIZE=group_size, GROUP_MODE=_group_mode(g_idx, group_size, block_k),
         BLOCK_M=bm, BLOCK_N=cfg.block_n, WORDS=block_k // pack, HAS_SPLIT=split > 1,
         USE_DOT=cfg.use_dot, SWAP_AB=cfg.swap_ab, DOT_FP32=interp, MAGIC=magic,
-        MAGIC_OFFSET=offset, PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        MAGIC_OFFSET=offset, PREFETCH=cfg.prefetch, INPLACE=cfg.inplace,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
