@@ -91,7 +91,7 @@ def _grid(kind: str, m: int, smoke: bool, wide: bool = False) -> list[GemvConfig
     return configs
 
 
-WIDE_SPLITS = (0, 1, 2, 3, 4, 6, 8, 12, 16)
+WIDE_SPLITS = (0, 1, 2, 4, 8, 16)
 
 
 def _wide_grid(kind: str, m: int) -> list[GemvConfig]:
