@@ -94,26 +94,24 @@ def _grid(kind: str, m: int, smoke: bool, wide: bool = False) -> list[GemvConfig
 WIDE_SPLITS = (0, 1, 2, 4, 8, 16)
 
 
+WIDE_TILES = {  # (BLOCK_N, BLOCK_K, warps) of the FMA form
+    "fp8": [(16, 256, 8), (32, 128, 4), (32, 256, 8), (32, 512, 8), (64, 128, 8),
+            (64, 256, 8), (128, 128, 8)],
+    "int4": [(64, 128, 4), (64, 256, 8), (64, 256, 4), (64, 512, 8), (128, 128, 8),
+             (128, 256, 8), (32, 256, 4)],
+}
+# Flag sets tried beside the plain FMA form at one row: fp8 prefetch; int4 in-place planes
+# with and without prefetch.
+WIDE_M1_FLAGS = {"fp8": [{"prefetch": True}],
+                 "int4": [{"inplace": True}, {"prefetch": True, "inplace": True}]}
+
+
 def _wide_grid(kind: str, m: int) -> list[GemvConfig]:
     configs: list[GemvConfig] = []
-    if kind == "fp8":
-        tiles = [(16, 256, 8), (32, 128, 4), (32, 256, 8), (32, 512, 8), (64, 128, 8),
-                 (64, 256, 8), (128, 128, 8)]
-        for bn, bk, warps in tiles:
-            for split in WIDE_SPLITS:
-                configs.append(GemvConfig(bn, bk, split, warps, 3))
-                if m == 1:
-                    configs.append(GemvConfig(bn, bk, split, warps, 3, prefetch=True))
-    else:
-        tiles = [(64, 128, 4), (64, 256, 8), (64, 256, 4), (64, 512, 8), (128, 128, 8),
-                 (128, 256, 8), (32, 256, 4)]
-        for bn, bk, warps in tiles:
-            for split in WIDE_SPLITS:
-                configs.append(GemvConfig(bn, bk, split, warps, 3))
-                if m == 1:
-                    configs.append(GemvConfig(bn, bk, split, warps, 3, inplace=True))
-                    configs.append(GemvConfig(bn, bk, split, warps, 3, prefetch=True,
-                                              inplace=True))
+    flag_sets = [{}] + (WIDE_M1_FLAGS[kind] if m == 1 else [])
+    for bn, bk, warps in WIDE_TILES[kind]:
+        for split in WIDE_SPLITS:
+            configs += [GemvConfig(bn, bk, split, warps, 3, **flags) for flags in flag_sets]
     for bn, bk, swap in ((64, 128, True), (128, 128, True), (64, 256, True)):
         for split in (0, 4, 8, 16):
             configs.append(GemvConfig(bn, bk, split, 4, 3, use_dot=True, swap_ab=swap))
