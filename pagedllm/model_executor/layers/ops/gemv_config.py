@@ -60,12 +60,14 @@ class GemvConfig:
 
 
 # (kind, M bucket, N, K) -> config; pasted from benchmarks/gpu_gemv.py's JSON, the second
-# H200 sweep (2026-12-02, the 2-D FMA forms; docs/benchmarks.md).
+# H200 sweep (2026-12-02, the 2-D FMA forms; docs/benchmarks.md); M = 1 (both kinds) and
+# int4 M = 2 from the third, `--wide` sweep (2026-12-02: in-place planes, more splits), kept
+# only where it beat the second sweep's entry in the same run.
 TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
-    ("fp8", 1, 4096, 4096): GemvConfig(32, 256, 4, 8, 3),
-    ("fp8", 1, 4096, 14336): GemvConfig(32, 256, 4, 8, 3),
-    ("fp8", 1, 6144, 4096): GemvConfig(64, 128, 0, 8, 3),
-    ("fp8", 1, 28672, 4096): GemvConfig(32, 256, 0, 8, 3),
+    ("fp8", 1, 4096, 4096): GemvConfig(32, 512, 0, 8, 3),
+    ("fp8", 1, 4096, 14336): GemvConfig(32, 512, 2, 8, 3),
+    ("fp8", 1, 6144, 4096): GemvConfig(32, 512, 1, 8, 3),
+    ("fp8", 1, 28672, 4096): GemvConfig(32, 256, 1, 8, 3),
     ("fp8", 2, 4096, 4096): GemvConfig(64, 128, 4, 8, 3),
     ("fp8", 2, 4096, 14336): GemvConfig(64, 128, 16, 4, 3, use_dot=True),
     ("fp8", 2, 6144, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
@@ -86,14 +88,14 @@ TUNED: dict[tuple[str, int, int, int], GemvConfig] = {
     ("fp8", 32, 4096, 14336): GemvConfig(64, 128, 0, 4, 3, use_dot=True),
     ("fp8", 32, 6144, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
     ("fp8", 32, 28672, 4096): GemvConfig(64, 128, 4, 4, 3, use_dot=True),
-    ("int4", 1, 4096, 4096): GemvConfig(64, 256, 4, 8, 3),
-    ("int4", 1, 4096, 14336): GemvConfig(64, 256, 0, 8, 3),
-    ("int4", 1, 6144, 4096): GemvConfig(64, 256, 4, 8, 3),
-    ("int4", 1, 28672, 4096): GemvConfig(64, 256, 0, 8, 3),
-    ("int4", 2, 4096, 4096): GemvConfig(32, 128, 0, 4, 3),
-    ("int4", 2, 4096, 14336): GemvConfig(64, 256, 4, 8, 3),
-    ("int4", 2, 6144, 4096): GemvConfig(64, 256, 4, 8, 3),
-    ("int4", 2, 28672, 4096): GemvConfig(64, 256, 0, 8, 3),
+    ("int4", 1, 4096, 4096): GemvConfig(64, 256, 0, 4, 3, prefetch=True, inplace=True),
+    ("int4", 1, 4096, 14336): GemvConfig(64, 256, 16, 4, 3, prefetch=True, inplace=True),
+    ("int4", 1, 6144, 4096): GemvConfig(64, 256, 4, 4, 3, prefetch=True, inplace=True),
+    ("int4", 1, 28672, 4096): GemvConfig(64, 256, 4, 4, 3, prefetch=True, inplace=True),
+    ("int4", 2, 4096, 4096): GemvConfig(32, 256, 0, 4, 3),
+    ("int4", 2, 4096, 14336): GemvConfig(32, 256, 0, 4, 3),
+    ("int4", 2, 6144, 4096): GemvConfig(64, 256, 0, 4, 3),
+    ("int4", 2, 28672, 4096): GemvConfig(32, 256, 1, 4, 3),
     ("int4", 4, 4096, 4096): GemvConfig(32, 128, 0, 4, 3),
     ("int4", 4, 4096, 14336): GemvConfig(64, 256, 4, 8, 3),
     ("int4", 4, 6144, 4096): GemvConfig(32, 128, 4, 4, 3),
