@@ -1,6 +1,6 @@
-"""Sweep of the small-M GEMV kernels (int4 GPTQ/AWQ layout, fp8 e4m3) on the GPU.
+"""Sweep of the small-M GEMV kernels (int4 GPTQ/AWQ layout, fp8 e4m3, 16-bit) on the GPU.
 
-    PYTHONUNBUFFERED=1 timeout 900 python3 benchmarks/gpu_gemv.py [--kinds int4,fp8]
+    PYTHONUNBUFFERED=1 timeout 900 python3 benchmarks/gpu_gemv.py [--kinds int4,fp8,bf16]
         [--ms 1,2,4,8,16,32] [--json /tmp/gemv.json]
     TRITON_INTERPRET=1 python3 benchmarks/gpu_gemv.py --smoke   # CPU, tiny shapes, logic only
 
@@ -13,7 +13,9 @@ launch gaps, as inside the engine's decode graphs). One row per
 (kind, shape, M): the best config, its µs, the bytes it must stream (weights + scales + x +
 out) per µs as GB/s and as a share of 4.0 TB/s, and its speed-up over bf16 cuBLAS
 (`F.linear`) and over today's path (int4: the fused `int_gemm` with its defaults; fp8: Triton
-activation quantization + `torch._scaled_mm`). At the end: the winners as a `TUNED` dict to
+activation quantization + `torch._scaled_mm`; bf16: cuBLAS itself, and the LM head's shape
+too). The bf16 rows go into the table only where the GEMV beat cuBLAS: the engine takes the
+dense GEMV for exactly the shapes the table names. At the end: the winners as a `TUNED` dict to
 paste into `pagedllm/model_executor/layers/ops/gemv_config.py`, and per kind the largest M
 up to which the GEMV beats today's path (the `*_GEMV_MAX_M` constants). `--json` also writes
 the table that `PAGEDLLM_GEMV_CONFIG=FILE` makes the module read.
@@ -43,7 +45,11 @@ if "pagedllm" not in sys.modules:
     sys.modules["pagedllm"] = _pkg
 
 from pagedllm.model_executor.layers.ops import gemv_config  # noqa: E402
-from pagedllm.model_executor.layers.ops.fp8_gemv import fp8_gemv, fp8_gemv_ref  # noqa: E402
+from pagedllm.model_executor.layers.ops.fp8_gemv import (  # noqa: E402
+    dense_gemv,
+    fp8_gemv,
+    fp8_gemv_ref,
+)
 from pagedllm.model_executor.layers.ops.gemv_config import GemvConfig  # noqa: E402
 from pagedllm.model_executor.layers.ops.int_gemm import int_gemm  # noqa: E402
 from pagedllm.model_executor.layers.ops.int_gemv import int_gemv  # noqa: E402
@@ -55,6 +61,7 @@ from pagedllm.model_executor.layers.quantization.packed_int import (  # noqa: E4
 
 SHAPES_8B = {"qkv": (4096, 6144), "o": (4096, 4096), "gate_up": (4096, 28672),
              "down": (14336, 4096)}
+EXTRA_SHAPES = {"bf16": {"lm_head": (4096, 128256)}}  # the LM head is 16-bit in every kind
 PEAK = 4.0e12  # bytes/s: the H200's usable HBM bandwidth (~4.0-4.3 TB/s)
 GROUP = 128
 SPLITS = (0, 1, 4, 16)  # 0: the heuristic of gemv_config.split_for (16: loads in flight)
@@ -77,7 +84,7 @@ def _grid(kind: str, m: int, smoke: bool, wide: bool = False) -> list[GemvConfig
     configs: list[GemvConfig] = []
     if m <= 4:
         tiles = ([(16, 128, 8), (16, 256, 8), (32, 128, 4), (32, 256, 8), (64, 128, 8)]
-                 if kind == "fp8" else [(32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8)])
+                 if kind in ("fp8", "bf16") else [(32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8)])
         for bn, bk, warps in tiles:
             for split in SPLITS:
                 configs.append(GemvConfig(bn, bk, split, warps, 3))
@@ -99,10 +106,12 @@ WIDE_TILES = {  # (BLOCK_N, BLOCK_K, warps) of the FMA form
             (64, 256, 8), (128, 128, 8)],
     "int4": [(64, 128, 4), (64, 256, 8), (64, 256, 4), (64, 512, 8), (128, 128, 8),
              (128, 256, 8), (32, 256, 4)],
+    "bf16": [(8, 512, 4), (16, 256, 8), (16, 512, 8), (32, 128, 4), (32, 256, 8),
+             (32, 512, 8), (64, 128, 8), (64, 256, 8)],
 }
 # Flag sets tried beside the plain FMA form at one row: fp8 prefetch; int4 in-place planes
 # with and without prefetch.
-WIDE_M1_FLAGS = {"fp8": [{"prefetch": True}],
+WIDE_M1_FLAGS = {"fp8": [{"prefetch": True}], "bf16": [{"prefetch": True}],
                  "int4": [{"inplace": True}, {"prefetch": True, "inplace": True}]}
 
 
@@ -211,7 +220,20 @@ def _fp8_case(k: int, n: int, device: str, gen: torch.Generator) -> dict:
     }
 
 
-CASES = {"int4": _int4_case, "fp8": _fp8_case}
+def _bf16_case(k: int, n: int, device: str, gen: torch.Generator) -> dict:
+    w = (torch.randn(n, k, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+    copies = [w] + [w.clone() for _ in range(_copies(2 * k * n, device) - 1)]
+    return {
+        "bytes": 2 * k * n,
+        "dense": copies,
+        "weights": copies,
+        "ref": lambda x: (x.float() @ w.float().t()).to(x.dtype),
+        "gemv": lambda x, w, cfg: dense_gemv(x, w, cfg),
+        "today": lambda x, w: F.linear(x, w),  # cuBLAS: what the GEMV must beat
+    }
+
+
+CASES = {"int4": _int4_case, "fp8": _fp8_case, "bf16": _bf16_case}
 
 
 def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: str,
@@ -276,6 +298,8 @@ def _short(cfg: GemvConfig) -> str:
 def _report(winners: dict, json_path: str | None) -> None:
     print("\n# paste into pagedllm/model_executor/layers/ops/gemv_config.py")
     print("TUNED: dict[tuple[str, int, int, int], GemvConfig] = {")
+    winners = {key: w for key, w in winners.items()
+               if key[0] != "bf16" or w[1] < w[2]}  # 16-bit: only where cuBLAS lost
     for (kind, m, n, k), (cfg, _, _) in sorted(winners.items()):
         print(f"    ({kind!r}, {m}, {n}, {k}): GemvConfig({cfg.block_n}, {cfg.block_k}, "
               f"{cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, use_dot={cfg.use_dot}, "
@@ -290,7 +314,7 @@ def _report(winners: dict, json_path: str | None) -> None:
             if m not in wins:
                 break
             limit = m
-        const = "INT_GEMV_MAX_M" if kind.startswith("int") else "FP8_GEMV_MAX_M"
+        const = {"fp8": "FP8_GEMV_MAX_M", "bf16": "DENSE_GEMV_MAX_M"}.get(kind, "INT_GEMV_MAX_M")
         print(f"# {kind}: GEMV faster than today's path at every shape for M <= {limit} "
               f"(M buckets winning: {wins}) -> {const} = {limit}")
     if json_path:
@@ -327,7 +351,8 @@ def main() -> int:
     failed = False
     t0 = time.perf_counter()
     for kind in args.kinds.split(","):
-        for name, (k, n) in shapes.items():
+        kind_shapes = shapes if smoke else {**shapes, **EXTRA_SHAPES.get(kind, {})}
+        for name, (k, n) in kind_shapes.items():
             failed |= _sweep_shape(kind, name, k, n, ms, device, smoke, winners, args.wide)
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -4,7 +4,8 @@ Runs on CPU under TRITON_INTERPRET=1 (set below when no GPU is present) at small
 each group size 32/64/128 and one group per column, act-order (rows sorted at load) and
 ragged g_idx, M = 1, 3, 16, the FMA and both tensor-core variants, split-K, the prefetching
 loop, bf16 and fp16;
-plus the dispatch of the linear methods and the tuned-config table.
+the same kernel on 16-bit weights (`dense_gemv`); plus the dispatch of the linear methods and
+the tuned-config table.
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton is not installed: Triton kernels are not tested")
 
 from pagedllm.model_executor.layers.ops import gemv_config, int_gemv, split_k  # noqa: E402
-from pagedllm.model_executor.layers.ops.fp8_gemv import fp8_gemv, fp8_gemv_ref  # noqa: E402
+from pagedllm.model_executor.layers import utils as layer_utils  # noqa: E402
+from pagedllm.model_executor.layers.ops import fp8_gemv as fp8_gemv_mod  # noqa: E402
+from pagedllm.model_executor.layers.ops.fp8_gemv import (  # noqa: E402
+    dense_gemv,
+    fp8_gemv,
+    fp8_gemv_ref,
+)
 from pagedllm.model_executor.layers.ops.gemv_config import GemvConfig  # noqa: E402
 from pagedllm.model_executor.layers.ops.int_gemm import int_matmul  # noqa: E402
 from pagedllm.model_executor.layers.quantization import fp8_gemm  # noqa: E402
@@ -161,6 +168,48 @@ def test_fp8_linear_uses_the_weight_only_gemv_for_decode(monkeypatch) -> None:
     monkeypatch.setenv("PAGEDLLM_FP8_GEMV_MAX_M", "33")
     with pytest.raises(ValueError, match="PAGEDLLM_FP8_GEMV_MAX_M"):
         fp8_gemm.gemv_linear(x, q, s)
+
+
+@pytest.mark.parametrize("m,config,dtype", [
+    (1, GemvConfig(32, 64, 0, 4, 1), torch.bfloat16),
+    (1, GemvConfig(16, 64, 3, 4, 1, prefetch=True), torch.float16),  # split, masked tail
+    (2, GemvConfig(32, 128, 2, 8, 1), torch.bfloat16),
+    (3, GemvConfig(32, 64, 2, 4, 1, use_dot=True, swap_ab=True), torch.bfloat16),
+])
+def test_dense_gemv_matches_reference(m, config, dtype) -> None:
+    k, n = 200, 40  # K not a multiple of the block, N not of BLOCK_N
+    gen = torch.Generator().manual_seed(10 + m)
+    w = torch.randn(n, k, generator=gen).to(DEVICE, dtype)
+    x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+    out = dense_gemv(x, w, config)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert _rel_err(out, x.double() @ w.double().t()) < TOLERANCE[dtype]
+    with pytest.raises(ValueError, match="not x's"):
+        dense_gemv(x, w.float(), config)
+
+
+def test_dense_linear_takes_the_gemv_only_where_tuned(monkeypatch) -> None:
+    monkeypatch.setattr(layer_utils, "DENSE_GEMV_ON_CPU", DEVICE == "cpu")
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    bias = torch.randn(24, generator=gen).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    calls = []
+    real = fp8_gemv_mod.dense_gemv
+    monkeypatch.setattr(fp8_gemv_mod, "dense_gemv",
+                        lambda *a, **kw: calls.append(a[0].shape[0]) or real(*a, **kw))
+    exact = x.double() @ w.double().t() + bias.double()
+    # No tuned entry for the shape: cuBLAS / F.linear.
+    assert _rel_err(layer_utils.dense_linear(x, w, bias), exact) < 1e-2 and calls == []
+    monkeypatch.setitem(gemv_config.TUNED, ("bf16", 1, 24, 64), GemvConfig(16, 64, 2, 4, 1))
+    out = layer_utils.dense_linear(x, w, bias)
+    assert calls == [1] and _rel_err(out, exact) < 1e-2
+    # Past DENSE_GEMV_MAX_M rows, in fp32, or for a shape of another M bucket: F.linear.
+    x3 = torch.randn(3, 64, generator=gen).to(DEVICE, torch.bfloat16)
+    assert layer_utils.dense_linear(x3, w).shape == (3, 24)
+    assert layer_utils.dense_linear(x.float(), w.float()).dtype == torch.float32
+    assert layer_utils.dense_linear(torch.cat([x, x]), w).shape == (2, 24)
+    assert calls == [1]
 
 
 def test_tuned_table_and_json_override(tmp_path, monkeypatch) -> None:

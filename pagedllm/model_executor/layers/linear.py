@@ -21,7 +21,6 @@ from fractions import Fraction
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedllm.distributed.parallel_state import (
@@ -30,7 +29,7 @@ from pagedllm.distributed.parallel_state import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from pagedllm.model_executor.layers.utils import set_weight_attrs
+from pagedllm.model_executor.layers.utils import dense_linear, set_weight_attrs
 
 
 def _divide(numerator: int, denominator: int) -> int:
@@ -89,7 +88,8 @@ class UnquantizedLinearMethod(LinearMethod):
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return dense_linear(x, layer.weight, bias)
+
 
 
 class LinearBase(nn.Module):

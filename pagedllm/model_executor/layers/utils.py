@@ -1,4 +1,4 @@
-"""Parameter attribute helpers shared by layers and loaders."""
+"""Parameter attribute helpers shared by layers and loaders, and the dense linear of 16-bit layers."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +70,20 @@ class WeightLoadTracker:
         seen.add(shard_id)
         if seen == expected_shards:
             self.loaded.add(target)
+
+
+# Tests set this to run the dense GEMV's dispatch on CPU (the Triton interpreter).
+DENSE_GEMV_ON_CPU = False
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """F.linear, except decode-sized CUDA calls of shapes where the tuned GEMV beat cuBLAS
+    (`ops/fp8_gemv.dense_gemv_linear`)."""
+    if (x.is_cuda or DENSE_GEMV_ON_CPU) and x.dim() == 2 and x.shape[0] <= 2:
+        from pagedllm.model_executor.layers.ops.fp8_gemv import dense_gemv_linear
+
+        out = dense_gemv_linear(x, weight, bias)
+        if out is not None:
+            return out
+    return F.linear(x, weight, bias)

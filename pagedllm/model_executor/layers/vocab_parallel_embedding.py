@@ -19,7 +19,7 @@ from pagedllm.distributed.parallel_state import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from pagedllm.model_executor.layers.utils import set_weight_attrs
+from pagedllm.model_executor.layers.utils import dense_linear, set_weight_attrs
 
 
 def _pad_to_multiple(x: int, multiple: int) -> int:
@@ -94,6 +94,6 @@ def compute_logits(head: VocabParallelEmbedding, hidden: torch.Tensor) -> torch.
         from pagedllm.model_executor.layers.quantization.gguf import gguf_linear
 
         return gguf_linear(hidden.float(), *packed)[..., : head.org_vocab_size]
-    logits = F.linear(hidden, head.weight)
+    logits = dense_linear(hidden, head.weight)
     logits = tensor_model_parallel_all_gather(logits, dim=-1)
     return logits[..., : head.org_vocab_size].float()

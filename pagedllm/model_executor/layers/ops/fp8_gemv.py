@@ -1,4 +1,6 @@
-"""Small-M GEMV for fp8 e4m3 weights, weight-only: y = x @ (w * scale).T in x's dtype.
+"""Small-M GEMV for fp8 e4m3 weights, weight-only: y = x @ (w * scale).T in x's dtype; the
+same kernel multiplies 16-bit weights (`dense_gemv`, no scale) where the sweep found it faster
+than cuBLAS at one or two rows.
 
 At decode sizes (M = 1..16) the W8A8 path pays for a separate activation-quantization
 launch and a `_scaled_mm` tuned for large tiles, and loses to bf16 cuBLAS (docs/benchmarks.md);
@@ -33,19 +35,22 @@ FMA_MAX_M = 4  # rows the FMA variant carries (one accumulator each)
 
 
 @triton.jit
-def _load_weight(w_rows, k0, k_end, n_ok, BLOCK_K: tl.constexpr):
-    """[BLOCK_N, BLOCK_K] e4m3 of the K block at k0 (zeros past k_end)."""
+def _load_weight(w_rows, k0, k_end, n_ok, BLOCK_K: tl.constexpr, W_FP8: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] weights of the K block at k0 (zeros past k_end): e4m3 from the
+    uint8 bits, or the 16-bit values as stored."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     w = tl.load(w_rows + offs_k[None, :], mask=n_ok[:, None] & (offs_k < k_end)[None, :],
                 other=0)
-    return w.to(tl.float8e4nv, bitcast=True)
+    if W_FP8:
+        w = w.to(tl.float8e4nv, bitcast=True)
+    return w
 
 
 @triton.jit
 def _fp8_gemv_kernel(
     x_ptr,  # [M, K]
-    w_ptr,  # [N, K] e4m3, read as uint8 (masked lanes load 0, no fp8 constant)
-    s_ptr,  # [N] fp32
+    w_ptr,  # [N, K] e4m3, read as uint8 (masked lanes load 0, no fp8 constant); or 16-bit
+    s_ptr,  # [N] fp32 (fp8 only)
     out_ptr,  # [M, N], x's dtype
     partial_ptr,  # [SPLIT_K, M, N] fp32 (split-K only)
     lock_ptr,  # [>= cdiv(N, BLOCK_N)] int32 arrival counters (split-K only)
@@ -64,6 +69,7 @@ def _fp8_gemv_kernel(
     SWAP_AB: tl.constexpr,
     DOT_FP32: tl.constexpr,
     PREFETCH: tl.constexpr,
+    W_FP8: tl.constexpr,  # e4m3 weights with a per-channel scale; else 16-bit, no scale
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -85,15 +91,15 @@ def _fp8_gemv_kernel(
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     if PREFETCH:
-        ahead = _load_weight(w_rows, k_start, k_end, n_ok, BLOCK_K)
+        ahead = _load_weight(w_rows, k_start, k_end, n_ok, BLOCK_K, W_FP8)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < k_end
         if PREFETCH:  # the next block's load before this block's math (see int_gemv.py)
             w = ahead
-            ahead = _load_weight(w_rows, k0 + BLOCK_K, k_end, n_ok, BLOCK_K)
+            ahead = _load_weight(w_rows, k0 + BLOCK_K, k_end, n_ok, BLOCK_K, W_FP8)
         else:
-            w = _load_weight(w_rows, k0, k_end, n_ok, BLOCK_K)
+            w = _load_weight(w_rows, k0, k_end, n_ok, BLOCK_K, W_FP8)
         if USE_DOT:
             x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
                         other=0.0)
@@ -132,8 +138,9 @@ def _fp8_gemv_kernel(
     else:
         res = stack_rows(tl.sum(acc, axis=1), tl.sum(acc1, axis=1), tl.sum(acc2, axis=1),
                          tl.sum(acc3, axis=1), offs_m, BLOCK_M)
-    scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
-    res = res * scale[None, :]
+    if W_FP8:
+        scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)
+        res = res * scale[None, :]
     tile = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
     store_tile(res, out_ptr, partial_ptr, lock_ptr + pid_n, tile,
                m_ok[:, None] & n_ok[None, :], pid_k, M, N, SPLIT_K, HAS_SPLIT)
@@ -144,24 +151,20 @@ def gemv_supported(x: torch.Tensor) -> bool:
     return x.dim() == 2 and x.shape[0] <= 32 and x.dtype in GEMV_DTYPES
 
 
-def fp8_gemv(
-    x: torch.Tensor,  # [M, K] bf16 / fp16, M <= 32
-    weight: torch.Tensor,  # [N, K] e4m3
-    weight_scale: torch.Tensor,  # [N] fp32
-    config: GemvConfig | None = None,
-) -> torch.Tensor:
-    """[M, N] = x @ (weight * weight_scale[:, None]).T in x's dtype."""
+def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, kind: str,
+            config: GemvConfig | None) -> torch.Tensor:
+    """The kernel on x [M, K] and a row-major weight [N, K] (fp8 with its scale, or 16-bit)."""
     if not gemv_supported(x):
-        raise ValueError(f"fp8_gemv takes bf16/fp16 x of at most 32 rows, got "
+        raise ValueError(f"the {kind} GEMV takes bf16/fp16 x of at most 32 rows, got "
                          f"{tuple(x.shape)} {x.dtype}")
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight {tuple(weight.shape)} is not a row-major [N, {k}] matrix")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or gemv_config.lookup("fp8", m, n, k)
+    cfg = config or gemv_config.lookup(kind, m, n, k)
     if not cfg.use_dot and m > FMA_MAX_M:  # the FMA variant carries at most 4 rows
-        cfg = gemv_config.default_config("fp8", m)
+        cfg = gemv_config.default_config(kind, m)
     block_k = max(cfg.block_k, 16)
     bm = gemv_config.block_m(m, cfg.use_dot)
     tiles = triton.cdiv(n, cfg.block_n)
@@ -169,16 +172,55 @@ def fp8_gemv(
     split = gemv_config.split_for(cfg.split_k, block_k, tiles, k, x.device, no_split_from=2)
     split, k_per_split, lock, partial = plan(split, block_k, k, tiles, m, n, x.device)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    fp8 = scale is not None
     _fp8_gemv_kernel[(tiles, split)](
-        x, weight.view(torch.uint8), weight_scale, out, partial if partial is not None else out,
-        lock if lock is not None else weight_scale,
+        x, weight.view(torch.uint8) if fp8 else weight, scale if fp8 else out,
+        out, partial if partial is not None else out, lock if lock is not None else out,
         m, n, k, x.stride(0), weight.stride(0), k_per_split, split,
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=block_k, HAS_SPLIT=split > 1,
         USE_DOT=cfg.use_dot, SWAP_AB=cfg.swap_ab,
         DOT_FP32=os.environ.get("TRITON_INTERPRET", "0") == "1", PREFETCH=cfg.prefetch,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        W_FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
+
+
+def fp8_gemv(
+    x: torch.Tensor,  # [M, K] bf16 / fp16, M <= 32
+    weight: torch.Tensor,  # [N, K] e4m3
+    weight_scale: torch.Tensor,  # [N] fp32
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """[M, N] = x @ (weight * weight_scale[:, None]).T in x's dtype."""
+    return _launch(x, weight, weight_scale, "fp8", config)
+
+
+def dense_gemv(
+    x: torch.Tensor,  # [M, K] bf16 / fp16, M <= 32
+    weight: torch.Tensor,  # [N, K] in x's dtype
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """[M, N] = x @ weight.T in x's dtype (fp32 sums, like cuBLAS's)."""
+    if weight.dtype != x.dtype:
+        raise ValueError(f"dense_gemv: weight {weight.dtype} is not x's {x.dtype}")
+    return _launch(x, weight, None, "bf16", config)
+
+
+def dense_gemv_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """x @ weight.T + bias through `dense_gemv` when the shape has a tuned config of kind
+    "bf16" (the sweep writes one only where the GEMV beat cuBLAS) and the call is 2-D, 16-bit
+    and decode-sized (the caller checks the device); None otherwise, for the caller's
+    `F.linear`. Shapes only decide, so every replay of a captured graph takes the same path."""
+    if not (x.dim() == 2 and 0 < x.shape[0] <= gemv_config.DENSE_GEMV_MAX_M
+            and x.dtype == weight.dtype and x.dtype in GEMV_DTYPES and weight.stride(1) == 1):
+        return None
+    cfg = gemv_config.tuned("bf16", x.shape[0], weight.shape[0], weight.shape[1])
+    if cfg is None:
+        return None
+    out = dense_gemv(x, weight, cfg)
+    return out if bias is None else out + bias
 
 
 def fp8_gemv_ref(

@@ -37,6 +37,12 @@ def int_gemv_max_m() -> int:
     return envs.gemv_max_m("int", INT_GEMV_MAX_M)
 
 
+# 16-bit weights ("bf16" kind, bf16 or fp16) take the GEMV only for shapes with a tuned entry
+# (TUNED or PAGEDLLM_GEMV_CONFIG; the sweep writes one only where it beat cuBLAS) and at most
+# this many rows; past it cuBLAS.
+DENSE_GEMV_MAX_M = 2
+
+
 def fp8_gemv_max_m() -> int:
     return envs.gemv_max_m("fp8", FP8_GEMV_MAX_M)
 M_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
@@ -134,7 +140,9 @@ def default_config(kind: str, m: int) -> GemvConfig:
     cores above. From the first H200 sweep (docs/kernels.md): int4 FMA 64 x 128 won at M = 1
     on every Llama-3.1-8B shape; fp8 follows the 2-D form of the MoE GEMV (16 x 128 tiles,
     8 warps: 3.7 TB/s at one token)."""
-    if kind == "fp8":
+    if kind == "bf16" and m <= 2:  # 16-bit weights: twice fp8's bytes per value
+        return GemvConfig(block_n=32, block_k=256, split_k=0, num_warps=8, num_stages=3)
+    if kind in ("fp8", "bf16"):
         if m <= 2:
             return GemvConfig(block_n=16, block_k=128, split_k=0, num_warps=8, num_stages=3)
         return GemvConfig(block_n=64, block_k=128, split_k=0, num_warps=4, num_stages=3,
@@ -153,15 +161,20 @@ def _file_table(path: str) -> dict[tuple[str, int, int, int], GemvConfig]:
             for r in rows}
 
 
-def lookup(kind: str, m: int, n: int, k: int) -> GemvConfig:
-    """The tuned config of a shape, else the default."""
+def tuned(kind: str, m: int, n: int, k: int) -> GemvConfig | None:
+    """The tuned config of a shape (the file's over TUNED), or None."""
     key = (kind, m_bucket(m), n, k)
     path = envs.gemv_config_file()
     if path:
         hit = _file_table(path).get(key)
         if hit is not None:
             return hit
-    return TUNED.get(key) or default_config(kind, m)
+    return TUNED.get(key)
+
+
+def lookup(kind: str, m: int, n: int, k: int) -> GemvConfig:
+    """The tuned config of a shape, else the default."""
+    return tuned(kind, m, n, k) or default_config(kind, m)
 
 
 _NUM_SMS: dict[int, int] = {}
