@@ -75,6 +75,19 @@ H)  # GPU correctness of the model families (the CPU parity tests, run where the
   step gptq_plain 110 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_plain.json"
   step bf16_ref 90 $T $Q --json "$OUT/bf16_ref.json"
   ;;
+K)  # issue #16 / #13: the dense (bf16) GEMV against cuBLAS and small-batch decode attention
+  # (split sizes), then end to end, each lever added in turn, dummy weights
+  step gemv_bf16 150 python3 benchmarks/gpu_gemv.py --kinds bf16 --ms 1,2 --wide --json "$OUT/gemv_bf16.json"
+  step decode_attn 100 python3 benchmarks/gpu_decode_attn.py
+  KEYS=$(grep "^| 1 | 768 |" "$OUT/decode_attn.log" | awk -F'|' '{print $7}' | grep -o "k[0-9]*" | tr -d k)
+  echo "split-KV min keys from the sweep: ${KEYS:-none}"
+  Q="--load-format dummy --datasets single-stream,batch-16"
+  G="PAGEDLLM_GEMV_CONFIG=$OUT/gemv_bf16.json"
+  step bf16_base 70 $T $Q --json "$OUT/bf16_base.json"
+  step bf16_gemv 70 env $G $T $Q --json "$OUT/bf16_gemv.json"
+  step bf16_gemv_keys 70 env $G PAGEDLLM_SPLIT_KV_MIN_KEYS=${KEYS:-256} $T $Q --json "$OUT/bf16_gemv_keys.json"
+  step fp8_gemv_keys 60 env $G PAGEDLLM_SPLIT_KV_MIN_KEYS=${KEYS:-256} $T $Q --quantization fp8 --json "$OUT/fp8_gemv_keys.json"
+  ;;
 J)  # issue #13: the wide M <= 2 GEMV sweep (int4 in-place planes, more splits and tiles), then
   # end to end with its winners next to bf16, dummy weights
   step gemv_wide 270 python3 benchmarks/gpu_gemv.py --kinds int4,fp8 --ms 1,2 --wide --json "$OUT/gemv_wide.json"

@@ -162,3 +162,12 @@ def cpu_ops_build_dir() -> str:
 def cpu_ops_enabled() -> bool:
     """PAGEDLLM_CPU_OPS=0 keeps the plain torch ops on CPU (benchmarks, bisecting)."""
     return os.environ.get("PAGEDLLM_CPU_OPS", "1") not in ("0", "false", "False", "")
+
+
+def split_kv_min_keys() -> int | None:
+    """PAGEDLLM_SPLIT_KV_MIN_KEYS: the fewest keys a split-KV decode partition covers (A/B runs
+    of `split_kv_decode.MIN_KEYS_PER_SPLIT`); unset: the module's choice."""
+    value = _float("PAGEDLLM_SPLIT_KV_MIN_KEYS", 0.0)
+    if value < 0 or value != int(value):
+        raise ValueError("PAGEDLLM_SPLIT_KV_MIN_KEYS must be a positive integer")
+    return int(value) or None

@@ -147,6 +147,16 @@ def test_split_kv_decode(num_splits, config):
            config=config)  # fmt: skip
 
 
+def test_split_kv_min_keys_from_the_environment(monkeypatch):
+    # PAGEDLLM_SPLIT_KV_MIN_KEYS (A/B runs) sizes the splits when the config does not.
+    monkeypatch.setenv("PAGEDLLM_SPLIT_KV_MIN_KEYS", "16")
+    _check([(130, 1), (3, 1), (70, 1)], 4, 2, 64, torch.float32, 1e-4, seed=21, num_splits=5,
+           config=AttentionLaunchConfig(block_n=16))
+    monkeypatch.setenv("PAGEDLLM_SPLIT_KV_MIN_KEYS", "-3")
+    with pytest.raises(ValueError, match="PAGEDLLM_SPLIT_KV_MIN_KEYS"):
+        _check([(30, 1)], 4, 2, 64, torch.float32, 1e-4, seed=22, num_splits=2)
+
+
 def test_split_kv_decode_window_and_bf16():
     reqs = [(150, 1), (40, 1)]
     _check(reqs, 8, 2, 64, torch.bfloat16, 1e-2, seed=11, num_splits=4, sliding_window=33)

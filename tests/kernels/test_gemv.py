@@ -20,9 +20,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton", reason="triton is not installed: Triton kernels are not tested")
 
-from pagedllm.model_executor.layers.ops import gemv_config, int_gemv, split_k  # noqa: E402
 from pagedllm.model_executor.layers import utils as layer_utils  # noqa: E402
 from pagedllm.model_executor.layers.ops import fp8_gemv as fp8_gemv_mod  # noqa: E402
+from pagedllm.model_executor.layers.ops import gemv_config, int_gemv, split_k  # noqa: E402
 from pagedllm.model_executor.layers.ops.fp8_gemv import (  # noqa: E402
     dense_gemv,
     fp8_gemv,

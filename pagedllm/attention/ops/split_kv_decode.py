@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from pagedllm import envs
 from pagedllm.attention.fp8_kv import is_fp8_kv
 from pagedllm.attention.ops.attention_common import (
     AttentionLaunchConfig,
@@ -263,7 +264,8 @@ def split_kv_decode_attention(
     block_m = max(cfg.block_m or 16, triton.next_power_of_2(group))
     block_n = cfg.block_n or 64
     hd_pad = triton.next_power_of_2(head_dim)
-    min_partition_len = triton.cdiv(cfg.min_split_keys or MIN_KEYS_PER_SPLIT, block_n) * block_n
+    min_keys = cfg.min_split_keys or envs.split_kv_min_keys() or MIN_KEYS_PER_SPLIT
+    min_partition_len = triton.cdiv(min_keys, block_n) * block_n
     if workspace is not None:
         part_out, part_lse = workspace.buffers(num_reqs, num_heads, num_splits, hd_pad)
     else:
