@@ -166,7 +166,7 @@ def cpu_ops_enabled() -> bool:
 
 def split_kv_min_keys() -> int | None:
     """PAGEDLLM_SPLIT_KV_MIN_KEYS: the fewest keys a split-KV decode partition covers (A/B runs
-    of `split_kv_decode.MIN_KEYS_PER_SPLIT`); unset: the module's choice."""
+    of `split_kv_decode.MIN_PARTITION_KEYS`); unset: the module's choice."""
     value = _float("PAGEDLLM_SPLIT_KV_MIN_KEYS", 0.0)
     if value < 0 or value != int(value):
         raise ValueError("PAGEDLLM_SPLIT_KV_MIN_KEYS must be a positive integer")

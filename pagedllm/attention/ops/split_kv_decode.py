@@ -264,7 +264,7 @@ def split_kv_decode_attention(
     block_m = max(cfg.block_m or 16, triton.next_power_of_2(group))
     block_n = cfg.block_n or 64
     hd_pad = triton.next_power_of_2(head_dim)
-    min_keys = cfg.min_split_keys or envs.split_kv_min_keys() or MIN_KEYS_PER_SPLIT
+    min_keys = cfg.min_split_keys or envs.split_kv_min_keys() or MIN_PARTITION_KEYS
     min_partition_len = triton.cdiv(min_keys, block_n) * block_n
     if workspace is not None:
         part_out, part_lse = workspace.buffers(num_reqs, num_heads, num_splits, hd_pad)
@@ -294,7 +294,13 @@ def split_kv_decode_attention(
     return out
 
 
-MIN_KEYS_PER_SPLIT = 256
+MIN_KEYS_PER_SPLIT = 256  # the policy's unit: splits by length = max_seq_len // this
+# The fewest keys one split's program walks at run time (a partition is a request's own
+# length / NUM_SPLITS, at least this). Short contexts in graphs captured with many splits
+# then spread over more programs: at one request of 768 keys (16 splits captured) 64-key
+# partitions took 7.2 us a layer against 12.4 with 256 (benchmarks/gpu_decode_attn.py, H200;
+# 6.1 vs 12.1 at 512 keys, 10.3 vs 14.4 at four requests, 12.7 vs 16.1 at eight).
+MIN_PARTITION_KEYS = 64
 MAX_SPLITS = 64
 # Case (2) of choose_num_splits, fitted on the H200 (benchmarks/gpu_kernels.py, skewed_* and
 # uniform_* cases): a lone program reads ~10-15 GB/s against an SM's ~26 GB/s share, the
