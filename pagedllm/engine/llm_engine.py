@@ -27,15 +27,21 @@ class LLMEngine:
             )
         self.config = config
         self.model_config = config.model_config
+        # Start-up stages in seconds (the engine core's own are its workers' `timings`).
+        self.startup_timings: dict[str, float] = {}
+        t0 = time.perf_counter()
         self.tokenizer = (
             None if config.model_config.skip_tokenizer_init else get_tokenizer(config.model_config)
         )
+        self.startup_timings["tokenizer"] = time.perf_counter() - t0
         self.input_processor = InputProcessor(
             config.model_config, self.tokenizer, config.scheduler_config.policy,
             config.structured_outputs_config.backend,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        t0 = time.perf_counter()
         self.engine_core = EngineCore(config)
+        self.startup_timings["engine_core"] = time.perf_counter() - t0
         self._counter = itertools.count()
         self.last_stats: SchedulerStats | None = None
         # Totals since start, for tests and progress bars.
@@ -46,7 +52,12 @@ class LLMEngine:
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> LLMEngine:
-        return cls(args.create_engine_config())
+        t0 = time.perf_counter()
+        config = args.create_engine_config()  # reads the model's config (imports transformers)
+        config_s = time.perf_counter() - t0
+        engine = cls(config)
+        engine.startup_timings["engine_config"] = config_s
+        return engine
 
     def next_request_id(self) -> str:
         return str(next(self._counter))

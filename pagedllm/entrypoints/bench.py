@@ -473,6 +473,7 @@ def make_llm(args: argparse.Namespace, model_dir: str):
     startup = time.perf_counter() - t0
     executor = llm.llm_engine.engine_core.executor
     timings = dict(executor.collective_rpc("timings")[0])  # rank 0's start-up stages
+    timings.update(getattr(llm.llm_engine, "startup_timings", {}))
     timings["startup_total"] = startup
     timings["startup_excl_weights"] = startup - timings.get("load_model", 0.0)
     return llm, timings, executor.collective_rpc("memory_profile")[0]

@@ -114,6 +114,10 @@ class ModelRunner:
                 self.model_config.max_model_len, self.device,
             )  # fmt: skip
         self.kv_layout.place_layers(self.model, self.model_config.max_model_len)
+        if self.device.type == "cuda":  # the GEMVs' split-K counters, before graph capture
+            from pagedllm.model_executor.layers.ops.split_k import prepare
+
+            prepare(self.device)
         self.timings["load_model"] = time.perf_counter() - t0
 
     # ---- KV cache ----

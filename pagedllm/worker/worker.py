@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -21,6 +22,7 @@ class Worker:
     def __init__(self, config: EngineConfig, local_rank: int = 0, rank: int = 0) -> None:
         self.config = config
         self.rank = rank
+        t0 = time.perf_counter()
         if config.device_config.device == "cuda":
             self.device = torch.device("cuda", local_rank)
             torch.cuda.set_device(self.device)
@@ -29,6 +31,8 @@ class Worker:
         # The same seed on every rank: tensor-parallel ranks draw identical random samples.
         torch.manual_seed(config.model_config.seed)
         self.model_runner = ModelRunner(config, self.device)
+        # device context, seeding and the runner's buffers, before the weights
+        self.model_runner.timings["worker_init"] = time.perf_counter() - t0
 
     def load_model(self) -> None:
         self.model_runner.load_model()
