@@ -99,10 +99,11 @@ def _by_family(prof, steps: int, wall: float) -> dict:
             continue
         per[family(evt.key)] += t / 1e3 / steps
         names[evt.key] += t / 1e3 / steps
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:8]
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:TOP]
     return {"wall_ms": wall * 1e3, **per, "_top": top}
 
 
+TOP = 8  # kernels listed per profile (--top)
 COLS = ["attention", "gemm", "norm", "rotary", "kv write", "silu", "sampling", "other"]
 
 
@@ -128,7 +129,10 @@ def main() -> int:
                     help="random:NAME[:gptq|awq] (bench.py's models) or a model path")
     ap.add_argument("--load-format", default="auto")
     ap.add_argument("--quantization", default=None)
+    ap.add_argument("--top", type=int, default=8, help="kernels listed per profile")
     args = ap.parse_args()
+    global TOP
+    TOP = args.top
     model_dir = resolve_model_arg(args.model, "bfloat16", load_format=args.load_format)
     llm = LLM(model=model_dir, dtype="bfloat16", max_model_len=4096, max_num_seqs=256,
               gpu_memory_utilization=0.85, skip_tokenizer_init=True,

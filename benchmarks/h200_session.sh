@@ -75,6 +75,17 @@ H)  # GPU correctness of the model families (the CPU parity tests, run where the
   step gptq_plain 110 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_plain.json"
   step bf16_ref 90 $T $Q --json "$OUT/bf16_ref.json"
   ;;
+L)  # issue #16 / #13 after phase K's changes (dense GEMV, 64-key split partitions, SiLU fused
+  # into the down GEMV): the fused form's check and time, correctness, end to end, a profile
+  step gemv_down 120 python3 benchmarks/gpu_gemv.py --kinds bf16,fp8 --shapes down --ms 1,2
+  step correctness 90 python3 benchmarks/gpu_correctness.py --skip-8b --skip-embed
+  D="--load-format dummy"
+  step bf16 120 $T $D --datasets single-stream,batch-16,sharegpt-shaped --json "$OUT/bf16.json"
+  step bf16_nofuse 60 env PAGEDLLM_DENSE_GEMV_MAX_M=0 $T $D --datasets single-stream --json "$OUT/bf16_nofuse.json"
+  step fp8 60 $T $D --quantization fp8 --datasets single-stream,batch-16 --json "$OUT/fp8.json"
+  step gptq 60 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets single-stream,batch-16 --json "$OUT/gptq.json"
+  step profile 90 python3 benchmarks/gpu_profile.py $D --batches 1 --prompt-len 600 --top 30
+  ;;
 K)  # issue #16 / #13: the dense (bf16) GEMV against cuBLAS and small-batch decode attention
   # (split sizes), then end to end, each lever added in turn, dummy weights
   step gemv_bf16 150 python3 benchmarks/gpu_gemv.py --kinds bf16 --ms 1,2 --wide --json "$OUT/gemv_bf16.json"

@@ -89,8 +89,8 @@ def int_gemm_dense_min_m() -> int:
 
 
 def gemv_max_m(kind: str, default: int) -> int:
-    """Tokens in a step up to which `kind` ("int" or "fp8") layers use the GEMV kernels
-    (PAGEDLLM_INT_GEMV_MAX_M / PAGEDLLM_FP8_GEMV_MAX_M; 0 turns them off, for A/B runs);
+    """Tokens in a step up to which `kind` ("int", "fp8" or "dense") layers use the GEMV
+    kernels (PAGEDLLM_INT_GEMV_MAX_M / ..._FP8_... / ..._DENSE_...; 0 turns them off, for A/B runs);
     unset: the module constant (model_executor/layers/ops/gemv_config.py)."""
     name = f"PAGEDLLM_{kind.upper()}_GEMV_MAX_M"
     value = _float(name, float(default))

@@ -211,6 +211,8 @@ def test_dense_linear_takes_the_gemv_only_where_tuned(monkeypatch) -> None:
     assert layer_utils.dense_linear(x.float(), w.float()).dtype == torch.float32
     assert layer_utils.dense_linear(torch.cat([x, x]), w).shape == (2, 24)
     assert calls == [1]
+    monkeypatch.setenv("PAGEDLLM_DENSE_GEMV_MAX_M", "0")  # off, for A/B runs
+    assert _rel_err(layer_utils.dense_linear(x, w, bias), exact) < 1e-2 and calls == [1]
 
 
 def _silu_mul_rounded(gate_up: torch.Tensor) -> torch.Tensor:

@@ -234,7 +234,7 @@ def dense_gemv_linear(
     and decode-sized (the caller checks the device); None otherwise, for the caller's
     `F.linear`. Shapes only decide, so every replay of a captured graph takes the same path.
     act_mul: x is [M, 2K] gate | up (the SiLU-and-mul fused into the load)."""
-    if not (x.dim() == 2 and 0 < x.shape[0] <= gemv_config.DENSE_GEMV_MAX_M
+    if not (x.dim() == 2 and 0 < x.shape[0] <= gemv_config.dense_gemv_max_m()
             and x.dtype == weight.dtype and x.dtype in GEMV_DTYPES and weight.stride(1) == 1
             and x.shape[1] == (2 if act_mul else 1) * weight.shape[1]):
         return None

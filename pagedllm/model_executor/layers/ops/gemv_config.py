@@ -39,12 +39,18 @@ def int_gemv_max_m() -> int:
 
 # 16-bit weights ("bf16" kind, bf16 or fp16) take the GEMV only for shapes with a tuned entry
 # (TUNED or PAGEDLLM_GEMV_CONFIG; the sweep writes one only where it beat cuBLAS) and at most
-# this many rows; past it cuBLAS.
+# this many rows (PAGEDLLM_DENSE_GEMV_MAX_M overrides it, 0: cuBLAS always); past it cuBLAS.
 DENSE_GEMV_MAX_M = 2
 
 
 def fp8_gemv_max_m() -> int:
     return envs.gemv_max_m("fp8", FP8_GEMV_MAX_M)
+
+
+def dense_gemv_max_m() -> int:
+    return min(envs.gemv_max_m("dense", DENSE_GEMV_MAX_M), DENSE_GEMV_MAX_M)
+
+
 M_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 KINDS: tuple[str, ...] = ("int4", "int8", "fp8")
 
