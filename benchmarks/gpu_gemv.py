@@ -45,7 +45,6 @@ if "pagedllm" not in sys.modules:
     sys.modules["pagedllm"] = _pkg
 
 from pagedllm.model_executor.layers.ops import gemv_config  # noqa: E402
-from pagedllm.model_executor.layers.ops.activation import silu_and_mul  # noqa: E402
 from pagedllm.model_executor.layers.ops.fp8_gemv import (  # noqa: E402
     dense_gemv,
     fp8_gemv,
@@ -217,7 +216,6 @@ def _fp8_case(k: int, n: int, device: str, gen: torch.Generator) -> dict:
                                for _ in range(_copies(nbytes, device) - 1)],
         "ref": lambda x: fp8_gemv_ref(x, q, s),
         "gemv": lambda x, w, cfg: fp8_gemv(x, *w, cfg),
-        "act": lambda x, w, cfg: fp8_gemv(x, *w, cfg, act_mul=True),
         "today": today,
     }
 
@@ -231,7 +229,6 @@ def _bf16_case(k: int, n: int, device: str, gen: torch.Generator) -> dict:
         "weights": copies,
         "ref": lambda x: (x.float() @ w.float().t()).to(x.dtype),
         "gemv": lambda x, w, cfg: dense_gemv(x, w, cfg),
-        "act": lambda x, w, cfg: dense_gemv(x, w, cfg, act_mul=True),
         "today": lambda x, w: F.linear(x, w),  # cuBLAS: what the GEMV must beat
     }
 
@@ -281,8 +278,6 @@ def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: st
             print(f"| {kind} | {name} {k}x{n} | {m} | no valid config | | | | | |", flush=True)
             continue
         us, cfg = best
-        if name in ("down", "tiny") and "act" in case and m <= 2:
-            failed |= _check_act_mul(case, kind, m, k, cfg, device, gen)
         for t, c in sorted(timed, key=lambda tc: tc[0])[:4]:  # the runners-up, for the notes
             print(f"  top {kind} {name} M={m}: {t:.1f} us {_short(c)}", flush=True)
         nbytes = case["bytes"] + 2 * m * (k + n)
@@ -292,20 +287,6 @@ def _sweep_shape(kind: str, name: str, k: int, n: int, ms: list[int], device: st
               f"| {gbs:.0f} | {gbs * 1e9 / PEAK:.0%} | {bf16_us / us:.2f}x | "
               f"{today_us / us:.2f}x | {fails} |", flush=True)
     return failed
-
-
-def _check_act_mul(case: dict, kind: str, m: int, k: int, cfg: GemvConfig, device: str,
-                   gen: torch.Generator) -> bool:
-    """The down projection with the SiLU-and-mul fused into its load against the two
-    launches it replaces (the Triton SiLU-and-mul, then the GEMV): error and µs."""
-    gate_up = (torch.randn(m, 2 * k, generator=gen, device=device) * 2).to(torch.bfloat16)
-    err = _rel(case["act"](gate_up, case["weights"][0], cfg), case["ref"](silu_and_mul(gate_up)))
-    fused = _bench([lambda w=w: case["act"](gate_up, w, cfg) for w in case["weights"]], device)
-    two = _bench([lambda w=w: case["gemv"](silu_and_mul(gate_up), w, cfg)
-                  for w in case["weights"]], device)
-    print(f"  act_mul {kind} down M={m}: fused {fused:.1f} us, SiLU-and-mul + GEMV {two:.1f} us, "
-          f"rel err {err:.1e}{' FAIL' if err > 1e-2 else ''}", flush=True)
-    return err > 1e-2
 
 
 def _short(cfg: GemvConfig) -> str:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import types
 
 import pytest
 import torch
@@ -213,58 +212,6 @@ def test_dense_linear_takes_the_gemv_only_where_tuned(monkeypatch) -> None:
     assert calls == [1]
     monkeypatch.setenv("PAGEDLLM_DENSE_GEMV_MAX_M", "0")  # off, for A/B runs
     assert _rel_err(layer_utils.dense_linear(x, w, bias), exact) < 1e-2 and calls == [1]
-
-
-def _silu_mul_rounded(gate_up: torch.Tensor) -> torch.Tensor:
-    """What the separate SiLU-and-mul launch hands the down projection: fp32, rounded once."""
-    d = gate_up.shape[-1] // 2
-    g, u = gate_up[:, :d].double(), gate_up[:, d:].double()
-    return (g * torch.sigmoid(g) * u).to(gate_up.dtype).double()
-
-
-@pytest.mark.parametrize("m,config", [
-    (1, GemvConfig(32, 64, 0, 4, 1)),
-    (2, GemvConfig(16, 64, 3, 4, 1, prefetch=True)),  # split, masked K tail
-    (3, GemvConfig(32, 64, 2, 4, 1, use_dot=True, swap_ab=True)),
-])
-def test_gemv_fuses_silu_and_mul(m, config) -> None:
-    k, n = 200, 40
-    gen = torch.Generator().manual_seed(30 + m)
-    gate_up = (torch.randn(m, 2 * k, generator=gen) * 2).to(DEVICE, torch.bfloat16)
-    act = _silu_mul_rounded(gate_up)
-    w = torch.randn(n, k, generator=gen).to(DEVICE, torch.bfloat16)
-    out = dense_gemv(gate_up, w, config, act_mul=True)
-    assert out.shape == (m, n) and _rel_err(out, act @ w.double().t()) < 1e-2
-    q, s = fp8_gemm.quantize_weight_per_channel(torch.randn(n, k, generator=gen))
-    q, s = q.to(DEVICE), s.to(DEVICE)
-    out = fp8_gemv(gate_up, q, s, config, act_mul=True)
-    assert _rel_err(out, act @ (q.double() * s.double()[:, None]).t()) < 1e-2
-    with pytest.raises(ValueError, match="gate | up"):
-        dense_gemv(gate_up[:, :-1], w[:, :-1], config, act_mul=True)
-
-
-def test_row_parallel_down_projection_takes_the_fused_activation(monkeypatch) -> None:
-    from pagedllm.model_executor.layers.linear import RowParallelLinear
-    from pagedllm.model_executor.layers.quantization.fp8 import Fp8LinearMethod
-
-    monkeypatch.setattr(layer_utils, "DENSE_GEMV_ON_CPU", DEVICE == "cpu")
-    monkeypatch.setattr(fp8_gemm, "GEMV_ON_CPU", DEVICE == "cpu")
-    gen = torch.Generator().manual_seed(5)
-    down = RowParallelLinear(64, 24, bias=False, params_dtype=torch.bfloat16).to(DEVICE)
-    down.weight.data.copy_(torch.randn(24, 64, generator=gen))
-    gate_up = torch.randn(1, 128, generator=gen).to(DEVICE, torch.bfloat16)
-    exact = _silu_mul_rounded(gate_up) @ down.weight.double().t()
-    assert down.forward_act_mul(gate_up) is None  # no tuned entry: the caller runs both
-    monkeypatch.setitem(gemv_config.TUNED, ("bf16", 1, 24, 64), GemvConfig(16, 64, 2, 4, 1))
-    assert _rel_err(down.forward_act_mul(gate_up), exact) < 1e-2
-    assert down.forward_act_mul(torch.cat([gate_up] * 3)) is None  # past two rows
-    # fp8 weights: the method's GEMV path (up to FP8_GEMV_MAX_M rows)
-    q, s = fp8_gemm.quantize_weight_per_channel(down.weight.float().cpu())
-    fp8_layer = types.SimpleNamespace(weight=q.to(DEVICE), weight_scale=s.to(DEVICE))
-    method = Fp8LinearMethod.__new__(Fp8LinearMethod)
-    out = method.apply_act_mul(fp8_layer, gate_up)
-    ref = _silu_mul_rounded(gate_up) @ (q.double() * s.double()[:, None]).t().to(DEVICE)
-    assert _rel_err(out, ref) < 1e-2
 
 
 def test_tuned_table_and_json_override(tmp_path, monkeypatch) -> None:

@@ -29,7 +29,6 @@ from pagedllm.distributed.parallel_state import (
     tensor_model_parallel_all_gather,
     tensor_model_parallel_all_reduce,
 )
-from pagedllm.model_executor.layers import utils as layer_utils
 from pagedllm.model_executor.layers.utils import dense_linear, set_weight_attrs
 
 
@@ -63,14 +62,6 @@ class LinearMethod:
     ) -> torch.Tensor:
         raise NotImplementedError
 
-    def apply_act_mul(
-        self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """The layer applied to silu(gate) * up of gate_up [M, 2 * in] in one kernel, where
-        the method has one for this call (decode-sized GEMVs); None: the caller runs the
-        activation and `apply`."""
-        return None
-
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         """Called once after every checkpoint tensor is loaded (repack, quantize on the fly)."""
 
@@ -98,15 +89,6 @@ class UnquantizedLinearMethod(LinearMethod):
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:
         return dense_linear(x, layer.weight, bias)
-
-    def apply_act_mul(
-        self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        if not (gate_up.is_cuda or layer_utils.DENSE_GEMV_ON_CPU) or gate_up.dim() != 2:
-            return None
-        from pagedllm.model_executor.layers.ops.fp8_gemv import dense_gemv_linear
-
-        return dense_gemv_linear(gate_up, layer.weight, bias, act_mul=True)
 
 
 
@@ -473,17 +455,7 @@ class RowParallelLinear(LinearBase):
         if not self.input_is_parallel and self.tp_size > 1:
             x = x.chunk(self.tp_size, dim=-1)[self.tp_rank].contiguous()
         # The bias is added once, after the reduction, not once per rank.
-        return self._finish(self.linear_method.apply(self, x, None))
-
-    def forward_act_mul(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """forward(silu(gate) * up) of this rank's gate | up [M, 2 * in_per_rank] in one
-        kernel where the linear method has one for the call; None: run the two."""
-        if not self.input_is_parallel and self.tp_size > 1:
-            return None
-        out = self.linear_method.apply_act_mul(self, gate_up, None)
-        return None if out is None else self._finish(out)
-
-    def _finish(self, out: torch.Tensor) -> torch.Tensor:
+        out = self.linear_method.apply(self, x, None)
         if self.reduce_results and self.tp_size > 1:
             out = tensor_model_parallel_all_reduce(out)
         if self.bias is not None:

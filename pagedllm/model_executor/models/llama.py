@@ -88,14 +88,7 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
-        if (gate_up.is_cuda and gate_up.dim() == 2 and gate_up.shape[0] <= 2
-                and type(self.act_fn) is SiluAndMul):  # not a subclass's GELU
-            # decode-sized: the SiLU-and-mul fused into the down projection's GEMV load
-            out = self.down_proj.forward_act_mul(gate_up)
-            if out is not None:
-                return out
-        return self.down_proj(self.act_fn(gate_up))
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
 class LlamaAttention(nn.Module):

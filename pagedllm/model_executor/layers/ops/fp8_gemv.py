@@ -47,21 +47,8 @@ def _load_weight(w_rows, k0, k_end, n_ok, BLOCK_K: tl.constexpr, W_FP8: tl.const
 
 
 @triton.jit
-def _load_x(row_ptr, offs_k, mask, K, ACT_MUL: tl.constexpr):
-    """Activations of one row at offs_k in x's dtype: x itself, or silu(gate) * up of a
-    [2K] gate | up row computed in fp32 and rounded once, as `ops/activation.silu_and_mul`
-    stores it (so the product sees the same inputs as the unfused pair of launches)."""
-    if ACT_MUL:
-        gate = tl.load(row_ptr + offs_k, mask=mask, other=0.0)
-        g = gate.to(tl.float32)
-        up = tl.load(row_ptr + K + offs_k, mask=mask, other=0.0).to(tl.float32)
-        return (g * tl.sigmoid(g) * up).to(gate.dtype)
-    return tl.load(row_ptr + offs_k, mask=mask, other=0.0)
-
-
-@triton.jit
 def _fp8_gemv_kernel(
-    x_ptr,  # [M, K] (ACT_MUL: [M, 2K] gate | up)
+    x_ptr,  # [M, K]
     w_ptr,  # [N, K] e4m3, read as uint8 (masked lanes load 0, no fp8 constant); or 16-bit
     s_ptr,  # [N] fp32 (fp8 only)
     out_ptr,  # [M, N], x's dtype
@@ -83,7 +70,6 @@ def _fp8_gemv_kernel(
     DOT_FP32: tl.constexpr,
     PREFETCH: tl.constexpr,
     W_FP8: tl.constexpr,  # e4m3 weights with a per-channel scale; else 16-bit, no scale
-    ACT_MUL: tl.constexpr,  # x = silu(gate) * up, fused (a gated MLP's down projection)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -115,7 +101,8 @@ def _fp8_gemv_kernel(
         else:
             w = _load_weight(w_rows, k0, k_end, n_ok, BLOCK_K, W_FP8)
         if USE_DOT:
-            x = _load_x(x_rows, offs_k[None, :], m_ok[:, None] & k_ok[None, :], K, ACT_MUL)
+            x = tl.load(x_rows + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)
             if DOT_FP32:
                 # The interpreter multiplies the raw bits of 16-bit dot operands: fp32 there.
                 wt = w.to(tl.float32)
@@ -132,16 +119,16 @@ def _fp8_gemv_kernel(
                     acc = tl.dot(x, tl.trans(wt), acc)
         else:
             wf = w.to(tl.float32)
-            acc += wf * _load_x(x_ptr, offs_k, k_ok, K, ACT_MUL).to(tl.float32)[None, :]
+            acc += wf * tl.load(x_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             if BLOCK_M > 1:
                 m_k = tl.zeros_like(offs_k) + M  # the row count, for the row masks
-                acc1 += wf * _load_x(x_ptr + stride_xm, offs_k, k_ok & (m_k > 1), K,
-                                     ACT_MUL).to(tl.float32)[None, :]
+                acc1 += wf * tl.load(x_ptr + stride_xm + offs_k, mask=k_ok & (m_k > 1),
+                                     other=0.0).to(tl.float32)[None, :]
             if BLOCK_M > 2:
-                acc2 += wf * _load_x(x_ptr + 2 * stride_xm, offs_k, k_ok & (m_k > 2), K,
-                                     ACT_MUL).to(tl.float32)[None, :]
-                acc3 += wf * _load_x(x_ptr + 3 * stride_xm, offs_k, k_ok & (m_k > 3), K,
-                                     ACT_MUL).to(tl.float32)[None, :]
+                acc2 += wf * tl.load(x_ptr + 2 * stride_xm + offs_k, mask=k_ok & (m_k > 2),
+                                     other=0.0).to(tl.float32)[None, :]
+                acc3 += wf * tl.load(x_ptr + 3 * stride_xm + offs_k, mask=k_ok & (m_k > 3),
+                                     other=0.0).to(tl.float32)[None, :]
     if USE_DOT and SWAP_AB:
         res = tl.trans(acc)
     elif USE_DOT:
@@ -165,15 +152,12 @@ def gemv_supported(x: torch.Tensor) -> bool:
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, kind: str,
-            config: GemvConfig | None, act_mul: bool = False) -> torch.Tensor:
-    """The kernel on x [M, K] (act_mul: [M, 2K] gate | up) and a row-major weight [N, K]
-    (fp8 with its scale, or 16-bit)."""
+            config: GemvConfig | None) -> torch.Tensor:
+    """The kernel on x [M, K] and a row-major weight [N, K] (fp8 with its scale, or 16-bit)."""
     if not gemv_supported(x):
         raise ValueError(f"the {kind} GEMV takes bf16/fp16 x of at most 32 rows, got "
                          f"{tuple(x.shape)} {x.dtype}")
-    m, k = x.shape[0], x.shape[1] // 2 if act_mul else x.shape[1]
-    if act_mul and x.shape[1] != 2 * k:
-        raise ValueError(f"act_mul takes a [M, 2K] gate | up input, got {tuple(x.shape)}")
+    m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight {tuple(weight.shape)} is not a row-major [N, {k}] matrix")
@@ -196,7 +180,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, k
         BLOCK_M=bm, BLOCK_N=cfg.block_n, BLOCK_K=block_k, HAS_SPLIT=split > 1,
         USE_DOT=cfg.use_dot, SWAP_AB=cfg.swap_ab,
         DOT_FP32=os.environ.get("TRITON_INTERPRET", "0") == "1", PREFETCH=cfg.prefetch,
-        W_FP8=fp8, ACT_MUL=act_mul, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        W_FP8=fp8, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -206,42 +190,36 @@ def fp8_gemv(
     weight: torch.Tensor,  # [N, K] e4m3
     weight_scale: torch.Tensor,  # [N] fp32
     config: GemvConfig | None = None,
-    act_mul: bool = False,
 ) -> torch.Tensor:
-    """[M, N] = x @ (weight * weight_scale[:, None]).T in x's dtype (act_mul: x is [M, 2K]
-    gate | up and silu(gate) * up is multiplied)."""
-    return _launch(x, weight, weight_scale, "fp8", config, act_mul)
+    """[M, N] = x @ (weight * weight_scale[:, None]).T in x's dtype."""
+    return _launch(x, weight, weight_scale, "fp8", config)
 
 
 def dense_gemv(
     x: torch.Tensor,  # [M, K] bf16 / fp16, M <= 32
     weight: torch.Tensor,  # [N, K] in x's dtype
     config: GemvConfig | None = None,
-    act_mul: bool = False,
 ) -> torch.Tensor:
-    """[M, N] = x @ weight.T in x's dtype (fp32 sums, like cuBLAS's; act_mul as `fp8_gemv`)."""
+    """[M, N] = x @ weight.T in x's dtype (fp32 sums, like cuBLAS's)."""
     if weight.dtype != x.dtype:
         raise ValueError(f"dense_gemv: weight {weight.dtype} is not x's {x.dtype}")
-    return _launch(x, weight, None, "bf16", config, act_mul)
+    return _launch(x, weight, None, "bf16", config)
 
 
 def dense_gemv_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-    act_mul: bool = False,
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor | None:
     """x @ weight.T + bias through `dense_gemv` when the shape has a tuned config of kind
     "bf16" (the sweep writes one only where the GEMV beat cuBLAS) and the call is 2-D, 16-bit
     and decode-sized (the caller checks the device); None otherwise, for the caller's
-    `F.linear`. Shapes only decide, so every replay of a captured graph takes the same path.
-    act_mul: x is [M, 2K] gate | up (the SiLU-and-mul fused into the load)."""
+    `F.linear`. Shapes only decide, so every replay of a captured graph takes the same path."""
     if not (x.dim() == 2 and 0 < x.shape[0] <= gemv_config.dense_gemv_max_m()
-            and x.dtype == weight.dtype and x.dtype in GEMV_DTYPES and weight.stride(1) == 1
-            and x.shape[1] == (2 if act_mul else 1) * weight.shape[1]):
+            and x.dtype == weight.dtype and x.dtype in GEMV_DTYPES and weight.stride(1) == 1):
         return None
     cfg = gemv_config.tuned("bf16", x.shape[0], weight.shape[0], weight.shape[1])
     if cfg is None:
         return None
-    out = dense_gemv(x, weight, cfg, act_mul)
+    out = dense_gemv(x, weight, cfg)
     return out if bias is None else out + bias
 
 

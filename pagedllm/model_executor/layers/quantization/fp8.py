@@ -227,11 +227,6 @@ class Fp8LinearMethod(LinearMethod):
             layer.register_parameter("input_scale", nn.Parameter(input_scale,
                                                                  requires_grad=False))
 
-    def apply_act_mul(
-        self, layer: nn.Module, gate_up: torch.Tensor, bias: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        return gemv_linear(gate_up, layer.weight, layer.weight_scale, bias, act_mul=True)
-
     def apply(
         self, layer: nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -133,13 +133,11 @@ def gemv_linear(
     weight: torch.Tensor,  # [out_features, in_features] e4m3
     weight_scale: torch.Tensor,  # [out_features] fp32
     bias: torch.Tensor | None = None,
-    act_mul: bool = False,
 ) -> torch.Tensor | None:
     """x @ dequant(weight).T + bias through the fp8 GEMV when the call is decode-sized
     (at most FP8_GEMV_MAX_M tokens, bf16/fp16, a GPU with e4m3 or `GEMV_ON_CPU`); None
     otherwise, for the caller's W8A8 / dequantizing path. The choice depends on shapes only,
-    so it is the same for every replay of a captured CUDA graph. act_mul: x is [..., 2K]
-    gate | up and silu(gate) * up is multiplied (fused)."""
+    so it is the same for every replay of a captured CUDA graph."""
     from pagedllm.model_executor.layers.ops.gemv_config import fp8_gemv_max_m
 
     lead = x.shape[:-1]
@@ -148,11 +146,11 @@ def gemv_linear(
         return None
     if not (device_has_fp8_gemm(x.device) or (GEMV_ON_CPU and x.device.type == "cpu")):
         return None
-    if weight.stride(1) != 1 or x2.shape[1] != (2 if act_mul else 1) * weight.shape[1]:
+    if weight.stride(1) != 1:
         return None
     from pagedllm.model_executor.layers.ops.fp8_gemv import fp8_gemv
 
-    out = fp8_gemv(x2, weight, weight_scale, act_mul=act_mul)
+    out = fp8_gemv(x2, weight, weight_scale)
     if bias is not None:
         out = out + bias
     return out.view(*lead, weight.shape[0])
