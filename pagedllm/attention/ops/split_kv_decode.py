@@ -53,14 +53,14 @@ def _load_decode_query(
 
 @triton.jit
 def _split_range(
-    seq_len, split, window, min_partition_len,
-    NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
+    seq_len, split, num_splits, window, min_partition_len,
+    BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):
-    """Keys [kv_start, kv_end) of `split`. Each request's context is cut into NUM_SPLITS
+    """Keys [kv_start, kv_end) of `split`. Each request's context is cut into num_splits
     equal parts (at least min_partition_len keys each): a long request among short ones
     spreads over many programs, a short one uses its first split only, and nothing depends on
     a max_seq_len frozen in a CUDA graph. An empty range (start >= end) is a split unused."""
-    partition_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    partition_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     partition_len = tl.maximum(partition_len, min_partition_len)
     kv_start = split * partition_len
     kv_end = tl.minimum(kv_start + partition_len, seq_len)
@@ -114,7 +114,6 @@ def _split_kv_decode_kernel(
     stride_bt,
     QUERIES_PER_KV: tl.constexpr,
     BLOCK_M: tl.constexpr,  # >= QUERIES_PER_KV, >= 16
-    NUM_SPLITS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HD_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -128,6 +127,7 @@ def _split_kv_decode_kernel(
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
+    num_splits = tl.num_programs(2)  # a grid size, not a constexpr: one compile for all counts
     token = tl.load(query_start_loc_ptr + req).to(tl.int64)
     seq_len = tl.load(seq_lens_ptr + req)
     q, head, row_valid = _load_decode_query(
@@ -135,7 +135,7 @@ def _split_kv_decode_kernel(
     )
     q_pos = tl.zeros([BLOCK_M], dtype=tl.int32) + (seq_len - 1)
     kv_start, kv_end = _split_range(
-        seq_len, split, window, min_partition_len, NUM_SPLITS, BLOCK_N, USE_WINDOW
+        seq_len, split, num_splits, window, min_partition_len, BLOCK_N, USE_WINDOW
     )
     acc, m_i, l_i = _attend_range(
         q, q_pos, k_cache_ptr, v_cache_ptr,
@@ -146,13 +146,13 @@ def _split_kv_decode_kernel(
     )  # fmt: skip
     part_row = (
         req.to(tl.int64) * (QUERIES_PER_KV * tl.num_programs(1)) + head
-    ) * NUM_SPLITS + split
+    ) * num_splits + split
     _store_split_partial(
         part_out_ptr, part_lse_ptr, acc, m_i, l_i, v_scale, part_row, row_valid, HD_PAD, KV_FP8
     )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _split_kv_combine_kernel(
     out_ptr,  # [num_tokens, num_heads, head_dim]
     part_out_ptr,  # [num_reqs, num_heads, num_splits, HD_PAD] fp32
@@ -160,7 +160,7 @@ def _split_kv_combine_kernel(
     query_start_loc_ptr,
     stride_o_t,
     stride_o_h,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,  # runtime (graph variants use several counts): one compile per SPLITS_PAD
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     HD_PAD: tl.constexpr,
@@ -170,13 +170,13 @@ def _split_kv_combine_kernel(
     token = tl.load(query_start_loc_ptr + req).to(tl.int64)
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HD_PAD)
-    part_row = (req.to(tl.int64) * tl.num_programs(1) + head) * NUM_SPLITS + splits
-    lse = tl.load(part_lse_ptr + part_row, mask=splits < NUM_SPLITS, other=float("-inf"))
+    part_row = (req.to(tl.int64) * tl.num_programs(1) + head) * num_splits + splits
+    lse = tl.load(part_lse_ptr + part_row, mask=splits < num_splits, other=float("-inf"))
     lse_max = tl.max(lse, axis=0)
     weight = tl.exp2(lse - lse_max)  # empty splits: exp2(-inf) = 0
     parts = tl.load(
         part_out_ptr + part_row[:, None] * HD_PAD + dims[None, :],
-        mask=(splits < NUM_SPLITS)[:, None],
+        mask=(splits < num_splits)[:, None],
         other=0.0,
     )
     out = tl.sum(parts * weight[:, None], axis=0) / tl.sum(weight, axis=0)
@@ -279,7 +279,7 @@ def split_kv_decode_attention(
         min_partition_len,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0),
-        QUERIES_PER_KV=group, BLOCK_M=block_m, NUM_SPLITS=num_splits, HEAD_DIM=head_dim,
+        QUERIES_PER_KV=group, BLOCK_M=block_m, HEAD_DIM=head_dim,
         HD_PAD=hd_pad, BLOCK_N=block_n, BLOCK_SIZE=block_size, USE_WINDOW=use_window,
         DOT_PRECISION=dot_precision(query.dtype), DOT_UPCAST=interpreted(),
         SOFT_CAP=soft_cap_constant(logits_soft_cap),
@@ -288,7 +288,7 @@ def split_kv_decode_attention(
     )  # fmt: skip
     _split_kv_combine_kernel[(num_reqs, num_heads)](
         out, part_out, part_lse, query_start_loc, out.stride(0), out.stride(1),
-        NUM_SPLITS=num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
+        num_splits, SPLITS_PAD=triton.next_power_of_2(num_splits),
         HEAD_DIM=head_dim, HD_PAD=hd_pad, num_warps=4,
     )  # fmt: skip
     return out
