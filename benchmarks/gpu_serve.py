@@ -60,12 +60,14 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=None, help="default: the server's")
     ap.add_argument("--seed", type=int, default=0, help="workload seed of the first rate (+1 each)")
     ap.add_argument("--server-args", default="", help="extra `pagedllm serve` flags")
+    ap.add_argument("--load-format", default="auto",
+                    help="dummy: random weights made on the GPU, no checkpoint written")
     args = ap.parse_args()
     from pagedllm.entrypoints.bench import resolve_model_arg
 
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
-    model_dir = resolve_model_arg("random:llama-3.1-8b", "bfloat16")
+    model_dir = resolve_model_arg("random:llama-3.1-8b", "bfloat16", load_format=args.load_format)
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
     eos = cfg.get("eos_token_id", 128001)
@@ -78,7 +80,8 @@ def main() -> None:
          str(args.port), "--served-model-name", "llama-3.1-8b-random", "--max-model-len", "4096",
          *(["--max-num-seqs", str(args.max_num_seqs)] if args.max_num_seqs else []),
          "--disable-log-requests",
-         "--disable-uvicorn-access-log", *args.server_args.split()],
+         "--disable-uvicorn-access-log", "--load-format", args.load_format,
+         *args.server_args.split()],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
     )
     rows = []

@@ -75,6 +75,18 @@ H)  # GPU correctness of the model families (the CPU parity tests, run where the
   step gptq_plain 110 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_plain.json"
   step bf16_ref 90 $T $Q --json "$OUT/bf16_ref.json"
   ;;
+M)  # issue #16 after the runtime split count: a cold start (first engine of a fresh machine),
+  # correctness, decode attention, serving latency (dummy weights throughout)
+  D="--load-format dummy"
+  step bf16 150 $T $D --datasets single-stream,batch-16,sharegpt-shaped --json "$OUT/bf16.json"
+  grep -o '"startup": {[^}]*}' "$OUT/bf16.log" | head -1
+  step correctness 90 python3 benchmarks/gpu_correctness.py --skip-8b --skip-embed
+  grep "PASS\|FAIL\|equal" "$OUT/correctness.log" | tail -3
+  step decode_attn 60 python3 benchmarks/gpu_decode_attn.py
+  step serve 200 python3 benchmarks/gpu_serve.py --rates 10,20 --num-prompts 400 $D --out "$OUT/serve"
+  grep "ready in" "$OUT/serve.log"
+  step gptq 60 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets single-stream,batch-16
+  ;;
 L)  # issue #16 / #13 after phase K's changes (dense GEMV, 64-key split partitions, SiLU fused
   # into the down GEMV): the fused form's check and time, correctness, end to end, a profile
   step gemv_down 120 python3 benchmarks/gpu_gemv.py --kinds bf16,fp8 --shapes down --ms 1,2
