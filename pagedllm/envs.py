@@ -171,3 +171,14 @@ def split_kv_min_keys() -> int | None:
     if value < 0 or value != int(value):
         raise ValueError("PAGEDLLM_SPLIT_KV_MIN_KEYS must be a positive integer")
     return int(value) or None
+
+
+def engine_core_start_method() -> str:
+    """PAGEDLLM_ENGINE_CORE_START_METHOD: how the server starts its engine-core process:
+    "fork" (the child starts with the front-end's imports and config already loaded),
+    "spawn" (a fresh interpreter), or "auto" (default: fork where the platform has it and the
+    front-end has not initialised CUDA, else spawn; vLLM's rule for its workers)."""
+    value = os.environ.get("PAGEDLLM_ENGINE_CORE_START_METHOD", "auto").strip().lower() or "auto"
+    if value not in ("auto", "fork", "spawn"):
+        raise ValueError(f"PAGEDLLM_ENGINE_CORE_START_METHOD={value!r}: use auto, fork or spawn")
+    return value

@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import tempfile
 import time
 import weakref
@@ -25,6 +26,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from pagedllm import envs
 from pagedllm.config import EngineConfig
 from pagedllm.engine.protocol import (
     EngineCoreOutputs,
@@ -96,8 +98,25 @@ def _environ(overrides: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _start_method() -> str:
+    """fork when allowed and safe (no CUDA context in this process to inherit): the child then
+    skips re-importing torch, transformers and pagedllm and re-reading the model config, most
+    of its start-up (issue #16); spawn otherwise. The child never touches the parent's ZMQ
+    contexts (it opens its own) and leaves through os._exit, so their copies are inert."""
+    how = envs.engine_core_start_method()
+    if how != "auto":
+        return how
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        return "spawn"
+    return "fork"
+
+
 class EngineCoreProcClient:
-    """Starts the engine core in a spawned child and talks to it over ipc:// sockets.
+    """Starts the engine core in a child process (`_start_method`) and talks to it over ipc://
+    sockets.
 
     Call `start()` (sync, spawns at once so the caller can load its tokenizer meanwhile) and then
     `await wait_ready()` inside the event loop that will read outputs. `env` overrides the
@@ -142,7 +161,7 @@ class EngineCoreProcClient:
         from pagedllm.engine.core_proc import run_engine_core
 
         self._bind_sockets()
-        mp = multiprocessing.get_context("spawn")
+        mp = multiprocessing.get_context(_start_method())
         dp = self.config.parallel_config.data_parallel_size
         self.proc = mp.Process(
             target=run_engine_core,

@@ -201,6 +201,7 @@ def run_engine_core(
     logging.basicConfig(
         level=log_level,
         format=f"%(levelname)s %(asctime)s [{name} pid=%(process)d] %(name)s: %(message)s",
+        force=True,  # a forked child inherits the front-end's handlers: replace them
     )
     # Ctrl-C reaches the whole process group; the front-end decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
