@@ -98,15 +98,18 @@ def _environ(overrides: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def _start_method() -> str:
-    """fork when allowed and safe (no CUDA context in this process to inherit): the child then
-    skips re-importing torch, transformers and pagedllm and re-reading the model config, most
-    of its start-up (issue #16); spawn otherwise. The child never touches the parent's ZMQ
-    contexts (it opens its own) and leaves through os._exit, so their copies are inert."""
+def _start_method(child_env: dict[str, str] | None = None) -> str:
+    """fork when allowed and safe (no CUDA context in this process to inherit, no environment
+    of its own for the child): the child then skips re-importing torch, transformers and
+    pagedllm and re-reading the model config, most of its start-up (issue #16); spawn
+    otherwise. A child with its own environment (a data-parallel replica's devices and
+    threads) is spawned, so OpenMP and CUDA initialise with it in a fresh interpreter. The
+    child never touches the parent's ZMQ contexts (it opens its own) and leaves through
+    os._exit, so their copies are inert."""
     how = envs.engine_core_start_method()
     if how != "auto":
         return how
-    if "fork" not in multiprocessing.get_all_start_methods():
+    if child_env or "fork" not in multiprocessing.get_all_start_methods():
         return "spawn"
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_initialized():
@@ -161,7 +164,7 @@ class EngineCoreProcClient:
         from pagedllm.engine.core_proc import run_engine_core
 
         self._bind_sockets()
-        mp = multiprocessing.get_context(_start_method())
+        mp = multiprocessing.get_context(_start_method(self.env))
         dp = self.config.parallel_config.data_parallel_size
         self.proc = mp.Process(
             target=run_engine_core,

@@ -198,6 +198,7 @@ def run_engine_core(
     `engine_index` is the data-parallel replica this process is (0 without data parallelism).
     """
     name = "EngineCore" if config.parallel_config.data_parallel_size == 1 else f"EngineCore_{engine_index}"
+    _set_process_name(name)
     logging.basicConfig(
         level=log_level,
         format=f"%(levelname)s %(asctime)s [{name} pid=%(process)d] %(name)s: %(message)s",
@@ -221,6 +222,16 @@ def run_engine_core(
     exit_code = serve_engine_core(config, input_address, output_address)
     if exit_code:
         os._exit(exit_code)
+
+
+def _set_process_name(name: str) -> None:
+    """The name `ps` / `top` / psutil show for this process (Linux: /proc/self/comm, 15 bytes;
+    a forked child's command line is the front-end's, so the name is what tells them apart)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass  # not Linux, or /proc not writable: the name stays
 
 
 def serve_engine_core(config: EngineConfig, input_address: str, output_address: str) -> int:

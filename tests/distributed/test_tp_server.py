@@ -29,7 +29,7 @@ def test_tp2_server_answers_then_fails_fast_when_a_worker_dies(tmp_path):
                         "--served-model-name", "tiny", "--uvicorn-log-level", "warning"])
     children = srv.engine_pids()
     try:
-        (core,) = _spawned_children(srv.proc.pid)
+        (core,) = srv.engine_core_pids()
         workers = _spawned_children(core)
         assert len(workers) == 2
         r = httpx.post(srv.url + "/v1/completions", timeout=60, json={

@@ -16,6 +16,8 @@ def test_auto_forks_without_a_cuda_context_and_spawns_with_one(monkeypatch) -> N
     idle = types.SimpleNamespace(cuda=types.SimpleNamespace(is_initialized=lambda: False))
     monkeypatch.setitem(sys.modules, "torch", idle)
     assert client._start_method() == "fork"
+    # a replica with its own devices/threads: a fresh interpreter reads them at start
+    assert client._start_method({"OMP_NUM_THREADS": "1"}) == "spawn"
     monkeypatch.setitem(sys.modules, "torch", live)  # a forked child cannot reuse a context
     assert client._start_method() == "spawn"
     monkeypatch.setattr(client.multiprocessing, "get_all_start_methods", lambda: ["spawn"])

@@ -82,6 +82,10 @@ class RemoteServer:
         with open(self.log_path) as f:
             return f.read()
 
+    def engine_core_pids(self) -> list[int]:
+        """The engine-core children (named EngineCore* whether forked or spawned)."""
+        return [p for p in self.engine_pids() if is_engine_core(p)]
+
     def engine_pids(self) -> list[int]:
         try:
             return [c.pid for c in psutil.Process(self.proc.pid).children(recursive=True)]
@@ -98,3 +102,10 @@ class RemoteServer:
                 self.proc.wait(5)
         self.log.close()
         return self.proc.returncode
+
+
+def is_engine_core(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).name().startswith("EngineCore")
+    except psutil.NoSuchProcess:
+        return False

@@ -92,8 +92,7 @@ def dp_server():
 
 
 def engine_processes(srv: RemoteServer) -> list[psutil.Process]:
-    procs = [psutil.Process(p) for p in srv.engine_pids()]
-    return [p for p in procs if "spawn_main" in " ".join(p.cmdline())]
+    return [psutil.Process(p) for p in srv.engine_core_pids()]
 
 
 def test_two_replica_processes_with_split_threads(dp_server):

@@ -7,7 +7,6 @@ import signal
 import time
 
 import httpx
-import psutil
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
@@ -92,7 +91,7 @@ def test_engine_death_and_sigterm_cleanup():
     srv = RemoteServer(["--max-model-len", "64", "--uvicorn-log-level", "warning"])
     try:
         children = srv.engine_pids()
-        engine = [p for p in children if "spawn_main" in " ".join(psutil.Process(p).cmdline())]
+        engine = srv.engine_core_pids()
         assert len(engine) == 1
         os.kill(engine[0], signal.SIGKILL)
         deadline = time.monotonic() + 5
@@ -118,8 +117,7 @@ def test_engine_death_and_sigterm_cleanup():
 def test_in_flight_request_fails_fast_when_engine_dies():
     srv = RemoteServer(["--max-model-len", "64"])
     try:
-        engine = [p for p in srv.engine_pids()
-                  if "spawn_main" in " ".join(psutil.Process(p).cmdline())][0]
+        engine = srv.engine_core_pids()[0]
         with httpx.stream("POST", srv.url + "/v1/completions", timeout=30,
                           json={"prompt": "Hi", "max_tokens": 50, "ignore_eos": True,
                                 "stream": True}) as resp:
