@@ -75,6 +75,14 @@ H)  # GPU correctness of the model families (the CPU parity tests, run where the
   step gptq_plain 110 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_plain.json"
   step bf16_ref 90 $T $Q --json "$OUT/bf16_ref.json"
   ;;
+N)  # issue #16, last: decode-/prefill-heavy next to the earlier runs, then `pagedllm serve`'s
+  # start-up with the forked engine core (warm Triton cache, as in run M) and its latency
+  D="--load-format dummy"
+  step bf16 220 $T $D --datasets prefill-heavy,decode-heavy,single-stream --json "$OUT/bf16.json"
+  grep -o '"startup": {[^}]*}' "$OUT/bf16.log" | head -1
+  step serve 200 python3 benchmarks/gpu_serve.py --rates 10,20 --num-prompts 400 $D --out "$OUT/serve"
+  grep "ready in" "$OUT/serve.log"
+  ;;
 M)  # issue #16 after the runtime split count: a cold start (first engine of a fresh machine),
   # correctness, decode attention, serving latency (dummy weights throughout)
   D="--load-format dummy"
