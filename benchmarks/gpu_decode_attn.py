@@ -7,9 +7,9 @@ At one to a few requests, decode attention is a chain of two short launches per 
 split-KV kernel and its combine); their latency, not the KV bytes, sets its time (0.32 ms of a
 4.66 ms batch-1 step on the H200, ten times the KV-read floor). For each (batch, context) case,
 Llama-3.1-8B heads (32 / 8 KV, head_dim 128, bf16, block 16), every variant is checked
-against the torch reference and timed as one CUDA graph of 32 back-to-back calls, each on
-another layer's KV cache (copies together larger than the L2, as in a decode step), median of
-5 replays: the unified kernel (no split), and split counts x fewest keys per split
+against the torch reference and timed as one CUDA graph of back-to-back calls, each on
+another layer's KV cache (copies together larger than the L2, as in a decode step; at least 20
+calls, `gpu_gemv._bench`), median of 5 replays: the unified kernel (no split), and split counts x fewest keys per split
 (`AttentionLaunchConfig.min_split_keys`, a runtime value: a graph captured with NUM_SPLITS
 splits uses only as many as the context fills) x key tile. "engine" is what a decode graph of
 that batch size replays today (splits chosen for max_model_len, the default split size).
@@ -18,40 +18,15 @@ that batch size replays today (splits chosen for max_model_len, the default spli
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 
 import torch
+from gpu_gemv import _bench  # noqa: E402 (one CUDA graph of back-to-back calls, median of 5)
 from gpu_kernels import make_attn_batch, pa, rel_err  # noqa: E402 (sets up the import path)
 
 NH, NKV, HD = 32, 8, 128
 L2_BYTES = 60 << 20
 MAX_MODEL_LEN = 4096
-
-
-def _graph_us(fns: list) -> float:
-    calls = [fns[i % len(fns)] for i in range(max(32, len(fns)))]
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return statistics.median(times)
 
 
 def variants(smoke: bool) -> list[tuple[str, int, object]]:
@@ -115,7 +90,8 @@ def main() -> int:
             if not cuda:
                 timed[label] = 0.0
                 continue
-            timed[label] = _graph_us([lambda b=b, o=o: fn(b, o) for b, o in zip(batches, outs)])
+            timed[label] = _bench([lambda b=b, o=o: fn(b, o) for b, o in zip(batches, outs)],
+                                  device)
         ranked = sorted((us, label) for label, us in timed.items()
                         if label not in ("engine", "unified"))
         top = [f"{label} {us:.1f}" for us, label in ranked[:3]] + ["", "", ""]
