@@ -28,8 +28,8 @@ from pagedllm import LLM, SamplingParams  # noqa: E402
 from pagedllm.entrypoints.bench import resolve_model_arg  # noqa: E402
 
 FAMILIES = [
-    ("attention", r"attention|attn"),
-    ("gemm", r"gemm|cutlass|sm90_xmma|nvjet|cublas|matmul|_mm_"),
+    ("attention", r"attention|attn|split_kv"),
+    ("gemm", r"gemm|gemv|cutlass|sm90_xmma|nvjet|cublas|matmul|_mm_"),
     ("norm", r"rms|norm"),
     ("rotary", r"rotary|rope"),
     ("kv write", r"reshape_and_cache|cache"),
