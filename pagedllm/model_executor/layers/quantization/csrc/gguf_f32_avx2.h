@@ -21,6 +21,18 @@
 // unpacked, converted group.
 // Included once inside namespace gguf_avx2 by gguf_avx2.cpp (which sets the target ISA).
 
+// Tuning (measured on an AMD EPYC Zen 3, docs/benchmarks.md): weight rows a pass at M = 1,
+// most x rows a pass, software prefetch distance in bytes of the weight stream.
+#ifndef GGUF_AVX2_RB
+#define GGUF_AVX2_RB 2  // at most 4 (the scale buffers)
+#endif
+#ifndef GGUF_AVX2_MB
+#define GGUF_AVX2_MB 4
+#endif
+#ifndef GGUF_AVX2_PF
+#define GGUF_AVX2_PF 2048
+#endif
+
 #define GGUF_INLINE inline __attribute__((always_inline))
 #define GGUF_LAMBDA_INLINE __attribute__((always_inline))
 
@@ -163,24 +175,33 @@ static GGUF_INLINE void block_ab(const uint8_t* row, int64_t g, float* a, float*
      : (T == kQ4_1 || T == kQ5_1) ? half_at(blk + 2) : 0.f;
 }
 
-// Rows x[0..MB) (stride k) against one weight row; S16 / S32 (stride k / 16, k / 32): each
-// row's sums of x over half groups / groups; A, B: the row's K-quant scales. y[i * ldy] =
-// the dot of row i.
-template <int T, int MB>
-static void dot_rows_avx2(const uint8_t* row, const float* A, const float* B, const float* x,
-                          const float* S16, const float* S32, int64_t k, int64_t ldy, float* y) {
+// Rows x[0..MB) (stride k) against weight rows row0 + r * row_bytes, r < RB; S16 / S32
+// (stride k / 16, k / 32): each x row's sums over half groups / groups; A, B (stride ab): the
+// weight rows' K-quant scales. y[i * ldy + r] = the dot of x row i and weight row r. The RB
+// rows' units alternate (the x a unit reads is in L1 for the next row's); each (i, r) is
+// computed by the same operations for every MB and RB.
+template <int T, int MB, int RB>
+static void dot_rows_avx2(const uint8_t* row0, int64_t row_bytes, const float* A, const float* B,
+                          int64_t ab, const float* x, const float* S16, const float* S32,
+                          int64_t k, int64_t ldy, float* y) {
   constexpr bool kquant = T >= kQ4_K;
   constexpr int UG = unit_groups<T>();
   constexpr int H = T == kQ6_K ? 2 : 1;  // scales per group
   const int64_t groups = k / 32;
-  __m256 tot[MB][2];
-  float bsum[MB];
-  for (int i = 0; i < MB; i++) {
-    tot[i][0] = tot[i][1] = _mm256_setzero_ps();
-    bsum[i] = 0.f;
-  }
-  // One unit: x . q per (group, scale) into acc, then a times that into the totals.
-  auto unit = [&](int64_t u, int par) GGUF_LAMBDA_INLINE {
+  __m256 tot[RB][MB][2];
+  float bsum[RB][MB];
+  for (int r = 0; r < RB; r++)
+    for (int i = 0; i < MB; i++) {
+      tot[r][i][0] = tot[r][i][1] = _mm256_setzero_ps();
+      bsum[r][i] = 0.f;
+    }
+  // One unit of weight row r: x . q per (group, scale) into acc, then a times that into the
+  // totals.
+  auto unit = [&](int r, int64_t u, int par) GGUF_LAMBDA_INLINE {
+    const uint8_t* row = row0 + r * row_bytes;
+    if (((u * UG) & 1) == 0)  // software prefetch: ~2 KB ahead in the weight stream (DRAM)
+      _mm_prefetch((const char*)(row + u * UG * 32 * block_bytes(T) / block_elems(T) + GGUF_AVX2_PF),
+                   _MM_HINT_T0);
     __m256 acc[UG][H][MB];
     const float* xu = x + u * UG * 32;
     unpack_unit<T>(row, u, [&](int j, int c, __m256 q) GGUF_LAMBDA_INLINE {
@@ -196,16 +217,17 @@ static void dot_rows_avx2(const uint8_t* row, const float* A, const float* B, co
       const int p = UG == 1 ? par : j & 1;
       if constexpr (kquant) {
         for (int h = 0; h < H; h++) {
-          const __m256 a = _mm256_set1_ps(A[H * g + h]);
-          for (int i = 0; i < MB; i++) tot[i][p] = _mm256_fmadd_ps(a, acc[j][h][i], tot[i][p]);
+          const __m256 a = _mm256_set1_ps(A[r * ab + H * g + h]);
+          for (int i = 0; i < MB; i++)
+            tot[r][i][p] = _mm256_fmadd_ps(a, acc[j][h][i], tot[r][i][p]);
         }
       } else {
         float a, b;
         block_ab<T>(row, g, &a, &b);
         const __m256 av = _mm256_set1_ps(a);
         for (int i = 0; i < MB; i++) {
-          tot[i][p] = _mm256_fmadd_ps(av, acc[j][0][i], tot[i][p]);
-          if constexpr (T != kQ8_0) bsum[i] = std::fma(b, S32[i * (k / 32) + g], bsum[i]);
+          tot[r][i][p] = _mm256_fmadd_ps(av, acc[j][0][i], tot[r][i][p]);
+          if constexpr (T != kQ8_0) bsum[r][i] = std::fma(b, S32[i * (k / 32) + g], bsum[r][i]);
         }
       }
     }
@@ -214,23 +236,27 @@ static void dot_rows_avx2(const uint8_t* row, const float* A, const float* B, co
   int64_t u = 0;
   if constexpr (UG == 1) {  // the parity a constant: tot stays in registers
     for (; u + 2 <= units; u += 2) {
-      unit(u, 0);
-      unit(u + 1, 1);
+      for (int r = 0; r < RB; r++) unit(r, u, 0);
+      for (int r = 0; r < RB; r++) unit(r, u + 1, 1);
     }
   }
-  for (; u < units; u++) unit(u, 0);
+  for (; u < units; u++)
+    for (int r = 0; r < RB; r++) unit(r, u, 0);
   if constexpr (kquant) {  // b . (sums of x): 8 groups (Q6_K: 4 groups' halves) per FMA
     const int64_t nb = H * groups;
     const float* S = H == 2 ? S16 : S32;
-    for (int i = 0; i < MB; i++) {
-      const float* Si = S + i * nb;
-      __m256 acc = _mm256_setzero_ps();
-      for (int64_t j = 0; j < nb; j += 8)
-        acc = _mm256_fmadd_ps(_mm256_loadu_ps(B + j), _mm256_loadu_ps(Si + j), acc);
-      bsum[i] = hsum8(acc);
-    }
+    for (int r = 0; r < RB; r++)
+      for (int i = 0; i < MB; i++) {
+        const float* Si = S + i * nb;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t j = 0; j < nb; j += 8)
+          acc = _mm256_fmadd_ps(_mm256_loadu_ps(B + r * ab + j), _mm256_loadu_ps(Si + j), acc);
+        bsum[r][i] = hsum8(acc);
+      }
   }
-  for (int i = 0; i < MB; i++) y[i * ldy] = hsum8(_mm256_add_ps(tot[i][0], tot[i][1])) + bsum[i];
+  for (int r = 0; r < RB; r++)
+    for (int i = 0; i < MB; i++)
+      y[i * ldy + r] = hsum8(_mm256_add_ps(tot[r][i][0], tot[r][i][1])) + bsum[r][i];
 }
 
 // Sums of each row of x[m, k] over its half groups (S16[m, k / 16]) and groups (S32[m, k / 32],
@@ -249,28 +275,43 @@ static void x_sums(const float* x, int64_t m, int64_t k, float* S16, float* S32)
 template <int T>
 static void gemv_f32_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t m,
                           int64_t k, int64_t n0, int64_t n1, int64_t ldy, float* y) {
-  const int64_t groups = k / 32;
+  const int64_t groups = k / 32, ab = 2 * groups + 16;
   thread_local std::vector<float> ws;
-  const size_t need = (size_t)(4 * groups + 32 + m * 3 * groups);
+  const size_t need = (size_t)(8 * ab + m * 3 * groups);
   if (ws.size() < need) ws.resize(need);
   float* A = ws.data();
-  float* B = A + 2 * groups + 16;
-  float* S16 = B + 2 * groups + 16;
+  float* B = A + 4 * ab;
+  float* S16 = B + 4 * ab;
   float* S32 = S16 + m * 2 * groups;
   x_sums(x, m, k, S16, S32);
-  for (int64_t r = n0; r < n1; r++) {
+  int64_t r = n0;
+  constexpr int RB = GGUF_AVX2_RB;
+  if (m == 1 && RB > 1) {  // one x row: RB weight rows a pass
+    for (; r + RB <= n1; r += RB) {
+      const uint8_t* row = w + r * row_bytes;
+      if constexpr (T >= kQ4_K) {
+        for (int j = 0; j < RB; j++) row_scales_k<T>(row + j * row_bytes, groups, A + j * ab, B + j * ab);
+      }
+      dot_rows_avx2<T, 1, RB>(row, row_bytes, A, B, ab, x, S16, S32, k, ldy, y + r);
+    }
+  }
+  for (; r < n1; r++) {
     const uint8_t* row = w + r * row_bytes;
     if constexpr (T >= kQ4_K) row_scales_k<T>(row, groups, A, B);
     int64_t m0 = 0;
-    for (; m0 + 4 <= m; m0 += 4)
-      dot_rows_avx2<T, 4>(row, A, B, x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k,
-                          ldy, y + m0 * ldy + r);
+    const float* s16 = S16;
+    const float* s32 = S32;
+    if constexpr (GGUF_AVX2_MB >= 4) {
+      for (; m0 + 4 <= m; m0 += 4)
+        dot_rows_avx2<T, 4, 1>(row, row_bytes, A, B, ab, x + m0 * k, s16 + m0 * 2 * groups,
+                               s32 + m0 * groups, k, ldy, y + m0 * ldy + r);
+    }
     for (; m0 + 2 <= m; m0 += 2)
-      dot_rows_avx2<T, 2>(row, A, B, x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k,
-                          ldy, y + m0 * ldy + r);
+      dot_rows_avx2<T, 2, 1>(row, row_bytes, A, B, ab, x + m0 * k, s16 + m0 * 2 * groups,
+                             s32 + m0 * groups, k, ldy, y + m0 * ldy + r);
     for (; m0 < m; m0++)
-      dot_rows_avx2<T, 1>(row, A, B, x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k,
-                          ldy, y + m0 * ldy + r);
+      dot_rows_avx2<T, 1, 1>(row, row_bytes, A, B, ab, x + m0 * k, s16 + m0 * 2 * groups,
+                             s32 + m0 * groups, k, ldy, y + m0 * ldy + r);
   }
 }
 
