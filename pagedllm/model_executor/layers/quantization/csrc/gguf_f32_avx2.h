@@ -24,13 +24,16 @@
 // Tuning (measured on an AMD EPYC Zen 3, docs/benchmarks.md): weight rows a pass at M = 1,
 // most x rows a pass, software prefetch distance in bytes of the weight stream.
 #ifndef GGUF_AVX2_RB
-#define GGUF_AVX2_RB 2  // at most 4 (the scale buffers)
+#define GGUF_AVX2_RB 2
 #endif
 #ifndef GGUF_AVX2_MB
 #define GGUF_AVX2_MB 4
 #endif
 #ifndef GGUF_AVX2_PF
 #define GGUF_AVX2_PF 2048
+#endif
+#ifndef GGUF_AVX2_MBLK  // weight rows a block when M > 4
+#define GGUF_AVX2_MBLK 8
 #endif
 
 #define GGUF_INLINE inline __attribute__((always_inline))
@@ -62,9 +65,13 @@ constexpr int unit_groups() {
 
 // Unit u of a row (groups u * unit_groups .. +unit_groups) unpacked: f(j, c, q) gets the
 // weights 8 c .. 8 c + 7 of the unit's group j as floats q (exact small integers), every
-// (j, c) once, in an order fixed by the type.
-template <int T, class F>
+// (j, c) once, in an order fixed by the type (c ascending for each j); OJ >= 0: group OJ only
+// (the others' unpack is dead code).
+template <int T, int OJ = -1, class F>
 static GGUF_INLINE void unpack_unit(const uint8_t* row, int64_t u, F&& f) {
+  auto emit = [&](int j, int c, __m256 q) GGUF_LAMBDA_INLINE {
+    if (OJ < 0 || j == OJ) f(j, c, q);
+  };
   const __m256i m4 = _mm256_set1_epi32(0x0F);
   if constexpr (T == kQ4_K || T == kQ5_K) {
     constexpr int bb = T == kQ4_K ? 144 : 176;
@@ -80,8 +87,8 @@ static GGUF_INLINE void unpack_unit(const uint8_t* row, int64_t u, F&& f) {
         lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi32(t, 4), b16));
         hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi32(t, 3), b16));
       }
-      f(0, c, _mm256_cvtepi32_ps(lo));
-      f(1, c, _mm256_cvtepi32_ps(hi));
+      emit(0, c, _mm256_cvtepi32_ps(lo));
+      emit(1, c, _mm256_cvtepi32_ps(hi));
     }
   } else if constexpr (T == kQ6_K) {  // u: one 128-weight half of a block, groups t = 0..3
     const uint8_t* blk = row + (u >> 1) * 210;
@@ -93,19 +100,19 @@ static GGUF_INLINE void unpack_unit(const uint8_t* row, int64_t u, F&& f) {
       const __m256i l0 = load8_u8(ql + 8 * c), l1 = load8_u8(ql + 32 + 8 * c);
       const __m256i h = load8_u8(qh + 8 * c);
       // 6-bit q = low 4 bits | (2 bits of qh) << 4
-      f(0, c, _mm256_cvtepi32_ps(_mm256_or_si256(
+      emit(0, c, _mm256_cvtepi32_ps(_mm256_or_si256(
                   _mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi32(h, 4), c30))));
-      f(1, c, _mm256_cvtepi32_ps(_mm256_or_si256(
+      emit(1, c, _mm256_cvtepi32_ps(_mm256_or_si256(
                   _mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi32(h, 2), c30))));
-      f(2, c, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(l0, 4),
+      emit(2, c, _mm256_cvtepi32_ps(_mm256_or_si256(_mm256_srli_epi32(l0, 4),
                                                  _mm256_and_si256(h, c30))));
-      f(3, c, _mm256_cvtepi32_ps(_mm256_or_si256(
+      emit(3, c, _mm256_cvtepi32_ps(_mm256_or_si256(
                   _mm256_srli_epi32(l1, 4), _mm256_and_si256(_mm256_srli_epi32(h, 2), c30))));
     }
   } else if constexpr (T == kQ8_0) {
     const uint8_t* q = row + u * 34 + 2;
     for (int c = 0; c < 4; c++) {
-      f(0, c, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8 * c)))));
+      emit(0, c, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(q + 8 * c)))));
     }
   } else {  // Q4_0 / Q4_1 / Q5_0 / Q5_1: weights 0-15 low nibbles of 16 bytes, 16-31 high
     constexpr int bb = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : T == kQ5_0 ? 22 : 24;
@@ -126,7 +133,7 @@ static GGUF_INLINE void unpack_unit(const uint8_t* row, int64_t u, F&& f) {
         q[c] = _mm256_or_si256(q[c], _mm256_slli_epi32(bit, 4));
       }
     }
-    for (int c = 0; c < 4; c++) f(0, c, _mm256_cvtepi32_ps(q[c]));
+    for (int c = 0; c < 4; c++) emit(0, c, _mm256_cvtepi32_ps(q[c]));
   }
 }
 
@@ -204,15 +211,18 @@ static void dot_rows_avx2(const uint8_t* row0, int64_t row_bytes, const float* A
                    _MM_HINT_T0);
     __m256 acc[UG][H][MB];
     const float* xu = x + u * UG * 32;
-    unpack_unit<T>(row, u, [&](int j, int c, __m256 q) GGUF_LAMBDA_INLINE {
+    auto fma_x = [&](int j, int c, __m256 q) GGUF_LAMBDA_INLINE {
       const int h = H == 2 ? c >> 1 : 0;
       const bool first = H == 2 ? (c & 1) == 0 : c == 0;
       for (int i = 0; i < MB; i++) {
         const __m256 xv = _mm256_loadu_ps(xu + i * k + 32 * j + 8 * c);
         acc[j][h][i] = first ? _mm256_mul_ps(q, xv) : _mm256_fmadd_ps(q, xv, acc[j][h][i]);
       }
-    });
-    for (int j = 0; j < UG; j++) {
+    };
+    // The totals take group j's (scale's) x . q in order of (j, h) for every MB; with 4 rows
+    // of x the unit is unpacked once per group (the shared loads repeated) so that only one
+    // group's accumulators are live (all of them spill 16 registers: 1.2-1.8x slower).
+    auto apply = [&](int j) GGUF_LAMBDA_INLINE {
       const int64_t g = u * UG + j;
       const int p = UG == 1 ? par : j & 1;
       if constexpr (kquant) {
@@ -230,6 +240,14 @@ static void dot_rows_avx2(const uint8_t* row0, int64_t row_bytes, const float* A
           if constexpr (T != kQ8_0) bsum[r][i] = std::fma(b, S32[i * (k / 32) + g], bsum[r][i]);
         }
       }
+    };
+    if constexpr (MB >= 4) {
+      [&]<int... J>(std::integer_sequence<int, J...>) GGUF_LAMBDA_INLINE {
+        ((unpack_unit<T, J>(row, u, fma_x), apply(J)), ...);
+      }(std::make_integer_sequence<int, UG>{});
+    } else {
+      unpack_unit<T>(row, u, fma_x);
+      for (int j = 0; j < UG; j++) apply(j);
     }
   };
   const int64_t units = groups / UG;
@@ -277,11 +295,12 @@ static void gemv_f32_rows(const uint8_t* w, int64_t row_bytes, const float* x, i
                           int64_t k, int64_t n0, int64_t n1, int64_t ldy, float* y) {
   const int64_t groups = k / 32, ab = 2 * groups + 16;
   thread_local std::vector<float> ws;
-  const size_t need = (size_t)(8 * ab + m * 3 * groups);
+  constexpr int64_t nab = std::max<int64_t>(GGUF_AVX2_RB, GGUF_AVX2_MBLK);  // rows of scales
+  const size_t need = (size_t)(2 * nab * ab + m * 3 * groups);
   if (ws.size() < need) ws.resize(need);
   float* A = ws.data();
-  float* B = A + 4 * ab;
-  float* S16 = B + 4 * ab;
+  float* B = A + nab * ab;
+  float* S16 = B + nab * ab;
   float* S32 = S16 + m * 2 * groups;
   x_sums(x, m, k, S16, S32);
   int64_t r = n0;
@@ -295,23 +314,34 @@ static void gemv_f32_rows(const uint8_t* w, int64_t row_bytes, const float* x, i
       dot_rows_avx2<T, 1, RB>(row, row_bytes, A, B, ab, x, S16, S32, k, ldy, y + r);
     }
   }
-  for (; r < n1; r++) {
-    const uint8_t* row = w + r * row_bytes;
-    if constexpr (T >= kQ4_K) row_scales_k<T>(row, groups, A, B);
+  // More than 4 rows of x: blocks of GGUF_AVX2_MBLK weight rows, each x chunk (4, 2 or 1
+  // rows) against the whole block, so a chunk's x stays in L1 while the block's rows (in L2)
+  // are read once per chunk (weight row by weight row, the x rows' 8 * K floats do not fit L1).
+  const int64_t blk = m > 4 ? GGUF_AVX2_MBLK : 1;
+  for (; r < n1; r += blk) {
+    const int64_t nr = std::min(blk, n1 - r);
+    if constexpr (T >= kQ4_K) {
+      for (int64_t j = 0; j < nr; j++)
+        row_scales_k<T>(w + (r + j) * row_bytes, groups, A + j * ab, B + j * ab);
+    }
     int64_t m0 = 0;
-    const float* s16 = S16;
-    const float* s32 = S32;
     if constexpr (GGUF_AVX2_MB >= 4) {
       for (; m0 + 4 <= m; m0 += 4)
-        dot_rows_avx2<T, 4, 1>(row, row_bytes, A, B, ab, x + m0 * k, s16 + m0 * 2 * groups,
-                               s32 + m0 * groups, k, ldy, y + m0 * ldy + r);
+        for (int64_t j = 0; j < nr; j++)
+          dot_rows_avx2<T, 4, 1>(w + (r + j) * row_bytes, row_bytes, A + j * ab, B + j * ab, ab,
+                                 x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k, ldy,
+                                 y + m0 * ldy + r + j);
     }
     for (; m0 + 2 <= m; m0 += 2)
-      dot_rows_avx2<T, 2, 1>(row, row_bytes, A, B, ab, x + m0 * k, s16 + m0 * 2 * groups,
-                             s32 + m0 * groups, k, ldy, y + m0 * ldy + r);
+      for (int64_t j = 0; j < nr; j++)
+        dot_rows_avx2<T, 2, 1>(w + (r + j) * row_bytes, row_bytes, A + j * ab, B + j * ab, ab,
+                               x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k, ldy,
+                               y + m0 * ldy + r + j);
     for (; m0 < m; m0++)
-      dot_rows_avx2<T, 1, 1>(row, row_bytes, A, B, ab, x + m0 * k, s16 + m0 * 2 * groups,
-                             s32 + m0 * groups, k, ldy, y + m0 * ldy + r);
+      for (int64_t j = 0; j < nr; j++)
+        dot_rows_avx2<T, 1, 1>(w + (r + j) * row_bytes, row_bytes, A + j * ab, B + j * ab, ab,
+                               x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k, ldy,
+                               y + m0 * ldy + r + j);
   }
 }
 
