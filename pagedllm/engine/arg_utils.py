@@ -281,9 +281,9 @@ class EngineArgs:
     def _resolve_quantization(self, resolved, hf_config, device: str) -> str | None:
         """The flag or checkpoint's method; for a GGUF file on CPU "gguf" (the weights stay
         packed) with `--quantization gguf`, or by default with dtype auto, one rank and the
-        AVX512 kernels (PAGEDLLM_CPU_GGUF_PACKED=0 turns the default off); otherwise None
-        (dequantized in the model dtype: an explicit --dtype, a GPU, tensor parallelism, a CPU
-        without AVX512-VNNI, a failed kernel build)."""
+        AVX512 or AVX2 kernels (PAGEDLLM_CPU_GGUF_PACKED=0 turns the default off); otherwise
+        None (dequantized in the model dtype: an explicit --dtype, a GPU, tensor parallelism, a
+        CPU with neither AVX512-VNNI nor AVX2, a failed kernel build)."""
         flag = self.quantization
         if resolved.model_format != "gguf":
             return resolve_quantization(flag, hf_config)
@@ -307,10 +307,11 @@ class EngineArgs:
 
         if not gguf_kernels.available():
             return None
-        if not explicit and gguf_kernels.isa() != "avx512-vnni":
+        if not explicit and gguf_kernels.isa() == "portable":
             # the portable C++ kernels are ~6x slower than float32 GEMMs (docs/benchmarks.md)
-            logger.info("GGUF weights dequantized to float32: this CPU has no AVX512-VNNI for "
-                        "the packed kernels (--quantization gguf keeps them packed anyway)")
+            logger.info("GGUF weights dequantized to float32: this CPU has neither AVX512-VNNI "
+                        "nor AVX2 for the packed kernels (--quantization gguf keeps them packed "
+                        "anyway)")
             return None
         return "gguf"
 

@@ -71,7 +71,7 @@ def test_random_blocks_match_gguf_dequantize(qtype: T) -> None:
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
 def test_portable_kernels(qtype: T) -> None:
-    """The C++ fallback for CPUs without AVX512-VNNI gives the same results."""
+    """The C++ fallback for CPUs without AVX512-VNNI or AVX2 gives the same results."""
     k = 256
     packed = random_packed(qtype, 11, k, seed=3)
     gguf_kernels.set_portable(True)
@@ -152,6 +152,29 @@ def test_f32_kernel_is_batch_and_thread_invariant(portable: bool) -> None:
     finally:
         torch.set_num_threads(threads)
         gguf_kernels.set_portable(False)
+
+
+def test_f32_kernel_chunkings_give_the_same_bits() -> None:
+    """The native kernel's ways of walking one (x row, weight row) pair give the same bits: one
+    x row against weight rows in pairs or alone (odd N, thread ranges), 4/2/1 x rows a pass,
+    blocks of weight rows above 4 x rows; long rows too (x larger than a core's L1 at K = 8960)."""
+    threads = torch.get_num_threads()
+    try:
+        for qtype in (T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K):
+            k = 8960 if qtype in (T.Q4_K, T.Q8_0) else 1536
+            w = torch.from_numpy(random_packed(qtype, 21, k, seed=7))
+            x = torch.randn(11, k, generator=torch.Generator().manual_seed(int(qtype)))
+            full = gguf_kernels.gguf_mm_f32(x, w, int(qtype), k)
+            for m0, m1 in ((0, 1), (5, 6), (0, 2), (1, 4), (2, 7), (0, 11)):
+                part = gguf_kernels.gguf_mm_f32(x[m0:m1], w, int(qtype), k)
+                assert torch.equal(part, full[m0:m1]), (qtype.name, m0, m1)
+            alone = gguf_kernels.gguf_mm_f32(x[3:4], w[5:6].contiguous(), int(qtype), k)
+            assert torch.equal(alone[0, 0], full[3, 5]), qtype.name
+            torch.set_num_threads(1 if threads > 1 else 2)
+            assert torch.equal(gguf_kernels.gguf_mm_f32(x, w, int(qtype), k), full), qtype.name
+            torch.set_num_threads(threads)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _near_half_steps(m: int, k: int, seed: int) -> torch.Tensor:

@@ -108,7 +108,8 @@ def test_float32_flag_and_env_dequantize(monkeypatch: pytest.MonkeyPatch) -> Non
     assert EngineArgs()._resolve_quantization(resolved, resolved.hf_config, "cpu") is None
     assert EngineArgs(quantization="gguf")._resolve_quantization(
         resolved, resolved.hf_config, "cpu") == "gguf"  # the flag still asks for it
-    # without AVX512-VNNI the portable kernels are slower than float32: not the default
+    # on AVX512-VNNI or AVX2 the packed kernels are the default; without either the portable
+    # kernels are slower than float32: not the default
     monkeypatch.delenv("PAGEDLLM_CPU_GGUF_PACKED")
     gguf_kernels.set_portable(True)
     try:

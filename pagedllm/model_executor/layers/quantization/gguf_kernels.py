@@ -4,7 +4,8 @@ Built, cached and loaded by `pagedllm/cpp_extension.py` (a cache directory keyed
 sources' hash under envs.gguf_kernel_build_dir), so a fresh machine needs no manual step;
 `python -m pagedllm.model_executor.layers.quantization.gguf_kernels --build` (the
 Makefile's venv target) builds it once ahead so tests and servers do not pay the compile.
-The extension picks its ISA at run time (AVX512-VNNI or portable C++). When it cannot be
+The extension picks its ISA at run time (AVX512-VNNI, AVX2 for `mm_f32` and the dequantizer,
+or portable C++). When it cannot be
 built `available()` is False, one warning is logged, and callers fall back to
 dequantized weights.
 
@@ -25,8 +26,8 @@ from pagedllm import envs
 from pagedllm.cpp_extension import CppExtension
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
-_SOURCES = ("gguf_ops.cpp", "gguf_avx512.cpp", "gguf_generic.cpp")
-_HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h", "gguf_f32_impl.h")
+_SOURCES = ("gguf_ops.cpp", "gguf_avx512.cpp", "gguf_avx2.cpp", "gguf_generic.cpp")
+_HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h", "gguf_f32_impl.h", "gguf_f32_avx2.h")
 
 # gguf.GGMLQuantizationType values the kernels read packed, and their block geometry
 # (weights per block, bytes per block).
@@ -68,12 +69,13 @@ def reset_for_tests() -> None:
 
 
 def isa() -> str:
-    """The kernel path this CPU runs: "avx512-vnni" or "portable"."""
-    return "avx512-vnni" if torch.ops.pagedllm_gguf.isa() == 1 else "portable"
+    """The kernel path this CPU runs: "avx512-vnni", "avx2" (`mm_f32` and the dequantizer;
+    the int8 `mm` portable) or "portable"."""
+    return {1: "avx512-vnni", 2: "avx2"}.get(int(torch.ops.pagedllm_gguf.isa()), "portable")
 
 
 def set_portable(on: bool) -> None:
-    """Tests and benchmarks: use the portable C++ kernels even on an AVX512-VNNI CPU."""
+    """Tests and benchmarks: use the portable C++ kernels even on an AVX512-VNNI or AVX2 CPU."""
     torch.ops.pagedllm_gguf.set_portable(on)
 
 

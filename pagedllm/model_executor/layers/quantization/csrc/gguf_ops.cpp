@@ -24,6 +24,11 @@ void dequant(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
 void gemv_f32(int, const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
               int64_t, float*);
 }  // namespace gguf_generic
+namespace gguf_avx2 {
+void gemv_f32(int, const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
+              int64_t, float*);
+void dequant_f32(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
+}  // namespace gguf_avx2
 
 namespace {
 
@@ -37,6 +42,22 @@ bool use_avx512() {
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni") &&
            __builtin_cpu_supports("f16c") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+// AVX2 + FMA + F16C without AVX512-VNNI (e.g. AMD Zen 2/3): the float kernel and the
+// dequantizer have an AVX2 body; the int8 `mm` runs the portable one.
+bool use_avx2() {
+  if (force_portable.load(std::memory_order_relaxed)) return false;
+  static const bool ok = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 #else
     return false;
 #endif
@@ -145,10 +166,12 @@ at::Tensor gguf_mm_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t qtyp
   const float* xp = x.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
   float* yp = y.data_ptr<float>();
-  const bool avx = use_avx512();
+  const bool avx = use_avx512(), avx2 = !avx && use_avx2();
   for_row_ranges(n, [&](int64_t n0, int64_t n1) {
     if (avx) {
       gguf_avx512::gemv_f32((int)qtype, wp, row_bytes, xp, m, k, n0, n1, n, yp);
+    } else if (avx2) {
+      gguf_avx2::gemv_f32((int)qtype, wp, row_bytes, xp, m, k, n0, n1, n, yp);
     } else {
       gguf_generic::gemv_f32((int)qtype, wp, row_bytes, xp, m, k, n0, n1, n, yp);
     }
@@ -163,10 +186,12 @@ at::Tensor gguf_dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
   at::Tensor out = at::empty({n, k}, at::TensorOptions().dtype(at::kFloat));
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
-  const bool avx = use_avx512();
+  const bool avx = use_avx512(), avx2 = !avx && use_avx2();
   at::parallel_for(0, n, 16, [&](int64_t n0, int64_t n1) {
     if (avx) {
       gguf_avx512::dequant_f32((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
+    } else if (avx2) {
+      gguf_avx2::dequant_f32((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
     } else {
       gguf_generic::dequant((int)qtype, wp + n0 * row_bytes, row_bytes, n1 - n0, k, op + n0 * k);
     }
@@ -190,9 +215,10 @@ at::Tensor gguf_mm_dequant(const at::Tensor& x_in, const at::Tensor& w, int64_t 
   return y;
 }
 
-int64_t gguf_isa() { return use_avx512() ? 1 : 0; }
+// 1: AVX512-VNNI, 2: AVX2 (float kernel and dequantizer; int8 `mm` portable), 0: portable.
+int64_t gguf_isa() { return use_avx512() ? 1 : use_avx2() ? 2 : 0; }
 
-// Tests: run the portable C++ kernels even where the CPU has AVX512-VNNI.
+// Tests: run the portable C++ kernels even where the CPU has AVX512-VNNI or AVX2.
 void gguf_set_portable(bool on) { force_portable.store(on); }
 
 }  // namespace

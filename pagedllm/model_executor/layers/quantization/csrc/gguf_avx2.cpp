@@ -1,0 +1,11 @@
+// The AVX2 build of the float-activation GGUF kernels (CPUs with avx2/fma/f16c but no
+// AVX512-VNNI, e.g. AMD Zen 2/3): mm_f32 and the dequantizer; the int8 `mm` stays portable.
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include "gguf_blocks.h"
+namespace gguf_avx2 {
+#include "gguf_f32_avx2.h"
+}  // namespace gguf_avx2
