@@ -91,7 +91,6 @@ class UnquantizedLinearMethod(LinearMethod):
         return dense_linear(x, layer.weight, bias)
 
 
-
 class LinearBase(nn.Module):
     """Common state of every linear layer; subclasses define sharding and `weight_loader`."""
 
