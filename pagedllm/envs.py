@@ -147,6 +147,13 @@ def cpu_gguf_packed() -> bool:
     return os.environ.get("PAGEDLLM_CPU_GGUF_PACKED", "1") not in ("0", "false", "False", "")
 
 
+def cpu_gguf_x16() -> bool:
+    """Whether packed GGUF decode on an AVX2 CPU rounds x to int16 per 32-group (`mm_x16`,
+    the default: 1.4-1.9x the float kernel there); PAGEDLLM_CPU_GGUF_X16=0 keeps x float32
+    (`mm_f32`). CPUs with AVX512-VNNI run the float kernel either way."""
+    return os.environ.get("PAGEDLLM_CPU_GGUF_X16", "1") not in ("0", "false", "False", "")
+
+
 def gguf_kernel_build_dir() -> str:
     """Where the GGUF CPU kernels' C++ extension is JIT-built and cached."""
     explicit = os.environ.get("PAGEDLLM_GGUF_KERNEL_DIR")

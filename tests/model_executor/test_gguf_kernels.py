@@ -1,5 +1,6 @@
 """The packed GGUF CPU kernels against gguf's reference dequantization times a matmul; the
-float-activation kernel's batch invariance and continuity in x."""
+decode kernels' batch invariance (float `mm_f32` and int16-activation `mm_x16`) and the float
+kernel's continuity in x."""
 
 from __future__ import annotations
 
@@ -51,6 +52,9 @@ def _check(qtype: T, packed: np.ndarray, k: int, m: int, seed: int) -> None:
     # Float path: x not rounded, so float32 accuracy.
     _check_f32(y_f32 := gguf_kernels.gguf_mm_f32(x, w, int(qtype), k), ref, scale)
     assert y_f32.shape == (m, packed.shape[0])
+    # int16 path (AVX2 decode kernel; the float one elsewhere): within half an int16 step of x
+    # per weight, plus float32 rounding.
+    _check_x16(gguf_kernels.gguf_mm_x16(x, w, int(qtype), k), x, ref_w, ref, scale)
     # Prefill path: dequantized tiles, float32 GEMM.
     y2 = gguf_kernels.gguf_mm_dequant(x, w, int(qtype), k, tile_rows=7)
     torch.testing.assert_close(y2, ref, rtol=1e-4, atol=1e-4)
@@ -59,6 +63,19 @@ def _check(qtype: T, packed: np.ndarray, k: int, m: int, seed: int) -> None:
 def _check_f32(y: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> None:
     """Within float32 rounding of the exact product: |y - ref| <= 1e-5 * (|x| @ |W|^T)."""
     assert ((y - ref).abs() <= 1e-5 * scale + 1e-7).all(), float(((y - ref).abs() / scale).max())
+
+
+def _check_x16(y: torch.Tensor, x: torch.Tensor, ref_w: torch.Tensor, ref: torch.Tensor,
+               scale: torch.Tensor) -> None:
+    """|y - ref| <= |W| @ (dx / 2) + 1e-5 * (|x| @ |W|^T), dx = max|x group| / 32767 for each
+    element of x (the int16 rounding bound), and at least as close as 2e-4 of the scale."""
+    m, k = x.shape
+    dx = x.abs().reshape(m, k // 32, 32).amax(-1, keepdim=True).expand(m, k // 32, 32) / 32767
+    bound = (dx.reshape(m, k).double() / 2) @ ref_w.abs().double().T
+    err = (y - ref).abs()
+    assert y.shape == ref.shape
+    assert (err <= bound.float() + 1e-5 * scale + 1e-7).all(), float((err / scale).max())
+    assert (err <= 2e-4 * scale + 1e-7).all(), float((err / scale).max())
 
 
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
@@ -131,47 +148,54 @@ def _packed_case(qtype: T, m: int, seed: int) -> tuple[torch.Tensor, torch.Tenso
     return x, w, k
 
 
+DECODE_KERNELS = {"f32": gguf_kernels.gguf_mm_f32, "x16": gguf_kernels.gguf_mm_x16}
+
+
+@pytest.mark.parametrize("kernel", sorted(DECODE_KERNELS))
 @pytest.mark.parametrize("portable", [False, True], ids=["native", "portable"])
-def test_f32_kernel_is_batch_and_thread_invariant(portable: bool) -> None:
+def test_decode_kernel_is_batch_and_thread_invariant(portable: bool, kernel: str) -> None:
     """Row m of an M-row call is bitwise the row alone (and in any other batch), whatever the
     thread count: what a prefix-cache hit or another batch needs to give the same tokens."""
+    mm = DECODE_KERNELS[kernel]
     gguf_kernels.set_portable(portable)
     threads = torch.get_num_threads()
     try:
         for qtype in TYPES:
             x, w, k = _packed_case(qtype, 16, seed=int(qtype))
-            full = gguf_kernels.gguf_mm_f32(x, w, int(qtype), k)
+            full = mm(x, w, int(qtype), k)
             for m in range(16):
-                alone = gguf_kernels.gguf_mm_f32(x[m:m + 1], w, int(qtype), k)
+                alone = mm(x[m:m + 1], w, int(qtype), k)
                 assert torch.equal(alone[0], full[m]), (qtype.name, m)
-            mid = gguf_kernels.gguf_mm_f32(x[3:8], w, int(qtype), k)  # 4+1 chunks
+            mid = mm(x[3:8], w, int(qtype), k)  # 4+1 chunks
             assert torch.equal(mid, full[3:8]), qtype.name
             torch.set_num_threads(1 if threads > 1 else 2)
-            assert torch.equal(gguf_kernels.gguf_mm_f32(x, w, int(qtype), k), full), qtype.name
+            assert torch.equal(mm(x, w, int(qtype), k), full), qtype.name
             torch.set_num_threads(threads)
     finally:
         torch.set_num_threads(threads)
         gguf_kernels.set_portable(False)
 
 
-def test_f32_kernel_chunkings_give_the_same_bits() -> None:
+@pytest.mark.parametrize("kernel", sorted(DECODE_KERNELS))
+def test_decode_kernel_chunkings_give_the_same_bits(kernel: str) -> None:
     """The native kernel's ways of walking one (x row, weight row) pair give the same bits: one
     x row against weight rows in pairs or alone (odd N, thread ranges), 4/2/1 x rows a pass,
     blocks of weight rows above 4 x rows; long rows too (x larger than a core's L1 at K = 8960)."""
+    mm = DECODE_KERNELS[kernel]
     threads = torch.get_num_threads()
     try:
         for qtype in (T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K):
             k = 8960 if qtype in (T.Q4_K, T.Q8_0) else 1536
             w = torch.from_numpy(random_packed(qtype, 21, k, seed=7))
             x = torch.randn(11, k, generator=torch.Generator().manual_seed(int(qtype)))
-            full = gguf_kernels.gguf_mm_f32(x, w, int(qtype), k)
+            full = mm(x, w, int(qtype), k)
             for m0, m1 in ((0, 1), (5, 6), (0, 2), (1, 4), (2, 7), (0, 11)):
-                part = gguf_kernels.gguf_mm_f32(x[m0:m1], w, int(qtype), k)
+                part = mm(x[m0:m1], w, int(qtype), k)
                 assert torch.equal(part, full[m0:m1]), (qtype.name, m0, m1)
-            alone = gguf_kernels.gguf_mm_f32(x[3:4], w[5:6].contiguous(), int(qtype), k)
+            alone = mm(x[3:4], w[5:6].contiguous(), int(qtype), k)
             assert torch.equal(alone[0, 0], full[3, 5]), qtype.name
             torch.set_num_threads(1 if threads > 1 else 2)
-            assert torch.equal(gguf_kernels.gguf_mm_f32(x, w, int(qtype), k), full), qtype.name
+            assert torch.equal(mm(x, w, int(qtype), k), full), qtype.name
             torch.set_num_threads(threads)
     finally:
         torch.set_num_threads(threads)
@@ -217,3 +241,17 @@ def test_f32_kernel_refuses_bad_shapes() -> None:
         gguf_kernels.gguf_mm_f32(torch.randn(2, 512), w, int(T.Q4_K), 512)
     with pytest.raises(RuntimeError, match="x must be"):
         gguf_kernels.gguf_mm_f32(torch.randn(2, 64), w, int(T.Q4_K), 256)
+
+
+def test_x16_kernel_rounds_x_on_avx2_only() -> None:
+    """On AVX2 CPUs `mm_x16` is its own int16 kernel (results differ from the float kernel's
+    in the last bits, inside _check_x16's bound); elsewhere it is the float kernel."""
+    x, w, k = _packed_case(T.Q4_K, 3, seed=11)
+    y16 = gguf_kernels.gguf_mm_x16(x, w, int(T.Q4_K), k)
+    y32 = gguf_kernels.gguf_mm_f32(x, w, int(T.Q4_K), k)
+    if gguf_kernels.isa() == "avx2":
+        assert not torch.equal(y16, y32)
+    else:
+        assert torch.equal(y16, y32)
+    with pytest.raises(RuntimeError, match="x must be"):
+        gguf_kernels.gguf_mm_x16(torch.randn(2, 64), w, int(T.Q4_K), k)

@@ -3,9 +3,10 @@
 The loader hands each quantized linear weight over as its GGUF bytes, [N, row_bytes] uint8
 (rows along the output, blocks along K: row-wise concatenation of q/k/v or gate/up is valid
 and the fused layer holds one packed tensor), and `GGUFLinearMethod` multiplies them with
-the C++ kernels in `gguf_kernels`: up to DECODE_MAX_M rows the float-activation kernel
-(weights dequantized in registers, FMAs with x unrounded: continuous in x, batch-invariant),
-above it dequantized tiles + torch's float32 GEMM (prefill). The int8-dot kernel (`gguf_mm`,
+the C++ kernels in `gguf_kernels`: up to DECODE_MAX_M rows the decode kernel (weights
+dequantized in registers, batch-invariant: on AVX512-VNNI CPUs float32 FMAs with x unrounded,
+on AVX2 CPUs 16-bit integer dots with x rounded to int16 per 32-group, `mm_x16`, unless
+PAGEDLLM_CPU_GGUF_X16=0), above it dequantized tiles + torch's float32 GEMM (prefill). The int8-dot kernel (`gguf_mm`,
 llama.cpp's approach) stays for benchmarks. A fused layer whose parts have different GGUF
 types, and every F32/F16/BF16 or unsupported type, stays dequantized in the model dtype. The
 LM head (the embedding table when tied) is multiplied packed too; the embedding lookup itself
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from pagedllm import envs
 from pagedllm.model_executor.layers.linear import LinearMethod
 from pagedllm.model_executor.layers.quantization import gguf_kernels, register_quantization_config
 from pagedllm.model_executor.layers.quantization.base_config import (
@@ -31,10 +33,10 @@ from pagedllm.model_executor.layers.utils import set_weight_attrs
 
 logger = logging.getLogger(__name__)
 
-# Rows of x up to which the float-activation kernel (`mm_f32`: weights dequantized in
-# registers, x not rounded) runs; above, dequantized tiles + torch's float32 GEMM (prefill).
-# Both paths are float32 and continuous in x, so switching by row count only moves a result
-# by rounding (as torch's GEMM does between batch sizes); the kernel itself is
+# Rows of x up to which the decode kernel (`mm_x16` / `mm_f32`: weights dequantized in
+# registers) runs; above, dequantized tiles + torch's float32 GEMM (prefill). Both are within
+# ~1e-5 of |x| @ |W|^T, so switching by row count moves a result by about rounding (as
+# torch's GEMM does between batch sizes); the kernel itself is
 # batch-invariant up to this size. Measured crossover (SmolLM2 Q4_1 shapes, 1 thread,
 # docs/benchmarks.md): the kernel wins up to 16-24 rows.
 DECODE_MAX_M = 16
@@ -46,12 +48,20 @@ _TYPE_NAMES = {2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 12: "Q4_K"
                14: "Q6_K"}
 
 
+def _decode_mm(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """The decode kernel, chosen from the environment at the first call (then this name is
+    the kernel itself: no per-call lookup on the ~120 calls of a step)."""
+    global _decode_mm
+    _decode_mm = gguf_kernels.gguf_mm_x16 if envs.cpu_gguf_x16() else gguf_kernels.gguf_mm_f32
+    return _decode_mm(x, w, qtype, k)
+
+
 def gguf_linear(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
     """[..., K] @ W^T for a packed W [N, row_bytes], in x's dtype."""
     flat = x.dim() == 2  # the usual [tokens, K]: no reshape either way (~1 us a call each)
     x2 = x if flat else x.reshape(-1, k)  # [M, K]
     if x2.shape[0] <= DECODE_MAX_M:
-        y = gguf_kernels.gguf_mm_f32(x2, w, qtype, k)
+        y = _decode_mm(x2, w, qtype, k)
     else:
         floats = _TILE_FLOATS_LONG if x2.shape[0] >= 256 else _TILE_FLOATS
         y = gguf_kernels.gguf_mm_dequant(x2, w, qtype, k, max(16, floats // k))

@@ -11,6 +11,8 @@ dequantized weights.
 
 Ops (torch.ops.pagedllm_gguf): mm_f32(x[M, K] f32, w[N, row_bytes] u8, qtype, K) -> [M, N]
 (weights dequantized in registers, float32 FMAs with x unrounded: decode, batch-invariant);
+mm_x16(x, w, qtype, K) (x rounded to int16 per 32-group, 16-bit integer dots: the decode
+kernel on AVX2 CPUs, 1.4-1.5x mm_f32 there, batch-invariant; mm_f32 elsewhere);
 mm(x, w, qtype, K) (x quantized to int8 per 32-group, integer dots: benchmarks);
 mm_dequant(x, w, qtype, K, tile_rows) (tiles of W dequantized to f32 for torch's GEMM:
 prefill); dequantize(w, qtype, K) -> [N, K] f32.
@@ -27,7 +29,8 @@ from pagedllm.cpp_extension import CppExtension
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = ("gguf_ops.cpp", "gguf_avx512.cpp", "gguf_avx2.cpp", "gguf_generic.cpp")
-_HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h", "gguf_f32_impl.h", "gguf_f32_avx2.h")
+_HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h", "gguf_f32_impl.h", "gguf_f32_avx2.h",
+            "gguf_x16_avx2.h")
 
 # gguf.GGMLQuantizationType values the kernels read packed, and their block geometry
 # (weights per block, bytes per block).
@@ -96,6 +99,13 @@ def gguf_mm_f32(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.T
     """[M, K] @ W^T with W packed [N, row_bytes] -> [M, N] float32, x not rounded (weights
     dequantized in registers, FMAs): continuous in x and batch-invariant (decode)."""
     return torch.ops.pagedllm_gguf.mm_f32(x, w, qtype, k)
+
+
+def gguf_mm_x16(x: torch.Tensor, w: torch.Tensor, qtype: int, k: int) -> torch.Tensor:
+    """[M, K] @ W^T with W packed [N, row_bytes] -> [M, N] float32, x rounded to int16 per
+    32-group on AVX2 CPUs (within ~1e-5 of |x| @ |W|^T; batch-invariant), `gguf_mm_f32`'s
+    float path on others."""
+    return torch.ops.pagedllm_gguf.mm_x16(x, w, qtype, k)
 
 
 def gguf_mm_dequant(

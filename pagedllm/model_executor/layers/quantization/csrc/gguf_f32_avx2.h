@@ -406,5 +406,3 @@ void dequant_f32(int qtype, const uint8_t* w, int64_t row_bytes, int64_t n, int6
   }
 }
 
-#undef GGUF_INLINE
-#undef GGUF_LAMBDA_INLINE

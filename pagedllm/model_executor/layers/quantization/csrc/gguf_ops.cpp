@@ -28,6 +28,9 @@ namespace gguf_avx2 {
 void gemv_f32(int, const uint8_t*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
               int64_t, float*);
 void dequant_f32(int, const uint8_t*, int64_t, int64_t, int64_t, float*);
+void prepare_x16(const float*, int64_t, int64_t, int16_t*, float*, float*, float*);
+void gemv_x16(int, const uint8_t*, int64_t, const int16_t*, const float*, const float*,
+              const float*, int64_t, int64_t, int64_t, int64_t, int64_t, float*);
 }  // namespace gguf_avx2
 
 namespace {
@@ -179,6 +182,34 @@ at::Tensor gguf_mm_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t qtyp
   return y;
 }
 
+// y = x @ W^T with W packed and x rounded to int16 per 32-group (gguf_x16_avx2.h): the
+// decode kernel on AVX2 CPUs; elsewhere the float kernel (mm_f32). Batch-invariant and
+// deterministic like mm_f32.
+at::Tensor gguf_mm_x16(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k) {
+  if (use_avx512() || !use_avx2()) return gguf_mm_f32(x_in, w, qtype, k);
+  check_weight(w, qtype, k);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t m = x.size(0), n = w.size(0), groups = k / 32;
+  at::Tensor y = at::empty({m, n}, x.options());
+  if (m == 0 || n == 0) return y;
+  thread_local std::vector<float> ws;  // dx, S16, S32, then xq (int16)
+  const size_t nf = (size_t)(m * groups * 4);
+  ws.resize(nf + (size_t)(m * k + 1) / 2);
+  float* dx = ws.data();
+  float* S16 = dx + m * groups;
+  float* S32 = S16 + m * 2 * groups;
+  int16_t* xq = reinterpret_cast<int16_t*>(ws.data() + nf);
+  gguf_avx2::prepare_x16(x.data_ptr<float>(), m, k, xq, dx, S16, S32);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int64_t row_bytes = w.size(1);
+  float* yp = y.data_ptr<float>();
+  for_row_ranges(n, [&](int64_t n0, int64_t n1) {
+    gguf_avx2::gemv_x16((int)qtype, wp, row_bytes, xq, dx, S16, S32, m, k, n0, n1, n, yp);
+  });
+  return y;
+}
+
 // W [N, K] float32 from its packed rows.
 at::Tensor gguf_dequantize(const at::Tensor& w, int64_t qtype, int64_t k) {
   check_weight(w, qtype, k);
@@ -207,10 +238,22 @@ at::Tensor gguf_mm_dequant(const at::Tensor& x_in, const at::Tensor& w, int64_t 
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t n = w.size(0);
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  for (int64_t r0 = 0; r0 < n; r0 += tile_rows) {
+  TORCH_CHECK(tile_rows > 0, "tile_rows must be positive");
+  auto tile = [&](int64_t r0) {
     const int64_t r1 = std::min(n, r0 + tile_rows);
-    const at::Tensor tile = gguf_dequantize(w.narrow(0, r0, r1 - r0), qtype, k);
-    y.narrow(1, r0, r1 - r0).copy_(at::matmul(x, tile.t()));
+    const at::Tensor t = gguf_dequantize(w.narrow(0, r0, r1 - r0), qtype, k);
+    y.narrow(1, r0, r1 - r0).copy_(at::matmul(x, t.t()));
+  };
+  const int64_t tiles = (n + tile_rows - 1) / tile_rows;
+  if (at::get_num_threads() > 1 && tiles >= 2 * at::get_num_threads()) {
+    // Tiles split over the threads, each dequantized and multiplied by one thread (ATen's
+    // nested parallel regions run inline, the GEMM single-threaded): no fork/join per
+    // small tile GEMM, which made two threads slower than one.
+    at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; t++) tile(t * tile_rows);
+    });
+  } else {
+    for (int64_t t = 0; t < tiles; t++) tile(t * tile_rows);
   }
   return y;
 }
@@ -226,12 +269,14 @@ void gguf_set_portable(bool on) { force_portable.store(on); }
 TORCH_LIBRARY(pagedllm_gguf, m) {
   m.def("mm(Tensor x, Tensor w, int qtype, int k) -> Tensor");
   m.def("mm_f32(Tensor x, Tensor w, int qtype, int k) -> Tensor");
+  m.def("mm_x16(Tensor x, Tensor w, int qtype, int k) -> Tensor");
   m.def("mm_dequant(Tensor x, Tensor w, int qtype, int k, int tile_rows) -> Tensor");
   m.def("dequantize(Tensor w, int qtype, int k) -> Tensor");
   m.def("isa() -> int", &gguf_isa);
   m.def("set_portable(bool on) -> ()", &gguf_set_portable);
   m.impl("mm", c10::DispatchKey::CPU, TORCH_FN(gguf_mm));
   m.impl("mm_f32", c10::DispatchKey::CPU, TORCH_FN(gguf_mm_f32));
+  m.impl("mm_x16", c10::DispatchKey::CPU, TORCH_FN(gguf_mm_x16));
   m.impl("mm_dequant", c10::DispatchKey::CPU, TORCH_FN(gguf_mm_dequant));
   m.impl("dequantize", c10::DispatchKey::CPU, TORCH_FN(gguf_dequantize));
 }
