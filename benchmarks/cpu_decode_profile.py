@@ -3,8 +3,8 @@ engine's host work, for one greedy stream of the default model (packed GGUF weig
 
 A prompt of P random token ids (default 128) and N greedy decode tokens (default 64). The
 decode steps' wall and process CPU time are split by timers wrapped around the packed matmul
-kernels (`gguf_kernels.gguf_mm_f32` and friends, LM head included), the model forward, `compute_logits` and the
-sampler; "engine host" is the rest of the step (schedule, input preparation, update, output
+kernels (`gguf_kernels.gguf_mm_x16`, `gguf_mm_f32` and friends, LM head included), the model
+forward, `compute_logits` and the sampler; "engine host" is the rest of the step (schedule, input preparation, update, output
 processing). Then, optionally, torch.profiler's op table and cProfile's top functions of the
 same decode.
 
@@ -50,7 +50,7 @@ def _install_timers() -> None:
 
     # Every packed kernel counts as "gguf_mm": the float-activation one (decode, the default),
     # the int8 one and the dequantized-tile GEMM (prefill).
-    for name in ("gguf_mm", "gguf_mm_f32", "gguf_mm_dequant"):
+    for name in ("gguf_mm", "gguf_mm_f32", "gguf_mm_x16", "gguf_mm_dequant"):
         setattr(gk, name, _timed("gguf_mm", getattr(gk, name)))
     LlamaForCausalLM.forward = _timed("forward", LlamaForCausalLM.forward)
     LlamaForCausalLM.compute_logits = _timed("logits", LlamaForCausalLM.compute_logits)

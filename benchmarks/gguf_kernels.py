@@ -1,4 +1,5 @@
-"""GGUF CPU kernel speed: the packed float-activation kernel (`mm_f32`, decode), the int8-dot
+"""GGUF CPU kernel speed: the packed float-activation kernel (`mm_f32`, decode), the
+int16-activation kernel (`mm_x16`, decode on AVX2 CPUs; the float one elsewhere), the int8-dot
 kernel (`mm`), the dequantize-tile GEMM (`mm_dequant`, prefill) and the dequantized float32
 `F.linear` pagedllm used before, at SmolLM2-135M's shapes (and K-quant shapes).
 
@@ -65,12 +66,14 @@ def main() -> None:
                     x = torch.randn(m, k)
                     b = args.budget
                     t_f = _time(gguf_kernels.gguf_mm_f32, x, w, qtype, k, budget_s=b)
+                    t_16 = _time(gguf_kernels.gguf_mm_x16, x, w, qtype, k, budget_s=b)
                     t_mm = _time(gguf_kernels.gguf_mm, x, w, qtype, k, budget_s=b)
                     t_dq = _time(gguf_kernels.gguf_mm_dequant, x, w, qtype, k, budget_s=b)
                     t_f32 = _time(F.linear, x, dense, budget_s=b)
                     gb = w.numel() / 1e9
                     print(f"{name} N={n} K={k} M={m} threads={threads}: "
                           f"packed-f32 {t_f * 1e6:8.1f} us ({gb / t_f:5.1f} GB/s)  "
+                          f"packed-x16 {t_16 * 1e6:8.1f} us ({gb / t_16:5.1f} GB/s)  "
                           f"packed-int8 {t_mm * 1e6:8.1f} us ({gb / t_mm:5.1f} GB/s)  "
                           f"dequant-tile+GEMM {t_dq * 1e6:8.1f} us  "
                           f"fp32 F.linear {t_f32 * 1e6:8.1f} us", flush=True)

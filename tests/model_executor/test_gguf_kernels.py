@@ -255,3 +255,19 @@ def test_x16_kernel_rounds_x_on_avx2_only() -> None:
         assert torch.equal(y16, y32)
     with pytest.raises(RuntimeError, match="x must be"):
         gguf_kernels.gguf_mm_x16(torch.randn(2, 64), w, int(T.Q4_K), k)
+
+
+def test_prefill_tiles_split_over_threads() -> None:
+    """mm_dequant's tiles run on several threads (inference mode included, as in the engine)
+    with the one-thread result."""
+    x, w, k = _packed_case(T.Q4_K, 20, seed=13)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        ref = gguf_kernels.gguf_mm_dequant(x, w, int(T.Q4_K), k, 4)  # 12 tiles
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            y = gguf_kernels.gguf_mm_dequant(x.clone(), w.clone(), int(T.Q4_K), k, 4)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)

@@ -3,6 +3,7 @@
 // intra-op threads (at::parallel_for).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
 #include <atomic>
@@ -249,7 +250,9 @@ at::Tensor gguf_mm_dequant(const at::Tensor& x_in, const at::Tensor& w, int64_t 
     // Tiles split over the threads, each dequantized and multiplied by one thread (ATen's
     // nested parallel regions run inline, the GEMM single-threaded): no fork/join per
     // small tile GEMM, which made two threads slower than one.
+    const bool inference = c10::InferenceMode::is_enabled();  // thread-local: carry it over
     at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+      c10::InferenceMode guard(inference);
       for (int64_t t = t0; t < t1; t++) tile(t * tile_rows);
     });
   } else {
