@@ -3,11 +3,11 @@
 One dispatch per op instead of several torch ops each: RMSNorm with the residual add fused
 in place (torch's own mean of squares inside, so the result is `torch.rms_norm`'s bit for
 bit), SiLU-and-mul (torch's SiLU bit for bit: one pass through libtorch's own vectorised exp on
-AVX-512, else torch's SiLU inside), RoPE on q and k in place (the torch
+AVX-512 and AVX2, else torch's SiLU inside), RoPE on q and k in place (the torch
 path's roundings, bit for bit) (neox and GPT-J styles, partial rotary),
 the KV-cache write, and paged decode attention that reads each request's blocks through its
 block table in place (GQA, sliding window, soft cap; float32 and bfloat16 caches). Sources
-in csrc/ (one AVX-512 and one portable build, chosen at run time); built, cached and loaded
+in csrc/ (AVX-512, AVX2 and portable builds, chosen at run time); built, cached and loaded
 by `pagedllm/cpp_extension.py`, prebuilt by the Makefile (`python -m pagedllm.cpu_ops
 --build`). When the build fails, or with PAGEDLLM_CPU_OPS=0, `enabled()` is False and every
 caller keeps its torch path; CUDA tensors never come here.
@@ -27,7 +27,7 @@ from pagedllm.cpp_extension import CppExtension
 
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _EXT = CppExtension(
-    "pagedllm_cpu", _CSRC, ("cpu_ops.cpp", "cpu_avx512.cpp", "cpu_generic.cpp"),
+    "pagedllm_cpu", _CSRC, ("cpu_ops.cpp", "cpu_avx512.cpp", "cpu_avx2.cpp", "cpu_generic.cpp"),
     ("cpu_kernels.h", "cpu_kernels_impl.h"), envs.cpu_ops_build_dir,
     fail_env="PAGEDLLM_CPU_OPS_FAIL",
     fallback="the CPU decode step keeps its plain torch ops (slower)",
@@ -71,8 +71,8 @@ def supports(*tensors: torch.Tensor) -> bool:
 
 
 def isa() -> str:
-    """The kernel build this CPU runs: "avx512" or "portable"."""
-    return "avx512" if torch.ops.pagedllm_cpu.isa() == 1 else "portable"
+    """The kernel build this CPU runs: "avx512", "avx2" or "portable"."""
+    return {1: "avx512", 2: "avx2"}.get(int(torch.ops.pagedllm_cpu.isa()), "portable")
 
 
 def set_portable(on: bool) -> None:

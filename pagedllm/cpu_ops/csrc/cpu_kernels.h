@@ -1,5 +1,6 @@
-// Raw-pointer kernels of the CPU decode-step ops, built twice (cpu_avx512.cpp with AVX-512
-// code generation, cpu_generic.cpp portable) and chosen at run time by cpu_ops.cpp.
+// Raw-pointer kernels of the CPU decode-step ops, built three times (cpu_avx512.cpp with
+// AVX-512 code generation, cpu_avx2.cpp with AVX2 + FMA, cpu_generic.cpp portable) and
+// chosen at run time by cpu_ops.cpp.
 // Element types: float, or uint16_t holding bfloat16 bits. Arithmetic is float; a bf16 op
 // rounds where the torch path it replaces rounds (after each elementwise torch op).
 #pragma once
@@ -47,6 +48,14 @@ void silu_mul_f32(const float* x, int64_t xs, float* out, int64_t os, int64_t r0
 void silu_mul_bf16(const uint16_t* x, int64_t xs, uint16_t* out, int64_t os, int64_t r0,
                    int64_t r1, int64_t d);
 }  // namespace cpu_avx512
+PAGEDLLM_CPU_KERNELS(cpu_avx2)
+namespace cpu_avx2 {
+// As cpu_avx512's, with torch's AVX2 SiLU (libtorch's Sleef_expf8_u10).
+void silu_mul_f32(const float* x, int64_t xs, float* out, int64_t os, int64_t r0, int64_t r1,
+                  int64_t d);
+void silu_mul_bf16(const uint16_t* x, int64_t xs, uint16_t* out, int64_t os, int64_t r0,
+                   int64_t r1, int64_t d);
+}  // namespace cpu_avx2
 PAGEDLLM_CPU_KERNELS(cpu_generic)
 
 // Floats of scratch decode_attention needs for a context of n tokens.

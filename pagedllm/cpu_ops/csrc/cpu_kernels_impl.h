@@ -33,7 +33,9 @@ inline float fast_exp(float x) {
   const float hi = 88.72283f, lo = -87.33654f;
   const bool over = x > hi, under = x < lo;
   x = x > hi ? hi : (x < lo ? lo : x);
-  const float n = std::nearbyint(x * 1.44269504088896341f);
+  // round to nearest even as nearbyint does (|x * log2 e| < 2^22 here), in a form the
+  // vectoriser takes (nearbyint is a library call to it)
+  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
   float r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -224,7 +226,70 @@ void silu_mul_rows(const T* x, int64_t xs, T* out, int64_t os, int64_t r0, int64
 }
 #endif
 
-// One query head's scores over one run of tokens (the portable loop, or AVX-512 chunks).
+#if PAGEDLLM_AVX2
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+// Lane t = the lane sum of a[t], for 8 vectors (pairwise adds of a transpose).
+inline __m256 reduce_add8(const __m256 (&a)[8]) {
+  __m256 b[4], c[2];
+  for (int j = 0; j < 4; ++j) b[j] = _mm256_hadd_ps(a[2 * j], a[2 * j + 1]);
+  for (int j = 0; j < 2; ++j) c[j] = _mm256_hadd_ps(b[2 * j], b[2 * j + 1]);
+  // c[0] = per 128-bit half: sums of a0..a3 (low half partials | high half partials)
+  const __m256 lo = _mm256_permute2f128_ps(c[0], c[1], 0x20);
+  const __m256 hi = _mm256_permute2f128_ps(c[0], c[1], 0x31);
+  return _mm256_add_ps(lo, hi);
+}
+
+inline float hsum8f(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// As scores_avx512 / values_avx512 with 8-float vectors; NC = head_size / 8.
+template <int NC, typename T>
+void scores_avx2(const float* qg, const T* kb, int64_t tok_stride, int64_t run, float scale,
+                 float* sg) {
+  __m256 qv[NC];
+  for (int c = 0; c < NC; ++c) qv[c] = _mm256_loadu_ps(qg + 8 * c);
+  int64_t j = 0;
+  const __m256 sv = _mm256_set1_ps(scale);
+  for (; j + 8 <= run; j += 8) {  // 8 tokens at a time, one transposing reduction
+    __m256 a[8];
+    for (int t = 0; t < 8; ++t) {
+      const T* kp = kb + (j + t) * tok_stride;
+      a[t] = _mm256_mul_ps(qv[0], load8(kp));
+      for (int c = 1; c < NC; ++c) a[t] = _mm256_fmadd_ps(qv[c], load8(kp + 8 * c), a[t]);
+    }
+    _mm256_storeu_ps(sg + j, _mm256_mul_ps(reduce_add8(a), sv));
+  }
+  for (; j < run; ++j) {
+    const T* kp = kb + j * tok_stride;
+    __m256 a = _mm256_mul_ps(qv[0], load8(kp));
+    for (int c = 1; c < NC; ++c) a = _mm256_fmadd_ps(qv[c], load8(kp + 8 * c), a);
+    sg[j] = hsum8f(a) * scale;
+  }
+}
+
+template <int NC, typename T>
+void values_avx2(const float* pg, const T* vb, int64_t tok_stride, int64_t run, float* ag) {
+  __m256 acc[NC];
+  for (int c = 0; c < NC; ++c) acc[c] = _mm256_loadu_ps(ag + 8 * c);
+  for (int64_t j = 0; j < run; ++j) {
+    const T* vp = vb + j * tok_stride;
+    const __m256 p = _mm256_set1_ps(pg[j]);
+    for (int c = 0; c < NC; ++c) acc[c] = _mm256_fmadd_ps(p, load8(vp + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm256_storeu_ps(ag + 8 * c, acc[c]);
+}
+#endif
+
+// One query head's scores over one run of tokens (the portable loop, or AVX-512 / AVX2 chunks).
 template <typename T>
 void scores_run(const float* qg, const T* kb, int64_t tok_stride, int64_t run, int64_t hs,
                 float scale, float* sg) {
@@ -235,6 +300,16 @@ void scores_run(const float* qg, const T* kb, int64_t tok_stride, int64_t run, i
     case 256: return scores_avx512<16>(qg, kb, tok_stride, run, scale, sg);
     case 32: return scores_avx512<2>(qg, kb, tok_stride, run, scale, sg);
     case 96: return scores_avx512<6>(qg, kb, tok_stride, run, scale, sg);
+    default: break;
+  }
+#endif
+#if PAGEDLLM_AVX2
+  switch (hs) {  // (at 256 the values' 32 accumulators would spill: portable loop)
+    case 64: return scores_avx2<8>(qg, kb, tok_stride, run, scale, sg);
+    case 128: return scores_avx2<16>(qg, kb, tok_stride, run, scale, sg);
+    case 32: return scores_avx2<4>(qg, kb, tok_stride, run, scale, sg);
+    case 96: return scores_avx2<12>(qg, kb, tok_stride, run, scale, sg);
+    case 80: return scores_avx2<10>(qg, kb, tok_stride, run, scale, sg);
     default: break;
   }
 #endif
@@ -257,6 +332,16 @@ void values_run(const float* pg, const T* vb, int64_t tok_stride, int64_t run, i
     case 256: return values_avx512<16>(pg, vb, tok_stride, run, ag);
     case 32: return values_avx512<2>(pg, vb, tok_stride, run, ag);
     case 96: return values_avx512<6>(pg, vb, tok_stride, run, ag);
+    default: break;
+  }
+#endif
+#if PAGEDLLM_AVX2
+  switch (hs) {
+    case 64: return values_avx2<8>(pg, vb, tok_stride, run, ag);
+    case 128: return values_avx2<16>(pg, vb, tok_stride, run, ag);
+    case 32: return values_avx2<4>(pg, vb, tok_stride, run, ag);
+    case 96: return values_avx2<12>(pg, vb, tok_stride, run, ag);
+    case 80: return values_avx2<10>(pg, vb, tok_stride, run, ag);
     default: break;
   }
 #endif
@@ -331,7 +416,53 @@ void decode_attn(const T* q, int64_t qhs, const T* kc, const T* vc, const int32_
 
 }  // namespace
 
-#if PAGEDLLM_AVX512
+#if PAGEDLLM_AVX2
+// out = silu(gate) * up as torch computes it on an AVX2 CPU: chunks of two 8-float vectors
+// (float32; bfloat16: of two 16-value vectors) through x / (1 + exp(-x)) with libtorch's
+// Sleef_expf8_u10, the rest of a row scalar; bf16 rounds the SiLU, then the product. Checked
+// against at::silu once per width by the caller, as the AVX-512 one.
+template <typename T>
+void silu_mul_rows(const T* x, int64_t xs, T* out, int64_t os, int64_t r0, int64_t r1,
+                   int64_t d) {
+  constexpr bool bf = sizeof(T) == 2;
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const int64_t dv = bf ? d / 32 * 32 : d / 16 * 16;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* g = x + r * xs;
+    const T* u = g + d;
+    T* o = out + r * os;
+    for (int64_t i = 0; i < dv; i += 8) {
+      __m256 v, uv;
+      if constexpr (bf) {
+        alignas(32) float f[8], h[8];
+        for (int l = 0; l < 8; ++l) { f[l] = ld(g[i + l]); h[l] = ld(u[i + l]); }
+        v = _mm256_load_ps(f);
+        uv = _mm256_load_ps(h);
+      } else {
+        v = _mm256_loadu_ps(reinterpret_cast<const float*>(g) + i);
+        uv = _mm256_loadu_ps(reinterpret_cast<const float*>(u) + i);
+      }
+      const __m256 e = Sleef_expf8_u10(_mm256_xor_ps(sign, v));
+      const __m256 sv = _mm256_div_ps(v, _mm256_add_ps(one, e));
+      if constexpr (bf) {
+        alignas(32) float sf[8], uf[8];
+        _mm256_store_ps(sf, sv);
+        _mm256_store_ps(uf, uv);
+        for (int l = 0; l < 8; ++l) st(o + i + l, rnd(sf[l], g) * uf[l]);
+      } else {
+        _mm256_storeu_ps(reinterpret_cast<float*>(o) + i, _mm256_mul_ps(sv, uv));
+      }
+    }
+    for (int64_t i = dv; i < d; ++i) {
+      const float v = ld(g[i]);
+      const float sv = rnd(v / (1.f + std::exp(-v)), g);
+      st(o + i, sv * ld(u[i]));
+    }
+  }
+}
+#endif
+#if PAGEDLLM_AVX512 || PAGEDLLM_AVX2
 void silu_mul_f32(const float* x, int64_t xs, float* out, int64_t os, int64_t r0, int64_t r1,
                   int64_t d) {
   silu_mul_rows(x, xs, out, os, r0, r1, d);

@@ -36,8 +36,23 @@ bool use_avx512() {
   return ok;
 }
 
-#define CPU_DISPATCH(fn, ...) \
-  (use_avx512() ? cpu_avx512::fn(__VA_ARGS__) : cpu_generic::fn(__VA_ARGS__))
+// AVX2 + FMA without AVX-512 (e.g. AMD Zen 2/3).
+bool use_avx2() {
+  if (force_portable.load(std::memory_order_relaxed)) return false;
+  static const bool ok = [] {
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    return false;
+#endif
+  }();
+  return ok;
+}
+
+#define CPU_DISPATCH(fn, ...)                                           \
+  (use_avx512() ? cpu_avx512::fn(__VA_ARGS__)                           \
+                : use_avx2() ? cpu_avx2::fn(__VA_ARGS__) : cpu_generic::fn(__VA_ARGS__))
 
 using u16 = uint16_t;
 
@@ -263,24 +278,28 @@ void fused_add_rms_norm(at::Tensor out, at::Tensor x, at::Tensor residual, at::T
 constexpr int64_t kTorchGrain = 32768;
 
 void silu_mul_kernel(at::Tensor& out, const at::Tensor& x, int64_t rows, int64_t d) {
+  const bool avx512 = use_avx512();
   if (is_bf16(x)) {
-    cpu_avx512::silu_mul_bf16(reinterpret_cast<const u16*>(x.data_ptr()), x.stride(0),
-                              reinterpret_cast<u16*>(out.data_ptr()), out.stride(0), 0, rows, d);
+    const u16* xp = reinterpret_cast<const u16*>(x.data_ptr());
+    u16* op = reinterpret_cast<u16*>(out.data_ptr());
+    (avx512 ? cpu_avx512::silu_mul_bf16 : cpu_avx2::silu_mul_bf16)(xp, x.stride(0), op,
+                                                                   out.stride(0), 0, rows, d);
   } else {
-    cpu_avx512::silu_mul_f32(x.data_ptr<float>(), x.stride(0), out.data_ptr<float>(),
-                             out.stride(0), 0, rows, d);
+    (avx512 ? cpu_avx512::silu_mul_f32 : cpu_avx2::silu_mul_f32)(
+        x.data_ptr<float>(), x.stride(0), out.data_ptr<float>(), out.stride(0), 0, rows, d);
   }
 }
 
-// Whether the AVX-512 kernel gives at::silu(gate) * up's bits for rows of width d in this
-// dtype (this torch, this CPU capability): checked once per (dtype, d) on random rows with
-// the exp's edge values (under/overflow, zeros); false on the portable build.
+// Whether the AVX-512 (or AVX2) kernel gives at::silu(gate) * up's bits for rows of width d
+// in this dtype (this torch, this CPU capability): checked once per (ISA, dtype, d) on random
+// rows with the exp's edge values (under/overflow, zeros); false on the portable build.
 bool silu_kernel_matches(at::ScalarType dtype, int64_t d) {
-  if (!use_avx512() || d <= 0) return false;
+  const bool avx512 = use_avx512();
+  if ((!avx512 && !use_avx2()) || d <= 0) return false;
   static std::mutex mu;
   static std::unordered_map<int64_t, bool> known;
   std::lock_guard<std::mutex> lock(mu);
-  const int64_t key = d * 2 + (dtype == at::kBFloat16 ? 1 : 0);
+  const int64_t key = (d * 2 + (dtype == at::kBFloat16 ? 1 : 0)) * 2 + (avx512 ? 1 : 0);
   auto it = known.find(key);
   if (it != known.end()) return it->second;
   auto gen = at::make_generator<at::CPUGeneratorImpl>(4321);
@@ -465,7 +484,7 @@ void decode_attention(at::Tensor out, at::Tensor query, at::Tensor kv_cache,
   });
 }
 
-int64_t cpu_isa() { return use_avx512() ? 1 : 0; }
+int64_t cpu_isa() { return use_avx512() ? 1 : use_avx2() ? 2 : 0; }
 bool silu_one_pass(int64_t d, bool bf16) {
   return silu_kernel_matches(bf16 ? at::kBFloat16 : at::kFloat, d);
 }
