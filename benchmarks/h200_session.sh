@@ -75,6 +75,20 @@ H)  # GPU correctness of the model families (the CPU parity tests, run where the
   step gptq_plain 110 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $Q --json "$OUT/gptq_plain.json"
   step bf16_ref 90 $T $Q --json "$OUT/bf16_ref.json"
   ;;
+O)  # issue #13's end-to-end table on the current tree (GEMVs, split-KV, dense GEMV in), dummy
+  # weights, same session: bf16, fp8 W8A8, fp8 KV cache, GPTQ int4
+  D="--load-format dummy"
+  step bf16 110 $T $D --datasets $SETS --json "$OUT/bf16.json"
+  step fp8 110 $T $D --datasets $SETS --quantization fp8 --json "$OUT/fp8.json"
+  step fp8kv 90 $T $D --datasets single-stream,sharegpt-shaped --kv-cache-dtype fp8 --json "$OUT/fp8kv.json"
+  step gptq 120 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets $SETS --json "$OUT/gptq.json"
+  ;;
+P)  # the rest of O's table: AWQ int4, the 70B in int4 on one GPU, bf16 again (same session)
+  D="--load-format dummy"
+  step awq 120 $T --model random:llama-3.1-8b:awq --dtype bfloat16 $D --datasets $SETS --json "$OUT/awq.json"
+  step gptq70b 150 $T --model random:llama-3.1-70b:gptq --dtype bfloat16 $D --datasets single-stream,batch-16 --json "$OUT/gptq70b.json"
+  step bf16 110 $T $D --datasets $SETS --json "$OUT/bf16.json"
+  ;;
 N)  # issue #16, last: decode-/prefill-heavy next to the earlier runs, then `pagedllm serve`'s
   # start-up with the forked engine core (warm Triton cache, as in run M) and its latency
   D="--load-format dummy"
