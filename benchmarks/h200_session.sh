@@ -89,6 +89,16 @@ P)  # the rest of O's table: AWQ int4, the 70B in int4 on one GPU, bf16 again (s
   step gptq70b 150 $T --model random:llama-3.1-70b:gptq --dtype bfloat16 $D --datasets single-stream,batch-16 --json "$OUT/gptq70b.json"
   step bf16 110 $T $D --datasets $SETS --json "$OUT/bf16.json"
   ;;
+Q)  # issue #13: the fused int4 GEMM's tile sweep at M = 16/64/256, then GPTQ end to end with
+  # its winners (PAGEDLLM_INT_GEMM_CONFIG) and dense threshold next to today's defaults
+  step int_gemm_sweep 300 python3 benchmarks/gpu_int_gemm_sweep.py --ms 16,64,256 --budget-s 230 --json "$OUT/int_gemm.json"
+  grep "best:\|dense path" "$OUT/int_gemm_sweep.log"
+  DMIN=$(cat "$OUT/int_gemm_dense_min_m.txt" 2>/dev/null || echo 64)
+  D="--load-format dummy"
+  step gptq_tuned 110 env PAGEDLLM_INT_GEMM_CONFIG="$OUT/int_gemm.json" PAGEDLLM_INT_GEMM_DENSE_MIN_M=${DMIN:-64} \
+    $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets batch-16,sharegpt-shaped --json "$OUT/gptq_tuned.json"
+  step gptq_base 90 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets batch-16,sharegpt-shaped --json "$OUT/gptq_base.json"
+  ;;
 N)  # issue #16, last: decode-/prefill-heavy next to the earlier runs, then `pagedllm serve`'s
   # start-up with the forked engine core (warm Triton cache, as in run M) and its latency
   D="--load-format dummy"

@@ -105,6 +105,12 @@ def gemv_config_file() -> str | None:
     return os.environ.get("PAGEDLLM_GEMV_CONFIG") or None
 
 
+def int_gemm_config_file() -> str | None:
+    """PAGEDLLM_INT_GEMM_CONFIG: a JSON of int GEMM tiles per M bucket (from
+    benchmarks/gpu_int_gemm_sweep.py --json) that replaces the built-in choice; unset: none."""
+    return os.environ.get("PAGEDLLM_INT_GEMM_CONFIG") or None
+
+
 def int_gemm_split_k() -> int | None:
     """A fixed K split for the int GEMM (1: none); unset: chosen per shape."""
     value = os.environ.get("PAGEDLLM_INT_GEMM_SPLIT_K")

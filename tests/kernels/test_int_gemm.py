@@ -133,6 +133,33 @@ def test_default_config_for_decode_splits_k() -> None:
         assert _rel_err(_run(cw4, x, None, unpack), ref) < 1e-5, unpack
 
 
+def test_config_file_overrides_tiles_per_m_bucket(tmp_path, monkeypatch) -> None:
+    """PAGEDLLM_INT_GEMM_CONFIG (the sweep's JSON): the smallest bucket >= M gives the tiles
+    and unpack mode; split 0 is chosen per shape; M above every bucket keeps the default."""
+    from pagedllm.model_executor.layers.ops import int_gemm as ig
+
+    path = tmp_path / "int_gemm.json"
+    path.write_text('{"16": {"block_m": 16, "block_n": 32, "block_k": 64, "split_k": 2, '
+                    '"num_warps": 4, "num_stages": 2, "unpack": "planes"}, '
+                    '"64": {"block_m": 32, "block_n": 64, "block_k": 32, "split_k": 0, '
+                    '"num_warps": 4, "num_stages": 3, "unpack": "gather"}}')
+    monkeypatch.setenv("PAGEDLLM_INT_GEMM_CONFIG", str(path))
+    cpu = torch.device("cpu")
+    assert choose_config(3, 4096, 4096, cpu) == GemmConfig(16, 32, 64, 2, 4, 2)
+    assert ig.tuned_config(3)[1] == "planes"
+    mid = choose_config(40, 4096, 4096, cpu)
+    assert (mid.block_m, mid.block_n, mid.block_k, mid.num_stages) == (32, 64, 32, 3)
+    assert mid.split_k >= 1
+    assert choose_config(512, 4096, 4096, cpu).block_m == 128  # past the buckets: default
+    cw = _canonical(256, 24, 4, 128, False, seed=11)
+    kw = kernel_layout(cw)
+    for m in (3, 40):
+        x = torch.randn(m, 256, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+        ref = int_linear_ref(x, cw.qweight, cw.zeros, cw.scales, 4, 128, None)
+        out = int_gemm(x, kw.qweight, kw.zeros, kw.scales, 4, 128, kw.g_idx)
+        assert _rel_err(out, ref) < 1e-5, m
+
+
 def test_unsupported_width_is_refused() -> None:
     cw = _canonical(64, 32, 4, 32, False, seed=1)
     with pytest.raises(ValueError, match="not 3"):

@@ -29,6 +29,8 @@ The reference is `packed_int.int_linear_ref`.
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import dataclass
 
@@ -244,12 +246,45 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.cache
+def _config_file(path: str) -> dict[int, tuple[GemmConfig, str | None]]:
+    """PAGEDLLM_INT_GEMM_CONFIG: {"M": {block_m, block_n, block_k, split_k (0: per shape),
+    num_warps, num_stages, unpack}} per M bucket (the sweep's `--json`,
+    benchmarks/gpu_int_gemm_sweep.py)."""
+    with open(path) as f:
+        raw = json.load(f)
+    out = {}
+    for key, c in raw.items():
+        cfg = GemmConfig(int(c["block_m"]), int(c["block_n"]), int(c["block_k"]),
+                         int(c.get("split_k", 0)), int(c["num_warps"]), int(c["num_stages"]))
+        out[int(key)] = (cfg, c.get("unpack"))
+    return out
+
+
+def tuned_config(m: int) -> tuple[GemmConfig, str | None] | None:
+    """The config file's entry for the smallest bucket >= m, None without a file or bucket."""
+    path = envs.int_gemm_config_file()
+    if not path:
+        return None
+    buckets = _config_file(path)
+    fits = [b for b in buckets if b >= m]
+    return buckets[min(fits)] if fits else None
+
+
 def choose_config(
     m: int, n: int, k: int, device: torch.device, elem_bytes: int = 2
 ) -> GemmConfig:
     """Tile sizes by M: decode shapes split K until about four programs run per SM. fp32
     activations (elem_bytes 4) pipeline two stages: four of their tiles overflow the H200's
-    227 KiB of shared memory (seen: 256 KiB asked)."""
+    227 KiB of shared memory (seen: 256 KiB asked). PAGEDLLM_INT_GEMM_CONFIG overrides the
+    tiles per M bucket (split_k 0 there: chosen per shape as below)."""
+    tuned = tuned_config(m) if elem_bytes < 4 else None
+    if tuned is not None:
+        c = tuned[0]
+        bm, bn, bk, warps, stages = c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages
+        if c.split_k > 0:
+            return c
+        return GemmConfig(bm, bn, bk, _auto_split(m, n, k, bm, bn, bk, device), warps, stages)
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
     elif m <= 32:
@@ -261,16 +296,19 @@ def choose_config(
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if elem_bytes >= 4:
         stages = 2
-    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    split = 1
+    return GemmConfig(bm, bn, bk, _auto_split(m, n, k, bm, bn, bk, device), warps, stages)
+
+
+def _auto_split(m: int, n: int, k: int, bm: int, bn: int, bk: int, device: torch.device) -> int:
     forced = envs.int_gemm_split_k()
     if forced is not None:
-        split = forced
-    elif m <= 64:
-        target = 4 * gemv_config.num_sms(device)  # the planes tile is light: several per SM
-        max_split = max(1, k // (4 * bk))  # each split streams at least four K blocks
-        split = max(1, min(max_split, triton.cdiv(target, tiles)))
-    return GemmConfig(bm, bn, bk, split, warps, stages)
+        return forced
+    if m > 64:
+        return 1
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    target = 4 * gemv_config.num_sms(device)  # the planes tile is light: several per SM
+    max_split = max(1, k // (4 * bk))  # each split streams at least four K blocks
+    return max(1, min(max_split, triton.cdiv(target, tiles)))
 
 
 def int_gemm(
@@ -293,7 +331,8 @@ def int_gemm(
         raise ValueError(f"qweight {tuple(qweight.shape)} does not hold {k} rows of {bits} bits")
     x = x if x.stride(-1) == 1 else x.contiguous()
     cfg = config or choose_config(m, n, k, x.device, x.element_size())
-    mode = unpack or envs.int_gemm_unpack()
+    tuned = tuned_config(m) if config is None and unpack is None else None
+    mode = unpack or (tuned[1] if tuned is not None and tuned[1] else envs.int_gemm_unpack())
     bk = cfg.block_k
     if mode == "planes":
         bk = max(bk, 16 * (32 // bits))  # each plane's dot needs K >= 16
