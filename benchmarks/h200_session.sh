@@ -99,6 +99,12 @@ Q)  # issue #13: the fused int4 GEMM's tile sweep at M = 16/64/256, then GPTQ en
     $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets batch-16,sharegpt-shaped --json "$OUT/gptq_tuned.json"
   step gptq_base 90 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets batch-16,sharegpt-shaped --json "$OUT/gptq_base.json"
   ;;
+R)  # after phase Q: GPTQ with the new M <= 16 / M <= 64 tiles, and the dense threshold at 128
+  D="--load-format dummy"
+  step gptq 120 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets $SETS --json "$OUT/gptq.json"
+  step gptq_d128 100 env PAGEDLLM_INT_GEMM_DENSE_MIN_M=128 $T --model random:llama-3.1-8b:gptq --dtype bfloat16 $D --datasets batch-16,sharegpt-shaped --json "$OUT/gptq_d128.json"
+  step bf16 100 $T $D --datasets $SETS --json "$OUT/bf16.json"
+  ;;
 N)  # issue #16, last: decode-/prefill-heavy next to the earlier runs, then `pagedllm serve`'s
   # start-up with the forked engine core (warm Triton cache, as in run M) and its latency
   D="--load-format dummy"

@@ -125,7 +125,7 @@ def test_default_config_for_decode_splits_k() -> None:
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     ref = int_linear_ref(x, cw.qweight, cw.zeros, cw.scales, 8, 64, None)
     assert _rel_err(_run(cw, x, None), ref) < 1e-5
-    # M = 40 picks 64 x 128 x 64 tiles; "planes" widens BLOCK_K to 16 words.
+    # M = 40 picks 64 x 64 x 128 tiles; "planes" widens BLOCK_K to 16 words.
     cw4 = _canonical(256, 24, 4, 128, False, seed=10)
     x = torch.randn(40, 256, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     ref = int_linear_ref(x, cw4.qweight, cw4.zeros, cw4.scales, 4, 128, None)

@@ -286,12 +286,15 @@ def choose_config(
             return c
         return GemmConfig(bm, bn, bk, _auto_split(m, n, k, bm, bn, bk, device), warps, stages)
     if m <= 16:
-        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+        # H200 sweep (benchmarks/gpu_int_gemm_sweep.py, docs/benchmarks.md): 16 x 128 x 128
+        # summed 153 us over the 8B's four projections at M = 16 against 163 for 16 x 64 x 128
+        bm, bn, bk, warps, stages = 16, 128, 128, 4, 4
     elif m <= 32:
         bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
     elif m <= 64:
-        # 8 warps: with 4 this split-K tile spills (benchmarks/int_gemm_aot.py).
-        bm, bn, bk, warps, stages = 64, 128, 64, 8, 4
+        # the same sweep at M = 64: 64 x 64 x 128, 4 warps, 3 stages 208 us against 257 for the
+        # former 64 x 128 x 64 with 8 warps (and 322 for dequantize + cuBLAS)
+        bm, bn, bk, warps, stages = 64, 64, 128, 4, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
     if elem_bytes >= 4:
