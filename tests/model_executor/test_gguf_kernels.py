@@ -255,6 +255,16 @@ def test_x16_kernel_rounds_x_on_avx2_only() -> None:
         assert torch.equal(y16, y32)
     with pytest.raises(RuntimeError, match="x must be"):
         gguf_kernels.gguf_mm_x16(torch.randn(2, 64), w, int(T.Q4_K), k)
+    # Denormal-scale groups (32767 / max|x| overflows) are rounded to zeros, not garbage.
+    ref_w = torch.from_numpy(np.asarray(dequantize(w.numpy(), T.Q4_K), dtype=np.float32))
+    tiny = x.clone()
+    tiny[0, 32:64] *= 1e-40
+    tiny[1] *= 1e-39
+    y = gguf_kernels.gguf_mm_x16(tiny, w, int(T.Q4_K), k)
+    ref = (tiny.double() @ ref_w.double().T).float()
+    scale = tiny.abs().double() @ ref_w.abs().double().T
+    assert torch.isfinite(y).all()
+    assert ((y - ref).abs() <= 2e-4 * scale.float() + 1e-30).all()
 
 
 def test_prefill_tiles_split_over_threads() -> None:

@@ -32,8 +32,12 @@ static void quant_x16(const float* x, int64_t m, int64_t k, int16_t* xq, float* 
       __m128 h = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
       h = _mm_max_ps(h, _mm_movehl_ps(h, h));
       const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
-      dx[i * (k / 32) + g] = amax / 32767.f;
-      const __m256 inv = _mm256_set1_ps(amax > 0.f ? 32767.f / amax : 0.f);
+      // A group so small that 32767 / amax overflows (amax < ~1e-34: denormal-scale x) is
+      // rounded to zeros (its |x| . |w| is far below float32 resolution of any other term).
+      const float scale = amax > 0.f ? 32767.f / amax : 0.f;
+      const bool ok = scale <= 3.0e38f;
+      dx[i * (k / 32) + g] = ok ? amax / 32767.f : 0.f;
+      const __m256 inv = _mm256_set1_ps(ok ? scale : 0.f);
       for (int c = 0; c < 4; c += 2) {  // packs interleaves 128-bit lanes: permute back
         const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(f[c], inv));
         const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(f[c + 1], inv));
