@@ -30,7 +30,7 @@ from pagedllm.cpp_extension import CppExtension
 _CSRC = os.path.join(os.path.dirname(__file__), "csrc")
 _SOURCES = ("gguf_ops.cpp", "gguf_avx512.cpp", "gguf_avx2.cpp", "gguf_generic.cpp")
 _HEADERS = ("gguf_blocks.h", "gguf_gemv_impl.h", "gguf_f32_impl.h", "gguf_f32_avx2.h",
-            "gguf_x16_avx2.h")
+            "gguf_x16_avx2.h", "gguf_avx2_rows.h")
 
 # gguf.GGMLQuantizationType values the kernels read packed, and their block geometry
 # (weights per block, bytes per block).

@@ -5,9 +5,11 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <utility>
 #include "gguf_blocks.h"
 namespace gguf_avx2 {
 #include "gguf_f32_avx2.h"
 #include "gguf_x16_avx2.h"
+#include "gguf_avx2_rows.h"
 }  // namespace gguf_avx2

@@ -19,7 +19,8 @@
 // units of groups are visited in order, its sums of x are computed from that row alone, and
 // the final reductions are fixed. Rows of x are taken 4, 2 or 1 at a time only to share each
 // unpacked, converted group.
-// Included once inside namespace gguf_avx2 by gguf_avx2.cpp (which sets the target ISA).
+// Included once inside namespace gguf_avx2 by gguf_avx2.cpp (which sets the target ISA); the
+// row loops are in gguf_avx2_rows.h (shared with the int16 kernel).
 
 // Tuning (measured on an AMD EPYC Zen 3, docs/benchmarks.md): weight rows a pass at M = 1,
 // most x rows a pass, software prefetch distance in bytes of the weight stream.
@@ -182,101 +183,6 @@ static GGUF_INLINE void block_ab(const uint8_t* row, int64_t g, float* a, float*
      : (T == kQ4_1 || T == kQ5_1) ? half_at(blk + 2) : 0.f;
 }
 
-// Rows x[0..MB) (stride k) against weight rows row0 + r * row_bytes, r < RB; S16 / S32
-// (stride k / 16, k / 32): each x row's sums over half groups / groups; A, B (stride ab): the
-// weight rows' K-quant scales. y[i * ldy + r] = the dot of x row i and weight row r. The RB
-// rows' units alternate (the x a unit reads is in L1 for the next row's); each (i, r) is
-// computed by the same operations for every MB and RB.
-template <int T, int MB, int RB>
-static void dot_rows_avx2(const uint8_t* row0, int64_t row_bytes, const float* A, const float* B,
-                          int64_t ab, const float* x, const float* S16, const float* S32,
-                          int64_t k, int64_t ldy, float* y) {
-  constexpr bool kquant = T >= kQ4_K;
-  constexpr int UG = unit_groups<T>();
-  constexpr int H = T == kQ6_K ? 2 : 1;  // scales per group
-  const int64_t groups = k / 32;
-  __m256 tot[RB][MB][2];
-  float bsum[RB][MB];
-  for (int r = 0; r < RB; r++)
-    for (int i = 0; i < MB; i++) {
-      tot[r][i][0] = tot[r][i][1] = _mm256_setzero_ps();
-      bsum[r][i] = 0.f;
-    }
-  // One unit of weight row r: x . q per (group, scale) into acc, then a times that into the
-  // totals.
-  auto unit = [&](int r, int64_t u, int par) GGUF_LAMBDA_INLINE {
-    const uint8_t* row = row0 + r * row_bytes;
-    if (((u * UG) & 1) == 0)  // software prefetch: ~2 KB ahead in the weight stream (DRAM)
-      _mm_prefetch((const char*)(row + u * UG * 32 * block_bytes(T) / block_elems(T) + GGUF_AVX2_PF),
-                   _MM_HINT_T0);
-    __m256 acc[UG][H][MB];
-    const float* xu = x + u * UG * 32;
-    auto fma_x = [&](int j, int c, __m256 q) GGUF_LAMBDA_INLINE {
-      const int h = H == 2 ? c >> 1 : 0;
-      const bool first = H == 2 ? (c & 1) == 0 : c == 0;
-      for (int i = 0; i < MB; i++) {
-        const __m256 xv = _mm256_loadu_ps(xu + i * k + 32 * j + 8 * c);
-        acc[j][h][i] = first ? _mm256_mul_ps(q, xv) : _mm256_fmadd_ps(q, xv, acc[j][h][i]);
-      }
-    };
-    // The totals take group j's (scale's) x . q in order of (j, h) for every MB; with 4 rows
-    // of x the unit is unpacked once per group (the shared loads repeated) so that only one
-    // group's accumulators are live (all of them spill 16 registers: 1.2-1.8x slower).
-    auto apply = [&](int j) GGUF_LAMBDA_INLINE {
-      const int64_t g = u * UG + j;
-      const int p = UG == 1 ? par : j & 1;
-      if constexpr (kquant) {
-        for (int h = 0; h < H; h++) {
-          const __m256 a = _mm256_set1_ps(A[r * ab + H * g + h]);
-          for (int i = 0; i < MB; i++)
-            tot[r][i][p] = _mm256_fmadd_ps(a, acc[j][h][i], tot[r][i][p]);
-        }
-      } else {
-        float a, b;
-        block_ab<T>(row, g, &a, &b);
-        const __m256 av = _mm256_set1_ps(a);
-        for (int i = 0; i < MB; i++) {
-          tot[r][i][p] = _mm256_fmadd_ps(av, acc[j][0][i], tot[r][i][p]);
-          if constexpr (T != kQ8_0) bsum[r][i] = std::fma(b, S32[i * (k / 32) + g], bsum[r][i]);
-        }
-      }
-    };
-    if constexpr (MB >= 4) {
-      [&]<int... J>(std::integer_sequence<int, J...>) GGUF_LAMBDA_INLINE {
-        ((unpack_unit<T, J>(row, u, fma_x), apply(J)), ...);
-      }(std::make_integer_sequence<int, UG>{});
-    } else {
-      unpack_unit<T>(row, u, fma_x);
-      for (int j = 0; j < UG; j++) apply(j);
-    }
-  };
-  const int64_t units = groups / UG;
-  int64_t u = 0;
-  if constexpr (UG == 1) {  // the parity a constant: tot stays in registers
-    for (; u + 2 <= units; u += 2) {
-      for (int r = 0; r < RB; r++) unit(r, u, 0);
-      for (int r = 0; r < RB; r++) unit(r, u + 1, 1);
-    }
-  }
-  for (; u < units; u++)
-    for (int r = 0; r < RB; r++) unit(r, u, 0);
-  if constexpr (kquant) {  // b . (sums of x): 8 groups (Q6_K: 4 groups' halves) per FMA
-    const int64_t nb = H * groups;
-    const float* S = H == 2 ? S16 : S32;
-    for (int r = 0; r < RB; r++)
-      for (int i = 0; i < MB; i++) {
-        const float* Si = S + i * nb;
-        __m256 acc = _mm256_setzero_ps();
-        for (int64_t j = 0; j < nb; j += 8)
-          acc = _mm256_fmadd_ps(_mm256_loadu_ps(B + r * ab + j), _mm256_loadu_ps(Si + j), acc);
-        bsum[r][i] = hsum8(acc);
-      }
-  }
-  for (int r = 0; r < RB; r++)
-    for (int i = 0; i < MB; i++)
-      y[i * ldy + r] = hsum8(_mm256_add_ps(tot[r][i][0], tot[r][i][1])) + bsum[r][i];
-}
-
 // Sums of each row of x[m, k] over its half groups (S16[m, k / 16]) and groups (S32[m, k / 32],
 // the two halves added), each from that row alone in a fixed order.
 static void x_sums(const float* x, int64_t m, int64_t k, float* S16, float* S32) {
@@ -287,61 +193,6 @@ static void x_sums(const float* x, int64_t m, int64_t k, float* S16, float* S32)
     }
     for (int64_t g = 0; g < k / 32; g++)
       S32[i * (k / 32) + g] = S16[i * (k / 16) + 2 * g] + S16[i * (k / 16) + 2 * g + 1];
-  }
-}
-
-template <int T>
-static void gemv_f32_rows(const uint8_t* w, int64_t row_bytes, const float* x, int64_t m,
-                          int64_t k, int64_t n0, int64_t n1, int64_t ldy, float* y) {
-  const int64_t groups = k / 32, ab = 2 * groups + 16;
-  thread_local std::vector<float> ws;
-  constexpr int64_t nab = std::max<int64_t>(GGUF_AVX2_RB, GGUF_AVX2_MBLK);  // rows of scales
-  const size_t need = (size_t)(2 * nab * ab + m * 3 * groups);
-  if (ws.size() < need) ws.resize(need);
-  float* A = ws.data();
-  float* B = A + nab * ab;
-  float* S16 = B + nab * ab;
-  float* S32 = S16 + m * 2 * groups;
-  x_sums(x, m, k, S16, S32);
-  int64_t r = n0;
-  constexpr int RB = GGUF_AVX2_RB;
-  if (m == 1 && RB > 1) {  // one x row: RB weight rows a pass
-    for (; r + RB <= n1; r += RB) {
-      const uint8_t* row = w + r * row_bytes;
-      if constexpr (T >= kQ4_K) {
-        for (int j = 0; j < RB; j++) row_scales_k<T>(row + j * row_bytes, groups, A + j * ab, B + j * ab);
-      }
-      dot_rows_avx2<T, 1, RB>(row, row_bytes, A, B, ab, x, S16, S32, k, ldy, y + r);
-    }
-  }
-  // More than 4 rows of x: blocks of GGUF_AVX2_MBLK weight rows, each x chunk (4, 2 or 1
-  // rows) against the whole block, so a chunk's x stays in L1 while the block's rows (in L2)
-  // are read once per chunk (weight row by weight row, the x rows' 8 * K floats do not fit L1).
-  const int64_t blk = m > 4 ? GGUF_AVX2_MBLK : 1;
-  for (; r < n1; r += blk) {
-    const int64_t nr = std::min(blk, n1 - r);
-    if constexpr (T >= kQ4_K) {
-      for (int64_t j = 0; j < nr; j++)
-        row_scales_k<T>(w + (r + j) * row_bytes, groups, A + j * ab, B + j * ab);
-    }
-    int64_t m0 = 0;
-    if constexpr (GGUF_AVX2_MB >= 4) {
-      for (; m0 + 4 <= m; m0 += 4)
-        for (int64_t j = 0; j < nr; j++)
-          dot_rows_avx2<T, 4, 1>(w + (r + j) * row_bytes, row_bytes, A + j * ab, B + j * ab, ab,
-                                 x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k, ldy,
-                                 y + m0 * ldy + r + j);
-    }
-    for (; m0 + 2 <= m; m0 += 2)
-      for (int64_t j = 0; j < nr; j++)
-        dot_rows_avx2<T, 2, 1>(w + (r + j) * row_bytes, row_bytes, A + j * ab, B + j * ab, ab,
-                               x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k, ldy,
-                               y + m0 * ldy + r + j);
-    for (; m0 < m; m0++)
-      for (int64_t j = 0; j < nr; j++)
-        dot_rows_avx2<T, 1, 1>(w + (r + j) * row_bytes, row_bytes, A + j * ab, B + j * ab, ab,
-                               x + m0 * k, S16 + m0 * 2 * groups, S32 + m0 * groups, k, ldy,
-                               y + m0 * ldy + r + j);
   }
 }
 
@@ -373,21 +224,6 @@ static void dequant_rows_f32(const uint8_t* w, int64_t row_bytes, int64_t n, int
         _mm256_storeu_ps(o + (u * UG + j) * 32 + 8 * c, v);
       });
     }
-  }
-}
-
-void gemv_f32(int qtype, const uint8_t* w, int64_t row_bytes, const float* x, int64_t m,
-              int64_t k, int64_t n0, int64_t n1, int64_t ldy, float* y) {
-  switch (qtype) {
-    case kQ4_0: gemv_f32_rows<kQ4_0>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
-    case kQ4_1: gemv_f32_rows<kQ4_1>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
-    case kQ5_0: gemv_f32_rows<kQ5_0>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
-    case kQ5_1: gemv_f32_rows<kQ5_1>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
-    case kQ8_0: gemv_f32_rows<kQ8_0>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
-    case kQ4_K: gemv_f32_rows<kQ4_K>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
-    case kQ5_K: gemv_f32_rows<kQ5_K>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
-    case kQ6_K: gemv_f32_rows<kQ6_K>(w, row_bytes, x, m, k, n0, n1, ldy, y); break;
-    default: break;
   }
 }
 
