@@ -87,6 +87,13 @@ void check_weight(const at::Tensor& w, int64_t qtype, int64_t k) {
               k / be * bb, " for K=", k);
 }
 
+// The weight and x of a matmul op checked; x as contiguous float32 [M, K].
+at::Tensor checked_x(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k) {
+  check_weight(w, qtype, k);
+  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
+  return x_in.to(at::kFloat).contiguous();
+}
+
 // x[m, k] float32 -> int8 per 32-group, scale and half-group sums.
 void quantize_x(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, float* xs,
                 float* xsum, float* xd, int8_t* xp) {
@@ -123,9 +130,7 @@ void quantize_x(const float* x, int64_t m, int64_t k, int8_t* xq, float* dx, flo
 
 // y = x @ W^T with W packed: integer dot products against x quantized to int8.
 at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k) {
-  check_weight(w, qtype, k);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor x = checked_x(x_in, w, qtype, k);
   const int64_t m = x.size(0), n = w.size(0), groups = k / 32;
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
@@ -160,9 +165,7 @@ at::Tensor gguf_mm(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, i
 // registers and multiplied by FMAs. Each y[m, r] is computed by one thread in an order that
 // depends neither on M nor on the split of N over threads (batch-invariant, deterministic).
 at::Tensor gguf_mm_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k) {
-  check_weight(w, qtype, k);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor x = checked_x(x_in, w, qtype, k);
   const int64_t m = x.size(0), n = w.size(0);
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
@@ -188,9 +191,7 @@ at::Tensor gguf_mm_f32(const at::Tensor& x_in, const at::Tensor& w, int64_t qtyp
 // deterministic like mm_f32.
 at::Tensor gguf_mm_x16(const at::Tensor& x_in, const at::Tensor& w, int64_t qtype, int64_t k) {
   if (use_avx512() || !use_avx2()) return gguf_mm_f32(x_in, w, qtype, k);
-  check_weight(w, qtype, k);
-  TORCH_CHECK(x_in.dim() == 2 && x_in.size(1) == k, "x must be [M, ", k, "]");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const at::Tensor x = checked_x(x_in, w, qtype, k);
   const int64_t m = x.size(0), n = w.size(0), groups = k / 32;
   at::Tensor y = at::empty({m, n}, x.options());
   if (m == 0 || n == 0) return y;
