@@ -121,6 +121,11 @@ def test_default_config_for_decode_splits_k() -> None:
     # fp32 activations: two pipeline stages (four overflowed the H200's shared memory).
     assert choose_config(512, 4096, 4096, torch.device("cpu"), elem_bytes=4).num_stages == 2
     assert choose_config(8, 4096, 4096, torch.device("cpu"), elem_bytes=4).num_stages == 2
+    # the swept tiles are 4-bit ones; 2 and 8 bits keep the earlier (their shared memory)
+    cpu = torch.device("cpu")
+    assert choose_config(8, 4096, 4096, cpu).block_n == 128
+    assert choose_config(8, 4096, 4096, cpu, bits=8).block_n == 64
+    assert choose_config(40, 4096, 4096, cpu, bits=2).num_warps == 8
     cw = _canonical(256, 32, 8, 64, False, seed=9)
     x = torch.randn(1, 256, generator=torch.Generator().manual_seed(6)).to(DEVICE)
     ref = int_linear_ref(x, cw.qweight, cw.zeros, cw.scales, 8, 64, None)

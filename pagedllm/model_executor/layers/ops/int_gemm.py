@@ -272,25 +272,32 @@ def tuned_config(m: int) -> tuple[GemmConfig, str | None] | None:
 
 
 def choose_config(
-    m: int, n: int, k: int, device: torch.device, elem_bytes: int = 2
+    m: int, n: int, k: int, device: torch.device, elem_bytes: int = 2, bits: int = 4
 ) -> GemmConfig:
     """Tile sizes by M: decode shapes split K until about four programs run per SM. fp32
     activations (elem_bytes 4) pipeline two stages: four of their tiles overflow the H200's
     227 KiB of shared memory (seen: 256 KiB asked). PAGEDLLM_INT_GEMM_CONFIG overrides the
-    tiles per M bucket (split_k 0 there: chosen per shape as below)."""
-    tuned = tuned_config(m) if elem_bytes < 4 else None
+    tiles per M bucket (split_k 0 there: chosen per shape as below). The swept tiles are
+    4-bit ones: 2- and 8-bit weights keep the earlier tiles (the swept ones ask 2- and
+    8-bit unpacks for more shared memory than the H200 has)."""
+    tuned = tuned_config(m) if elem_bytes < 4 and bits == 4 else None
     if tuned is not None:
         c = tuned[0]
         bm, bn, bk, warps, stages = c.block_m, c.block_n, c.block_k, c.num_warps, c.num_stages
         if c.split_k > 0:
             return c
         return GemmConfig(bm, bn, bk, _auto_split(m, n, k, bm, bn, bk, device), warps, stages)
-    if m <= 16:
+    if m <= 16 and bits != 4:
+        bm, bn, bk, warps, stages = 16, 64, 128, 4, 4
+    elif m <= 16:
         # H200 sweep (benchmarks/gpu_int_gemm_sweep.py, docs/benchmarks.md): 16 x 128 x 128
         # summed 153 us over the 8B's four projections at M = 16 against 163 for 16 x 64 x 128
         bm, bn, bk, warps, stages = 16, 128, 128, 4, 4
     elif m <= 32:
         bm, bn, bk, warps, stages = 32, 64, 128, 4, 4
+    elif m <= 64 and bits != 4:
+        # 8 warps: with 4 this split-K tile spills (benchmarks/int_gemm_aot.py).
+        bm, bn, bk, warps, stages = 64, 128, 64, 8, 4
     elif m <= 64:
         # the same sweep at M = 64: 64 x 64 x 128, 4 warps, 3 stages 208 us against 257 for the
         # former 64 x 128 x 64 with 8 warps (and 322 for dequantize + cuBLAS)
@@ -333,8 +340,8 @@ def int_gemm(
     if qweight.shape[0] * (32 // bits) != k:
         raise ValueError(f"qweight {tuple(qweight.shape)} does not hold {k} rows of {bits} bits")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    cfg = config or choose_config(m, n, k, x.device, x.element_size())
-    tuned = tuned_config(m) if config is None and unpack is None else None
+    cfg = config or choose_config(m, n, k, x.device, x.element_size(), bits)
+    tuned = tuned_config(m) if config is None and unpack is None and bits == 4 else None
     mode = unpack or (tuned[1] if tuned is not None and tuned[1] else envs.int_gemm_unpack())
     bk = cfg.block_k
     if mode == "planes":
